@@ -1,0 +1,97 @@
+//! A node's ed25519 identity. The libp2p `PeerId` derives from the same key, so a
+//! signature on an application message can be checked against the sender's peer id.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use libp2p_identity::PeerId;
+
+/// Length of an ed25519 secret key file's contents.
+pub const SECRET_KEY_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("a node key must be {SECRET_KEY_LEN} bytes, found {0}")]
+    BadLength(usize),
+    #[error("not a valid ed25519 public key")]
+    BadPublicKey,
+}
+
+/// The node's signing key. Its `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct NodeKey {
+    signing: SigningKey,
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeKey").field("peer_id", &self.peer_id()).finish_non_exhaustive()
+    }
+}
+
+impl NodeKey {
+    /// A fresh key from the operating system's random source.
+    pub fn generate() -> Self {
+        let mut rng = rand::rngs::OsRng;
+        Self { signing: SigningKey::generate(&mut rng) }
+    }
+
+    /// A key from a 32-byte seed (tests and simulations derive keys this way).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self { signing: SigningKey::from_bytes(&seed) }
+    }
+
+    pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
+        let arr: [u8; SECRET_KEY_LEN] = bytes.try_into().map_err(|_| IdentityError::BadLength(bytes.len()))?;
+        Ok(Self::from_seed(arr))
+    }
+
+    /// The raw secret, for writing the key file and building the libp2p keypair.
+    pub fn secret_bytes(&self) -> [u8; SECRET_KEY_LEN] {
+        self.signing.to_bytes()
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.signing.verifying_key().to_bytes()
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        // A valid dalek key is always a valid libp2p ed25519 key.
+        peer_id_of(&self.public()).unwrap_or_else(|_| unreachable!("dalek key is a valid ed25519 key"))
+    }
+
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.signing.sign(msg).to_bytes()
+    }
+}
+
+/// The `PeerId` libp2p derives from an ed25519 public key.
+pub fn peer_id_of(public: &[u8; 32]) -> Result<PeerId, IdentityError> {
+    let pk = libp2p_identity::ed25519::PublicKey::try_from_bytes(public).map_err(|_| IdentityError::BadPublicKey)?;
+    Ok(libp2p_identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// Strict ed25519 verification (rejects small-order and non-canonical keys/signatures).
+pub(crate) fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> bool {
+    let Ok(vk) = VerifyingKey::from_bytes(public) else { return false };
+    vk.verify_strict(msg, &Signature::from_bytes(signature)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_matches_libp2p_keypair_from_same_secret() {
+        let key = NodeKey::from_seed([7; 32]);
+        let mut secret = key.secret_bytes();
+        let kp = libp2p_identity::Keypair::ed25519_from_bytes(&mut secret).expect("valid secret");
+        assert_eq!(kp.public().to_peer_id(), key.peer_id());
+    }
+
+    #[test]
+    fn debug_does_not_leak_secret() {
+        let key = NodeKey::from_seed([9; 32]);
+        let dbg = format!("{key:?}");
+        assert!(!dbg.contains(&hex::encode(key.secret_bytes())));
+        assert!(!dbg.contains("[9, 9"));
+    }
+}

@@ -1,0 +1,209 @@
+//! Canonical arithmetic shared by every backend. The CUDA kernels follow this text.
+//!
+//! # Reduction order (the determinism contract)
+//!
+//! A reduction of `n` terms `t_0 .. t_{n-1}` is computed as:
+//!
+//! 1. 32 lanes `l_0 .. l_31`, each starting at `+0.0`. Term `t_i` is added to lane
+//!    `i % 32`, in increasing `i` (`l = l + t_i`, one rounding per add).
+//! 2. A fixed butterfly: for `off` in `16, 8, 4, 2, 1`: `l_j = l_j + l_{j+off}` for
+//!    `j < off`. The result is `l_0`.
+//!
+//! This is what one CUDA warp does with lane-strided loads and `__shfl_xor_sync`
+//! (f32 addition is commutative, so `a + b` and `b + a` are the same bits), and what
+//! four 8-wide SIMD registers do on the CPU. Used for: dot products of f32 vectors,
+//! the RMSNorm sum of squares, the softmax denominator, and the sum over blocks of a
+//! quantized dot product (see `quant`).
+//!
+//! The attention-weighted sum of values `o[d] = Σ_t p_t · v_t[d]` is sequential in `t`
+//! (one thread per `d` on CUDA, one SIMD lane per `d` on the CPU).
+//!
+//! No fused multiply-add anywhere (NVRTC gets `--fmad=false`; Rust never contracts);
+//! no fast-math; division and square root are IEEE correctly rounded.
+
+pub const LANES: usize = 32;
+
+/// The butterfly of step 2 over 32 lane partials.
+#[inline]
+pub fn butterfly(l: &mut [f32; LANES]) -> f32 {
+    let mut off = LANES / 2;
+    while off > 0 {
+        for j in 0..off {
+            l[j] += l[j + off];
+        }
+        off /= 2;
+    }
+    l[0]
+}
+
+/// Canonical sum of `terms(i)` for `i < n`.
+#[inline]
+pub fn canonical_sum(n: usize, mut term: impl FnMut(usize) -> f32) -> f32 {
+    let mut l = [0.0f32; LANES];
+    for i in 0..n {
+        l[i % LANES] += term(i);
+    }
+    butterfly(&mut l)
+}
+
+/// Canonical dot product of two f32 vectors (each product rounded, then summed canonically).
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    if a.len() % LANES == 0 && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present; lengths checked.
+        return unsafe { x86::dot_f32_avx(a, b) };
+    }
+    canonical_sum(a.len(), |i| a[i] * b[i])
+}
+
+/// Canonical sum of squares.
+#[inline]
+pub fn sum_sq(a: &[f32]) -> f32 {
+    dot_f32(a, a)
+}
+
+/// `y_i = (x_i * scale) * w_i` with `scale = 1 / sqrt(sum_sq(x) / n + eps)`.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ss = sum_sq(x);
+    let mean = ss / x.len() as f32;
+    let scale = 1.0f32 / (mean + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = (xi * scale) * wi;
+    }
+}
+
+// exp(x) from basic operations. The same constants and steps are in the CUDA header.
+const EXP_HI: f32 = 88.72283; // above: +inf
+const EXP_LO: f32 = -103.97208; // below: 0
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n * LN2_HI is exact for |n| < 2^9
+const LN2_LO: f32 = 1.428_606_8e-6;
+// Taylor coefficients 1/k! as f32, Horner order.
+const P: [f32; 7] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+
+/// Deterministic `e^x`: `n = floor(x·log2 e + 0.5)`, `r = (x − n·LN2_HI) − n·LN2_LO`,
+/// `p(r) = 1 + r·(1 + r·(1/2 + r·(1/6 + …)))` (Horner, degree 7), result `p · 2^n`
+/// (scaled in two steps so subnormal results are exact multiplications).
+/// Relative error below 2 ulp over the whole range.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    if x > EXP_HI {
+        return f32::INFINITY;
+    }
+    if x < EXP_LO {
+        return 0.0;
+    }
+    let n = (x * LOG2E + 0.5).floor();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = P[0];
+    for &c in &P[1..] {
+        p = p * r + c;
+    }
+    p = p * r + 1.0;
+    let n = n as i32;
+    // 2^n split as 2^a · 2^b with both exponents representable as normal floats.
+    let a = n / 2;
+    let b = n - a;
+    p * pow2(a) * pow2(b)
+}
+
+#[inline]
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// `silu(x) = x / (1 + exp(-x))`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// Softmax in place: `p_t = exp(s_t - max) / Σ exp(s_u - max)` with the canonical sum.
+pub fn softmax(s: &mut [f32]) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in s.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let sum = canonical_sum(s.len(), |i| s[i]);
+    for v in s.iter_mut() {
+        *v /= sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Four 8-wide registers are the 32 lanes: register `k`, element `e` is lane `8k + e`.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < a.len() {
+            for (k, r) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8k + 8 <= len since len % 32 == 0.
+                let x = unsafe { _mm256_loadu_ps(a.as_ptr().add(i + 8 * k)) };
+                let y = unsafe { _mm256_loadu_ps(b.as_ptr().add(i + 8 * k)) };
+                *r = _mm256_add_ps(*r, _mm256_mul_ps(x, y));
+            }
+            i += 32;
+        }
+        let mut l = [0.0f32; 32];
+        for (k, r) in acc.iter().enumerate() {
+            // SAFETY: 8 floats into a 32-float array at 8k.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+        }
+        super::butterfly(&mut l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut x = -100.0f32;
+        while x < 88.0 {
+            let got = exp(x) as f64;
+            let want = (x as f64).exp();
+            let rel = ((got - want) / want).abs();
+            assert!(rel < 3e-7, "exp({x}) = {got}, want {want}, rel {rel}");
+            x += 0.0137;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn silu_matches_definition() {
+        for x in [-10.0f32, -1.0, 0.0, 0.5, 3.0, 20.0] {
+            let want = x as f64 / (1.0 + (-x as f64).exp());
+            assert!((silu(x) as f64 - want).abs() <= 1e-6 * want.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_canonical_scalar_bits() {
+        let a: Vec<f32> = (0..576).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let b: Vec<f32> = (0..576).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021).collect();
+        let scalar = canonical_sum(a.len(), |i| a[i] * b[i]);
+        assert_eq!(dot_f32(&a, &b).to_bits(), scalar.to_bits());
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut s = vec![1.0f32, 2.0, 3.0, -1.0];
+        softmax(&mut s);
+        let total: f32 = s.iter().sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(s[2] > s[1] && s[1] > s[0]);
+    }
+}

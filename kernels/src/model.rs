@@ -1,0 +1,265 @@
+//! A Llama-family model loaded from GGUF: hyper-parameters, weight views into the
+//! memory map (never copied), the tokenizer and the host-computed RoPE table.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("unsupported architecture `{0}` (supported: llama)")]
+    UnsupportedArch(String),
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error("tensor `{name}` has type {ty}, which cannot be used as {role}")]
+    TensorType { name: String, ty: GgmlType, role: &'static str },
+    #[error("invalid hyper-parameter: {0}")]
+    Hparams(String),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("sequence would reach position {needed}, beyond the context length {ctx}")]
+    ContextFull { needed: usize, ctx: usize },
+    #[error("empty input for a sequence")]
+    EmptyInput,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Hparams {
+    pub arch: String,
+    pub name: String,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+    pub n_vocab: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+impl Hparams {
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// A 2-D weight: `rows` output features of `cols` inputs each, stored row-major in the file.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub offset: usize,
+    pub row_bytes: usize,
+}
+
+impl Matrix {
+    fn from_info(t: &TensorInfo, rows: usize, cols: usize) -> Result<Self, ModelError> {
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(ModelError::Shape { name: t.name.clone(), found: t.dims.clone(), expected: vec![cols as u64, rows as u64] });
+        }
+        let row_bytes = t.ty.bytes_for(cols as u64).ok_or_else(|| ModelError::TensorType {
+            name: t.name.clone(),
+            ty: t.ty,
+            role: "a matrix with this row length",
+        })? as usize;
+        Ok(Self { name: t.name.clone(), ty: t.ty, rows, cols, offset: t.offset as usize, row_bytes })
+    }
+
+    pub fn row<'a>(&self, bytes: &'a [u8], r: usize) -> &'a [u8] {
+        let start = self.offset + r * self.row_bytes;
+        &bytes[start..start + self.row_bytes]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Matrix,
+    pub w_up: Matrix,
+    pub w_down: Matrix,
+}
+
+pub struct Model {
+    pub file: Arc<GgufFile>,
+    pub hp: Hparams,
+    pub tokenizer: Tokenizer,
+    pub token_embd: Matrix,
+    pub output: Matrix,
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<Layer>,
+    /// `rope[p * rope_dim/2 + i] = (cos, sin)` of `p · base^(-2i/rope_dim)`.
+    pub rope: Vec<(f32, f32)>,
+    /// blake3 of the whole file: the model id.
+    pub file_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("hp", &self.hp).finish_non_exhaustive()
+    }
+}
+
+fn u(f: &GgufFile, key: &str) -> Result<usize, ModelError> {
+    Ok(f.get_u64(key)? as usize)
+}
+
+const MATMUL_TYPES: [GgmlType; 6] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
+        let arch = file.get_str("general.architecture")?.to_owned();
+        if arch != "llama" {
+            return Err(ModelError::UnsupportedArch(arch));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        let n_embd = u(&file, &k("embedding_length"))?;
+        let n_layer = u(&file, &k("block_count"))?;
+        let n_head = u(&file, &k("attention.head_count"))?;
+        let n_head_kv = match file.get(&k("attention.head_count_kv")) {
+            Some(_) => u(&file, &k("attention.head_count_kv"))?,
+            None => n_head,
+        };
+        let n_ff = u(&file, &k("feed_forward_length"))?;
+        let n_ctx = u(&file, &k("context_length"))?;
+        let rope_base = file.get_f32(&k("rope.freq_base")).unwrap_or(10_000.0);
+        let rms_eps = file.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
+        let bad = |m: String| Err(ModelError::Hparams(m));
+        if n_embd == 0 || n_layer == 0 || n_head == 0 || n_head_kv == 0 || n_ff == 0 || n_ctx == 0 {
+            return bad("a dimension is zero".into());
+        }
+        if n_embd > 1 << 16 || n_ff > 1 << 18 || n_layer > 1024 || n_head > 1024 {
+            return bad("dimensions are implausibly large".into());
+        }
+        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            return bad(format!("{n_embd} dims, {n_head} heads, {n_head_kv} kv heads do not divide"));
+        }
+        let head_dim = n_embd / n_head;
+        let rope_dim = match file.get(&k("rope.dimension_count")) {
+            Some(_) => u(&file, &k("rope.dimension_count"))?,
+            None => head_dim,
+        };
+        if head_dim % 2 != 0 || rope_dim % 2 != 0 || rope_dim > head_dim {
+            return bad(format!("head dim {head_dim}, rope dim {rope_dim}"));
+        }
+        let n_ctx = n_ctx.min(1 << 17);
+        let embd = file.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?;
+        let n_vocab = *embd.dims.get(1).unwrap_or(&0) as usize;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        if tokenizer.vocab_size() != n_vocab {
+            return bad(format!("tokenizer has {} tokens, embedding has {n_vocab}", tokenizer.vocab_size()));
+        }
+        let hp = Hparams {
+            name: file.get_str("general.name").unwrap_or("unnamed").to_owned(),
+            arch,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            n_ff,
+            n_ctx,
+            n_vocab,
+            head_dim,
+            rope_dim,
+            rope_base,
+            rms_eps,
+        };
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
+            let t = file.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            if !MATMUL_TYPES.contains(&t.ty) {
+                return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a matrix" });
+            }
+            if t.ty.block_len() > 1 && cols % 32 != 0 {
+                return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a matrix with this row length" });
+            }
+            Matrix::from_info(t, rows, cols)
+        };
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>, ModelError> {
+            let t = file.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
+            if t.dims != [n as u64] {
+                return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] });
+            }
+            if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a norm weight" });
+            }
+            let mut out = vec![0.0; n];
+            crate::quant::dequantize_row(t.ty, file.tensor_data(t), &mut out);
+            Ok(out)
+        };
+        let kvd = hp.kv_dim();
+        let token_embd = mat("token_embd.weight", n_vocab, n_embd)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => mat("output.weight", n_vocab, n_embd)?,
+            None => token_embd.clone(),
+        };
+        let output_norm = vec("output_norm.weight", n_embd)?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: vec(&p("attn_norm"), n_embd)?,
+                wq: mat(&p("attn_q"), n_embd, n_embd)?,
+                wk: mat(&p("attn_k"), kvd, n_embd)?,
+                wv: mat(&p("attn_v"), kvd, n_embd)?,
+                wo: mat(&p("attn_output"), n_embd, n_embd)?,
+                ffn_norm: vec(&p("ffn_norm"), n_embd)?,
+                w_gate: mat(&p("ffn_gate"), n_ff, n_embd)?,
+                w_up: mat(&p("ffn_up"), n_ff, n_embd)?,
+                w_down: mat(&p("ffn_down"), n_embd, n_ff)?,
+            });
+        }
+        let rope = rope_table(n_ctx, rope_dim, rope_base);
+        let file_hash = *blake3::hash(file.bytes()).as_bytes();
+        Ok(Self { file: Arc::new(file), hp, tokenizer, token_embd, output, output_norm, layers, rope, file_hash })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.file.bytes()
+    }
+
+    /// Bytes of weights read per decoded token (every matrix once).
+    pub fn weight_bytes(&self) -> usize {
+        let m = |w: &Matrix| w.rows * w.row_bytes;
+        self.layers.iter().map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down)).sum::<usize>()
+            + m(&self.output)
+    }
+
+    pub fn model_id_hex(&self) -> String {
+        self.file_hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Host-computed RoPE table. `libm` (a port of musl) gives the same bits on every
+/// platform, which the system libm does not promise.
+pub fn rope_table(n_ctx: usize, rope_dim: usize, base: f32) -> Vec<(f32, f32)> {
+    let half = rope_dim / 2;
+    let inv: Vec<f64> = (0..half).map(|i| libm::pow(base as f64, -(2.0 * i as f64) / rope_dim as f64)).collect();
+    let mut t = Vec::with_capacity(n_ctx * half);
+    for p in 0..n_ctx {
+        for &f in &inv {
+            let a = p as f64 * f;
+            t.push((libm::cos(a) as f32, libm::sin(a) as f32));
+        }
+    }
+    t
+}

@@ -1,0 +1,506 @@
+//! The node's configuration: one TOML file, a default for every field, environment
+//! overrides (`SAMPO_SECTION__KEY=value`) and command-line flags on top, validated
+//! once at start-up. An unknown key, a wrong type or an invalid value is an error
+//! naming the key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `SAMPO_` prefix that are not config keys.
+pub const NON_CONFIG_ENV: &[&str] = &["SAMPO_CONFIG", "SAMPO_LOG", "SAMPO_MODEL_DIR"];
+pub const ENV_PREFIX: &str = "SAMPO_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {reason}")]
+    Key { key: String, reason: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// CUDA when a driver and device exist, else the CPU (with a log line saying why).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the key, the database and caches live.
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub network: NetworkConfig,
+    pub api: ApiConfig,
+    pub models: Vec<ModelConfig>,
+    pub execution: ExecutionConfig,
+    pub consensus: ConsensusConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// libp2p multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Multiaddrs (with `/p2p/<peer id>`) of peers to bootstrap from.
+    pub bootstrap: Vec<String>,
+    /// Seconds between this node's capacity announcements.
+    pub announce_interval_secs: u64,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// Bearer keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Client IPs or CIDR ranges allowed; empty means all.
+    pub allow_ips: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Requests per minute per API key (0 = unlimited).
+    pub rate_limit_per_minute: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A GGUF file.
+    pub path: PathBuf,
+    /// Name clients use; defaults to the file's `general.name`.
+    pub name: Option<String>,
+    /// Price per 1,000 generated tokens, in credits.
+    pub price_per_1k_tokens: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::new(), name: None, price_per_1k_tokens: 1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecutionConfig {
+    pub backend: BackendChoice,
+    /// Inference worker threads; 0 means one per core.
+    pub threads: usize,
+    pub max_concurrent: usize,
+    /// Bounded execution queue length.
+    pub queue_capacity: usize,
+    pub max_tokens_per_task: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Committee size.
+    pub k: usize,
+    pub commit_timeout_ms: u64,
+    pub reveal_timeout_ms: u64,
+    /// How many times a disputed task may escalate to a larger committee.
+    pub max_escalations: u32,
+    /// Reputation score below which a peer is not sampled.
+    pub ban_threshold: f64,
+    pub ban_duration_secs: u64,
+    /// Rounds after which a past outcome weighs half as much.
+    pub reputation_half_life_rounds: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("sampo-data"),
+            log_format: LogFormat::Text,
+            network: NetworkConfig::default(),
+            api: ApiConfig::default(),
+            models: Vec::new(),
+            execution: ExecutionConfig::default(),
+            consensus: ConsensusConfig::default(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".into()],
+            bootstrap: Vec::new(),
+            announce_interval_secs: 5,
+            max_connections: 256,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            api_keys: Vec::new(),
+            allow_ips: Vec::new(),
+            max_body_bytes: 1 << 20,
+            rate_limit_per_minute: 0,
+        }
+    }
+}
+
+impl Default for ExecutionConfig {
+    fn default() -> Self {
+        Self { backend: BackendChoice::Auto, threads: 0, max_concurrent: 1, queue_capacity: 64, max_tokens_per_task: 512 }
+    }
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        Self {
+            k: 3,
+            commit_timeout_ms: 30_000,
+            reveal_timeout_ms: 10_000,
+            max_escalations: 2,
+            ban_threshold: 0.25,
+            ban_duration_secs: 600,
+            reputation_half_life_rounds: 50.0,
+        }
+    }
+}
+
+/// The commented default config that `sampo config default` prints. A test checks
+/// that it parses to exactly `Config::default()`.
+pub const DEFAULT_TOML: &str = r#"# sampo node configuration. Every key is optional; shown are the defaults.
+# Any key can be overridden from the environment: SAMPO_<SECTION>__<KEY>=<value>,
+# e.g. SAMPO_API__LISTEN="0.0.0.0:4000" or SAMPO_CONSENSUS__K=5.
+
+# Key, database and caches.
+data_dir = "sampo-data"
+# "text" or "json"
+log_format = "text"
+
+[network]
+# libp2p multiaddrs to listen on.
+listen = ["/ip4/0.0.0.0/tcp/4001"]
+# Peers to bootstrap from, e.g. "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooW...".
+bootstrap = []
+# Seconds between capacity announcements; a peer is forgotten after three missed.
+announce_interval_secs = 5
+max_connections = 256
+
+[api]
+# OpenAI-compatible HTTP API, /metrics, /health and /ready.
+listen = "127.0.0.1:4000"
+# Bearer keys clients must present; empty = open.
+api_keys = []
+# Client IPs or CIDR ranges allowed; empty = all.
+allow_ips = []
+max_body_bytes = 1048576
+# Requests per minute per API key; 0 = unlimited.
+rate_limit_per_minute = 0
+
+# Models served, one [[models]] table each:
+# [[models]]
+# path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+# name = "smollm2-135m-instruct"
+# price_per_1k_tokens = 1
+
+[execution]
+# "auto" (CUDA if a device works, else CPU), "cpu" or "cuda"
+backend = "auto"
+# Inference threads; 0 = one per core.
+threads = 0
+max_concurrent = 1
+queue_capacity = 64
+max_tokens_per_task = 512
+
+[consensus]
+# Committee size.
+k = 3
+commit_timeout_ms = 30000
+reveal_timeout_ms = 10000
+max_escalations = 2
+# Peers scoring below this are not sampled until their ban expires.
+ban_threshold = 0.25
+ban_duration_secs = 600
+reputation_half_life_rounds = 50.0
+"#;
+
+/// A value given on the command line for a config key (`network.bootstrap`, ...).
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub key: String,
+    pub value: toml::Value,
+}
+
+impl Config {
+    /// Load `path` (or the defaults when `None`), apply `SAMPO_*` variables from `env`
+    /// and then `overrides`, and validate.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[Override],
+    ) -> Result<Self, ConfigError> {
+        let mut tree = match path {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_owned(), source })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Syntax { path: p.to_owned(), message: e.to_string() })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NON_CONFIG_ENV.contains(&k.as_str())).collect();
+        env.sort();
+        for (var, raw) in env {
+            let key = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
+            set_path(&mut tree, &key, parse_scalar(&raw))
+                .map_err(|reason| ConfigError::Env { var: var.clone(), reason })?;
+            // Checking now names the variable rather than a key in the error.
+            check_tree(&tree).map_err(|e| match e {
+                ConfigError::Key { key, reason } => ConfigError::Env { var: var.clone(), reason: format!("`{key}`: {reason}") },
+                other => other,
+            })?;
+        }
+        for o in overrides {
+            set_path(&mut tree, &o.key, o.value.clone())
+                .map_err(|reason| ConfigError::Key { key: o.key.clone(), reason })?;
+        }
+        let cfg = check_tree(&tree)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML string (no env, no overrides) and validate it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let tree = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax { path: PathBuf::from("<string>"), message: e.to_string() })?;
+        let cfg = check_tree(&tree)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Value checks that types alone can't express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, reason: String| Err(ConfigError::Key { key: key.into(), reason });
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data_dir", "must not be empty".into());
+        }
+        for (i, a) in self.network.listen.iter().chain(&self.network.bootstrap).enumerate() {
+            if !a.starts_with('/') {
+                let key = if i < self.network.listen.len() { "network.listen" } else { "network.bootstrap" };
+                return bad(key, format!("`{a}` is not a multiaddr (expected e.g. /ip4/127.0.0.1/tcp/4001)"));
+            }
+        }
+        if self.network.announce_interval_secs == 0 {
+            return bad("network.announce_interval_secs", "must be at least 1".into());
+        }
+        if self.network.max_connections == 0 {
+            return bad("network.max_connections", "must be at least 1".into());
+        }
+        if self.api.max_body_bytes < 1024 {
+            return bad("api.max_body_bytes", format!("{} is too small (at least 1024)", self.api.max_body_bytes));
+        }
+        for (i, k) in self.api.api_keys.iter().enumerate() {
+            if k.len() < 8 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return bad(&format!("api.api_keys[{i}]"), "keys need 8+ printable characters without spaces".into());
+            }
+        }
+        for (i, ip) in self.api.allow_ips.iter().enumerate() {
+            if parse_ip_range(ip).is_none() {
+                return bad(&format!("api.allow_ips[{i}]"), format!("`{ip}` is not an IP address or CIDR range"));
+            }
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.path.as_os_str().is_empty() {
+                return bad(&format!("models[{i}].path"), "is required".into());
+            }
+        }
+        let e = &self.execution;
+        if e.max_concurrent == 0 {
+            return bad("execution.max_concurrent", "must be at least 1".into());
+        }
+        if e.queue_capacity == 0 {
+            return bad("execution.queue_capacity", "must be at least 1".into());
+        }
+        if e.max_tokens_per_task == 0 || e.max_tokens_per_task > 1 << 16 {
+            return bad("execution.max_tokens_per_task", format!("{} is outside 1..=65536", e.max_tokens_per_task));
+        }
+        if e.threads > 1024 {
+            return bad("execution.threads", format!("{} threads is absurd", e.threads));
+        }
+        let c = &self.consensus;
+        if c.k == 0 || c.k > 64 {
+            return bad("consensus.k", format!("{} is outside 1..=64", c.k));
+        }
+        if c.commit_timeout_ms == 0 {
+            return bad("consensus.commit_timeout_ms", "must be positive".into());
+        }
+        if c.reveal_timeout_ms == 0 {
+            return bad("consensus.reveal_timeout_ms", "must be positive".into());
+        }
+        if !(c.ban_threshold > 0.0 && c.ban_threshold < 1.0) {
+            return bad("consensus.ban_threshold", format!("{} is outside (0, 1)", c.ban_threshold));
+        }
+        if !(c.reputation_half_life_rounds.is_finite() && c.reputation_half_life_rounds >= 1.0) {
+            return bad("consensus.reputation_half_life_rounds", "must be a finite number >= 1".into());
+        }
+        if c.max_escalations > 8 {
+            return bad("consensus.max_escalations", format!("{} is more than 8", c.max_escalations));
+        }
+        Ok(())
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.data_dir.join("node.key")
+    }
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+}
+
+fn check_tree(tree: &toml::Table) -> Result<Config, ConfigError> {
+    let value = toml::Value::Table(tree.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // serde names the unknown field in its message; point at the table it sits in.
+        let key = if path == "." { "<root>".to_owned() } else { path };
+        ConfigError::Key { key, reason: inner.trim().to_owned() }
+    })
+}
+
+/// Parse an environment value as a TOML value (number, bool, array...), or else a string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(tree: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{key}` is not a config key"));
+    }
+    let (last, parents) = parts.split_last().ok_or_else(|| "empty key".to_owned())?;
+    let mut table = tree;
+    for p in parents {
+        let entry = table.entry((*p).to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().ok_or_else(|| format!("`{p}` is not a table"))?;
+    }
+    table.insert((*last).to_owned(), value);
+    Ok(())
+}
+
+/// `a.b.c.d` or `a.b.c.d/n` (IPv4 or IPv6) into an address and prefix length.
+pub fn parse_ip_range(s: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (addr, bits) = match s.split_once('/') {
+        Some((a, b)) => (a, Some(b.parse::<u8>().ok()?)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = addr.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let bits = bits.unwrap_or(max);
+    (bits <= max).then_some((ip, bits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).expect("write");
+        Config::load(Some(&p), env.iter().map(|(a, b)| (a.to_string(), b.to_string())), &[])
+    }
+
+    #[test]
+    fn commented_default_parses_to_default() {
+        assert_eq!(Config::from_toml_str(DEFAULT_TOML).expect("default parses"), Config::default());
+        assert_eq!(Config::default().api.listen.port(), 4000);
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(load_str("", &[]).expect("empty ok"), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_str("[api]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n", &[]).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("lisen") && msg.contains("api"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = load_str("[consensus]\nk = \"three\"\n", &[]).expect_err("wrong type");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.k"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let err = load_str("[consensus]\nban_threshold = 1.5\n", &[]).expect_err("invalid");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.ban_threshold"), "{err}");
+        let err = load_str("[api]\nlisten = \"nonsense\"\n", &[]).expect_err("bad addr");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "api.listen"), "{err}");
+        let err = load_str("[api]\nallow_ips = [\"10.0.0.0/33\"]\n", &[]).expect_err("bad cidr");
+        assert!(err.to_string().contains("api.allow_ips[0]"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_file() {
+        let err = load_str("[api\n", &[]).expect_err("syntax");
+        assert!(matches!(err, ConfigError::Syntax { .. }));
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let cfg = load_str(
+            "[consensus]\nk = 5\n",
+            &[("SAMPO_CONSENSUS__K", "7"), ("SAMPO_API__LISTEN", "127.0.0.1:0"), ("SAMPO_CONFIG", "ignored"), ("OTHER", "x")],
+        )
+        .expect("env ok");
+        assert_eq!(cfg.consensus.k, 7);
+        assert_eq!(cfg.api.listen.port(), 0);
+        let cfg = Config::load(
+            None,
+            [("SAMPO_CONSENSUS__K".to_string(), "7".to_string())],
+            &[Override { key: "consensus.k".into(), value: toml::Value::Integer(4) }],
+        )
+        .expect("flags ok");
+        assert_eq!(cfg.consensus.k, 4);
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let err = load_str("", &[("SAMPO_CONSENSUS__KK", "7")]).expect_err("unknown env key");
+        assert!(matches!(&err, ConfigError::Env { var, .. } if var == "SAMPO_CONSENSUS__KK"), "{err}");
+        let err = load_str("", &[("SAMPO_CONSENSUS__K", "many")]).expect_err("bad env type");
+        assert!(err.to_string().contains("SAMPO_CONSENSUS__K"), "{err}");
+    }
+
+    #[test]
+    fn env_array_values() {
+        let cfg = load_str("", &[("SAMPO_NETWORK__BOOTSTRAP", r#"["/ip4/1.2.3.4/tcp/1"]"#)]).expect("array");
+        assert_eq!(cfg.network.bootstrap, vec!["/ip4/1.2.3.4/tcp/1".to_string()]);
+    }
+}

@@ -1,0 +1,10 @@
+//! The sampo node: configuration, identity, and the service that wires storage,
+//! the model runtime, the mesh and the HTTP API together.
+
+pub mod api;
+pub mod config;
+pub mod keys;
+pub mod logging;
+pub mod service;
+
+pub use config::Config;

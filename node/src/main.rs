@@ -1,0 +1,148 @@
+//! `sampo`: the node binary.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sampo_node::config::{self, Config, Override};
+use sampo_node::{keys, logging, service};
+
+#[derive(Parser)]
+#[command(name = "sampo", version, about = "A peer-to-peer node for verifiable LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where to read the configuration from, shared by subcommands that need it.
+#[derive(clap::Args, Clone)]
+struct ConfigArgs {
+    /// TOML config file; defaults apply where it is silent.
+    #[arg(long, short, env = "SAMPO_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn overrides(&self) -> Vec<Override> {
+        let mut o = Vec::new();
+        if let Some(d) = &self.data_dir {
+            o.push(Override { key: "data_dir".into(), value: toml::Value::String(d.display().to_string()) });
+        }
+        o
+    }
+
+    fn load(&self, extra: Vec<Override>) -> anyhow::Result<Config> {
+        let mut o = self.overrides();
+        o.extend(extra);
+        Ok(Config::load(self.config.as_deref(), std::env::vars(), &o)?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Overrides `api.listen` (e.g. 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        api_listen: Option<String>,
+        /// Overrides `network.listen` (repeatable).
+        #[arg(long)]
+        listen: Vec<String>,
+        /// Overrides `network.bootstrap` (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<String>,
+    },
+    /// Manage the node's identity key.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create `<data_dir>/node.key` (mode 0600) and print the peer id.
+    Generate {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Replace an existing key (the node's identity changes).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the peer id and public key of the existing key.
+    Show {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the commented default configuration.
+    Default,
+    /// Load and validate a configuration (file, SAMPO_* environment), then print it.
+    Check {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+fn strings(key: &str, v: &[String]) -> Option<Override> {
+    (!v.is_empty()).then(|| Override {
+        key: key.into(),
+        value: toml::Value::Array(v.iter().cloned().map(toml::Value::String).collect()),
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node { cfg, api_listen, listen, bootstrap } => {
+            let mut extra = Vec::new();
+            if let Some(a) = api_listen {
+                extra.push(Override { key: "api.listen".into(), value: toml::Value::String(a) });
+            }
+            extra.extend(strings("network.listen", &listen));
+            extra.extend(strings("network.bootstrap", &bootstrap));
+            let config = cfg.load(extra)?;
+            logging::init(config.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("sampo-rt")
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(service::run(config, service::shutdown_signal()))?;
+        }
+        Command::Keys { action: KeysAction::Generate { cfg, force } } => {
+            let config = cfg.load(Vec::new())?;
+            let key = keys::generate(&config.key_path(), force)?;
+            println!("{}", key.peer_id());
+            eprintln!("wrote {}", config.key_path().display());
+        }
+        Command::Keys { action: KeysAction::Show { cfg } } => {
+            let config = cfg.load(Vec::new())?;
+            let key = keys::load(&config.key_path())?;
+            println!("peer_id: {}", key.peer_id());
+            println!("public_key: {}", hex::encode(key.public()));
+        }
+        Command::Config { action: ConfigAction::Default } => {
+            print!("{}", config::DEFAULT_TOML);
+        }
+        Command::Config { action: ConfigAction::Check { cfg } } => {
+            let config = cfg.load(Vec::new())?;
+            print!("{}", toml::to_string_pretty(&config).context("printing the config")?);
+            eprintln!("config ok");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,387 @@
+//! RocksDB storage for a sampo node: one column family per record kind, a schema
+//! version stamped at creation and checked at open, typed records (serde + bincode 2)
+//! and atomic write batches. This is the only crate that touches the node's database.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Version of the on-disk layout. Bump it with a migration when records change shape.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Key in [`Column::Meta`] that holds the schema version (u32, little endian).
+pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
+/// Largest record value we will decode (a bound on what a corrupt file can make us allocate).
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
+/// The column families, one per record kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Column {
+    /// Node metadata: schema version, node-level counters.
+    Meta,
+    /// Per-peer reputation.
+    Reputation,
+    /// Task records (state, outcome) keyed by task id.
+    Tasks,
+    /// Verdict evidence bundles keyed by task id.
+    Evidence,
+    /// Credit ledger entries.
+    Ledger,
+    /// Known peers and their addresses.
+    Peers,
+}
+
+impl Column {
+    pub const ALL: [Column; 6] =
+        [Column::Meta, Column::Reputation, Column::Tasks, Column::Evidence, Column::Ledger, Column::Peers];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Column::Meta => "meta",
+            Column::Reputation => "reputation",
+            Column::Tasks => "tasks",
+            Column::Evidence => "evidence",
+            Column::Ledger => "ledger",
+            Column::Peers => "peers",
+        }
+    }
+}
+
+/// A typed record stored in one column family.
+pub trait Record: Serialize + DeserializeOwned {
+    const COLUMN: Column;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database at {path} has schema version {found}, newer than this build's {SCHEMA_VERSION}; upgrade sampo")]
+    NewerSchema { path: PathBuf, found: u32 },
+    #[error("database at {path} has unknown schema version {found} (this build knows {SCHEMA_VERSION})")]
+    UnknownSchema { path: PathBuf, found: u32 },
+    #[error("{path} holds a RocksDB database without a sampo schema version; refusing to use it")]
+    NotSampo { path: PathBuf },
+    #[error("corrupt record in column {column} at key {key}: {reason}")]
+    Corrupt { column: &'static str, key: String, reason: String },
+    #[error("could not encode a record for column {column}: {reason}")]
+    Encode { column: &'static str, reason: String },
+    #[error("column family {0} is missing")]
+    MissingColumn(&'static str),
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("I/O on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
+}
+
+fn encode<R: Record>(value: &R) -> Result<Vec<u8>, StorageError> {
+    bincode::serde::encode_to_vec(value, codec())
+        .map_err(|e| StorageError::Encode { column: R::COLUMN.name(), reason: e.to_string() })
+}
+
+fn decode<R: Record>(key: &[u8], bytes: &[u8]) -> Result<R, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt { column: R::COLUMN.name(), key: hex_key(key), reason };
+    let (value, used) = bincode::serde::decode_from_slice(bytes, codec()).map_err(|e| corrupt(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(corrupt(format!("{} trailing bytes", bytes.len() - used)));
+    }
+    Ok(value)
+}
+
+fn hex_key(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The node's database.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    sync_writes: bool,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Changes that land together or not at all.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Column, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn put<R: Record>(&mut self, key: &[u8], value: &R) -> Result<&mut Self, StorageError> {
+        self.ops.push((R::COLUMN, key.to_vec(), Some(encode(value)?)));
+        Ok(self)
+    }
+    pub fn delete<R: Record>(&mut self, key: &[u8]) -> &mut Self {
+        self.ops.push((R::COLUMN, key.to_vec(), None));
+        self
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+impl Store {
+    /// Open (or create) the database at `path`. Every write is synced to disk before
+    /// it is acknowledged: what the node stores is reputation, credits and evidence,
+    /// and losing an acknowledged write of those would matter.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(path).map_err(|source| StorageError::Io { path: path.to_owned(), source })?;
+        let fresh = !path.join("CURRENT").exists();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(4);
+        opts.set_max_total_wal_size(64 << 20);
+        // Keep any column families a newer build added, so opening doesn't fail on them.
+        let mut names: Vec<String> = Column::ALL.iter().map(|c| c.name().to_owned()).collect();
+        if !fresh {
+            for existing in DB::list_cf(&opts, path).unwrap_or_default() {
+                if existing != "default" && !names.contains(&existing) {
+                    names.push(existing);
+                }
+            }
+        }
+        let cfs = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        let store = Self { db, path: path.to_owned(), sync_writes: true };
+        let meta = store.cf(Column::Meta)?;
+        match store.db.get_cf(meta, SCHEMA_VERSION_KEY)? {
+            None if fresh => {
+                let mut wo = WriteOptions::default();
+                wo.set_sync(true);
+                store.db.put_cf_opt(meta, SCHEMA_VERSION_KEY, SCHEMA_VERSION.to_le_bytes(), &wo)?;
+            }
+            None => return Err(StorageError::NotSampo { path: path.to_owned() }),
+            Some(v) => {
+                let found = v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| StorageError::UnknownSchema { path: path.to_owned(), found: u32::MAX })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StorageError::NewerSchema { path: path.to_owned(), found });
+                }
+                if found != SCHEMA_VERSION {
+                    return Err(StorageError::UnknownSchema { path: path.to_owned(), found });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema_version(&self) -> Result<u32, StorageError> {
+        let v = self.db.get_cf(self.cf(Column::Meta)?, SCHEMA_VERSION_KEY)?.unwrap_or_default();
+        v.as_slice().try_into().map(u32::from_le_bytes).map_err(|_| StorageError::Corrupt {
+            column: "meta",
+            key: "schema_version".into(),
+            reason: "not 4 bytes".into(),
+        })
+    }
+
+    fn cf(&self, c: Column) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.db.cf_handle(c.name()).ok_or(StorageError::MissingColumn(c.name()))
+    }
+
+    fn write_opts(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync_writes);
+        wo
+    }
+
+    pub fn get<R: Record>(&self, key: &[u8]) -> Result<Option<R>, StorageError> {
+        match self.db.get_pinned_cf(self.cf(R::COLUMN)?, key)? {
+            Some(bytes) => decode(key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put<R: Record>(&self, key: &[u8], value: &R) -> Result<(), StorageError> {
+        let mut b = Batch::new();
+        b.put(key, value)?;
+        self.commit(b)
+    }
+
+    pub fn delete<R: Record>(&self, key: &[u8]) -> Result<(), StorageError> {
+        let mut b = Batch::new();
+        b.delete::<R>(key);
+        self.commit(b)
+    }
+
+    /// Apply every change in `batch` atomically and durably.
+    pub fn commit(&self, batch: Batch) -> Result<(), StorageError> {
+        let mut wb = WriteBatch::default();
+        for (col, key, value) in &batch.ops {
+            let cf = self.cf(*col)?;
+            match value {
+                Some(v) => wb.put_cf(cf, key, v),
+                None => wb.delete_cf(cf, key),
+            }
+        }
+        self.db.write_opt(wb, &self.write_opts())?;
+        Ok(())
+    }
+
+    /// All records of kind `R` whose key starts with `prefix`, in key order.
+    pub fn iter_prefix<R: Record>(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, R)>, StorageError> {
+        let cf = self.cf(R::COLUMN)?;
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Number of records of kind `R` (a full scan; for tests and diagnostics).
+    pub fn count<R: Record>(&self) -> Result<usize, StorageError> {
+        Ok(self.iter_prefix::<R>(&[])?.len())
+    }
+
+    /// Flush memtables to disk (on shutdown, so the next start replays no WAL).
+    pub fn flush(&self) -> Result<(), StorageError> {
+        for c in Column::ALL {
+            self.db.flush_cf(self.cf(c)?)?;
+        }
+        Ok(())
+    }
+
+    /// Write a raw value into the meta column (tests use this to stamp foreign versions).
+    #[doc(hidden)]
+    pub fn put_meta_raw(&self, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
+        self.db.put_cf_opt(self.cf(Column::Meta)?, key, value, &self.write_opts())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Rep {
+        agreed: u64,
+        wrong: u64,
+    }
+    impl Record for Rep {
+        const COLUMN: Column = Column::Reputation;
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Credit(i64);
+    impl Record for Credit {
+        const COLUMN: Column = Column::Ledger;
+    }
+
+    #[test]
+    fn data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.put(b"peer-a", &Rep { agreed: 3, wrong: 1 }).expect("put");
+            s.put(b"acct", &Credit(-5)).expect("put");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.get::<Rep>(b"peer-a").expect("get"), Some(Rep { agreed: 3, wrong: 1 }));
+        assert_eq!(s.get::<Credit>(b"acct").expect("get"), Some(Credit(-5)));
+        assert_eq!(s.get::<Rep>(b"acct").expect("get"), None, "columns are separate");
+        assert_eq!(s.schema_version().expect("version"), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn batch_is_atomic_across_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        let mut b = Batch::new();
+        b.put(b"p", &Rep { agreed: 1, wrong: 0 }).expect("enc");
+        b.put(b"p", &Credit(10)).expect("enc");
+        s.commit(b).expect("commit");
+        assert!(s.get::<Rep>(b"p").expect("get").is_some());
+        assert_eq!(s.get::<Credit>(b"p").expect("get"), Some(Credit(10)));
+        let mut b = Batch::new();
+        b.delete::<Rep>(b"p");
+        s.commit(b).expect("commit");
+        assert_eq!(s.get::<Rep>(b"p").expect("get"), None);
+    }
+
+    #[test]
+    fn prefix_iteration_in_key_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        for (k, v) in [("a/2", 2), ("a/1", 1), ("b/1", 9), ("a/3", 3), ("", 0)] {
+            s.put(k.as_bytes(), &Credit(v)).expect("put");
+        }
+        let got: Vec<i64> = s.iter_prefix::<Credit>(b"a/").expect("iter").into_iter().map(|(_, c)| c.0).collect();
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(s.count::<Credit>().expect("count"), 5);
+    }
+
+    #[test]
+    fn refuses_unknown_and_newer_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.put_meta_raw(SCHEMA_VERSION_KEY, &(SCHEMA_VERSION + 1).to_le_bytes()).expect("stamp");
+        }
+        let err = Store::open(dir.path()).expect_err("newer must be refused");
+        assert!(matches!(err, StorageError::NewerSchema { found, .. } if found == SCHEMA_VERSION + 1), "{err}");
+        assert!(err.to_string().contains("upgrade sampo"));
+        {
+            // Open with the check bypassed is impossible through the API; rewrite via a raw DB.
+            let mut o = Options::default();
+            o.create_missing_column_families(true);
+            let cfs: Vec<_> = Column::ALL.iter().map(|c| c.name()).collect();
+            let db = DB::open_cf(&o, dir.path(), cfs).expect("raw open");
+            let meta = db.cf_handle("meta").expect("meta cf");
+            db.put_cf(meta, SCHEMA_VERSION_KEY, 0u32.to_le_bytes()).expect("put");
+        }
+        let err = Store::open(dir.path()).expect_err("unknown must be refused");
+        assert!(matches!(err, StorageError::UnknownSchema { found: 0, .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_foreign_rocksdb() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut o = Options::default();
+            o.create_if_missing(true);
+            let db = DB::open(&o, dir.path()).expect("raw open");
+            db.put(b"x", b"y").expect("put");
+        }
+        assert!(matches!(Store::open(dir.path()), Err(StorageError::NotSampo { .. })));
+    }
+
+    #[test]
+    fn corrupt_record_is_typed_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path()).expect("open");
+        s.put(b"k", &Credit(1)).expect("put");
+        // Same column, a different record shape: decoding must fail cleanly.
+        let err = s.get::<Rep>(b"missing").expect("absent is fine");
+        assert!(err.is_none());
+        let raw = s.db.cf_handle("ledger").expect("cf");
+        s.db.put_cf(raw, b"k", [0xff, 0xff, 0xff]).expect("raw put");
+        let err = s.get::<Credit>(b"k").expect_err("corrupt");
+        assert!(matches!(err, StorageError::Corrupt { column: "ledger", .. }), "{err}");
+    }
+}
