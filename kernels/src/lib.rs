@@ -1,1 +1,271 @@
-//! placeholder
+//! sampo's model runtime: GGUF loading, the tokenizer, the Llama-family forward pass,
+//! sampling, and the compute backends behind one trait. Knows nothing of networks.
+//!
+//! The determinism contract (`DESIGN.md`): for the same model file, prompt and
+//! sampling parameters, every backend produces the same tokens, bit for bit, whatever
+//! the thread count, batch composition or load. The canonical arithmetic is written
+//! down in [`math`] and [`quant`]; backends must follow it exactly.
+
+pub mod chat;
+pub mod cpu;
+pub mod gguf;
+pub mod math;
+pub mod model;
+pub mod quant;
+pub mod sampling;
+pub mod synth;
+pub mod tokenizer;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use chat::ChatMessage;
+pub use cpu::{BatchItem, Sequence};
+pub use model::{Hparams, Model, ModelError};
+pub use sampling::SamplingParams;
+pub use tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Sampling(#[from] sampling::SamplingError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] chat::ChatError),
+    #[error("could not start {threads} inference threads: {reason}")]
+    Threads { threads: usize, reason: String },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus {max_tokens} new tokens exceeds the context length {ctx}")]
+    TooLong { prompt: usize, max_tokens: u32, ctx: usize },
+}
+
+/// Which kind of device a backend computes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+/// A compute backend. Every implementation follows the canonical arithmetic.
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// Human-readable device, e.g. "x86_64 (avx2), 2 threads".
+    fn device(&self) -> String;
+    /// Run `batch` through `model`; logits after each item's last token.
+    fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// The CPU backend on its own thread pool.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// `threads == 0` means one per available core.
+    pub fn new(threads: usize) -> Result<Self, KernelError> {
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sampo-cpu-{i}"))
+            .build()
+            .map_err(|e| KernelError::Threads { threads, reason: e.to_string() })?;
+        Ok(Self { pool, threads })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+impl Backend for CpuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cpu
+    }
+
+    fn device(&self) -> String {
+        let simd = if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { "avx2" } else { "scalar" };
+        format!("{} ({simd}), {} threads", std::env::consts::ARCH, self.threads)
+    }
+
+    fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.pool.install(|| cpu::forward(model, batch))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop token was produced.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller asked to stop (e.g. its client went away).
+    Cancelled,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+/// A model on a backend.
+#[derive(Clone)]
+pub struct Engine {
+    pub model: Arc<Model>,
+    backend: Arc<dyn Backend>,
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, backend: Arc<dyn Backend>) -> Self {
+        Self { model, backend }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.model.tokenizer
+    }
+
+    /// Render chat messages with the model's template and tokenize (specials parsed).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, KernelError> {
+        let t = &self.model.tokenizer;
+        let name = |id: Option<u32>| id.and_then(|i| t.token_bytes(i).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let text = chat::render(
+            t.chat_template.as_deref(),
+            messages,
+            true,
+            &name(t.bos).unwrap_or_default(),
+            &name(t.eos).unwrap_or_default(),
+        )?;
+        Ok(t.encode(&text, true))
+    }
+
+    /// Logits after feeding `tokens` to a fresh sequence.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, KernelError> {
+        let mut seq = Sequence::new(&self.model);
+        let mut out = self.backend.forward(&self.model, &mut [BatchItem { seq: &mut seq, tokens }])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    fn check(&self, prompt: &[u32], p: &SamplingParams) -> Result<(), KernelError> {
+        p.validate()?;
+        if prompt.is_empty() {
+            return Err(KernelError::EmptyPrompt);
+        }
+        let ctx = self.model.hp.n_ctx;
+        if prompt.len() + p.max_tokens as usize > ctx {
+            return Err(KernelError::TooLong { prompt: prompt.len(), max_tokens: p.max_tokens, ctx });
+        }
+        Ok(())
+    }
+
+    /// Generate a continuation; `on_token(id, text)` sees each token as it is made
+    /// (text is complete UTF-8 only) and returns `false` to stop early.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        p: &SamplingParams,
+        on_token: &mut dyn FnMut(u32, &str) -> bool,
+    ) -> Result<Generation, KernelError> {
+        let mut gens = self.generate_batch(&[(prompt.to_vec(), p.clone())], &mut |_, id, s| on_token(id, s))?;
+        Ok(gens.remove(0))
+    }
+
+    /// Generate for several requests at once, decoding them in lockstep as one batch.
+    /// Each request's tokens are the same as if it ran alone.
+    pub fn generate_batch(
+        &self,
+        requests: &[(Vec<u32>, SamplingParams)],
+        on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+    ) -> Result<Vec<Generation>, KernelError> {
+        for (prompt, p) in requests {
+            self.check(prompt, p)?;
+        }
+        let tok = &self.model.tokenizer;
+        let n = requests.len();
+        let mut seqs: Vec<Sequence> = (0..n).map(|_| Sequence::new(&self.model)).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut text: Vec<String> = vec![String::new(); n];
+        let mut decoders: Vec<StreamDecoder> = (0..n).map(|_| StreamDecoder::new()).collect();
+        let mut finish: Vec<Option<FinishReason>> = vec![None; n];
+        let t0 = Instant::now();
+        let mut logits = {
+            let mut batch: Vec<BatchItem<'_>> =
+                seqs.iter_mut().zip(requests).map(|(seq, (prompt, _))| BatchItem { seq, tokens: prompt }).collect();
+            self.backend.forward(&self.model, &mut batch)?
+        };
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        loop {
+            let mut next: Vec<(usize, u32)> = Vec::new();
+            for (i, (_, p)) in requests.iter().enumerate() {
+                if finish[i].is_some() {
+                    continue;
+                }
+                let step = out[i].len() as u64;
+                let id = sampling::sample(&logits[i], p, step);
+                if p.stop.contains(&id) {
+                    finish[i] = Some(FinishReason::Stop);
+                    continue;
+                }
+                out[i].push(id);
+                let piece = decoders[i].push(tok, id)?;
+                text[i].push_str(&piece);
+                if !on_token(i, id, &piece) {
+                    finish[i] = Some(FinishReason::Cancelled);
+                    continue;
+                }
+                if out[i].len() >= p.max_tokens as usize {
+                    finish[i] = Some(FinishReason::Length);
+                    continue;
+                }
+                next.push((i, id));
+            }
+            if next.is_empty() {
+                break;
+            }
+            let ids: Vec<[u32; 1]> = next.iter().map(|&(_, id)| [id]).collect();
+            let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(next.len());
+            let mut rest: &mut [Sequence] = &mut seqs;
+            let mut base = 0;
+            for (k, &(i, _)) in next.iter().enumerate() {
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                let (seq, tail) = tail.split_first_mut().ok_or(KernelError::EmptyPrompt)?;
+                batch.push(BatchItem { seq, tokens: &ids[k] });
+                rest = tail;
+                base = i + 1;
+            }
+            let new = self.backend.forward(&self.model, &mut batch)?;
+            for (&(i, _), l) in next.iter().zip(new) {
+                logits[i] = l;
+            }
+        }
+        let decode_secs = t1.elapsed().as_secs_f64();
+        Ok((0..n)
+            .map(|i| {
+                text[i].push_str(&decoders[i].finish());
+                Generation {
+                    prompt_tokens: requests[i].0.clone(),
+                    tokens: std::mem::take(&mut out[i]),
+                    text: std::mem::take(&mut text[i]),
+                    finish: finish[i].unwrap_or(FinishReason::Length),
+                    prefill_secs,
+                    decode_secs,
+                }
+            })
+            .collect())
+    }
+}

@@ -47,6 +47,10 @@ pub struct Tokenizer {
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
+pub fn byte_chars() -> [char; 256] {
+    bytes_to_unicode()
+}
+
 fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;

@@ -5,7 +5,7 @@ mod reader;
 mod types;
 mod writer;
 
-pub use reader::{GgufError, GgufFile, TensorInfo};
+pub use reader::{GgufError, GgufFile, TensorInfo, parse_header};
 pub use types::{GgmlType, MetaValue, ValueType};
 pub use writer::GgufWriter;
 

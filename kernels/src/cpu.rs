@@ -1,0 +1,247 @@
+//! The CPU backend: the forward pass over a batch of sequences.
+//!
+//! Work is split across threads by output feature (matrix rows) and by attention
+//! head; every output value is computed whole by one thread with the canonical order
+//! of `math`/`quant`, so results do not depend on the thread count or on which other
+//! sequences share the batch.
+
+use rayon::prelude::*;
+
+use crate::math::{dot_f32, rms_norm, silu, softmax};
+use crate::model::{Matrix, Model, ModelError};
+use crate::quant::{Q8Act, QK, dequantize_row, dot_row, quantize_act};
+
+/// One sequence's state: its KV cache (f32, per layer) and how many tokens it holds.
+#[derive(Debug, Clone, Default)]
+pub struct Sequence {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    pub pos: usize,
+}
+
+impl Sequence {
+    pub fn new(model: &Model) -> Self {
+        Self { k: vec![Vec::new(); model.hp.n_layer], v: vec![Vec::new(); model.hp.n_layer], pos: 0 }
+    }
+
+    /// Forget everything after `pos` tokens (to reuse a prompt prefix).
+    pub fn truncate(&mut self, pos: usize, kv_dim: usize) {
+        if pos < self.pos {
+            for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+                l.truncate(pos * kv_dim);
+            }
+            self.pos = pos;
+        }
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+    }
+}
+
+/// Activations in both forms a matrix product may need.
+struct Act {
+    f: Vec<f32>,
+    q: Vec<Q8Act>,
+    cols: usize,
+}
+
+impl Act {
+    fn new(f: Vec<f32>, cols: usize) -> Self {
+        let mut q = Vec::new();
+        quantize_act(&f, &mut q);
+        Self { f, q, cols }
+    }
+    fn rows(&self) -> usize {
+        self.f.len() / self.cols
+    }
+}
+
+/// Raw pointer that threads write disjoint elements through.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each index is written by exactly one task (disjoint row ranges).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method, so closures capture the whole (Send) wrapper, not its raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Rows of a weight matrix each task computes: small enough to balance two cores,
+/// large enough that scheduling is noise.
+const ROWS_PER_TASK: usize = 32;
+
+/// `out_m[r * w.rows + o] = W_m[o] · x[r]` for several matrices sharing one input,
+/// in one parallel region.
+fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
+    let n = x.rows();
+    let nb = x.cols / QK;
+    let mut tasks = Vec::new();
+    for (j, (w, out)) in jobs.iter_mut().enumerate() {
+        debug_assert_eq!(w.cols, x.cols);
+        out.clear();
+        out.resize(n * w.rows, 0.0);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let mut o = 0;
+        while o < w.rows {
+            tasks.push((j, o, (o + ROWS_PER_TASK).min(w.rows), ptr));
+            o += ROWS_PER_TASK;
+        }
+    }
+    let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
+    tasks.par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, &(j, lo, hi, ptr)| {
+        let w = mats[j];
+        for o in lo..hi {
+            let row = w.row(bytes, o);
+            for r in 0..n {
+                let v = if w.ty.block_len() == QK {
+                    dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
+                } else {
+                    scratch.resize(w.cols, 0.0);
+                    dequantize_row(w.ty, row, scratch);
+                    dot_f32(scratch, &x.f[r * x.cols..(r + 1) * x.cols])
+                };
+                // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
+                unsafe { *ptr.get().add(r * w.rows + o) = v };
+            }
+        }
+    });
+}
+
+/// Rotate pairs `(x[2i], x[2i+1])` of each head by the table's angle for `pos`.
+fn rope(model: &Model, x: &mut [f32], n_heads: usize, pos: usize) {
+    let hd = model.hp.head_dim;
+    let half = model.hp.rope_dim / 2;
+    let table = &model.rope[pos * half..(pos + 1) * half];
+    for h in 0..n_heads {
+        let v = &mut x[h * hd..(h + 1) * hd];
+        for (i, &(c, s)) in table.iter().enumerate() {
+            let (x0, x1) = (v[2 * i], v[2 * i + 1]);
+            v[2 * i] = x0 * c - x1 * s;
+            v[2 * i + 1] = x0 * s + x1 * c;
+        }
+    }
+}
+
+/// A sequence's share of a batch.
+pub struct BatchItem<'a> {
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
+}
+
+/// Run the tokens of every item through the model, appending to each sequence's
+/// cache; returns the logits after the last token of each item.
+pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let hp = &model.hp;
+    let (d, kvd, hd) = (hp.n_embd, hp.kv_dim(), hp.head_dim);
+    let bytes = model.bytes();
+    // Rows of the flattened batch: (item, position).
+    let mut rows = Vec::new();
+    for (i, it) in batch.iter().enumerate() {
+        if it.tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let end = it.seq.pos + it.tokens.len();
+        if end > hp.n_ctx {
+            return Err(ModelError::ContextFull { needed: end, ctx: hp.n_ctx });
+        }
+        for (k, &t) in it.tokens.iter().enumerate() {
+            if t as usize >= hp.n_vocab {
+                return Err(ModelError::TokenOutOfRange { id: t, vocab: hp.n_vocab });
+            }
+            rows.push((i, it.seq.pos + k, t));
+        }
+    }
+    let n = rows.len();
+    let mut x = vec![0.0f32; n * d];
+    for (r, &(_, _, t)) in rows.iter().enumerate() {
+        dequantize_row(model.token_embd.ty, model.token_embd.row(bytes, t as usize), &mut x[r * d..(r + 1) * d]);
+    }
+    let mut xn = vec![0.0f32; n * d];
+    let (mut q, mut k, mut v, mut o, mut g, mut u, mut down) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut attn = vec![0.0f32; n * d];
+    let group = hp.n_head / hp.n_head_kv;
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    for (li, layer) in model.layers.iter().enumerate() {
+        for r in 0..n {
+            rms_norm(&x[r * d..(r + 1) * d], &layer.attn_norm, hp.rms_eps, &mut xn[r * d..(r + 1) * d]);
+        }
+        let act = Act::new(std::mem::take(&mut xn), d);
+        matmul_many(bytes, &act, &mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)]);
+        xn = act.f;
+        for (r, &(i, pos, _)) in rows.iter().enumerate() {
+            rope(model, &mut q[r * d..(r + 1) * d], hp.n_head, pos);
+            rope(model, &mut k[r * kvd..(r + 1) * kvd], hp.n_head_kv, pos);
+            let seq = &mut *batch[i].seq;
+            debug_assert_eq!(seq.k[li].len(), pos * kvd);
+            seq.k[li].extend_from_slice(&k[r * kvd..(r + 1) * kvd]);
+            seq.v[li].extend_from_slice(&v[r * kvd..(r + 1) * kvd]);
+        }
+        // Attention: one task per (row, head).
+        let caches: Vec<(&[f32], &[f32])> = batch.iter().map(|it| (&it.seq.k[li][..], &it.seq.v[li][..])).collect();
+        let attn_ptr = OutPtr(attn.as_mut_ptr());
+        (0..n * hp.n_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+            let (r, h) = (task / hp.n_head, task % hp.n_head);
+            let (i, pos, _) = rows[r];
+            let (kc, vc) = caches[i];
+            let kh = h / group;
+            let qh = &q[r * d + h * hd..r * d + (h + 1) * hd];
+            scores.clear();
+            for t in 0..=pos {
+                let kt = &kc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
+                scores.push(dot_f32(qh, kt) * scale);
+            }
+            softmax(scores);
+            // SAFETY: each (r, h) task owns attn[r*d + h*hd ..][..hd].
+            let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * d + h * hd), hd) };
+            out.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                let vt = &vc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
+                for (acc, &vv) in out.iter_mut().zip(vt) {
+                    *acc += p * vv;
+                }
+            }
+        });
+        let act = Act::new(std::mem::take(&mut attn), d);
+        matmul_many(bytes, &act, &mut [(&layer.wo, &mut o)]);
+        attn = act.f;
+        for (xi, oi) in x.iter_mut().zip(&o) {
+            *xi += oi;
+        }
+        for r in 0..n {
+            rms_norm(&x[r * d..(r + 1) * d], &layer.ffn_norm, hp.rms_eps, &mut xn[r * d..(r + 1) * d]);
+        }
+        let act = Act::new(std::mem::take(&mut xn), d);
+        matmul_many(bytes, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
+        xn = act.f;
+        for (gi, ui) in g.iter_mut().zip(&u) {
+            *gi = silu(*gi) * ui;
+        }
+        let act = Act::new(std::mem::take(&mut g), hp.n_ff);
+        matmul_many(bytes, &act, &mut [(&layer.w_down, &mut down)]);
+        g = act.f;
+        for (xi, di) in x.iter_mut().zip(&down) {
+            *xi += di;
+        }
+    }
+    // Logits for each item's last row only.
+    let mut last = Vec::with_capacity(batch.len());
+    let mut r0 = 0;
+    for it in batch.iter_mut() {
+        let r = r0 + it.tokens.len() - 1;
+        r0 += it.tokens.len();
+        let mut h = vec![0.0f32; d];
+        rms_norm(&x[r * d..(r + 1) * d], &model.output_norm, hp.rms_eps, &mut h);
+        last.extend_from_slice(&h);
+        it.seq.pos += it.tokens.len();
+    }
+    let act = Act::new(last, d);
+    let mut logits = Vec::new();
+    matmul_many(bytes, &act, &mut [(&model.output, &mut logits)]);
+    Ok(logits.chunks_exact(hp.n_vocab).map(<[f32]>::to_vec).collect())
+}

@@ -1,0 +1,107 @@
+//! A tiny synthetic Llama model: valid GGUF, byte-level vocabulary with a few BPE
+//! merges and ChatML specials, Q4_1/Q4_0/Q8_0 matrices and deterministic weights from
+//! a seed. It runs through exactly the code paths of a real model, so tests and a
+//! first testnet need no download.
+
+use crate::gguf::{GgmlType, GgufWriter, MetaValue};
+use crate::quant::quantize_row;
+use crate::tokenizer::{TOKEN_TYPE_CONTROL, TOKEN_TYPE_NORMAL};
+
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    pub seed: u64,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_ctx: usize,
+}
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        Self { seed: 1, n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, n_ctx: 1024 }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // Sum of two uniforms: a cheap bell shape in (-1, 1).
+        let a = (z >> 40) as f32 / (1u64 << 24) as f32;
+        let b = ((z >> 16) & 0xFF_FFFF) as f32 / (1u64 << 24) as f32;
+        a + b - 1.0
+    }
+}
+
+const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const MERGES: [(&str, &str); 8] =
+    [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("a", "n"), ("o", "n")];
+
+/// The GGUF bytes of the synthetic model.
+pub fn synthesize(spec: &SynthSpec) -> Vec<u8> {
+    let mut rng = Rng(spec.seed);
+    let byte_chars = crate::tokenizer::byte_chars();
+    let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+    let mut types = vec![TOKEN_TYPE_CONTROL; SPECIALS.len()];
+    for c in byte_chars {
+        tokens.push(c.to_string());
+        types.push(TOKEN_TYPE_NORMAL);
+    }
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+        types.push(TOKEN_TYPE_NORMAL);
+    }
+    let n_vocab = tokens.len();
+    let hd = spec.n_embd / spec.n_head;
+    let kvd = hd * spec.n_head_kv;
+    let mut w = GgufWriter::new();
+    let s = |v: &str| MetaValue::String(v.to_owned());
+    let u32v = |v: usize| MetaValue::U32(v as u32);
+    w.meta("general.architecture", s("llama"))
+        .meta("general.name", s("sampo-synthetic"))
+        .meta("general.seed", MetaValue::U64(spec.seed))
+        .meta("llama.context_length", u32v(spec.n_ctx))
+        .meta("llama.embedding_length", u32v(spec.n_embd))
+        .meta("llama.block_count", u32v(spec.n_layer))
+        .meta("llama.feed_forward_length", u32v(spec.n_ff))
+        .meta("llama.attention.head_count", u32v(spec.n_head))
+        .meta("llama.attention.head_count_kv", u32v(spec.n_head_kv))
+        .meta("llama.rope.freq_base", MetaValue::F32(10_000.0))
+        .meta("llama.rope.dimension_count", u32v(hd))
+        .meta("llama.attention.layer_norm_rms_epsilon", MetaValue::F32(1e-5))
+        .meta("tokenizer.ggml.model", s("gpt2"))
+        .meta("tokenizer.ggml.pre", s("smollm"))
+        .meta("tokenizer.ggml.tokens", MetaValue::Array(tokens.into_iter().map(MetaValue::String).collect()))
+        .meta("tokenizer.ggml.token_type", MetaValue::Array(types.into_iter().map(MetaValue::I32).collect()))
+        .meta("tokenizer.ggml.merges", MetaValue::Array(MERGES.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect()))
+        .meta("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+        .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+        .meta("tokenizer.chat_template", s(crate::chat::CHATML));
+    let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let scale = 1.0 / (cols as f32).sqrt() * 1.7;
+        let vals: Vec<f32> = (0..rows * cols).map(|_| rng.next() * scale).collect();
+        w.tensor(name, &[cols as u64, rows as u64], ty, quantize_row(ty, &vals));
+    };
+    mat(&mut w, "token_embd.weight", n_vocab, spec.n_embd, GgmlType::Q8_0);
+    let ones = |n: usize| quantize_row(GgmlType::F32, &vec![1.0; n]);
+    w.tensor("output_norm.weight", &[spec.n_embd as u64], GgmlType::F32, ones(spec.n_embd));
+    for i in 0..spec.n_layer {
+        let p = |t: &str| format!("blk.{i}.{t}.weight");
+        w.tensor(&p("attn_norm"), &[spec.n_embd as u64], GgmlType::F32, ones(spec.n_embd));
+        w.tensor(&p("ffn_norm"), &[spec.n_embd as u64], GgmlType::F32, ones(spec.n_embd));
+        mat(&mut w, &p("attn_q"), spec.n_embd, spec.n_embd, GgmlType::Q4_1);
+        mat(&mut w, &p("attn_k"), kvd, spec.n_embd, GgmlType::Q4_1);
+        mat(&mut w, &p("attn_v"), kvd, spec.n_embd, GgmlType::Q4_0);
+        mat(&mut w, &p("attn_output"), spec.n_embd, spec.n_embd, GgmlType::Q4_1);
+        mat(&mut w, &p("ffn_gate"), spec.n_ff, spec.n_embd, GgmlType::Q4_1);
+        mat(&mut w, &p("ffn_up"), spec.n_ff, spec.n_embd, GgmlType::Q4_1);
+        mat(&mut w, &p("ffn_down"), spec.n_embd, spec.n_ff, GgmlType::Q8_0);
+    }
+    w.to_bytes()
+}

@@ -1,0 +1,44 @@
+//! Shared helpers: the real model (fetched with the project's script when missing)
+//! and the llama.cpp reference outputs.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use sampo_kernels::Model;
+
+pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Path of the real model, downloading it with `scripts/fetch-model.sh` if needed.
+/// Never skips: a test that needs the model fails loudly when it can't be had.
+pub fn real_model_path() -> PathBuf {
+    let dir = std::env::var_os("SAMPO_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
+    let path = dir.join(MODEL_FILE);
+    if !path.exists() {
+        let status = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
+            .env("SAMPO_MODEL_DIR", &dir)
+            .status()
+            .expect("run scripts/fetch-model.sh");
+        assert!(status.success(), "scripts/fetch-model.sh failed; the real-model tests need {}", path.display());
+    }
+    path
+}
+
+pub fn real_model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    M.get_or_init(|| Arc::new(Model::load(&real_model_path()).expect("load real model"))).clone()
+}
+
+pub fn reference() -> serde_json::Value {
+    let p = repo_root().join("kernels/tests/data/smollm2-llamacpp.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("reference file")).expect("reference json")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}
