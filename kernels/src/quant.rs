@@ -56,9 +56,29 @@ pub fn quantize_act(x: &[f32], out: &mut Vec<Q8Act>) {
     }
 }
 
+/// Exact f16 → f32 widening (same result as F16C's `vcvtph2ps`).
+#[inline]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalize.
+            let shift = man.leading_zeros() - 21;
+            let man = (man << shift) & 0x3ff;
+            sign | ((113 - shift) << 23) | (man << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
 #[inline]
 fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
 }
 
 /// Exact integer dot of one weight block with one activation block (portable).
@@ -123,7 +143,7 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
 }
 
 /// Dequantize one row of `n` elements to f32 (embedding lookup, tests).
@@ -136,7 +156,7 @@ pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
         }
         GgmlType::F16 => {
             for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
             }
         }
         GgmlType::BF16 => {
@@ -231,63 +251,122 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// Horizontal sum of 8 i32 (exact).
+    /// Sum of products of 32 unsigned weights (< 128) with 32 signed activations, as 8 i32.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn hsum_i32(v: __m256i) -> i32 {
-        let lo = _mm256_castsi256_si128(v);
-        let hi = _mm256_extracti128_si256(v, 1);
-        let s = _mm_add_epi32(lo, hi);
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
+    fn udot8(w: __m256i, x: __m256i) -> __m256i {
+        // maddubs pairs: |2·127·127| < 2^15, so no saturation for our formats.
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
     }
 
-    /// Sum of products of 32 unsigned 4/8-bit weights with 32 signed activations.
+    /// Signed weights: |w| · (x · sign(w)).
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn udot(w: __m256i, x: __m256i) -> i32 {
-        // maddubs: u8 × i8 pairs into i16; |15·127·2| and |(127+... )| never saturate for our formats.
-        let p = _mm256_maddubs_epi16(w, x);
-        hsum_i32(_mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    fn sdot8(w: __m256i, x: __m256i) -> __m256i {
+        udot8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
     }
 
+    /// The exact integer dot of one block at `w` (its first byte), as 8 partial i32.
+    ///
+    /// # Safety
+    /// `w` points at a whole block of type `ty`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn nibbles(qs: &[u8]) -> __m256i {
-        // SAFETY: callers pass 16 bytes.
-        let v = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    unsafe fn block_partials(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+        // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
+        unsafe {
+            let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+            match ty {
+                GgmlType::Q4_1 => udot8(nibbles16(w.add(4)), xv),
+                GgmlType::Q4_0 => sdot8(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8)), xv),
+                _ => sdot8(_mm256_loadu_si256(w.add(2) as *const __m256i), xv),
+            }
+        }
+    }
+
+    /// # Safety
+    /// `p` points at 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles16(p: *const u8) -> __m256i {
+        // SAFETY: caller's contract.
+        let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
         let lo = _mm_and_si128(v, _mm_set1_epi8(15));
         let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
         _mm256_set_m128i(hi, lo)
     }
 
+    /// Horizontal sums of 8 vectors: lane k of the result is the sum of `p[k]`'s lanes.
+    #[inline]
     #[target_feature(enable = "avx2")]
+    fn hsum8(p: &[__m256i; 8]) -> __m256i {
+        let s01 = _mm256_hadd_epi32(p[0], p[1]);
+        let s23 = _mm256_hadd_epi32(p[2], p[3]);
+        let s45 = _mm256_hadd_epi32(p[4], p[5]);
+        let s67 = _mm256_hadd_epi32(p[6], p[7]);
+        let s0123 = _mm256_hadd_epi32(s01, s23);
+        let s4567 = _mm256_hadd_epi32(s45, s67);
+        let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
+        let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+        _mm256_add_epi32(lo, hi)
+    }
+
+    /// Eight blocks at a time: their exact integer sums become one vector, and the
+    /// per-block f32 terms are computed lane-wise in the canonical operation order.
+    /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
+    #[target_feature(enable = "avx2,f16c")]
     pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
         let bb = ty.block_bytes();
+        let nb = x.len();
+        assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
+        let base = row.as_ptr();
+        let rd16 = |off: usize| -> i16 {
+            // SAFETY: off + 2 <= nb * bb <= row.len() (asserted above).
+            unsafe { std::ptr::read_unaligned(base.add(off) as *const i16) }
+        };
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let groups = nb / 8;
+        for g in 0..groups {
+            let b0 = g * 8;
+            let mut p = [_mm256_setzero_si256(); 8];
+            for (k, pk) in p.iter_mut().enumerate() {
+                // SAFETY: block b0 + k < nb lies inside the row.
+                *pk = unsafe { block_partials(ty, base.add((b0 + k) * bb), &x[b0 + k]) };
+            }
+            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            let o = b0 * bb;
+            let dw = _mm256_cvtph_ps(_mm_set_epi16(
+                rd16(o + 7 * bb), rd16(o + 6 * bb), rd16(o + 5 * bb), rd16(o + 4 * bb),
+                rd16(o + 3 * bb), rd16(o + 2 * bb), rd16(o + bb), rd16(o),
+            ));
+            let xs = &x[b0..b0 + 8];
+            let dx = _mm256_set_ps(xs[7].d, xs[6].d, xs[5].d, xs[4].d, xs[3].d, xs[2].d, xs[1].d, xs[0].d);
+            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+            if ty == GgmlType::Q4_1 {
+                let o = o + 2;
+                let mw = _mm256_cvtph_ps(_mm_set_epi16(
+                    rd16(o + 7 * bb), rd16(o + 6 * bb), rd16(o + 5 * bb), rd16(o + 4 * bb),
+                    rd16(o + 3 * bb), rd16(o + 2 * bb), rd16(o + bb), rd16(o),
+                ));
+                let sx = _mm256_set_ps(xs[7].s, xs[6].s, xs[5].s, xs[4].s, xs[3].s, xs[2].s, xs[1].s, xs[0].s);
+                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+            }
+            acc[g % 4] = _mm256_add_ps(acc[g % 4], t);
+        }
         let mut l = [0.0f32; LANES];
-        for (b, xb) in x.iter().enumerate() {
+        for (k, r) in acc.iter().enumerate() {
+            // SAFETY: 8 floats at lane 8k of a 32-float array.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+        }
+        // Remaining blocks, in order, into their lanes.
+        for b in groups * 8..nb {
             let w = &row[b * bb..(b + 1) * bb];
-            // SAFETY: Q8Act::qs is 32 bytes.
-            let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-            let isum = match ty {
-                GgmlType::Q4_1 => udot(nibbles(&w[4..20]), xv),
-                GgmlType::Q4_0 => {
-                    // Σ (q - 8)·x = Σ q·x − 8·Σ x, both exact.
-                    let sx = udot(_mm256_set1_epi8(1), xv);
-                    udot(nibbles(&w[2..18]), xv) - 8 * sx
-                }
-                GgmlType::Q8_0 => {
-                    // SAFETY: 32 weight bytes follow the scale.
-                    let wv = unsafe { _mm256_loadu_si256(w[2..34].as_ptr() as *const __m256i) };
-                    // |w|·sign(x) trick: maddubs needs an unsigned left operand.
-                    let aw = _mm256_sign_epi8(wv, wv);
-                    let sx = _mm256_sign_epi8(xv, wv);
-                    udot(aw, sx)
-                }
-                _ => 0,
-            };
-            l[b % LANES] += block_term(ty, w, xb, isum);
+            // SAFETY: `w` is a whole block.
+            let p = unsafe { block_partials(ty, w.as_ptr(), &x[b]) };
+            let mut v = [0i32; 8];
+            // SAFETY: 8 i32 into an 8-element array.
+            unsafe { _mm256_storeu_si256(v.as_mut_ptr() as *mut __m256i, p) };
+            l[b % LANES] += block_term(ty, w, &x[b], v.iter().sum());
         }
         butterfly(&mut l)
     }
@@ -346,5 +425,17 @@ mod tests {
         quantize_act(&vec![-1.0; n], &mut xq);
         assert_eq!(dot_row(GgmlType::Q8_0, &w, &xq).to_bits(), dot_row_scalar(GgmlType::Q8_0, &w, &xq).to_bits());
         assert!((dot_row(GgmlType::Q8_0, &w, &xq) - 64.0).abs() < 0.1);
+    }
+}
+
+#[cfg(test)]
+mod f16_tests {
+    #[test]
+    fn f16_widening_matches_half_for_every_value() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32();
+            let got = super::f16_to_f32(h);
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{h:#06x}: {got} vs {want}");
+        }
     }
 }

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 use sampo_node::config::{self, Config, Override};
 use sampo_node::{keys, logging, service};
 
+mod cmd_model;
+
 #[derive(Parser)]
 #[command(name = "sampo", version, about = "A peer-to-peer node for verifiable LLM inference")]
 struct Cli {
@@ -57,6 +59,13 @@ enum Command {
         #[arg(long)]
         bootstrap: Vec<String>,
     },
+    /// Inspect, synthesize and run models locally.
+    Model {
+        #[command(subcommand)]
+        cmd: cmd_model::ModelCmd,
+    },
+    /// Measure prefill and decode speed.
+    Bench(cmd_model::BenchArgs),
     /// Manage the node's identity key.
     Keys {
         #[command(subcommand)]
@@ -123,6 +132,8 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(service::run(config, service::shutdown_signal()))?;
         }
+        Command::Model { cmd } => cmd_model::run(cmd)?,
+        Command::Bench(args) => cmd_model::bench(args)?,
         Command::Keys { action: KeysAction::Generate { cfg, force } } => {
             let config = cfg.load(Vec::new())?;
             let key = keys::generate(&config.key_path(), force)?;

@@ -1,0 +1,298 @@
+//! `sampo model …` and `sampo bench`: try a model without a network, and measure it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use sampo_kernels::gguf::GgufFile;
+use sampo_kernels::synth::{SynthSpec, synthesize};
+use sampo_kernels::{BatchItem, ChatMessage, CpuBackend, Engine, Model, SamplingParams, Sequence};
+
+#[derive(Subcommand)]
+pub enum ModelCmd {
+    /// Write a small synthetic Llama model (valid GGUF, deterministic weights).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Print a model's architecture, tensor types and sizes.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the token ids of TEXT (special-token strings are parsed).
+    Tokenize {
+        file: PathBuf,
+        text: String,
+        /// Treat special-token strings as plain text.
+        #[arg(long)]
+        no_special: bool,
+    },
+    /// Generate a continuation, streamed to the terminal as it is made.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    file: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Inference threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print prompt and output ids, text and timings as JSON instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// GGUF model (default: the fetched SmolLM2 model, else a synthetic one).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: u32,
+    /// Concurrent streams decoded as one batch.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(path: &Path) -> anyhow::Result<Arc<Model>> {
+    Ok(Arc::new(Model::load(path).with_context(|| format!("loading {}", path.display()))?))
+}
+
+fn cpu_engine(model: Arc<Model>, threads: usize) -> anyhow::Result<Engine> {
+    Ok(Engine::new(model, Arc::new(CpuBackend::new(threads)?)))
+}
+
+pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
+    match cmd {
+        ModelCmd::Synth { out, seed } => {
+            let bytes = synthesize(&SynthSpec { seed, ..Default::default() });
+            std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+            let m = Model::load(&out)?;
+            println!("wrote {} ({} bytes, model id {})", out.display(), bytes.len(), m.model_id_hex());
+        }
+        ModelCmd::Inspect { file, json } => inspect(&file, json)?,
+        ModelCmd::Tokenize { file, text, no_special } => {
+            let m = load(&file)?;
+            println!("{}", serde_json::to_string(&m.tokenizer.encode(&text, !no_special))?);
+        }
+        ModelCmd::Run(a) => run_model(a)?,
+    }
+    Ok(())
+}
+
+fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
+    let f = GgufFile::open(file)?;
+    let mut by_type: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    for t in &f.tensors {
+        let e = by_type.entry(t.ty.name()).or_default();
+        e.0 += 1;
+        e.1 += t.n_elements();
+        e.2 += t.n_bytes;
+    }
+    let m = Model::from_gguf(f)?;
+    if json {
+        let types: serde_json::Map<String, serde_json::Value> = by_type
+            .iter()
+            .map(|(k, (n, el, b))| (k.to_string(), serde_json::json!({"tensors": n, "elements": el, "bytes": b})))
+            .collect();
+        let v = serde_json::json!({
+            "model_id": m.model_id_hex(),
+            "hparams": m.hp,
+            "tensor_types": types,
+            "tensors": m.file.tensors.iter().map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "dims": t.dims, "bytes": t.n_bytes})).collect::<Vec<_>>(),
+            "vocab": m.tokenizer.vocab_size(),
+            "chat_template": m.tokenizer.chat_template.is_some(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let h = &m.hp;
+    println!("file:          {}", file.display());
+    println!("model id:      {}", m.model_id_hex());
+    println!("name:          {}", h.name);
+    println!("architecture:  {} ({} layers, {} dims, {} heads / {} kv heads, head dim {})", h.arch, h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim);
+    println!("feed-forward:  {}", h.n_ff);
+    println!("context:       {}", h.n_ctx);
+    println!("vocabulary:    {} tokens, chat template: {}", h.n_vocab, if m.tokenizer.chat_template.is_some() { "yes" } else { "no" });
+    println!("rope:          base {}, {} dims; rms eps {}", h.rope_base, h.rope_dim, h.rms_eps);
+    println!("tensors:");
+    for (ty, (n, el, bytes)) in &by_type {
+        println!("  {ty:<5} {n:>4} tensors {el:>12} elements {:>10.2} MiB", *bytes as f64 / (1 << 20) as f64);
+    }
+    println!("weights read per token: {:.1} MB", m.weight_bytes() as f64 / 1e6);
+    Ok(())
+}
+
+fn run_model(a: RunArgs) -> anyhow::Result<()> {
+    let m = load(&a.file)?;
+    let engine = cpu_engine(m.clone(), a.threads)?;
+    let prompt = if a.chat {
+        engine.chat_prompt(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }])?
+    } else {
+        m.tokenizer.encode(&a.prompt, true)
+    };
+    let p = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        stop: m.tokenizer.eot.clone(),
+    };
+    let stream = !a.json;
+    let mut out = std::io::stdout();
+    let g = engine.generate(&prompt, &p, &mut |_, text| {
+        if stream {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    let n = g.tokens.len().max(1);
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_ids": g.prompt_tokens,
+            "output_ids": g.tokens,
+            "text": g.text,
+            "finish_reason": g.finish,
+            "timings": {
+                "prefill_ms": g.prefill_secs * 1e3,
+                "decode_ms": g.decode_secs * 1e3,
+                "prefill_tokens_per_s": g.prompt_tokens.len() as f64 / g.prefill_secs,
+                "decode_tokens_per_s": (n.saturating_sub(1)) as f64 / g.decode_secs.max(1e-9),
+            },
+            "backend": engine.backend().device(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens in {:.0} ms, {} tokens in {:.0} ms ({:.1} tokens/s), {:?}]",
+            g.prompt_tokens.len(),
+            g.prefill_secs * 1e3,
+            g.tokens.len(),
+            g.decode_secs * 1e3,
+            n.saturating_sub(1) as f64 / g.decode_secs.max(1e-9),
+            g.finish
+        );
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.backend != "cpu" {
+        anyhow::bail!("backend `{}` is not available in this build (available: cpu)", a.backend);
+    }
+    let path = match a.model {
+        Some(p) => p,
+        None => {
+            let fetched = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            if fetched.exists() {
+                fetched
+            } else {
+                let p = std::env::temp_dir().join("sampo-bench-synth.gguf");
+                std::fs::write(&p, synthesize(&SynthSpec::default()))?;
+                p
+            }
+        }
+    };
+    let m = load(&path)?;
+    let engine = cpu_engine(m.clone(), a.threads)?;
+    let reps = a.reps.max(1);
+    // A deterministic prompt of exactly `prompt_tokens` tokens.
+    let text = "The history of the printing press begins in the fifteenth century, when movable type changed how books were made and read across Europe. ".repeat(64);
+    let mut prompt = m.tokenizer.encode(&text, false);
+    prompt.truncate(a.prompt_tokens.max(1));
+    let bar = indicatif::ProgressBar::new((reps * 2) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut prefill = Vec::new();
+    bar.set_message("prefill");
+    for _ in 0..reps {
+        let mut seq = Sequence::new(&m);
+        let t = Instant::now();
+        engine.backend().forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &prompt }])?;
+        prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        bar.inc(1);
+    }
+    let mut decode = Vec::new();
+    bar.set_message("decode");
+    let short: Vec<u32> = prompt.iter().copied().take(8).collect();
+    for _ in 0..reps {
+        let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..a.streams.max(1))
+            .map(|s| {
+                let mut p = short.clone();
+                p.push(s as u32 % m.hp.n_vocab as u32);
+                (p, SamplingParams { max_tokens: a.gen_tokens, ..Default::default() })
+            })
+            .collect();
+        let gens = engine.generate_batch(&reqs, &mut |_, _, _| true)?;
+        let tokens: usize = gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
+        decode.push(tokens as f64 / gens[0].decode_secs.max(1e-9));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let (pf, dc) = (median(prefill), median(decode));
+    let rss = peak_rss_bytes().unwrap_or(0);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": path, "backend": engine.backend().device(), "prompt_tokens": prompt.len(),
+                "gen_tokens": a.gen_tokens, "streams": a.streams, "prefill_tokens_per_s": pf, "decode_tokens_per_s": dc, "peak_rss_bytes": rss})
+        );
+    } else {
+        println!("model:   {}", path.display());
+        println!("backend: {}", engine.backend().device());
+        println!("prefill: {pf:.1} tokens/s ({} prompt tokens, median of {reps})", prompt.len());
+        println!("decode:  {dc:.1} tokens/s ({} streams x {} tokens, median of {reps})", a.streams, a.gen_tokens);
+        println!("peak RSS: {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}
