@@ -8,8 +8,8 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::identity::{self, NodeKey};
 use crate::PeerId;
+use crate::identity::{self, NodeKey};
 
 /// Version of the envelope format and the message set inside it.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -89,10 +89,18 @@ pub enum EnvelopeError {
     BadSignerKey,
     #[error("signature does not verify")]
     BadSignature,
-    #[error("signer {found} is not the expected sender {expected}")]
-    WrongSender { expected: PeerId, found: PeerId },
+    /// Boxed: two `PeerId`s would make every `Result` of this module 160 bytes wide.
+    #[error("signer {} is not the expected sender {}", .0.found, .0.expected)]
+    WrongSender(Box<SenderMismatch>),
     #[error("message body could not be encoded: {0}")]
     Encode(String),
+}
+
+/// The two identities of an [`EnvelopeError::WrongSender`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderMismatch {
+    pub expected: PeerId,
+    pub found: PeerId,
 }
 
 impl EnvelopeError {
@@ -151,8 +159,8 @@ pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, EnvelopeError
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::TooLarge { size: bytes.len(), max: MAX_ENVELOPE_BYTES });
     }
-    let (value, used) = bincode::serde::decode_from_slice(bytes, wire_config())
-        .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
     if used != bytes.len() {
         return Err(EnvelopeError::TrailingBytes(bytes.len() - used));
     }
@@ -197,13 +205,13 @@ impl SignedEnvelope {
             return Err(EnvelopeError::TooLarge { size: bytes.len(), max: MAX_ENVELOPE_BYTES });
         }
         // Peek at the version before trusting the rest of the layout.
-        let (version, _): (u16, usize) = bincode::decode_from_slice(bytes, wire_config())
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let (version, _): (u16, usize) =
+            bincode::decode_from_slice(bytes, wire_config()).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if version != PROTOCOL_VERSION {
             return Err(EnvelopeError::UnknownVersion { found: version });
         }
-        let (wire, used): (WireEnvelope, usize) = bincode::decode_from_slice(bytes, wire_config())
-            .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        let (wire, used): (WireEnvelope, usize) =
+            bincode::decode_from_slice(bytes, wire_config()).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         if used != bytes.len() {
             return Err(EnvelopeError::TrailingBytes(bytes.len() - used));
         }
@@ -226,7 +234,10 @@ impl SignedEnvelope {
     /// Check that the envelope was signed by `expected` (e.g. gossipsub's `source`).
     pub fn check_sender(&self, expected: &PeerId) -> Result<(), EnvelopeError> {
         if &self.signer_peer != expected {
-            return Err(EnvelopeError::WrongSender { expected: *expected, found: self.signer_peer });
+            return Err(EnvelopeError::WrongSender(Box::new(SenderMismatch {
+                expected: *expected,
+                found: self.signer_peer,
+            })));
         }
         Ok(())
     }
@@ -335,7 +346,7 @@ mod tests {
         assert_eq!(back.open::<Ping>().expect("open"), msg);
         assert!(back.check_sender(&key().peer_id()).is_ok());
         let other = NodeKey::from_seed([1; 32]).peer_id();
-        assert!(matches!(back.check_sender(&other), Err(EnvelopeError::WrongSender { .. })));
+        assert!(matches!(back.check_sender(&other), Err(EnvelopeError::WrongSender(_))));
     }
 
     #[test]

@@ -89,7 +89,8 @@ impl Backend for CpuBackend {
     }
 
     fn device(&self) -> String {
-        let simd = if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { "avx2" } else { "scalar" };
+        let simd =
+            if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { "avx2" } else { "scalar" };
         format!("{} ({simd}), {} threads", std::env::consts::ARCH, self.threads)
     }
 
@@ -142,7 +143,8 @@ impl Engine {
     /// Render chat messages with the model's template and tokenize (specials parsed).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, KernelError> {
         let t = &self.model.tokenizer;
-        let name = |id: Option<u32>| id.and_then(|i| t.token_bytes(i).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+        let name =
+            |id: Option<u32>| id.and_then(|i| t.token_bytes(i).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
         let text = chat::render(
             t.chat_template.as_deref(),
             messages,

@@ -51,7 +51,7 @@ pub fn canonical_sum(n: usize, mut term: impl FnMut(usize) -> f32) -> f32 {
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if a.len() % LANES == 0 && std::arch::is_x86_feature_detected!("avx") {
+    if a.len().is_multiple_of(LANES) && std::arch::is_x86_feature_detected!("avx") {
         // SAFETY: AVX is present; lengths checked.
         return unsafe { x86::dot_f32_avx(a, b) };
     }

@@ -66,7 +66,11 @@ pub struct Matrix {
 impl Matrix {
     fn from_info(t: &TensorInfo, rows: usize, cols: usize) -> Result<Self, ModelError> {
         if t.dims != [cols as u64, rows as u64] {
-            return Err(ModelError::Shape { name: t.name.clone(), found: t.dims.clone(), expected: vec![cols as u64, rows as u64] });
+            return Err(ModelError::Shape {
+                name: t.name.clone(),
+                found: t.dims.clone(),
+                expected: vec![cols as u64, rows as u64],
+            });
         }
         let row_bytes = t.ty.bytes_for(cols as u64).ok_or_else(|| ModelError::TensorType {
             name: t.name.clone(),
@@ -163,7 +167,8 @@ impl Model {
             return bad(format!("head dim {head_dim}, rope dim {rope_dim}"));
         }
         let n_ctx = n_ctx.min(1 << 17);
-        let embd = file.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?;
+        let embd =
+            file.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?;
         let n_vocab = *embd.dims.get(1).unwrap_or(&0) as usize;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         if tokenizer.vocab_size() != n_vocab {
@@ -189,8 +194,12 @@ impl Model {
             if !MATMUL_TYPES.contains(&t.ty) {
                 return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a matrix" });
             }
-            if t.ty.block_len() > 1 && cols % 32 != 0 {
-                return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a matrix with this row length" });
+            if t.ty.block_len() > 1 && !cols.is_multiple_of(32) {
+                return Err(ModelError::TensorType {
+                    name: name.into(),
+                    ty: t.ty,
+                    role: "a matrix with this row length",
+                });
             }
             Matrix::from_info(t, rows, cols)
         };
@@ -240,7 +249,10 @@ impl Model {
     /// Bytes of weights read per decoded token (every matrix once).
     pub fn weight_bytes(&self) -> usize {
         let m = |w: &Matrix| w.rows * w.row_bytes;
-        self.layers.iter().map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down)).sum::<usize>()
+        self.layers
+            .iter()
+            .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down))
+            .sum::<usize>()
             + m(&self.output)
     }
 

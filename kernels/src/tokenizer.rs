@@ -68,7 +68,10 @@ fn bytes_to_unicode() -> [char; 256] {
 
 fn is_letter(c: char) -> bool {
     use GeneralCategory::*;
-    matches!(get_general_category(c), UppercaseLetter | LowercaseLetter | TitlecaseLetter | ModifierLetter | OtherLetter)
+    matches!(
+        get_general_category(c),
+        UppercaseLetter | LowercaseLetter | TitlecaseLetter | ModifierLetter | OtherLetter
+    )
 }
 
 fn is_number(c: char) -> bool {
@@ -113,7 +116,7 @@ fn gpt2_split<'a>(s: &'a str, out: &mut Vec<&'a str>) {
             }
             if i + 2 < n {
                 let c2 = chars[i + 2].1;
-                if (c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l') {
+                if matches!((c1, c2), ('r', 'e') | ('v', 'e') | ('l', 'l')) {
                     out.push(&s[at(i)..at(i + 3)]);
                     i += 3;
                     continue;
@@ -198,10 +201,10 @@ impl Tokenizer {
         t.eos = id("tokenizer.ggml.eos_token_id").filter(|&i| (i as usize) < t.tokens.len());
         t.eot = t.eos.into_iter().collect();
         for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
-            if let Some(&i) = t.ids.get(name) {
-                if !t.eot.contains(&i) {
-                    t.eot.push(i);
-                }
+            if let Some(&i) = t.ids.get(name)
+                && !t.eot.contains(&i)
+            {
+                t.eot.push(i);
             }
         }
         t.chat_template = f.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
@@ -321,10 +324,10 @@ impl Tokenizer {
         loop {
             let mut best: Option<(u32, usize, u32)> = None;
             for i in 0..syms.len().saturating_sub(1) {
-                if let Some(&(rank, merged)) = self.merges.get(&(syms[i], syms[i + 1])) {
-                    if best.is_none_or(|(r, _, _)| rank < r) {
-                        best = Some((rank, i, merged));
-                    }
+                if let Some(&(rank, merged)) = self.merges.get(&(syms[i], syms[i + 1]))
+                    && best.is_none_or(|(r, _, _)| rank < r)
+                {
+                    best = Some((rank, i, merged));
                 }
             }
             let Some((_, i, merged)) = best else { break };

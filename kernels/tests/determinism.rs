@@ -87,7 +87,11 @@ fn token_streams_identical_across_runs_batches_and_load() {
     let other_prompt = m.tokenizer.encode("The year 2026 had 365 days.", false);
     let batch = e
         .generate_batch(
-            &[(other_prompt.clone(), greedy.clone()), (prompt.clone(), sampled.clone()), (other_prompt, sampled.clone())],
+            &[
+                (other_prompt.clone(), greedy.clone()),
+                (prompt.clone(), sampled.clone()),
+                (other_prompt, sampled.clone()),
+            ],
             &mut |_, _, _| true,
         )
         .expect("batch");

@@ -64,7 +64,10 @@ fn unsupported_tensor_type_names_tensor_and_type() {
     let pos = bytes.windows(12).position(|win| win == b"weird.weight").expect("name") + 12 + 4 + 8;
     bytes[pos..pos + 4].copy_from_slice(&14u32.to_le_bytes());
     let err = GgufFile::from_bytes(bytes).expect_err("unsupported");
-    assert!(matches!(&err, GgufError::UnsupportedTensorType { tensor, type_id: 14 } if tensor == "weird.weight"), "{err}");
+    assert!(
+        matches!(&err, GgufError::UnsupportedTensorType { tensor, type_id: 14 } if tensor == "weird.weight"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use sampo_kernels::synth::{SynthSpec, synthesize};
 use sampo_kernels::{BatchItem, ChatMessage, CpuBackend, Engine, Model, SamplingParams, Sequence};
 
 #[derive(Subcommand)]
-pub enum ModelCmd {
+pub(crate) enum ModelCmd {
     /// Write a small synthetic Llama model (valid GGUF, deterministic weights).
     Synth {
         #[arg(long)]
@@ -39,7 +39,7 @@ pub enum ModelCmd {
 }
 
 #[derive(Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     file: PathBuf,
     #[arg(long)]
     prompt: String,
@@ -65,7 +65,7 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// GGUF model (default: the fetched SmolLM2 model, else a synthetic one).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -94,7 +94,7 @@ fn cpu_engine(model: Arc<Model>, threads: usize) -> anyhow::Result<Engine> {
     Ok(Engine::new(model, Arc::new(CpuBackend::new(threads)?)))
 }
 
-pub fn run(cmd: ModelCmd) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: ModelCmd) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Synth { out, seed } => {
             let bytes = synthesize(&SynthSpec { seed, ..Default::default() });
@@ -142,10 +142,17 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     println!("file:          {}", file.display());
     println!("model id:      {}", m.model_id_hex());
     println!("name:          {}", h.name);
-    println!("architecture:  {} ({} layers, {} dims, {} heads / {} kv heads, head dim {})", h.arch, h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim);
+    println!(
+        "architecture:  {} ({} layers, {} dims, {} heads / {} kv heads, head dim {})",
+        h.arch, h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim
+    );
     println!("feed-forward:  {}", h.n_ff);
     println!("context:       {}", h.n_ctx);
-    println!("vocabulary:    {} tokens, chat template: {}", h.n_vocab, if m.tokenizer.chat_template.is_some() { "yes" } else { "no" });
+    println!(
+        "vocabulary:    {} tokens, chat template: {}",
+        h.n_vocab,
+        if m.tokenizer.chat_template.is_some() { "yes" } else { "no" }
+    );
     println!("rope:          base {}, {} dims; rms eps {}", h.rope_base, h.rope_dim, h.rms_eps);
     println!("tensors:");
     for (ty, (n, el, bytes)) in &by_type {
@@ -224,7 +231,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if a.backend != "cpu" {
         anyhow::bail!("backend `{}` is not available in this build (available: cpu)", a.backend);
     }

@@ -164,7 +164,13 @@ impl Default for ApiConfig {
 
 impl Default for ExecutionConfig {
     fn default() -> Self {
-        Self { backend: BackendChoice::Auto, threads: 0, max_concurrent: 1, queue_capacity: 64, max_tokens_per_task: 512 }
+        Self {
+            backend: BackendChoice::Auto,
+            threads: 0,
+            max_concurrent: 1,
+            queue_capacity: 64,
+            max_tokens_per_task: 512,
+        }
     }
 }
 
@@ -264,8 +270,10 @@ impl Config {
             }
             None => toml::Table::new(),
         };
-        let mut env: Vec<(String, String)> =
-            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NON_CONFIG_ENV.contains(&k.as_str())).collect();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !NON_CONFIG_ENV.contains(&k.as_str()))
+            .collect();
         env.sort();
         for (var, raw) in env {
             let key = var[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
@@ -273,7 +281,9 @@ impl Config {
                 .map_err(|reason| ConfigError::Env { var: var.clone(), reason })?;
             // Checking now names the variable rather than a key in the error.
             check_tree(&tree).map_err(|e| match e {
-                ConfigError::Key { key, reason } => ConfigError::Env { var: var.clone(), reason: format!("`{key}`: {reason}") },
+                ConfigError::Key { key, reason } => {
+                    ConfigError::Env { var: var.clone(), reason: format!("`{key}`: {reason}") }
+                }
                 other => other,
             })?;
         }
@@ -476,7 +486,12 @@ mod tests {
     fn env_overrides_file_and_flags_override_env() {
         let cfg = load_str(
             "[consensus]\nk = 5\n",
-            &[("SAMPO_CONSENSUS__K", "7"), ("SAMPO_API__LISTEN", "127.0.0.1:0"), ("SAMPO_CONFIG", "ignored"), ("OTHER", "x")],
+            &[
+                ("SAMPO_CONSENSUS__K", "7"),
+                ("SAMPO_API__LISTEN", "127.0.0.1:0"),
+                ("SAMPO_CONFIG", "ignored"),
+                ("OTHER", "x"),
+            ],
         )
         .expect("env ok");
         assert_eq!(cfg.consensus.k, 7);

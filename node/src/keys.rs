@@ -8,9 +8,7 @@ use sampo_consensus::NodeKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error(
-        "key file {path} can be read by other users (mode {mode:o}); fix it with `chmod 600 {path}`"
-    )]
+    #[error("key file {path} can be read by other users (mode {mode:o}); fix it with `chmod 600 {path}`")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path} is invalid: {reason}")]
     Invalid { path: PathBuf, reason: String },

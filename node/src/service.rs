@@ -41,7 +41,8 @@ pub const RUN_INFO_FILE: &str = "node.json";
 
 /// Run a node until `shutdown` resolves, then drain and flush.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
     let (key, created) = keys::load_or_create(&cfg.key_path())?;
     if created {
         info!(path = %cfg.key_path().display(), "created a new node key");
@@ -79,10 +80,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     );
 
     let run_info = RunInfo { peer_id: peer_id.to_string(), api_url: api_url.clone(), pid: std::process::id() };
-    if let Ok(json) = serde_json::to_vec_pretty(&run_info) {
-        if let Err(e) = std::fs::write(cfg.data_dir.join(RUN_INFO_FILE), json) {
-            warn!(error = %e, "could not write node.json");
-        }
+    if let Ok(json) = serde_json::to_vec_pretty(&run_info)
+        && let Err(e) = std::fs::write(cfg.data_dir.join(RUN_INFO_FILE), json)
+    {
+        warn!(error = %e, "could not write node.json");
     }
     state.ready.store(true, Ordering::Release);
     info!(%peer_id, api = %api_url, "node ready");

@@ -33,10 +33,10 @@ fn http_get(url: &str) -> std::io::Result<(u16, String)> {
 fn wait_for_file(p: &Path, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(s) = std::fs::read_to_string(p) {
-            if s.ends_with('}') {
-                return s;
-            }
+        if let Ok(s) = std::fs::read_to_string(p)
+            && s.ends_with('}')
+        {
+            return s;
         }
         assert!(Instant::now() < deadline, "{} did not appear", p.display());
         std::thread::sleep(Duration::from_millis(50));
@@ -97,11 +97,8 @@ fn keys_generate_show_and_refuse_open_key() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&secret_hex), "secret printed");
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let out = sampo()
-        .args(["node", "--api-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("run");
+    let out =
+        sampo().args(["node", "--api-listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path()).output().expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chmod 600"), "{err}");
@@ -146,7 +143,8 @@ fn node_starts_reports_ready_and_stops_on_sigterm() {
     child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
     assert!(status.success(), "exit {status:?}: {err}");
     assert!(err.contains("node ready") && err.contains("flushing storage"), "{err}");
-    let secret_hex: String = std::fs::read(dir.path().join("node.key")).expect("key").iter().map(|b| format!("{b:02x}")).collect();
+    let secret_hex: String =
+        std::fs::read(dir.path().join("node.key")).expect("key").iter().map(|b| format!("{b:02x}")).collect();
     assert!(!err.contains(&secret_hex), "key leaked into logs");
 
     // Restarted on the same data dir: same identity.

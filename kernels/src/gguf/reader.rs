@@ -193,7 +193,8 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file truncated under us by another process
         // would fault, which no reader of a mapped file can prevent. Operators are told
         // not to modify model files in place.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| GgufError::Open { path: path.to_owned(), source })?;
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| GgufError::Open { path: path.to_owned(), source })?;
         Self::parse(Source::Mmap(map))
     }
 
@@ -234,7 +235,11 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_owned()))?;
-        v.as_u64().ok_or(GgufError::WrongKeyType { key: key.to_owned(), found: v.value_type(), expected: "an unsigned integer" })
+        v.as_u64().ok_or(GgufError::WrongKeyType {
+            key: key.to_owned(),
+            found: v.value_type(),
+            expected: "an unsigned integer",
+        })
     }
 
     pub fn get_f32(&self, key: &str) -> Result<f32, GgufError> {
@@ -308,14 +313,19 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         let at = c.pos as u64;
         let n_dims = c.u32(&name)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(GgufError::Invalid { what: format!("tensor `{name}`"), offset: at, reason: format!("{n_dims} dimensions") });
+            return Err(GgufError::Invalid {
+                what: format!("tensor `{name}`"),
+                offset: at,
+                reason: format!("{n_dims} dimensions"),
+            });
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             dims.push(c.u64(&name)?);
         }
         let type_id = c.u32(&name)?;
-        let ty = GgmlType::from_u32(type_id).ok_or_else(|| GgufError::UnsupportedTensorType { tensor: name.clone(), type_id })?;
+        let ty = GgmlType::from_u32(type_id)
+            .ok_or_else(|| GgufError::UnsupportedTensorType { tensor: name.clone(), type_id })?;
         let rel = c.u64(&name)?;
         raw.push((name, dims, ty, rel));
     }
@@ -325,7 +335,8 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, dims, ty, rel) in raw {
         let elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        let bad = |reason: String| GgufError::BadTensor { tensor: name.clone(), ty, elements: elements.unwrap_or(0), reason };
+        let bad =
+            |reason: String| GgufError::BadTensor { tensor: name.clone(), ty, elements: elements.unwrap_or(0), reason };
         let elements = elements.ok_or_else(|| bad("element count overflows".into()))?;
         if dims[0] % ty.block_len() as u64 != 0 {
             return Err(bad(format!("row length {} is not a multiple of the block size {}", dims[0], ty.block_len())));
@@ -337,14 +348,23 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         let offset = data_offset.checked_add(rel).ok_or_else(|| bad("offset overflows".into()))?;
         let end = offset.checked_add(n_bytes).ok_or_else(|| bad("size overflows".into()))?;
         if end > len {
-            return Err(GgufError::Truncated { what: format!("data of tensor `{name}`"), offset, needed: n_bytes, len });
+            return Err(GgufError::Truncated {
+                what: format!("data of tensor `{name}`"),
+                offset,
+                needed: n_bytes,
+                len,
+            });
         }
         tensors.push(TensorInfo { name, dims, ty, offset, n_bytes });
     }
     let mut names = std::collections::BTreeSet::new();
     for t in &tensors {
         if !names.insert(t.name.as_str()) {
-            return Err(GgufError::Invalid { what: format!("tensor `{}`", t.name), offset: 0, reason: "duplicate name".into() });
+            return Err(GgufError::Invalid {
+                what: format!("tensor `{}`", t.name),
+                offset: 0,
+                reason: "duplicate name".into(),
+            });
         }
     }
     Ok((version, alignment, metadata, tensors, data_offset))

@@ -200,7 +200,7 @@ impl GgmlType {
     /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bl = self.block_len() as u64;
-        (n % bl == 0).then(|| n / bl * self.block_bytes() as u64)
+        n.is_multiple_of(bl).then(|| n / bl * self.block_bytes() as u64)
     }
 }
 

@@ -80,7 +80,7 @@ impl GgufWriter {
             rel = (rel + data.len() as u64).div_ceil(align) * align;
         }
         let pad = |out: &mut Vec<u8>| {
-            while out.len() as u64 % align != 0 {
+            while !(out.len() as u64).is_multiple_of(align) {
                 out.push(0);
             }
         };
