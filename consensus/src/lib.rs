@@ -1,14 +1,29 @@
-//! The sampo protocol, pure: message types, signed envelopes, ids and hashes.
+//! The sampo protocol, pure: message types, signed envelopes, committee sampling, the
+//! commit-reveal round state machine, the verdict rule and its verification, and
+//! reputation arithmetic.
 //!
-//! Nothing here performs I/O, reads a clock or spawns a task; time is passed in
-//! by the caller. See `DESIGN.md` at the repository root of the shared docs for
-//! the protocol this crate implements.
+//! Nothing here performs I/O, reads a clock or spawns a task; time is passed in by the
+//! caller. See `DESIGN.md` in the shared docs for the protocol this crate implements.
 
+pub mod committee;
 pub mod envelope;
 pub mod identity;
 pub mod ids;
+pub mod messages;
+pub mod reputation;
+pub mod round;
+pub mod sim;
+pub mod verdict;
 
+pub use committee::{Candidate, Eligibility, committee_size, quorum, sample};
 pub use envelope::{EnvelopeError, MAX_ENVELOPE_BYTES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope};
 pub use identity::{IdentityError, NodeKey};
 pub use ids::{Hash32, ModelId, TaskId, commit_hash};
 pub use libp2p_identity::PeerId;
+pub use messages::{
+    ChatMessage, Commit, Evidence, MAX_COMMITTEE, Mark, ModelRef, NodeAnnouncement, Outcome, Prompt, Reveal,
+    RevealRequest, SamplingParams, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+};
+pub use reputation::{Reputation, ReputationParams};
+pub use round::{Action, Behaviour, Consensus, Phase, RoundError, RoundParams, RoundView, Topic};
+pub use verdict::{Decision, VerifiedVerdict, VerifyError, decide, split_fee, verify};

@@ -1,0 +1,163 @@
+//! Committee sizes, quorums and weighted rendezvous sampling.
+//!
+//! Sampling is a pure function of `(task_id, attempt, candidates)`: two nodes with the
+//! same view of the registry pick the same committee, and a node's chance of a seat is
+//! proportional to its weight (its reputation score).
+
+use crate::PeerId;
+use crate::ids::{ModelId, TaskId};
+
+/// Committee size of an attempt: `k`, then `2k + 1`, `4k + 3`, … so every escalation
+/// at least doubles the committee and keeps it odd when `k` is.
+pub fn committee_size(k: u8, attempt: u8) -> usize {
+    let mut n = k as usize;
+    for _ in 0..attempt {
+        n = n.saturating_mul(2).saturating_add(1);
+    }
+    n
+}
+
+/// Members needed for an output to win: `k/2 + 1` of the attempt's committee size.
+pub fn quorum(size: usize) -> usize {
+    size / 2 + 1
+}
+
+/// A node the coordinator may seat, as its registry and reputation store see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub peer: PeerId,
+    pub models: Vec<ModelId>,
+    pub price_per_1k: u64,
+    pub free_slots: u32,
+    /// Reputation score in (0, 1].
+    pub score: f64,
+    /// Banned nodes are never sampled.
+    pub banned: bool,
+}
+
+/// Which candidates may sit on a committee for a task.
+#[derive(Clone, Debug)]
+pub struct Eligibility {
+    pub model: ModelId,
+    pub max_price_per_1k: Option<u64>,
+}
+
+impl Eligibility {
+    pub fn admits(&self, c: &Candidate) -> bool {
+        !c.banned
+            && c.free_slots > 0
+            && c.score > 0.0
+            && c.score.is_finite()
+            && c.models.contains(&self.model)
+            && self.max_price_per_1k.is_none_or(|max| c.price_per_1k <= max)
+    }
+}
+
+/// Weighted rendezvous key of a candidate: `-ln(u) / w` with `u` uniform in (0, 1]
+/// from `blake3(task_id || attempt || peer)`; the `n` smallest keys win. This is the
+/// exponential-race formulation of weighted sampling without replacement.
+fn rendezvous_key(task: &TaskId, attempt: u8, peer: &PeerId, weight: f64) -> f64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"sampo/v1/committee");
+    h.update(&task.0.0);
+    h.update(&[attempt]);
+    h.update(&peer.to_bytes());
+    let bytes = h.finalize();
+    let mut top = [0u8; 8];
+    top.copy_from_slice(&bytes.as_bytes()[..8]);
+    // 53 random bits → u in (0, 1]; never 0, so ln is finite.
+    let u = ((u64::from_le_bytes(top) >> 11) + 1) as f64 / (1u64 << 53) as f64;
+    // libm, not the platform's ln: every node must rank candidates identically.
+    -libm::log(u) / weight
+}
+
+/// Pick up to `n` eligible candidates not in `exclude`, by weighted rendezvous hashing.
+/// The result is ordered by rank (best first); fewer than `n` when too few are eligible.
+pub fn sample(
+    task: &TaskId,
+    attempt: u8,
+    candidates: &[Candidate],
+    eligibility: &Eligibility,
+    exclude: &[PeerId],
+    n: usize,
+) -> Vec<PeerId> {
+    let mut keyed: Vec<(f64, PeerId)> = candidates
+        .iter()
+        .filter(|c| eligibility.admits(c) && !exclude.contains(&c.peer))
+        .map(|c| (rendezvous_key(task, attempt, &c.peer, c.score), c.peer))
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
+    keyed.dedup_by(|a, b| a.1 == b.1);
+    keyed.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NodeKey;
+    use crate::ids::Hash32;
+
+    fn cands(n: u8) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate {
+                peer: NodeKey::from_seed([i + 1; 32]).peer_id(),
+                models: vec![ModelId(Hash32::of(b"m"))],
+                price_per_1k: i as u64,
+                free_slots: 1,
+                score: 1.0,
+                banned: false,
+            })
+            .collect()
+    }
+
+    fn elig() -> Eligibility {
+        Eligibility { model: ModelId(Hash32::of(b"m")), max_price_per_1k: None }
+    }
+
+    #[test]
+    fn sizes_and_quorums() {
+        assert_eq!((committee_size(3, 0), committee_size(3, 1), committee_size(3, 2)), (3, 7, 15));
+        assert_eq!((quorum(1), quorum(3), quorum(4), quorum(7)), (1, 2, 3, 4));
+    }
+
+    #[test]
+    fn sampling_is_deterministic_and_order_free() {
+        let c = cands(20);
+        let t = TaskId(Hash32::of(b"t"));
+        let a = sample(&t, 0, &c, &elig(), &[], 3);
+        let mut rev = c.clone();
+        rev.reverse();
+        assert_eq!(a, sample(&t, 0, &rev, &elig(), &[], 3));
+        assert_eq!(a.len(), 3);
+        assert_ne!(a, sample(&TaskId(Hash32::of(b"u")), 0, &c, &elig(), &[], 3));
+    }
+
+    #[test]
+    fn ineligible_and_excluded_are_never_sampled() {
+        let mut c = cands(6);
+        c[0].banned = true;
+        c[1].free_slots = 0;
+        c[2].models.clear();
+        c[3].price_per_1k = 100;
+        let e = Eligibility { model: ModelId(Hash32::of(b"m")), max_price_per_1k: Some(10) };
+        let picked = sample(&TaskId(Hash32::of(b"t")), 0, &c, &e, &[c[4].peer], 5);
+        assert_eq!(picked, vec![c[5].peer]);
+    }
+
+    #[test]
+    fn weight_sets_the_odds() {
+        let mut c = cands(10);
+        c[0].score = 0.05;
+        let mut low = 0;
+        let mut high = 0;
+        for i in 0..2000u32 {
+            let t = TaskId(Hash32::of(&i.to_le_bytes()));
+            let s = sample(&t, 0, &c, &elig(), &[], 3);
+            low += s.contains(&c[0].peer) as u32;
+            high += s.contains(&c[1].peer) as u32;
+        }
+        // Equal weights give each of 10 nodes ~600 of 2000 seats; a 20x lower weight, far fewer.
+        assert!(high > 450 && high < 750, "{high}");
+        assert!(low < 120, "{low}");
+    }
+}

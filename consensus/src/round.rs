@@ -1,0 +1,789 @@
+//! The commit-reveal round state machine: a node's coordinator rounds, its committee
+//! duties, and the verdicts it sees, driven by messages and ticks with the time passed
+//! in. Produces [`Action`]s for the node to carry out (publish, execute, apply).
+//!
+//! Every message the node publishes is also fed back into the machine at once, since
+//! gossipsub does not deliver a node's own messages to itself: a coordinator that sits
+//! on its own committee commits and reveals through the same path as everyone else.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::committee::{Candidate, Eligibility, committee_size, quorum, sample};
+use crate::envelope::{EnvelopeError, MessageKind, SignedEnvelope};
+use crate::identity::NodeKey;
+use crate::ids::{Hash32, ModelId, TaskId, commit_hash};
+use crate::messages::{
+    Commit, Evidence, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+};
+use crate::verdict::{Tally, VerifiedVerdict, VerifyError, decide, verify};
+use crate::{MAX_COMMITTEE, PeerId};
+
+/// Timing and memory bounds of the state machine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundParams {
+    /// From announcement to the commit deadline: long enough to run the inference.
+    pub commit_window_ms: u64,
+    /// From the commit deadline to the reveal deadline.
+    pub reveal_window_ms: u64,
+    /// Substitutes a coordinator may seat per attempt for members that did not commit.
+    pub max_substitutions: usize,
+    /// Tasks this node may coordinate at once.
+    pub max_coordinated: usize,
+    /// Committee seats this node may hold at once.
+    pub max_duties: usize,
+    /// Verdicts remembered to drop duplicates.
+    pub verdict_memory: usize,
+}
+
+impl Default for RoundParams {
+    fn default() -> Self {
+        Self {
+            commit_window_ms: 30_000,
+            reveal_window_ms: 10_000,
+            max_substitutions: 3,
+            max_coordinated: 1024,
+            max_duties: 256,
+            verdict_memory: 16_384,
+        }
+    }
+}
+
+/// Deliberate misbehaviour, for tests and `sampo testnet --byzantine`. A production node
+/// runs `Honest`; the node refuses any other value unless started with an explicit flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    #[default]
+    Honest,
+    /// Commit and reveal a corrupted output.
+    WrongOutput,
+    /// Commit, never reveal.
+    NeverReveal,
+    /// Skip the work: copy another member's commit hash, then its reveal.
+    CopyCommit,
+    /// Sign two different commits.
+    Equivocate,
+}
+
+/// Where a message is published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topic {
+    /// `sampo/v1/tasks/<model_id>`
+    Tasks(ModelId),
+    /// `sampo/v1/rounds`
+    Rounds,
+}
+
+/// What the node must do next.
+#[derive(Clone, Debug)]
+pub enum Action {
+    Publish {
+        topic: Topic,
+        envelope: SignedEnvelope,
+    },
+    /// Run the inference for a committee seat, then call [`Consensus::executed`].
+    Execute {
+        task: TaskId,
+        attempt: u8,
+        spec: Box<TaskSpec>,
+        commit_deadline_ms: u64,
+    },
+    /// A verdict whose evidence checked out: apply it to storage.
+    Apply(Box<VerifiedVerdict>),
+    /// A task this node coordinates is over.
+    Finished {
+        task: TaskId,
+        outcome: Outcome,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RoundError {
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error("invalid task: {0}")]
+    Spec(#[from] SpecError),
+    #[error("verdict rejected: {0}")]
+    Verdict(#[from] VerifyError),
+    #[error("the {0} is not signed by the task's coordinator")]
+    NotCoordinator(&'static str),
+    #[error("{kind} from a peer that is not on the committee of task {task}")]
+    NotOnCommittee { kind: &'static str, task: TaskId },
+    #[error("this node coordinates {0} tasks already; try again later")]
+    Busy(usize),
+    #[error("only {found} eligible nodes for a committee that needs at least {need}")]
+    NoCommittee { need: usize, found: usize },
+    #[error("task {0} is already running")]
+    Duplicate(TaskId),
+    #[error("a task's coordinator must be the submitting node")]
+    ForeignSpec,
+}
+
+impl RoundError {
+    /// Whether the sender of the message deserves a gossip penalty.
+    pub fn merits_penalty(&self) -> bool {
+        match self {
+            RoundError::Envelope(e) => e.merits_penalty(),
+            RoundError::Spec(_)
+            | RoundError::Verdict(_)
+            | RoundError::NotCoordinator(_)
+            | RoundError::NotOnCommittee { .. } => true,
+            RoundError::Busy(_)
+            | RoundError::NoCommittee { .. }
+            | RoundError::Duplicate(_)
+            | RoundError::ForeignSpec => false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Committing,
+    Revealing,
+    /// A verdict without a quorum was published; the next tick seats a larger committee.
+    Escalating,
+}
+
+/// A coordinator's view of one of its tasks, for the API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundView {
+    pub task: TaskId,
+    pub attempt: u8,
+    pub phase: Phase,
+    pub committee: Vec<PeerId>,
+    pub commits: usize,
+    pub reveals: usize,
+    pub commit_deadline_ms: u64,
+    pub reveal_deadline_ms: u64,
+}
+
+struct Coordinated {
+    task: TaskId,
+    ann: TaskAnnouncement,
+    ann_env: SignedEnvelope,
+    eligibility: Eligibility,
+    phase: Phase,
+    /// First commit per member.
+    commits: BTreeMap<PeerId, SignedEnvelope>,
+    hashes: BTreeMap<PeerId, Hash32>,
+    /// Members in the order their first commit arrived: the first `size` count.
+    arrival: Vec<PeerId>,
+    equivocations: Vec<(SignedEnvelope, SignedEnvelope)>,
+    equivocators: BTreeSet<PeerId>,
+    request: Option<(SignedEnvelope, BTreeMap<PeerId, Hash32>)>,
+    /// At most [`REVEALS_PER_MEMBER`] per member.
+    reveals: BTreeMap<PeerId, Vec<SignedEnvelope>>,
+    substitutions: usize,
+    late_commits: u64,
+}
+
+/// A member gets two tries at a reveal that opens its commit; more is noise.
+const REVEALS_PER_MEMBER: usize = 2;
+
+impl Coordinated {
+    fn size(&self) -> usize {
+        committee_size(self.ann.spec.k, self.ann.attempt)
+    }
+    fn honest_commits(&self) -> usize {
+        self.arrival.iter().filter(|p| !self.equivocators.contains(p)).count()
+    }
+    fn view(&self) -> RoundView {
+        RoundView {
+            task: self.task,
+            attempt: self.ann.attempt,
+            phase: self.phase,
+            committee: self.ann.committee.clone(),
+            commits: self.commits.len(),
+            reveals: self.reveals.len(),
+            commit_deadline_ms: self.ann.commit_deadline_ms,
+            reveal_deadline_ms: self.ann.reveal_deadline_ms,
+        }
+    }
+}
+
+enum DutyState {
+    Executing,
+    Committed {
+        tokens: Vec<u32>,
+        salt: [u8; 32],
+        hash: Hash32,
+    },
+    /// CopyCommit: waiting for a victim's commit, then its reveal.
+    Copying {
+        victim: Option<PeerId>,
+        hash: Option<Hash32>,
+    },
+    Done,
+}
+
+struct Duty {
+    coordinator: PeerId,
+    committee: Vec<PeerId>,
+    reveal_deadline_ms: u64,
+    state: DutyState,
+}
+
+/// One node's consensus state: the tasks it coordinates, the seats it holds, and the
+/// verdicts it has applied.
+pub struct Consensus {
+    key: NodeKey,
+    me: PeerId,
+    params: RoundParams,
+    behaviour: Behaviour,
+    coordinated: HashMap<TaskId, Coordinated>,
+    duties: HashMap<(TaskId, u8), Duty>,
+    seen_verdicts: HashSet<(TaskId, u8)>,
+    seen_order: VecDeque<(TaskId, u8)>,
+    /// Envelopes this node published, fed back before control returns.
+    loopback: VecDeque<SignedEnvelope>,
+}
+
+impl std::fmt::Debug for Consensus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consensus")
+            .field("me", &self.me)
+            .field("coordinated", &self.coordinated.len())
+            .field("duties", &self.duties.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn seal<M: crate::Message>(key: &NodeKey, m: &M) -> SignedEnvelope {
+    // Our own messages are bounded by the spec limits checked at submission, far below
+    // the envelope limit; a failure here is a bug, not input.
+    match SignedEnvelope::seal(key, m) {
+        Ok(e) => e,
+        Err(e) => unreachable!("sealing a bounded {} failed: {e}", M::KIND.as_str()),
+    }
+}
+
+impl Consensus {
+    pub fn new(key: NodeKey, params: RoundParams) -> Self {
+        Self {
+            me: key.peer_id(),
+            key,
+            params,
+            behaviour: Behaviour::Honest,
+            coordinated: HashMap::new(),
+            duties: HashMap::new(),
+            seen_verdicts: HashSet::new(),
+            seen_order: VecDeque::new(),
+            loopback: VecDeque::new(),
+        }
+    }
+
+    /// Misbehave on purpose (tests, byzantine testnet nodes).
+    pub fn with_behaviour(mut self, behaviour: Behaviour) -> Self {
+        self.behaviour = behaviour;
+        self
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    pub fn params(&self) -> &RoundParams {
+        &self.params
+    }
+
+    /// Tasks coordinated and seats held right now.
+    pub fn load(&self) -> (usize, usize) {
+        (self.coordinated.len(), self.duties.len())
+    }
+
+    pub fn view(&self, task: &TaskId) -> Option<RoundView> {
+        self.coordinated.get(task).map(Coordinated::view)
+    }
+
+    /// Start coordinating a task: sample its committee from `candidates` and announce it.
+    pub fn submit(
+        &mut self,
+        spec: TaskSpec,
+        max_price_per_1k: Option<u64>,
+        candidates: &[Candidate],
+        now_ms: u64,
+    ) -> Result<(TaskId, Vec<Action>), RoundError> {
+        spec.validate()?;
+        if spec.coordinator != self.me {
+            return Err(RoundError::ForeignSpec);
+        }
+        let task = spec.id();
+        if self.coordinated.contains_key(&task) {
+            return Err(RoundError::Duplicate(task));
+        }
+        if self.coordinated.len() >= self.params.max_coordinated {
+            return Err(RoundError::Busy(self.coordinated.len()));
+        }
+        let eligibility = Eligibility { model: spec.model, max_price_per_1k };
+        let size = committee_size(spec.k, 0);
+        let committee = sample(&task, 0, candidates, &eligibility, &[], size);
+        if committee.len() < quorum(size) {
+            return Err(RoundError::NoCommittee { need: quorum(size), found: committee.len() });
+        }
+        let mut actions = Vec::new();
+        self.announce(spec, 0, committee, eligibility, now_ms, &mut actions);
+        self.drain_loopback(now_ms, &mut actions);
+        Ok((task, actions))
+    }
+
+    fn announce(
+        &mut self,
+        spec: TaskSpec,
+        attempt: u8,
+        committee: Vec<PeerId>,
+        eligibility: Eligibility,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
+        let task = spec.id();
+        let commit_deadline_ms = now_ms + self.params.commit_window_ms;
+        let ann = TaskAnnouncement {
+            spec,
+            attempt,
+            revision: 0,
+            committee,
+            commit_deadline_ms,
+            reveal_deadline_ms: commit_deadline_ms + self.params.reveal_window_ms,
+        };
+        let ann_env = seal(&self.key, &ann);
+        self.publish(Topic::Tasks(ann.spec.model), ann_env.clone(), actions);
+        self.coordinated.insert(
+            task,
+            Coordinated {
+                task,
+                ann,
+                ann_env,
+                eligibility,
+                phase: Phase::Committing,
+                commits: BTreeMap::new(),
+                hashes: BTreeMap::new(),
+                arrival: Vec::new(),
+                equivocations: Vec::new(),
+                equivocators: BTreeSet::new(),
+                request: None,
+                reveals: BTreeMap::new(),
+                substitutions: 0,
+                late_commits: 0,
+            },
+        );
+    }
+
+    fn publish(&mut self, topic: Topic, envelope: SignedEnvelope, actions: &mut Vec<Action>) {
+        self.loopback.push_back(envelope.clone());
+        actions.push(Action::Publish { topic, envelope });
+    }
+
+    fn drain_loopback(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
+        while let Some(env) = self.loopback.pop_front() {
+            // Our own messages are valid by construction; an error here would only mean
+            // a stale duplicate, which is safe to drop.
+            let _ = self.dispatch(&env, now_ms, actions);
+        }
+    }
+
+    /// Feed a verified envelope received from the network.
+    pub fn handle(&mut self, env: &SignedEnvelope, now_ms: u64) -> Result<Vec<Action>, RoundError> {
+        let mut actions = Vec::new();
+        let result = self.dispatch(env, now_ms, &mut actions);
+        self.drain_loopback(now_ms, &mut actions);
+        result.map(|()| actions)
+    }
+
+    fn dispatch(&mut self, env: &SignedEnvelope, now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+        match env.kind() {
+            MessageKind::TaskAnnouncement => self.on_announcement(env, now_ms, actions),
+            MessageKind::Commit => self.on_commit(env, now_ms, actions),
+            MessageKind::RevealRequest => self.on_reveal_request(env, actions),
+            MessageKind::Reveal => self.on_reveal(env, now_ms, actions),
+            MessageKind::Verdict => self.on_verdict(env, actions),
+            // Registry traffic is not the round machine's business.
+            MessageKind::NodeAnnouncement => Ok(()),
+        }
+    }
+
+    fn on_announcement(
+        &mut self,
+        env: &SignedEnvelope,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<(), RoundError> {
+        let ann: TaskAnnouncement = env.open()?;
+        if env.signer() != ann.spec.coordinator {
+            return Err(RoundError::NotCoordinator("task announcement"));
+        }
+        ann.spec.validate()?;
+        if ann.committee.len() > MAX_COMMITTEE * 2 {
+            return Err(RoundError::Spec(SpecError::CommitteeTooLarge {
+                k: ann.spec.k,
+                escalations: ann.spec.max_escalations,
+            }));
+        }
+        // Announcements that don't seat us cost a decode and a hash, and leave no state.
+        if !ann.committee.contains(&self.me) {
+            return Ok(());
+        }
+        let task = ann.task_id();
+        let key = (task, ann.attempt);
+        if let Some(duty) = self.duties.get_mut(&key) {
+            if duty.coordinator == env.signer() {
+                duty.committee = ann.committee.clone();
+                duty.reveal_deadline_ms = duty.reveal_deadline_ms.max(ann.reveal_deadline_ms);
+            }
+            return Ok(());
+        }
+        if now_ms >= ann.commit_deadline_ms || self.duties.len() >= self.params.max_duties {
+            return Ok(());
+        }
+        let state = match self.behaviour {
+            Behaviour::CopyCommit => DutyState::Copying { victim: None, hash: None },
+            _ => DutyState::Executing,
+        };
+        self.duties.insert(
+            key,
+            Duty {
+                coordinator: ann.spec.coordinator,
+                committee: ann.committee.clone(),
+                reveal_deadline_ms: ann.reveal_deadline_ms,
+                state,
+            },
+        );
+        if self.behaviour != Behaviour::CopyCommit {
+            actions.push(Action::Execute {
+                task,
+                attempt: ann.attempt,
+                commit_deadline_ms: ann.commit_deadline_ms,
+                spec: Box::new(ann.spec),
+            });
+        }
+        Ok(())
+    }
+
+    /// The inference for a seat finished with `tokens`; `salt` must be fresh and secret.
+    pub fn executed(
+        &mut self,
+        task: TaskId,
+        attempt: u8,
+        tokens: Vec<u32>,
+        salt: [u8; 32],
+        now_ms: u64,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(duty) = self.duties.get_mut(&(task, attempt)) else { return actions };
+        if !matches!(duty.state, DutyState::Executing) {
+            return actions;
+        }
+        let mut tokens = tokens;
+        if self.behaviour == Behaviour::WrongOutput {
+            corrupt(&mut tokens);
+        }
+        let hash = commit_hash(&task, &self.me, &tokens, &salt);
+        duty.state = DutyState::Committed { tokens: tokens.clone(), salt, hash };
+        let commit = seal(&self.key, &Commit { task, attempt, hash });
+        self.publish(Topic::Rounds, commit, &mut actions);
+        if self.behaviour == Behaviour::Equivocate {
+            let mut other = tokens;
+            corrupt(&mut other);
+            let second = seal(&self.key, &Commit { task, attempt, hash: commit_hash(&task, &self.me, &other, &salt) });
+            self.publish(Topic::Rounds, second, &mut actions);
+        }
+        self.drain_loopback(now_ms, &mut actions);
+        actions
+    }
+
+    fn on_commit(&mut self, env: &SignedEnvelope, _now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+        let c: Commit = env.open()?;
+        let who = env.signer();
+        self.copy_commit_hook(&c, who, actions);
+        let Some(round) = self.coordinated.get_mut(&c.task) else { return Ok(()) };
+        if c.attempt != round.ann.attempt {
+            return Ok(());
+        }
+        if !round.ann.committee.contains(&who) {
+            return Err(RoundError::NotOnCommittee { kind: "commit", task: c.task });
+        }
+        if let Some(prev) = round.hashes.get(&who) {
+            if *prev != c.hash && !round.equivocators.contains(&who) {
+                // Two signed commits for one seat: kept as proof, punished in the verdict.
+                if let Some(first) = round.commits.get(&who) {
+                    round.equivocations.push((first.clone(), env.clone()));
+                }
+                round.equivocators.insert(who);
+            }
+            return Ok(());
+        }
+        if round.phase != Phase::Committing {
+            // After the reveal request nobody may join: they could copy a revealed output.
+            round.late_commits += 1;
+            return Ok(());
+        }
+        round.hashes.insert(who, c.hash);
+        round.commits.insert(who, env.clone());
+        round.arrival.push(who);
+        if round.honest_commits() >= round.size() {
+            let task = c.task;
+            self.close_commits(task, actions);
+        }
+        Ok(())
+    }
+
+    fn close_commits(&mut self, task: TaskId, actions: &mut Vec<Action>) {
+        let Some(round) = self.coordinated.get_mut(&task) else { return };
+        let size = round.size();
+        let accepted: BTreeMap<PeerId, Hash32> = round
+            .arrival
+            .iter()
+            .filter(|p| !round.equivocators.contains(p))
+            .take(size)
+            .filter_map(|p| round.hashes.get(p).map(|h| (*p, *h)))
+            .collect();
+        let req = RevealRequest {
+            task,
+            attempt: round.ann.attempt,
+            accepted: accepted.iter().map(|(p, h)| (*p, *h)).collect(),
+        };
+        let env = seal(&self.key, &req);
+        round.request = Some((env.clone(), accepted));
+        round.phase = Phase::Revealing;
+        self.publish(Topic::Rounds, env, actions);
+    }
+
+    fn on_reveal_request(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+        let req: RevealRequest = env.open()?;
+        let Some(duty) = self.duties.get_mut(&(req.task, req.attempt)) else { return Ok(()) };
+        if env.signer() != duty.coordinator {
+            return Err(RoundError::NotCoordinator("reveal request"));
+        }
+        let mine = req.accepted.iter().find(|(p, _)| *p == self.me).map(|(_, h)| *h);
+        let reveal = match (&duty.state, mine) {
+            (DutyState::Committed { tokens, salt, hash }, Some(h)) if h == *hash => {
+                Some(Reveal { task: req.task, attempt: req.attempt, tokens: tokens.clone(), salt: *salt })
+            }
+            _ => None,
+        };
+        if !matches!(duty.state, DutyState::Copying { .. }) {
+            duty.state = DutyState::Done;
+        }
+        if let Some(r) = reveal
+            && self.behaviour != Behaviour::NeverReveal
+        {
+            let env = seal(&self.key, &r);
+            self.publish(Topic::Rounds, env, actions);
+        }
+        Ok(())
+    }
+
+    fn on_reveal(&mut self, env: &SignedEnvelope, now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+        let r: Reveal = env.open()?;
+        let who = env.signer();
+        self.copy_reveal_hook(&r, who, actions);
+        let Some(round) = self.coordinated.get_mut(&r.task) else { return Ok(()) };
+        if r.attempt != round.ann.attempt || round.phase != Phase::Revealing {
+            return Ok(());
+        }
+        if !round.ann.committee.contains(&who) {
+            return Err(RoundError::NotOnCommittee { kind: "reveal", task: r.task });
+        }
+        let Some((_, accepted)) = &round.request else { return Ok(()) };
+        if !accepted.contains_key(&who) {
+            return Ok(());
+        }
+        let list = round.reveals.entry(who).or_default();
+        if list.len() >= REVEALS_PER_MEMBER || list.iter().any(|e| e == env) {
+            return Ok(());
+        }
+        list.push(env.clone());
+        let opened = |round: &Coordinated, p: &PeerId, h: &Hash32| {
+            round.reveals.get(p).is_some_and(|l| {
+                l.iter()
+                    .any(|e| e.open::<Reveal>().is_ok_and(|r| commit_hash(&round.task, p, &r.tokens, &r.salt) == *h))
+            })
+        };
+        if accepted.iter().all(|(p, h)| opened(round, p, h)) {
+            let task = r.task;
+            self.finish(task, now_ms, actions);
+        }
+        Ok(())
+    }
+
+    fn on_verdict(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+        let verified = verify(env)?;
+        let key = (verified.task(), verified.verdict.attempt);
+        if !self.seen_verdicts.insert(key) {
+            return Ok(());
+        }
+        self.seen_order.push_back(key);
+        while self.seen_order.len() > self.params.verdict_memory {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen_verdicts.remove(&old);
+            }
+        }
+        actions.push(Action::Apply(Box::new(verified)));
+        Ok(())
+    }
+
+    /// Publish the verdict of a coordinated round.
+    fn finish(&mut self, task: TaskId, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(round) = self.coordinated.get_mut(&task) else { return };
+        let attempt = round.ann.attempt;
+        let (request_sent, committed, commit_envs) = match &round.request {
+            Some((_, accepted)) => {
+                (true, accepted.clone(), accepted.keys().filter_map(|p| round.commits.get(p).cloned()).collect())
+            }
+            None => (false, round.hashes.clone(), round.commits.values().cloned().collect::<Vec<_>>()),
+        };
+        let mut reveals: BTreeMap<PeerId, Vec<Reveal>> = BTreeMap::new();
+        let mut reveal_envs = Vec::new();
+        for (p, list) in &round.reveals {
+            for e in list {
+                if let Ok(r) = e.open::<Reveal>() {
+                    reveals.entry(*p).or_default().push(r);
+                    reveal_envs.push(e.clone());
+                }
+            }
+        }
+        let decision = decide(&Tally {
+            spec: &round.ann.spec,
+            task,
+            attempt,
+            committee: &round.ann.committee,
+            request_sent,
+            committed: &committed,
+            reveals: &reveals,
+            equivocators: &round.equivocators,
+        });
+        let verdict = Verdict {
+            task,
+            attempt,
+            outcome: decision.outcome.clone(),
+            marks: decision.marks,
+            payouts: decision.payouts,
+            evidence: Evidence {
+                announcement: round.ann_env.clone(),
+                reveal_request: round.request.as_ref().map(|(e, _)| e.clone()),
+                commits: commit_envs,
+                reveals: reveal_envs,
+                equivocations: round.equivocations.clone(),
+            },
+            decided_ms: now_ms,
+        };
+        let env = seal(&self.key, &verdict);
+        if decision.outcome == Outcome::Escalated {
+            round.phase = Phase::Escalating;
+        } else {
+            self.coordinated.remove(&task);
+            actions.push(Action::Finished { task, outcome: decision.outcome });
+        }
+        self.publish(Topic::Rounds, env, actions);
+    }
+
+    /// Advance deadlines: close commit phases (or seat substitutes), rule on rounds whose
+    /// reveal deadline passed, escalate, and forget expired seats.
+    pub fn tick(&mut self, now_ms: u64, candidates: &[Candidate]) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let mut tasks: Vec<TaskId> = self.coordinated.keys().copied().collect();
+        tasks.sort();
+        for task in tasks {
+            let Some(round) = self.coordinated.get(&task) else { continue };
+            match round.phase {
+                Phase::Committing if now_ms >= round.ann.commit_deadline_ms => {
+                    self.commit_deadline(task, now_ms, candidates, &mut actions)
+                }
+                Phase::Revealing if now_ms >= round.ann.reveal_deadline_ms => self.finish(task, now_ms, &mut actions),
+                Phase::Escalating => self.escalate(task, now_ms, candidates, &mut actions),
+                _ => {}
+            }
+        }
+        self.duties.retain(|_, d| now_ms < d.reveal_deadline_ms);
+        self.drain_loopback(now_ms, &mut actions);
+        actions
+    }
+
+    fn commit_deadline(&mut self, task: TaskId, now_ms: u64, candidates: &[Candidate], actions: &mut Vec<Action>) {
+        let Some(round) = self.coordinated.get_mut(&task) else { return };
+        let size = round.size();
+        let honest = round.honest_commits();
+        if honest >= quorum(size) {
+            self.close_commits(task, actions);
+            return;
+        }
+        let room = self
+            .params
+            .max_substitutions
+            .saturating_sub(round.substitutions)
+            .min(2 * size - round.ann.committee.len().min(2 * size));
+        let wanted = (size - honest).min(room);
+        let subs = if wanted > 0 {
+            sample(&task, round.ann.attempt, candidates, &round.eligibility, &round.ann.committee, wanted)
+        } else {
+            Vec::new()
+        };
+        if subs.is_empty() {
+            self.finish(task, now_ms, actions);
+            return;
+        }
+        round.substitutions += subs.len();
+        round.ann.committee.extend(subs);
+        round.ann.revision += 1;
+        round.ann.commit_deadline_ms = now_ms + self.params.commit_window_ms;
+        round.ann.reveal_deadline_ms = round.ann.commit_deadline_ms + self.params.reveal_window_ms;
+        round.ann_env = seal(&self.key, &round.ann);
+        let env = round.ann_env.clone();
+        let model = round.ann.spec.model;
+        self.publish(Topic::Tasks(model), env, actions);
+    }
+
+    fn escalate(&mut self, task: TaskId, now_ms: u64, candidates: &[Candidate], actions: &mut Vec<Action>) {
+        let Some(round) = self.coordinated.remove(&task) else { return };
+        let attempt = round.ann.attempt + 1;
+        let size = committee_size(round.ann.spec.k, attempt);
+        let committee = sample(&task, attempt, candidates, &round.eligibility, &[], size);
+        if committee.len() < quorum(size) {
+            // No larger committee can be seated: the task fails as disputed.
+            actions.push(Action::Finished { task, outcome: Outcome::Disputed });
+            return;
+        }
+        self.announce(round.ann.spec, attempt, committee, round.eligibility, now_ms, actions);
+    }
+
+    /// CopyCommit: publish the first other member's commit hash as our own.
+    fn copy_commit_hook(&mut self, c: &Commit, who: PeerId, actions: &mut Vec<Action>) {
+        if self.behaviour != Behaviour::CopyCommit || who == self.me {
+            return;
+        }
+        let Some(duty) = self.duties.get_mut(&(c.task, c.attempt)) else { return };
+        if let DutyState::Copying { victim: victim @ None, hash } = &mut duty.state
+            && duty.committee.contains(&who)
+        {
+            *victim = Some(who);
+            *hash = Some(c.hash);
+            let env = seal(&self.key, &Commit { task: c.task, attempt: c.attempt, hash: c.hash });
+            self.publish(Topic::Rounds, env, actions);
+        }
+    }
+
+    /// CopyCommit: once the victim reveals, reveal the same output and salt.
+    fn copy_reveal_hook(&mut self, r: &Reveal, who: PeerId, actions: &mut Vec<Action>) {
+        if self.behaviour != Behaviour::CopyCommit {
+            return;
+        }
+        let Some(duty) = self.duties.get_mut(&(r.task, r.attempt)) else { return };
+        if let DutyState::Copying { victim: Some(v), .. } = &duty.state
+            && *v == who
+        {
+            duty.state = DutyState::Done;
+            let env = seal(&self.key, r);
+            self.publish(Topic::Rounds, env, actions);
+        }
+    }
+}
+
+/// A wrong output that is still a plausible token sequence.
+fn corrupt(tokens: &mut Vec<u32>) {
+    match tokens.last_mut() {
+        Some(t) => *t ^= 1,
+        None => tokens.push(0),
+    }
+}

@@ -1,0 +1,312 @@
+//! An in-process network of [`Consensus`] machines with a stand-in model, a shared
+//! clock and perfect gossip. Tests, the misbehaviour scenarios, the reputation
+//! simulation and the round benchmark all run on it; it is deterministic, so a failing
+//! case replays exactly.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::PeerId;
+use crate::committee::Candidate;
+use crate::envelope::{MessageKind, SignedEnvelope};
+use crate::identity::NodeKey;
+use crate::ids::{Hash32, ModelId, TaskId};
+use crate::messages::{Mark, Outcome, Prompt, SamplingParams, TaskSpec};
+use crate::reputation::{Reputation, ReputationParams};
+use crate::round::{Action, Behaviour, Consensus, RoundParams};
+use crate::verdict::VerifiedVerdict;
+
+/// Hook that may replace (or drop, with `None`) an envelope a node publishes.
+pub type Tamper = Box<dyn FnMut(usize, &SignedEnvelope) -> Option<SignedEnvelope>>;
+
+pub struct SimNode {
+    pub key: NodeKey,
+    pub consensus: Consensus,
+    /// Never runs its inference: holds seats and stays silent.
+    pub offline: bool,
+    /// Verdicts this node verified and applied.
+    pub applied: Vec<VerifiedVerdict>,
+    /// Outcomes of the tasks this node coordinated.
+    pub finished: Vec<(TaskId, Outcome)>,
+}
+
+pub struct SimNet {
+    pub nodes: Vec<SimNode>,
+    pub now_ms: u64,
+    pub model: ModelId,
+    /// Every node's reputation as the applied verdicts left it (all honest nodes agree).
+    pub reputation: BTreeMap<PeerId, Reputation>,
+    pub reputation_params: ReputationParams,
+    /// Deliver verdicts to every node (each verifies them), not only to the coordinator.
+    pub verdicts_to_all: bool,
+    pub tamper: Option<Tamper>,
+    /// Gossip in flight: (publisher, envelope).
+    queue: VecDeque<(usize, SignedEnvelope)>,
+    /// Seats waiting for the stand-in model: (node, task, attempt, spec).
+    pending_exec: Vec<(usize, TaskId, u8, TaskSpec)>,
+    nonce: u64,
+    /// Every envelope published, in order, for tests to inspect.
+    pub log: Vec<(usize, SignedEnvelope)>,
+    /// Errors raised by receivers: (receiver, message kind, error).
+    pub rejections: Vec<(usize, MessageKind, crate::round::RoundError)>,
+}
+
+/// The stand-in model: a deterministic function of the task, so honest nodes agree.
+pub fn reference_output(spec: &TaskSpec) -> Vec<u32> {
+    let h = Hash32::of(&crate::envelope::encode_body(&(&spec.prompt, spec.params.seed)).unwrap_or_default());
+    h.0.chunks(4)
+        .take(spec.params.max_tokens.min(8) as usize)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) % 49152)
+        .collect()
+}
+
+impl SimNet {
+    /// `n` nodes with keys from fixed seeds; node `i` behaves as `behaviour(i)`.
+    pub fn new(n: usize, params: RoundParams, behaviour: impl Fn(usize) -> Behaviour) -> Self {
+        let nodes = (0..n)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                let key = NodeKey::from_seed(seed);
+                let consensus = Consensus::new(key.clone(), params.clone()).with_behaviour(behaviour(i));
+                SimNode { key, consensus, offline: false, applied: Vec::new(), finished: Vec::new() }
+            })
+            .collect();
+        Self {
+            nodes,
+            now_ms: 1_000_000,
+            model: ModelId(Hash32::of(b"sim-model")),
+            reputation: BTreeMap::new(),
+            reputation_params: ReputationParams::default(),
+            verdicts_to_all: true,
+            tamper: None,
+            queue: VecDeque::new(),
+            pending_exec: Vec::new(),
+            nonce: 0,
+            log: Vec::new(),
+            rejections: Vec::new(),
+        }
+    }
+
+    pub fn peer(&self, i: usize) -> PeerId {
+        self.nodes[i].key.peer_id()
+    }
+
+    pub fn index_of(&self, p: &PeerId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.key.peer_id() == *p)
+    }
+
+    /// The registry as every node sees it: all nodes, weighted by the shared reputation.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let p = n.key.peer_id();
+                let rep = self.reputation.get(&p).cloned().unwrap_or_default();
+                Candidate {
+                    peer: p,
+                    models: vec![self.model],
+                    price_per_1k: 0,
+                    free_slots: 4,
+                    score: rep.score_at(self.now_ms, &self.reputation_params),
+                    banned: rep.is_banned(self.now_ms),
+                }
+            })
+            .collect()
+    }
+
+    pub fn spec(&mut self, coordinator: usize, k: u8, max_escalations: u8) -> TaskSpec {
+        self.nonce += 1;
+        TaskSpec {
+            coordinator: self.peer(coordinator),
+            nonce: self.nonce,
+            created_ms: self.now_ms,
+            model: self.model,
+            prompt: Prompt::Text(format!("task {}", self.nonce)),
+            params: SamplingParams { max_tokens: 8, seed: self.nonce, ..SamplingParams::default() },
+            k,
+            max_escalations,
+            fee: 1000,
+        }
+    }
+
+    /// Submit a task at `coordinator`; the round then runs with [`Self::run`].
+    pub fn submit(&mut self, coordinator: usize, spec: TaskSpec) -> Result<TaskId, crate::round::RoundError> {
+        let candidates = self.candidates();
+        let now = self.now_ms;
+        let (task, actions) = self.nodes[coordinator].consensus.submit(spec, None, &candidates, now)?;
+        self.act(coordinator, actions);
+        Ok(task)
+    }
+
+    /// Carry out a node's actions.
+    pub fn act(&mut self, i: usize, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Publish { envelope, .. } => {
+                    let env = match &mut self.tamper {
+                        Some(t) => t(i, &envelope),
+                        None => Some(envelope),
+                    };
+                    if let Some(env) = env {
+                        self.log.push((i, env.clone()));
+                        self.queue.push_back((i, env));
+                    }
+                }
+                Action::Execute { task, attempt, spec, .. } => {
+                    if !self.nodes[i].offline {
+                        self.pending_exec.push((i, task, attempt, *spec));
+                    }
+                }
+                Action::Apply(v) => self.apply(i, *v),
+                Action::Finished { task, outcome } => self.nodes[i].finished.push((task, outcome)),
+            }
+        }
+    }
+
+    fn apply(&mut self, i: usize, v: VerifiedVerdict) {
+        // The shared reputation view follows the coordinator's own application (every
+        // honest node computes the same from the same evidence).
+        if i == self.index_of(&v.coordinator).unwrap_or(usize::MAX) {
+            let now = self.now_ms;
+            let p = self.reputation_params.clone();
+            for (peer, mark) in &v.verdict.marks {
+                self.reputation.entry(*peer).or_default().record(*mark, now, &p);
+            }
+            for (a, _) in &v.verdict.evidence.equivocations {
+                self.reputation.entry(a.signer()).or_default().record_equivocation(now, &p);
+            }
+        }
+        self.nodes[i].applied.push(v);
+    }
+
+    /// Deliver all gossip and run all pending inferences until nothing moves.
+    pub fn settle(&mut self) {
+        loop {
+            if let Some((from, env)) = self.queue.pop_front() {
+                for j in 0..self.nodes.len() {
+                    if j == from {
+                        continue;
+                    }
+                    if env.kind() == MessageKind::Verdict && !self.verdicts_to_all {
+                        continue;
+                    }
+                    let now = self.now_ms;
+                    match self.nodes[j].consensus.handle(&env, now) {
+                        Ok(actions) => self.act(j, actions),
+                        Err(e) => self.rejections.push((j, env.kind(), e)),
+                    }
+                }
+                continue;
+            }
+            if self.pending_exec.is_empty() {
+                return;
+            }
+            for (i, task, attempt, spec) in std::mem::take(&mut self.pending_exec) {
+                let mut salt = [0u8; 32];
+                salt.copy_from_slice(&Hash32::of(&[&task.0.0[..], &(i as u64).to_le_bytes(), &[attempt]].concat()).0);
+                let now = self.now_ms;
+                let actions = self.nodes[i].consensus.executed(task, attempt, reference_output(&spec), salt, now);
+                self.act(i, actions);
+            }
+        }
+    }
+
+    /// Advance the clock by `step_ms` and tick every node.
+    pub fn tick(&mut self, step_ms: u64) {
+        self.now_ms += step_ms;
+        let candidates = self.candidates();
+        for i in 0..self.nodes.len() {
+            let now = self.now_ms;
+            let actions = self.nodes[i].consensus.tick(now, &candidates);
+            self.act(i, actions);
+        }
+        self.settle();
+    }
+
+    /// Run until no node coordinates a task any more, or `max_ms` of simulated time.
+    pub fn run(&mut self, max_ms: u64) {
+        self.settle();
+        let end = self.now_ms + max_ms;
+        while self.nodes.iter().any(|n| n.consensus.load().0 > 0) && self.now_ms < end {
+            self.tick(1000);
+        }
+    }
+
+    /// The last outcome of `task` at its coordinator.
+    pub fn outcome(&self, coordinator: usize, task: &TaskId) -> Option<&Outcome> {
+        self.nodes[coordinator].finished.iter().rev().find(|(t, _)| t == task).map(|(_, o)| o)
+    }
+
+    /// Every verdict the coordinator applied for `task`, by attempt.
+    pub fn verdicts(&self, coordinator: usize, task: &TaskId) -> Vec<&VerifiedVerdict> {
+        self.nodes[coordinator].applied.iter().filter(|v| v.task() == *task).collect()
+    }
+
+    /// The mark of `peer` in the last verdict on `task`.
+    pub fn mark(&self, coordinator: usize, task: &TaskId, peer: &PeerId) -> Option<Mark> {
+        self.verdicts(coordinator, task)
+            .last()
+            .and_then(|v| v.verdict.marks.iter().find(|(p, _)| p == peer).map(|(_, m)| *m))
+    }
+}
+
+/// One window of the reputation simulation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimWindow {
+    pub first_task: usize,
+    pub tasks: usize,
+    /// Seats held by liars / all seats, in this window.
+    pub liar_seat_share: f64,
+    pub finalized_honest: usize,
+    pub finalized_wrong: usize,
+    pub liars_banned_at_end: usize,
+}
+
+/// `tasks` tasks over `nodes` nodes of which the first `liars` return a wrong output
+/// (all the same wrong output: colluding liars are the hard case), committees of `k`,
+/// coordinators taking turns. Returns the liars' share of seats per window of `window`
+/// tasks.
+pub fn reputation_simulation(nodes: usize, liars: usize, tasks: usize, k: u8, window: usize) -> Vec<SimWindow> {
+    let params = RoundParams { commit_window_ms: 5_000, reveal_window_ms: 5_000, ..RoundParams::default() };
+    let mut net = SimNet::new(nodes, params, |i| if i < liars { Behaviour::WrongOutput } else { Behaviour::Honest });
+    net.verdicts_to_all = false;
+    let liar_peers: Vec<PeerId> = (0..liars).map(|i| net.peer(i)).collect();
+    let mut out = Vec::new();
+    let (mut seats, mut liar_seats, mut honest, mut wrong) = (0usize, 0usize, 0usize, 0usize);
+    for t in 0..tasks {
+        // Honest coordinators only: a lying coordinator's verdicts are rejected anyway.
+        let coordinator = liars + t % (nodes - liars);
+        let spec = net.spec(coordinator, k, 0);
+        let expected = reference_output(&spec);
+        if let Ok(task) = net.submit(coordinator, spec) {
+            net.run(120_000);
+            for v in net.verdicts(coordinator, &task) {
+                seats += v.committee.len();
+                liar_seats += v.committee.iter().filter(|p| liar_peers.contains(p)).count();
+            }
+            match net.outcome(coordinator, &task) {
+                Some(Outcome::Finalized { output }) if *output == expected => honest += 1,
+                Some(Outcome::Finalized { .. }) => wrong += 1,
+                _ => {}
+            }
+        }
+        // Tasks arrive one simulated second apart.
+        net.now_ms += 1000;
+        if (t + 1) % window == 0 {
+            let now = net.now_ms;
+            out.push(SimWindow {
+                first_task: t + 1 - window,
+                tasks: window,
+                liar_seat_share: liar_seats as f64 / seats.max(1) as f64,
+                finalized_honest: honest,
+                finalized_wrong: wrong,
+                liars_banned_at_end: liar_peers
+                    .iter()
+                    .filter(|p| net.reputation.get(p).is_some_and(|r| r.is_banned(now)))
+                    .count(),
+            });
+            (seats, liar_seats, honest, wrong) = (0, 0, 0, 0);
+        }
+    }
+    out
+}
