@@ -26,4 +26,4 @@ pub use messages::{
 };
 pub use reputation::{Reputation, ReputationParams};
 pub use round::{Action, Behaviour, Consensus, Phase, RoundError, RoundParams, RoundView, Topic};
-pub use verdict::{Decision, VerifiedVerdict, VerifyError, decide, split_fee, verify};
+pub use verdict::{Decision, EvidenceBundle, VerifiedVerdict, VerifyError, decide, split_fee, verify};

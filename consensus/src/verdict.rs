@@ -315,3 +315,22 @@ fn check_claim<T: PartialEq + std::fmt::Debug>(
     }
     Ok(())
 }
+
+/// The file `sampo verify` reads and `GET /v1/tasks/{id}/evidence` serves: the verdict
+/// envelope, which carries all its evidence, as hex inside JSON.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EvidenceBundle {
+    /// Always [`EvidenceBundle::FORMAT`].
+    pub format: String,
+    pub task: TaskId,
+    pub attempt: u8,
+    pub verdict: SignedEnvelope,
+}
+
+impl EvidenceBundle {
+    pub const FORMAT: &'static str = "sampo-evidence/1";
+
+    pub fn new(v: &VerifiedVerdict) -> Self {
+        Self { format: Self::FORMAT.into(), task: v.task(), attempt: v.verdict.attempt, verdict: v.envelope.clone() }
+    }
+}

@@ -8,6 +8,7 @@ use sampo_node::config::{self, Config, Override};
 use sampo_node::{keys, logging, service};
 
 mod cmd_model;
+mod cmd_verify;
 
 #[derive(Parser)]
 #[command(name = "sampo", version, about = "A peer-to-peer node for verifiable LLM inference")]
@@ -66,6 +67,13 @@ enum Command {
     },
     /// Measure prefill and decode speed.
     Bench(cmd_model::BenchArgs),
+    /// Check a saved evidence bundle offline and print the verdict or exactly what fails.
+    Verify {
+        /// The bundle: JSON from `GET /v1/tasks/{id}/evidence`, or raw envelope bytes.
+        file: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the node's identity key.
     Keys {
         #[command(subcommand)]
@@ -134,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Model { cmd } => cmd_model::run(cmd)?,
         Command::Bench(args) => cmd_model::bench(args)?,
+        Command::Verify { file, json } => cmd_verify::run(&file, json)?,
         Command::Keys { action: KeysAction::Generate { cfg, force } } => {
             let config = cfg.load(Vec::new())?;
             let key = keys::generate(&config.key_path(), force)?;

@@ -4,6 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod ledger;
+pub use ledger::{Applied, CreditAccount, EvidenceRecord, TaskRecord, TaskStatus};
+
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -99,6 +102,8 @@ pub struct Store {
     db: DB,
     path: PathBuf,
     sync_writes: bool,
+    /// Serializes read-check-write sequences such as applying a verdict exactly once.
+    apply_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -156,7 +161,7 @@ impl Store {
         }
         let cfs = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        let store = Self { db, path: path.to_owned(), sync_writes: true };
+        let store = Self { db, path: path.to_owned(), sync_writes: true, apply_lock: std::sync::Mutex::new(()) };
         let meta = store.cf(Column::Meta)?;
         match store.db.get_cf(meta, SCHEMA_VERSION_KEY)? {
             None if fresh => {
