@@ -1,1 +1,12 @@
-//! placeholder
+//! The libp2p swarm of a sampo node: TCP + Noise + Yamux, identify, ping, connection
+//! limits, Kademlia discovery (`/sampo/kad/1.0.0`), validated gossipsub, request-response
+//! for fetching evidence, and the registry of live nodes. Knows nothing of models.
+
+pub mod gossip;
+pub mod registry;
+pub mod service;
+
+pub use libp2p::Multiaddr;
+pub use libp2p::multiaddr::Protocol;
+pub use registry::{LiveNode, Registry};
+pub use service::{FetchRequest, FetchResponse, GossipTopic, P2pConfig, P2pError, P2pEvent, P2pHandle, spawn};

@@ -1,0 +1,281 @@
+//! Topics, content-addressed message ids, per-kind size limits, validation of every
+//! gossiped message before it is forwarded, and peer-scoring parameters derived from
+//! the protocol's timing.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
+use sampo_consensus::{EnvelopeError, Hash32, MessageKind, ModelId, NodeAnnouncement, PeerId, SignedEnvelope};
+
+/// Node announcements.
+pub const NODES_TOPIC: &str = "sampo/v1/nodes";
+/// Commits, reveal requests, reveals, verdicts.
+pub const ROUNDS_TOPIC: &str = "sampo/v1/rounds";
+
+/// Task announcements for one model.
+pub fn tasks_topic(model: &ModelId) -> IdentTopic {
+    IdentTopic::new(format!("sampo/v1/tasks/{model}"))
+}
+pub fn nodes_topic() -> IdentTopic {
+    IdentTopic::new(NODES_TOPIC)
+}
+pub fn rounds_topic() -> IdentTopic {
+    IdentTopic::new(ROUNDS_TOPIC)
+}
+
+/// Gossipsub heartbeat: mesh maintenance and score decay tick at this pace.
+pub const HEARTBEAT: Duration = Duration::from_millis(700);
+/// Scores decay at this pace (gossipsub's minimum).
+pub const DECAY_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest frame gossipsub accepts; the envelope limit plus protobuf framing.
+pub const MAX_TRANSMIT_BYTES: usize = sampo_consensus::MAX_ENVELOPE_BYTES + 16 * 1024;
+/// How long gossipsub remembers a message id to drop duplicates.
+pub const DUPLICATE_CACHE: Duration = Duration::from_secs(120);
+/// How many envelope ids we remember beyond gossipsub's duplicate cache, to reject
+/// replays of old messages.
+pub const REPLAY_MEMORY: usize = 65_536;
+/// How far an announcement's clock may be from ours before it counts as a replay.
+pub const ANNOUNCEMENT_SKEW_MS: u64 = 60_000;
+
+/// Largest envelope each kind may be: an honest message never comes near these, so
+/// anything larger is junk that costs its sender score.
+pub fn max_bytes(kind: MessageKind) -> usize {
+    match kind {
+        MessageKind::NodeAnnouncement => 16 * 1024,
+        MessageKind::TaskAnnouncement => 512 * 1024,
+        MessageKind::Commit => 1024,
+        MessageKind::RevealRequest => 16 * 1024,
+        MessageKind::Reveal => 64 * 1024,
+        MessageKind::Verdict => sampo_consensus::MAX_ENVELOPE_BYTES,
+    }
+}
+
+/// Message id = blake3(topic || data): the same bytes on the same topic are one message,
+/// whoever forwards them.
+pub fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    let mut h = blake3::Hasher::new();
+    h.update(m.topic.as_str().as_bytes());
+    h.update(&[0]);
+    h.update(&m.data);
+    gossipsub::MessageId::from(h.finalize().as_bytes().to_vec())
+}
+
+/// Why a gossiped message was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GossipReject {
+    #[error("envelope: {0}")]
+    Envelope(#[from] EnvelopeError),
+    #[error("{kind} of {size} bytes exceeds its limit of {max}")]
+    TooLarge { kind: &'static str, size: usize, max: usize },
+    #[error("a {kind} does not belong on topic {topic}")]
+    WrongTopic { kind: &'static str, topic: String },
+    #[error("gossip author {author} is not the envelope's signer {signer}")]
+    ForgedSender { author: String, signer: String },
+    #[error("replay of a message already seen")]
+    Replay,
+    #[error("announcement clock {sent_ms} is more than {ANNOUNCEMENT_SKEW_MS} ms from ours ({now_ms})")]
+    StaleAnnouncement { sent_ms: u64, now_ms: u64 },
+    #[error("unknown topic {0}")]
+    UnknownTopic(String),
+}
+
+impl GossipReject {
+    /// Reject (score penalty) or Ignore (no penalty: e.g. a newer protocol version).
+    pub fn acceptance(&self) -> MessageAcceptance {
+        match self {
+            GossipReject::Envelope(e) if !e.merits_penalty() => MessageAcceptance::Ignore,
+            _ => MessageAcceptance::Reject,
+        }
+    }
+}
+
+/// Remembers envelope ids for longer than gossipsub's duplicate cache.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    seen: HashSet<Hash32>,
+    order: VecDeque<Hash32>,
+}
+
+impl ReplayGuard {
+    /// True the first time an id is seen.
+    pub fn first_sight(&mut self, id: Hash32) -> bool {
+        if !self.seen.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        if self.order.len() > REPLAY_MEMORY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
+    }
+}
+
+/// Decode and check one gossiped message: size, envelope, signature, sender, topic,
+/// freshness. Returns the verified envelope.
+pub fn validate(
+    topic: &TopicHash,
+    author: Option<PeerId>,
+    data: &[u8],
+    replay: &mut ReplayGuard,
+    now_ms: u64,
+) -> Result<SignedEnvelope, GossipReject> {
+    let env = SignedEnvelope::from_bytes(data)?;
+    let kind = env.kind();
+    let max = max_bytes(kind);
+    if data.len() > max {
+        return Err(GossipReject::TooLarge { kind: kind.as_str(), size: data.len(), max });
+    }
+    // The gossip author signed the gossipsub frame with the same key: a relay cannot
+    // inject a message in someone else's name, and cannot strip the author either.
+    if author != Some(env.signer()) {
+        let author = author.map_or_else(|| "(none)".to_owned(), |a| a.to_string());
+        return Err(GossipReject::ForgedSender { author, signer: env.signer().to_string() });
+    }
+    let t = topic.as_str();
+    let topic_ok = match kind {
+        MessageKind::NodeAnnouncement => t == NODES_TOPIC,
+        MessageKind::TaskAnnouncement => t.starts_with("sampo/v1/tasks/"),
+        _ => t == ROUNDS_TOPIC,
+    };
+    if !topic_ok {
+        if !(t == NODES_TOPIC || t == ROUNDS_TOPIC || t.starts_with("sampo/v1/tasks/")) {
+            return Err(GossipReject::UnknownTopic(t.to_owned()));
+        }
+        return Err(GossipReject::WrongTopic { kind: kind.as_str(), topic: t.to_owned() });
+    }
+    if kind == MessageKind::NodeAnnouncement {
+        let ann: NodeAnnouncement = env.open()?;
+        if ann.sent_ms.abs_diff(now_ms) > ANNOUNCEMENT_SKEW_MS {
+            return Err(GossipReject::StaleAnnouncement { sent_ms: ann.sent_ms, now_ms });
+        }
+    }
+    if !replay.first_sight(env.id()) {
+        return Err(GossipReject::Replay);
+    }
+    Ok(env)
+}
+
+/// Peer-scoring thresholds. A peer at `GRAYLIST` is ignored entirely; one rejected
+/// message costs [`INVALID_MESSAGE_WEIGHT`] × topic weight, squared in the count.
+pub const GOSSIP_THRESHOLD: f64 = -10.0;
+pub const PUBLISH_THRESHOLD: f64 = -50.0;
+pub const GRAYLIST_THRESHOLD: f64 = -80.0;
+pub const INVALID_MESSAGE_WEIGHT: f64 = -100.0;
+/// Penalties fade by half over this long: about a dozen announcement intervals, so a
+/// peer that stops sending junk recovers within minutes, and one that keeps on doesn't.
+pub const PENALTY_HALF_LIFE: Duration = Duration::from_secs(60);
+
+fn decay_per_tick(half_life: Duration) -> f64 {
+    let ticks = half_life.as_secs_f64() / DECAY_INTERVAL.as_secs_f64();
+    0.5f64.powf(1.0 / ticks)
+}
+
+/// Score parameters for one topic: only invalid deliveries count (P4); mesh delivery
+/// rates (P3) are off, since the task and round topics are bursty by nature.
+pub fn topic_params(weight: f64) -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: weight,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: decay_per_tick(PENALTY_HALF_LIFE),
+        first_message_deliveries_cap: 10.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: INVALID_MESSAGE_WEIGHT,
+        invalid_message_deliveries_decay: decay_per_tick(PENALTY_HALF_LIFE),
+        ..gossipsub::TopicScoreParams::default()
+    }
+}
+
+pub fn score_params() -> gossipsub::PeerScoreParams {
+    let mut p = gossipsub::PeerScoreParams {
+        decay_interval: DECAY_INTERVAL,
+        decay_to_zero: 0.01,
+        retain_score: Duration::from_secs(600),
+        // Loopback testnets put every node on one IP; colocation must not punish them.
+        ip_colocation_factor_weight: 0.0,
+        behaviour_penalty_weight: -10.0,
+        behaviour_penalty_decay: decay_per_tick(PENALTY_HALF_LIFE),
+        ..gossipsub::PeerScoreParams::default()
+    };
+    p.topics.insert(nodes_topic().hash(), topic_params(1.0));
+    p.topics.insert(rounds_topic().hash(), topic_params(1.0));
+    p
+}
+
+pub fn score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: GOSSIP_THRESHOLD,
+        publish_threshold: PUBLISH_THRESHOLD,
+        graylist_threshold: GRAYLIST_THRESHOLD,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sampo_consensus::{Commit, NodeKey, TaskId};
+
+    fn commit_env(key: &NodeKey) -> SignedEnvelope {
+        SignedEnvelope::seal(key, &Commit { task: TaskId(Hash32::of(b"t")), attempt: 0, hash: Hash32::of(b"h") })
+            .expect("seal")
+    }
+
+    #[test]
+    fn validation_rules() {
+        let key = NodeKey::from_seed([1; 32]);
+        let other = NodeKey::from_seed([2; 32]);
+        let env = commit_env(&key);
+        let bytes = env.to_bytes();
+        let rounds = rounds_topic().hash();
+        let mut guard = ReplayGuard::default();
+        assert!(validate(&rounds, Some(key.peer_id()), &bytes, &mut guard, 0).is_ok());
+        assert_eq!(validate(&rounds, Some(key.peer_id()), &bytes, &mut guard, 0), Err(GossipReject::Replay));
+        let mut fresh = ReplayGuard::default();
+        assert!(matches!(
+            validate(&rounds, Some(other.peer_id()), &bytes, &mut fresh, 0),
+            Err(GossipReject::ForgedSender { .. })
+        ));
+        assert!(matches!(
+            validate(&nodes_topic().hash(), Some(key.peer_id()), &bytes, &mut fresh, 0),
+            Err(GossipReject::WrongTopic { .. })
+        ));
+        let mut flipped = bytes.clone();
+        let n = flipped.len();
+        flipped[n - 1] ^= 1;
+        let err = validate(&rounds, Some(key.peer_id()), &flipped, &mut fresh, 0).expect_err("bad signature");
+        assert_eq!(err.acceptance(), MessageAcceptance::Reject);
+    }
+
+    #[test]
+    fn oversized_announcement_is_rejected() {
+        let key = NodeKey::from_seed([1; 32]);
+        let ann = NodeAnnouncement {
+            models: Vec::new(),
+            price_per_1k: 0,
+            free_slots: 1,
+            backend: "cpu".into(),
+            device: "x".repeat(20_000),
+            version: "0".into(),
+            addrs: Vec::new(),
+            api_url: None,
+            sent_ms: 5,
+        };
+        let env = SignedEnvelope::seal(&key, &ann).expect("seal");
+        let err = validate(&nodes_topic().hash(), Some(key.peer_id()), &env.to_bytes(), &mut ReplayGuard::default(), 5)
+            .expect_err("too large");
+        assert!(matches!(err, GossipReject::TooLarge { .. }));
+    }
+
+    #[test]
+    fn score_params_are_valid() {
+        assert!(score_params().validate().is_ok());
+        assert!(score_thresholds().validate().is_ok());
+        assert!(topic_params(1.0).validate().is_ok());
+    }
+}

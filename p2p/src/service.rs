@@ -1,0 +1,594 @@
+//! The swarm actor: one task owns the `Swarm`; the node holds a cloneable [`P2pHandle`]
+//! that sends commands, and receives [`P2pEvent`]s — never raw swarm events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance, MessageAuthenticity, ValidationMode};
+use libp2p::metrics::{Metrics, Recorder};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity, kad, noise, ping, tcp, yamux,
+};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use sampo_consensus::{MessageKind, ModelId, NodeAnnouncement, NodeKey, PeerId, SignedEnvelope, TaskId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::gossip::{self, ReplayGuard};
+use crate::registry::{LiveNode, Registry};
+
+/// Kademlia protocol name of the sampo DHT.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/kad/1.0.0");
+/// Request-response protocol for fetching a task's evidence or result from a peer.
+pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/fetch/1.0.0");
+/// identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/sampo/id/1.0.0";
+/// Bound of the command and event queues.
+pub const QUEUE_DEPTH: usize = 1024;
+/// Inbound fetches awaiting the node's answer.
+pub const MAX_PENDING_FETCHES: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct P2pConfig {
+    pub listen: Vec<Multiaddr>,
+    /// Full addresses including `/p2p/<peer id>`.
+    pub bootstrap: Vec<Multiaddr>,
+    pub max_connections: u32,
+    pub announce_interval: Duration,
+    /// How often a random Kademlia walk looks for peers we don't know yet.
+    pub discovery_interval: Duration,
+    pub idle_timeout: Duration,
+    /// Dial peers that discovery finds (off only in tests that need a fixed topology).
+    pub dial_discovered: bool,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/tcp/4001".parse().unwrap_or_else(|_| Multiaddr::empty())],
+            bootstrap: Vec::new(),
+            max_connections: 256,
+            announce_interval: Duration::from_secs(5),
+            discovery_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            dial_discovered: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error("transport setup: {0}")]
+    Transport(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("bootstrap address {0} lacks a /p2p/<peer id> suffix")]
+    BootstrapWithoutPeerId(Multiaddr),
+    #[error("gossipsub setup: {0}")]
+    Gossipsub(String),
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("the p2p service has stopped")]
+    Stopped,
+    #[error("fetch failed: {0}")]
+    Fetch(String),
+}
+
+/// What can be fetched from a peer by task id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchRequest {
+    Evidence { task: TaskId },
+    Result { task: TaskId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchResponse {
+    Found(Vec<u8>),
+    NotFound,
+}
+
+/// Where a gossiped envelope travels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GossipTopic {
+    Nodes,
+    Rounds,
+    Tasks(ModelId),
+}
+
+impl GossipTopic {
+    fn ident(&self) -> gossipsub::IdentTopic {
+        match self {
+            GossipTopic::Nodes => gossip::nodes_topic(),
+            GossipTopic::Rounds => gossip::rounds_topic(),
+            GossipTopic::Tasks(m) => gossip::tasks_topic(m),
+        }
+    }
+}
+
+/// Events for the node.
+#[derive(Debug)]
+pub enum P2pEvent {
+    /// A verified protocol message (not node announcements: those feed the registry).
+    Message {
+        envelope: SignedEnvelope,
+        from: PeerId,
+    },
+    NodeJoined(PeerId),
+    NodeLeft(PeerId),
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    Listening(Multiaddr),
+    /// A peer asks for something; answer with [`P2pHandle::respond`].
+    FetchRequested {
+        id: u64,
+        from: PeerId,
+        request: FetchRequest,
+    },
+}
+
+enum Command {
+    Publish { topic: GossipTopic, envelope: SignedEnvelope, reply: oneshot::Sender<Result<(), P2pError>> },
+    Subscribe { topic: GossipTopic },
+    PublishRaw { topic: String, data: Vec<u8> },
+    SetAnnouncement(Box<NodeAnnouncement>),
+    Dial(Multiaddr),
+    Fetch { peer: PeerId, request: FetchRequest, reply: oneshot::Sender<Result<FetchResponse, P2pError>> },
+    Respond { id: u64, response: FetchResponse },
+    Connected { reply: oneshot::Sender<Vec<PeerId>> },
+    Listeners { reply: oneshot::Sender<Vec<Multiaddr>> },
+    PeerScore { peer: PeerId, reply: oneshot::Sender<Option<f64>> },
+    MeshPeers { topic: GossipTopic, reply: oneshot::Sender<Vec<PeerId>> },
+    Shutdown,
+}
+
+/// A cloneable handle on the swarm actor.
+#[derive(Clone)]
+pub struct P2pHandle {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+    registry: Arc<RwLock<Registry>>,
+}
+
+impl std::fmt::Debug for P2pHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("P2pHandle").field("peer_id", &self.peer_id).finish()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl P2pHandle {
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| P2pError::Stopped)?;
+        rx.await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// Gossip an envelope (and subscribe to its topic if needed).
+    pub async fn publish(&self, topic: GossipTopic, envelope: SignedEnvelope) -> Result<(), P2pError> {
+        self.ask(|reply| Command::Publish { topic, envelope, reply }).await?
+    }
+
+    /// Publish arbitrary bytes, bypassing every local check: only for tests that play a
+    /// misbehaving peer.
+    #[doc(hidden)]
+    pub async fn publish_raw(&self, topic: &str, data: Vec<u8>) -> Result<(), P2pError> {
+        self.tx.send(Command::PublishRaw { topic: topic.to_owned(), data }).await.map_err(|_| P2pError::Stopped)
+    }
+
+    pub async fn subscribe(&self, topic: GossipTopic) -> Result<(), P2pError> {
+        self.tx.send(Command::Subscribe { topic }).await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// The announcement gossiped every interval (its `sent_ms` is set at each send).
+    pub async fn set_announcement(&self, ann: NodeAnnouncement) -> Result<(), P2pError> {
+        self.tx.send(Command::SetAnnouncement(Box::new(ann))).await.map_err(|_| P2pError::Stopped)
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), P2pError> {
+        self.tx.send(Command::Dial(addr)).await.map_err(|_| P2pError::Stopped)
+    }
+
+    pub async fn fetch(&self, peer: PeerId, request: FetchRequest) -> Result<FetchResponse, P2pError> {
+        self.ask(|reply| Command::Fetch { peer, request, reply }).await?
+    }
+
+    pub async fn respond(&self, id: u64, response: FetchResponse) -> Result<(), P2pError> {
+        self.tx.send(Command::Respond { id, response }).await.map_err(|_| P2pError::Stopped)
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, P2pError> {
+        self.ask(|reply| Command::Connected { reply }).await
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, P2pError> {
+        self.ask(|reply| Command::Listeners { reply }).await
+    }
+
+    pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, P2pError> {
+        self.ask(|reply| Command::PeerScore { peer, reply }).await
+    }
+
+    pub async fn mesh_peers(&self, topic: GossipTopic) -> Result<Vec<PeerId>, P2pError> {
+        self.ask(|reply| Command::MeshPeers { topic, reply }).await
+    }
+
+    /// Live nodes (this one included once it has announced).
+    pub fn live_nodes(&self) -> Vec<LiveNode> {
+        self.registry.read().map(|r| r.live(now_ms())).unwrap_or_default()
+    }
+
+    /// Live nodes serving `model` with a free slot.
+    pub fn serving(&self, model: &ModelId) -> Vec<LiveNode> {
+        self.registry.read().map(|r| r.serving(model, now_ms())).unwrap_or_default()
+    }
+
+    /// Stop the swarm; pending commands are dropped.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// The composed behaviour; connection limits first so they veto before anyone else.
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    /// Caps on pending and established connections.
+    limits: connection_limits::Behaviour,
+    /// Exchanges listen addresses and protocols.
+    identify: identify::Behaviour,
+    /// Liveness and round-trip time.
+    ping: ping::Behaviour,
+    /// Peer discovery over `/sampo/kad/1.0.0`.
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Validated gossip of all protocol messages.
+    gossipsub: gossipsub::Behaviour,
+    /// Fetching evidence and results by task id.
+    fetch: request_response::cbor::Behaviour<FetchRequest, FetchResponse>,
+}
+
+fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) -> Result<Swarm<Behaviour>, P2pError> {
+    let keypair = identity::Keypair::ed25519_from_bytes(key.secret_bytes())
+        .map_err(|e| P2pError::Transport(format!("node key: {e}")))?;
+    let gossip_cfg = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(gossip::HEARTBEAT)
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(gossip::message_id)
+        .max_transmit_size(gossip::MAX_TRANSMIT_BYTES)
+        .duplicate_cache_time(gossip::DUPLICATE_CACHE)
+        .build()
+        .map_err(|e| P2pError::Gossipsub(e.to_string()))?;
+    let peer_id = keypair.public().to_peer_id();
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(cfg.max_connections))
+        .with_max_pending_incoming(Some(64))
+        .with_max_established_per_peer(Some(2));
+    let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| P2pError::Transport(e.to_string()))?
+        .with_dns()
+        .map_err(|e| P2pError::Transport(e.to_string()))?
+        .with_bandwidth_metrics(metrics)
+        .with_behaviour(|key| {
+            let mut gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
+            gossipsub.with_peer_score(gossip::score_params(), gossip::score_thresholds())?;
+            let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+            kad_cfg.set_query_timeout(Duration::from_secs(30));
+            let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                        .with_agent_version(format!("sampo/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                gossipsub,
+                fetch: request_response::cbor::Behaviour::new(
+                    [(FETCH_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+                ),
+            })
+        })
+        .map_err(|e| P2pError::Gossipsub(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(cfg.idle_timeout))
+        .build();
+    swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    Ok(swarm)
+}
+
+/// Start the swarm actor. libp2p's metrics go into `metrics` (under `libp2p_`).
+pub async fn spawn(
+    key: NodeKey,
+    cfg: P2pConfig,
+    metrics: &mut MetricsRegistry,
+) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>), P2pError> {
+    let mut swarm = build_swarm(&key, &cfg, metrics)?;
+    let libp2p_metrics = Metrics::new(metrics.sub_registry_with_prefix("libp2p"));
+    for addr in &cfg.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| P2pError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    for addr in &cfg.bootstrap {
+        let Some(peer) = addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+            _ => None,
+        }) else {
+            return Err(P2pError::BootstrapWithoutPeerId(addr.clone()));
+        };
+        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+    for t in [gossip::nodes_topic(), gossip::rounds_topic()] {
+        swarm.behaviour_mut().gossipsub.subscribe(&t).map_err(|e| P2pError::Gossipsub(e.to_string()))?;
+    }
+    let registry = Arc::new(RwLock::new(Registry::new(cfg.announce_interval.as_millis() as u64)));
+    let (cmd_tx, cmd_rx) = mpsc::channel(QUEUE_DEPTH);
+    let (ev_tx, ev_rx) = mpsc::channel(QUEUE_DEPTH);
+    let peer_id = key.peer_id();
+    let actor = Actor {
+        swarm,
+        key,
+        cfg,
+        events: ev_tx,
+        registry: registry.clone(),
+        replay: ReplayGuard::default(),
+        metrics: libp2p_metrics,
+        announcement: None,
+        pending_fetches: HashMap::new(),
+        inbound: HashMap::new(),
+        next_inbound: 0,
+        subscribed_models: HashSet::new(),
+    };
+    tokio::spawn(actor.run(cmd_rx).instrument(info_span!("p2p-swarm", %peer_id)));
+    Ok((P2pHandle { tx: cmd_tx, peer_id, registry }, ev_rx))
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    key: NodeKey,
+    cfg: P2pConfig,
+    events: mpsc::Sender<P2pEvent>,
+    registry: Arc<RwLock<Registry>>,
+    replay: ReplayGuard,
+    metrics: Metrics,
+    announcement: Option<NodeAnnouncement>,
+    pending_fetches: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FetchResponse, P2pError>>>,
+    inbound: HashMap<u64, request_response::ResponseChannel<FetchResponse>>,
+    next_inbound: u64,
+    subscribed_models: HashSet<ModelId>,
+}
+
+impl Actor {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut announce = tokio::time::interval(self.cfg.announce_interval);
+        let mut discover = tokio::time::interval(self.cfg.discovery_interval);
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(cmd) => self.command(cmd),
+                },
+                ev = self.swarm.select_next_some() => self.swarm_event(ev),
+                _ = announce.tick() => self.announce(),
+                _ = discover.tick() => {
+                    self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+                    let gone = self.registry.write().map(|mut r| r.expire(now_ms())).unwrap_or_default();
+                    for p in gone {
+                        self.emit(P2pEvent::NodeLeft(p));
+                    }
+                }
+            }
+        }
+        info!("p2p swarm stopped");
+    }
+
+    /// Events go to a bounded queue; if the node can't keep up, we drop (and say so)
+    /// rather than block the network loop.
+    fn emit(&self, ev: P2pEvent) {
+        if let Err(mpsc::error::TrySendError::Full(ev)) = self.events.try_send(ev) {
+            warn!(?ev, "node event queue full; event dropped");
+        }
+    }
+
+    fn subscribe(&mut self, topic: &GossipTopic) {
+        if let GossipTopic::Tasks(m) = topic
+            && self.subscribed_models.insert(*m)
+        {
+            let t = topic.ident();
+            let _ = self.swarm.behaviour_mut().gossipsub.set_topic_params(t.clone(), gossip::topic_params(1.0));
+            if let Err(e) = self.swarm.behaviour_mut().gossipsub.subscribe(&t) {
+                warn!(error = %e, "subscribe failed");
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish { topic, envelope, reply } => {
+                self.subscribe(&topic);
+                // Remember our own message so an echo is not mistaken for fresh input.
+                self.replay.first_sight(envelope.id());
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic.ident(), envelope.to_bytes())
+                    .map(|_| ())
+                    .or_else(|e| match e {
+                        // Alone in the network: nothing to send to, nothing lost.
+                        gossipsub::PublishError::NoPeersSubscribedToTopic => Ok(()),
+                        e => Err(P2pError::Publish(e.to_string())),
+                    });
+                let _ = reply.send(r);
+            }
+            Command::Subscribe { topic } => self.subscribe(&topic),
+            Command::PublishRaw { topic, data } => {
+                let _ = self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data);
+            }
+            Command::SetAnnouncement(ann) => {
+                self.announcement = Some(*ann);
+                self.announce();
+            }
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    warn!(%addr, error = %e, "dial failed");
+                }
+            }
+            Command::Fetch { peer, request, reply } => {
+                let id = self.swarm.behaviour_mut().fetch.send_request(&peer, request);
+                self.pending_fetches.insert(id, reply);
+            }
+            Command::Respond { id, response } => {
+                if let Some(ch) = self.inbound.remove(&id) {
+                    let _ = self.swarm.behaviour_mut().fetch.send_response(ch, response);
+                }
+            }
+            Command::Connected { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Listeners { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::PeerScore { peer, reply } => {
+                let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::MeshPeers { topic, reply } => {
+                let _ =
+                    reply.send(self.swarm.behaviour().gossipsub.mesh_peers(&topic.ident().hash()).copied().collect());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn announce(&mut self) {
+        let Some(mut ann) = self.announcement.clone() else { return };
+        ann.sent_ms = now_ms();
+        ann.addrs = self.swarm.listeners().map(|a| a.to_string()).collect();
+        let env = match SignedEnvelope::seal(&self.key, &ann) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot seal node announcement");
+                return;
+            }
+        };
+        if let Ok(mut r) = self.registry.write() {
+            r.observe(self.key.peer_id(), ann, now_ms());
+        }
+        match self.swarm.behaviour_mut().gossipsub.publish(gossip::nodes_topic(), env.to_bytes()) {
+            Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => debug!(error = %e, "announcement not published"),
+        }
+    }
+
+    fn swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.emit(P2pEvent::Listening(address));
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
+                self.emit(P2pEvent::PeerConnected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.emit(P2pEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(ev)) => {
+                self.metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    for addr in info.listen_addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ev)) => self.metrics.record(&ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(ev)) => {
+                self.metrics.record(&ev);
+                if let kad::Event::RoutingUpdated { peer, .. } = ev
+                    && self.cfg.dial_discovered
+                    && !self.swarm.is_connected(&peer)
+                    && (self.swarm.network_info().num_peers() as u32) < self.cfg.max_connections
+                {
+                    // Discovery is only useful if it turns into gossip neighbours.
+                    let _ = self.swarm.dial(peer);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => {
+                self.metrics.record(&ev);
+                if let gossipsub::Event::Message { propagation_source, message_id, message } = ev {
+                    self.gossip_message(propagation_source, message_id, message);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Fetch(ev)) => self.fetch_event(ev),
+            _ => {}
+        }
+    }
+
+    fn gossip_message(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        let now = now_ms();
+        let verdict = gossip::validate(&message.topic, message.source, &message.data, &mut self.replay, now);
+        let acceptance = match &verdict {
+            Ok(_) => MessageAcceptance::Accept,
+            Err(e) => {
+                debug!(from = %source, error = %e, "gossip message refused");
+                e.acceptance()
+            }
+        };
+        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
+        let Ok(envelope) = verdict else { return };
+        let signer = envelope.signer();
+        if envelope.kind() == MessageKind::NodeAnnouncement {
+            if let Ok(ann) = envelope.open::<NodeAnnouncement>() {
+                let joined = self.registry.write().map(|mut r| r.observe(signer, ann, now)).unwrap_or(false);
+                if joined {
+                    self.emit(P2pEvent::NodeJoined(signer));
+                }
+            }
+            return;
+        }
+        self.emit(P2pEvent::Message { envelope, from: signer });
+    }
+
+    fn fetch_event(&mut self, ev: request_response::Event<FetchRequest, FetchResponse>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    if self.inbound.len() >= MAX_PENDING_FETCHES {
+                        let _ = self.swarm.behaviour_mut().fetch.send_response(channel, FetchResponse::NotFound);
+                        return;
+                    }
+                    self.next_inbound += 1;
+                    self.inbound.insert(self.next_inbound, channel);
+                    self.emit(P2pEvent::FetchRequested { id: self.next_inbound, from: peer, request });
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(tx) = self.pending_fetches.remove(&request_id) {
+                        let _ = tx.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                if let Some(tx) = self.pending_fetches.remove(&request_id) {
+                    let _ = tx.send(Err(P2pError::Fetch(error.to_string())));
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! In-process meshes on loopback, port 0, every wait bounded by a timeout.
+
+use std::time::Duration;
+
+use prometheus_client::registry::Registry as Metrics;
+use sampo_consensus::{Commit, Hash32, ModelId, ModelRef, NodeAnnouncement, NodeKey, SignedEnvelope, TaskId};
+use sampo_p2p::gossip::{NODES_TOPIC, ROUNDS_TOPIC};
+use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, Multiaddr, P2pConfig, P2pEvent, P2pHandle};
+use tokio::sync::mpsc::Receiver;
+use tokio::time::{Instant, timeout};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Node {
+    key: NodeKey,
+    handle: P2pHandle,
+    events: Receiver<P2pEvent>,
+    addr: Multiaddr,
+}
+
+fn key(i: u8) -> NodeKey {
+    NodeKey::from_seed([i.wrapping_add(1); 32])
+}
+
+fn cfg(bootstrap: Option<&Multiaddr>) -> P2pConfig {
+    P2pConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        bootstrap: bootstrap.into_iter().cloned().collect(),
+        announce_interval: Duration::from_millis(500),
+        discovery_interval: Duration::from_millis(500),
+        ..P2pConfig::default()
+    }
+}
+
+async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
+    let mut metrics = Metrics::default();
+    let (handle, mut events) = sampo_p2p::spawn(key.clone(), cfg, &mut metrics).await.expect("spawn");
+    let addr = timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Some(P2pEvent::Listening(a)) => break a,
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await
+    .expect("listening in time");
+    let addr = addr.with(libp2p_p2p(&key));
+    handle
+        .set_announcement(NodeAnnouncement {
+            models: vec![ModelRef { id: ModelId(Hash32::of(b"m")), name: "m".into() }],
+            price_per_1k: 1,
+            free_slots: 1,
+            backend: "cpu".into(),
+            device: "test".into(),
+            version: "test".into(),
+            addrs: Vec::new(),
+            api_url: None,
+            sent_ms: 0,
+        })
+        .await
+        .expect("announce");
+    Node { key, handle, events, addr }
+}
+
+fn libp2p_p2p(key: &NodeKey) -> sampo_p2p::Protocol<'static> {
+    sampo_p2p::Protocol::P2p(key.peer_id())
+}
+
+/// Poll `cond` until it holds; the deadline fails the test.
+async fn until<F: AsyncFnMut() -> bool>(what: &str, mut cond: F) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn next_message(n: &mut Node) -> SignedEnvelope {
+    timeout(WAIT, async {
+        loop {
+            match n.events.recv().await {
+                Some(P2pEvent::Message { envelope, .. }) => break envelope,
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await
+    .expect("message in time")
+}
+
+fn commit(key: &NodeKey, n: u8) -> SignedEnvelope {
+    SignedEnvelope::seal(key, &Commit { task: TaskId(Hash32::of(&[n])), attempt: 0, hash: Hash32::of(b"h") })
+        .expect("seal")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_nodes_discover_each_other_and_gossip_reaches_all() {
+    let mut nodes = vec![start(key(0), cfg(None)).await];
+    for i in 1..12u8 {
+        // Each knows one bootstrap address only: the previous node's.
+        let prev = nodes[i as usize - 1].addr.clone();
+        nodes.push(start(key(i), cfg(Some(&prev))).await);
+    }
+    for n in &nodes {
+        let h = n.handle.clone();
+        until("full discovery", async || h.live_nodes().len() == 12).await;
+    }
+    for n in &nodes {
+        let h = n.handle.clone();
+        until("a gossip mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
+    }
+    let env = commit(&nodes[5].key, 1);
+    nodes[5].handle.publish(GossipTopic::Rounds, env.clone()).await.expect("publish");
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if i != 5 {
+            assert_eq!(next_message(n).await, env, "node {i}");
+        }
+    }
+    for n in &nodes {
+        n.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
+    // A line a — b — c, so everything c hears from a passes through b.
+    let line = |b: Option<&Multiaddr>| P2pConfig { dial_discovered: false, ..cfg(b) };
+    let b = start(key(1), line(None)).await;
+    let a = start(key(0), line(Some(&b.addr))).await;
+    let mut c = start(key(2), line(Some(&b.addr))).await;
+    for h in [a.handle.clone(), c.handle.clone()] {
+        until("a rounds mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
+    }
+    let forger = key(9);
+    // A bad signature, a forged sender, an oversized announcement, plain junk.
+    let mut flipped = commit(&a.key, 1).to_bytes();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    a.handle.publish_raw(ROUNDS_TOPIC, flipped).await.expect("raw");
+    a.handle.publish_raw(ROUNDS_TOPIC, commit(&forger, 2).to_bytes()).await.expect("raw");
+    let big = NodeAnnouncement {
+        models: Vec::new(),
+        price_per_1k: 0,
+        free_slots: 1,
+        backend: "cpu".into(),
+        device: "x".repeat(40_000),
+        version: "0".into(),
+        addrs: Vec::new(),
+        api_url: None,
+        sent_ms: 0,
+    };
+    a.handle.publish_raw(NODES_TOPIC, SignedEnvelope::seal(&a.key, &big).expect("seal").to_bytes()).await.expect("raw");
+    a.handle.publish_raw(ROUNDS_TOPIC, b"junk".to_vec()).await.expect("raw");
+    // b rejects them all; its score for a falls (far enough to graylist a).
+    let (bh, ap) = (b.handle.clone(), a.key.peer_id());
+    until("a's score at b to fall", async || bh.peer_score(ap).await.expect("score").is_some_and(|s| s < 0.0)).await;
+    // Then b publishes a valid message on the b — c link: had b forwarded any of the
+    // junk, c would have received that first.
+    let good = commit(&b.key, 3);
+    b.handle.publish(GossipTopic::Rounds, good.clone()).await.expect("publish");
+    assert_eq!(next_message(&mut c).await, good);
+    let score = b.handle.peer_score(a.key.peer_id()).await.expect("score");
+    let honest = b.handle.peer_score(c.key.peer_id()).await.expect("score");
+    assert!(score < honest, "junk sender {score:?} vs honest {honest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_with_the_same_key_keeps_the_peer_id_and_registry_expires_stopped_nodes() {
+    let mut hub = start(key(0), cfg(None)).await;
+    let leaf = start(key(1), cfg(Some(&hub.addr))).await;
+    let hh = hub.handle.clone();
+    until("the leaf to announce", async || hh.live_nodes().iter().any(|n| n.peer == key(1).peer_id())).await;
+    leaf.handle.shutdown().await;
+    // Three missed announcements (500 ms each) later, the hub forgets the leaf.
+    timeout(WAIT, async {
+        loop {
+            match hub.events.recv().await {
+                Some(P2pEvent::NodeLeft(p)) if p == key(1).peer_id() => break,
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await
+    .expect("leaf expired");
+    assert!(hub.handle.live_nodes().iter().all(|n| n.peer != key(1).peer_id()));
+    let again = start(key(1), cfg(Some(&hub.addr))).await;
+    assert_eq!(again.handle.peer_id(), key(1).peer_id());
+    until("the restarted leaf to come back", async || hh.live_nodes().iter().any(|n| n.peer == key(1).peer_id())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_can_be_fetched_by_task_id() {
+    let mut server = start(key(0), cfg(None)).await;
+    let client = start(key(1), cfg(Some(&server.addr))).await;
+    let task = TaskId(Hash32::of(b"task"));
+    let answer = tokio::spawn(async move {
+        loop {
+            match server.events.recv().await {
+                Some(P2pEvent::FetchRequested { id, request: FetchRequest::Evidence { task: t }, .. }) => {
+                    let resp =
+                        if t == task { FetchResponse::Found(b"bundle".to_vec()) } else { FetchResponse::NotFound };
+                    server.handle.respond(id, resp).await.expect("respond");
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+    });
+    let ch = client.handle.clone();
+    until("a connection", async || !ch.connected_peers().await.expect("peers").is_empty()).await;
+    let got = timeout(WAIT, client.handle.fetch(key(0).peer_id(), FetchRequest::Evidence { task }))
+        .await
+        .expect("in time")
+        .expect("fetch");
+    assert_eq!(got, FetchResponse::Found(b"bundle".to_vec()));
+    let missing = client.handle.fetch(key(0).peer_id(), FetchRequest::Evidence { task: TaskId(Hash32::of(b"no")) });
+    assert_eq!(timeout(WAIT, missing).await.expect("in time").expect("fetch"), FetchResponse::NotFound);
+    answer.abort();
+}
