@@ -221,3 +221,17 @@ async fn evidence_can_be_fetched_by_task_id() {
     assert_eq!(timeout(WAIT, missing).await.expect("in time").expect("fetch"), FetchResponse::NotFound);
     answer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libp2p_metrics_land_in_the_given_registry() {
+    let mut metrics = Metrics::default();
+    let a = start(key(0), cfg(None)).await;
+    let (handle, _events) =
+        sampo_p2p::spawn(key(1), cfg(Some(&a.addr)), &mut metrics).await.expect("spawn");
+    until("a connection", async || !handle.connected_peers().await.expect("peers").is_empty()).await;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics).expect("encode");
+    for family in ["libp2p_swarm_", "libp2p_bandwidth_", "libp2p_gossipsub_", "libp2p_kad_", "libp2p_identify_"] {
+        assert!(text.contains(family), "{family} missing from:\n{text}");
+    }
+}

@@ -1,0 +1,126 @@
+//! Gossip propagation latency and time to full discovery on loopback:
+//! `cargo run --release -p sampo-p2p --example mesh_bench [sizes...]` (default 10 25 50).
+//! Every node knows only the previous node's address; discovery is Kademlia plus the
+//! node announcements.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use sampo_consensus::{Commit, Hash32, ModelId, ModelRef, NodeAnnouncement, NodeKey, SignedEnvelope, TaskId};
+use sampo_p2p::{GossipTopic, P2pConfig, P2pEvent, P2pHandle, Protocol};
+
+type Arrivals = Arc<Mutex<HashMap<Hash32, Vec<Instant>>>>;
+
+async fn start(i: usize, bootstrap: Option<sampo_p2p::Multiaddr>, arrivals: Arrivals) -> (P2pHandle, sampo_p2p::Multiaddr) {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    let key = NodeKey::from_seed(seed);
+    let cfg = P2pConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
+        bootstrap: bootstrap.into_iter().collect(),
+        announce_interval: Duration::from_secs(1),
+        discovery_interval: Duration::from_secs(1),
+        ..P2pConfig::default()
+    };
+    let mut metrics = Registry::default();
+    let (handle, mut events) = sampo_p2p::spawn(key.clone(), cfg, &mut metrics).await.expect("spawn");
+    let addr = loop {
+        if let Some(P2pEvent::Listening(a)) = events.recv().await {
+            break a.with(Protocol::P2p(key.peer_id()));
+        }
+    };
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let P2pEvent::Message { envelope, .. } = ev {
+                arrivals.lock().expect("lock").entry(envelope.id()).or_default().push(Instant::now());
+            }
+        }
+    });
+    handle
+        .set_announcement(NodeAnnouncement {
+            models: vec![ModelRef { id: ModelId(Hash32::of(b"m")), name: "m".into() }],
+            price_per_1k: 1,
+            free_slots: 1,
+            backend: "cpu".into(),
+            device: "bench".into(),
+            version: "bench".into(),
+            addrs: Vec::new(),
+            api_url: None,
+            sent_ms: 0,
+        })
+        .await
+        .expect("announce");
+    (handle, addr)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if sizes.is_empty() { vec![10, 25, 50] } else { sizes };
+    println!("| nodes | full discovery | gossip p50 | gossip p99 | messages × receivers |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    for n in sizes {
+        let arrivals: Arrivals = Arc::default();
+        let t0 = Instant::now();
+        let mut nodes = Vec::new();
+        let mut prev = None;
+        for i in 0..n {
+            let (h, a) = start(i, prev.take(), arrivals.clone()).await;
+            prev = Some(a);
+            nodes.push(h);
+        }
+        loop {
+            if nodes.iter().all(|h| h.live_nodes().len() == n) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "discovery did not complete");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let discovery = t0.elapsed();
+        // Let meshes settle for a few heartbeats.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut lat = Vec::new();
+        let messages = 20;
+        for m in 0..messages {
+            let from = (m * 7) % n;
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&(from as u64 + 1).to_le_bytes());
+            let key = NodeKey::from_seed(seed);
+            let env = SignedEnvelope::seal(&key, &Commit { task: TaskId(Hash32::of(&[m as u8, n as u8])), attempt: 0, hash: Hash32::of(b"x") })
+                .expect("seal");
+            let id = env.id();
+            let sent = Instant::now();
+            nodes[from].publish(GossipTopic::Rounds, env).await.expect("publish");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = arrivals.lock().expect("lock").get(&id).map_or(0, Vec::len);
+                if got >= n - 1 || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if let Some(times) = arrivals.lock().expect("lock").get(&id) {
+                lat.extend(times.iter().map(|t| t.duration_since(sent).as_secs_f64() * 1000.0));
+            }
+        }
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {} / {} |",
+            discovery.as_secs_f64(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99),
+            lat.len(),
+            messages * (n - 1)
+        );
+        for h in &nodes {
+            h.shutdown().await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
