@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Install what the build needs beyond the Rust toolchain, once: libclang (RocksDB's
-# bindings) and the real model file. Safe to run repeatedly.
+# Install what the build and the tests need beyond the Rust toolchain, once: libclang
+# (RocksDB's bindings), curl and Prometheus' promtool (API and metrics tests), the
+# `openai` Python package (the real-client test) and the real model file. Safe to run
+# repeatedly.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! dpkg -s libclang-dev >/dev/null 2>&1; then
-  echo "setup: installing libclang-dev (RocksDB bindings)" >&2
+missing=()
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libclang-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+python3 -c "import openai" 2>/dev/null || {
+  echo "setup: installing the openai Python package" >&2
+  python3 -m pip install -q openai
+}
 "$root/scripts/fetch-model.sh" >/dev/null

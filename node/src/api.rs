@@ -1,18 +1,91 @@
-//! The node's HTTP API (axum).
+//! The node's HTTP API (axum): OpenAI-compatible completions with SSE streaming, the
+//! task API, node and peer views, health, readiness and metrics. Every error is an
+//! OpenAI-style JSON body with a 4xx/5xx status.
 
-use std::sync::Arc;
+// Handlers' early exits are ready `Response`s; boxing them buys nothing on the error path.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
-use serde::Serialize;
+use axum::routing::{get, post};
+use futures::Stream;
+use prometheus_client::registry::Registry;
+use sampo_consensus::{ChatMessage, EvidenceBundle, Hash32, Prompt, RoundError, SamplingParams, TaskId, TaskSpec};
+use sampo_p2p::P2pHandle;
+use sampo_storage::Store;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::executor::{Executor, Job, SubmitError, TokenPiece};
+use crate::metrics::{ApiLabels, NodeMetrics};
+use crate::models::{LoadedModel, Models};
+use crate::runtime::{Runtime, SubmitTaskError, TaskState, now_ms};
 
 /// What the API handlers share.
 pub struct ApiState {
     pub info: NodeInfo,
     pub ready: AtomicBool,
+    pub runtime: Option<Runtime>,
+    pub models: Models,
+    pub store: Option<Arc<Store>>,
+    pub p2p: Option<P2pHandle>,
+    pub executor: Option<Executor>,
+    pub registry: Arc<Mutex<Registry>>,
+    pub metrics: Arc<NodeMetrics>,
+    pub policy: ApiPolicy,
+    pub reputation: sampo_consensus::ReputationParams,
+    rate: Mutex<HashMap<String, (u64, u32)>>,
+}
+
+/// Access control and task defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ApiPolicy {
+    pub api_keys: Vec<String>,
+    pub allow_ips: Vec<(IpAddr, u8)>,
+    pub rate_limit_per_minute: u32,
+    pub max_body_bytes: usize,
+    pub default_k: u8,
+    pub max_escalations: u8,
+    pub max_tokens_per_task: u32,
+    /// How long a request waits for its verdict.
+    pub verdict_timeout: Duration,
+}
+
+impl ApiState {
+    pub fn new(
+        info: NodeInfo,
+        models: Models,
+        registry: Arc<Mutex<Registry>>,
+        metrics: Arc<NodeMetrics>,
+        policy: ApiPolicy,
+    ) -> Self {
+        Self {
+            info,
+            ready: AtomicBool::new(false),
+            runtime: None,
+            models,
+            store: None,
+            p2p: None,
+            executor: None,
+            registry,
+            metrics,
+            policy,
+            reputation: Default::default(),
+            rate: Mutex::new(HashMap::new()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -22,17 +95,130 @@ pub struct NodeInfo {
     pub api_url: String,
     pub data_dir: String,
     pub listen: Vec<String>,
-    pub models: Vec<String>,
+    pub models: Vec<ModelInfo>,
     pub backend: String,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub id: String,
+    pub context_length: usize,
+    pub price_per_1k_tokens: u64,
 }
 
 pub fn router(state: Arc<ApiState>) -> axum::Router {
+    let limit = state.policy.max_body_bytes.max(1024);
     axum::Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/node", get(node_info))
+        .route("/v1/peers", get(peers))
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/tasks", post(create_task))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/evidence", get(get_evidence))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// An OpenAI-style JSON error body.
+pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"message": message, "type": kind, "code": status.as_u16()}}))).into_response()
+}
+
+fn too_many(message: &str, retry_after_secs: u64) -> Response {
+    let mut r = error_response(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
+    if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn ip_allowed(ip: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
+    if allow.is_empty() {
+        return true;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allow.iter().any(|(net, bits)| match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if *bits == 0 { 0 } else { u32::MAX << (32 - *bits as u32) };
+            u32::from(a) & mask == u32::from(*n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if *bits == 0 { 0 } else { u128::MAX << (128 - *bits as u32) };
+            u128::from(a) & mask == u128::from(*n) & mask
+        }
+        _ => false,
+    })
+}
+
+/// IP allowlist, bearer keys and per-key rate limits; counts every request by route
+/// and status.
+async fn gatekeeper(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "other".into());
+    let response = check_access(&s, &req, &route).unwrap_or(next.run(req).await);
+    s.metrics.api_requests.get_or_create(&ApiLabels { route, status: response.status().as_u16() }).inc();
+    response
+}
+
+fn check_access(s: &ApiState, req: &Request, route: &str) -> Option<Response> {
+    let ip = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if let Some(ip) = ip
+        && !ip_allowed(ip, &s.policy.allow_ips)
+    {
+        return Some(error_response(StatusCode::FORBIDDEN, "permission_error", "this address may not use the API"));
+    }
+    // Probes and scrapes stay open to allowed addresses.
+    if matches!(route, "/health" | "/ready" | "/metrics") {
+        return None;
+    }
+    let mut who = ip.map(|i| i.to_string()).unwrap_or_default();
+    if !s.policy.api_keys.is_empty() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(k) if s.policy.api_keys.iter().any(|known| known == k) => who = k.to_owned(),
+            _ => {
+                return Some(error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    "missing or unknown API key (send `Authorization: Bearer <key>`)",
+                ));
+            }
+        }
+    }
+    let limit = s.policy.rate_limit_per_minute;
+    if limit > 0 {
+        let minute = now_ms() / 60_000;
+        let mut g = s.rate.lock().unwrap_or_else(|e| e.into_inner());
+        if g.len() > 10_000 {
+            g.retain(|_, (m, _)| *m == minute);
+        }
+        let e = g.entry(who).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        if e.1 >= limit {
+            let wait = 60 - (now_ms() / 1000) % 60;
+            return Some(too_many(&format!("rate limit of {limit} requests per minute reached"), wait));
+        }
+        e.1 += 1;
+    }
+    None
 }
 
 async fn health() -> &'static str {
@@ -41,22 +227,625 @@ async fn health() -> &'static str {
 
 async fn ready(State(s): State<Arc<ApiState>>) -> Response {
     if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, Json(serde_json::json!({"ready": true}))).into_response()
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"ready": false}))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false}))).into_response()
     }
 }
 
-async fn node_info(State(s): State<Arc<ApiState>>) -> Json<NodeInfo> {
-    Json(s.info.clone())
+/// OpenMetrics text rewritten in the classic Prometheus text format (0.0.4), for
+/// clients that don't ask for OpenMetrics (promtool, curl): counters are named with
+/// their `_total` suffix, info metrics become gauges, `# UNIT` and `# EOF` go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<(String, String)> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name.to_owned(), text.to_owned()));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" | "stateset" | "gaugehistogram" => (name.to_owned(), "untyped"),
+                k => (name.to_owned(), k),
+            };
+            let text = help.take().filter(|(n, _)| name.starts_with(n.as_str())).map(|(_, t)| t).unwrap_or_default();
+            let text = if text.is_empty() { "(no description)".to_owned() } else { text };
+            out.push_str(&format!("# HELP {name} {text}\n# TYPE {name} {kind}\n"));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>, headers: axum::http::HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let mut text = String::new();
+    let encoded = {
+        let reg = s.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut text, &reg)
+    };
+    match encoded {
+        Ok(()) if wants_openmetrics => {
+            ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+                .into_response()
+        }
+        Ok(()) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], classic_text(&text)).into_response()
+        }
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string()),
+    }
+}
+
+async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
+    let mut v = serde_json::to_value(&s.info).unwrap_or(Value::Null);
+    if let (Some(p2p), Value::Object(map)) = (&s.p2p, &mut v) {
+        let addrs: Vec<String> = p2p.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
+        map.insert("addresses".into(), json!(addrs));
+        map.insert("connected_peers".into(), json!(p2p.connected_peers().await.map(|p| p.len()).unwrap_or(0)));
+    }
+    if let (Some(ex), Value::Object(map)) = (&s.executor, &mut v) {
+        map.insert(
+            "queue".into(),
+            json!({"queued": ex.queued(), "running": ex.running(), "free_slots": ex.free_slots()}),
+        );
+    }
+    Json(v).into_response()
+}
+
+async fn peers(State(s): State<Arc<ApiState>>) -> Response {
+    let Some(p2p) = &s.p2p else { return Json(json!({"peers": []})).into_response() };
+    let now = now_ms();
+    let list: Vec<Value> = p2p
+        .live_nodes()
+        .into_iter()
+        .map(|n| {
+            let rep = s.store.as_ref().and_then(|st| st.reputation(&n.peer).ok().flatten()).unwrap_or_default();
+            let credits = s.store.as_ref().and_then(|st| st.credits(&n.peer).ok()).unwrap_or_default();
+            json!({
+                "peer_id": n.peer.to_string(),
+                "models": n.announcement.models.iter().map(|m| json!({"name": m.name, "id": m.id.to_string()})).collect::<Vec<_>>(),
+                "price_per_1k_tokens": n.announcement.price_per_1k,
+                "free_slots": n.announcement.free_slots,
+                "backend": n.announcement.backend,
+                "device": n.announcement.device,
+                "version": n.announcement.version,
+                "api_url": n.announcement.api_url,
+                "addrs": n.announcement.addrs,
+                "last_seen_ms_ago": now.saturating_sub(n.seen_ms),
+                "reputation": {
+                    "score": rep.score_at(now, &s.reputation),
+                    "agreed": rep.agreed, "wrong": rep.wrong, "absent": rep.absent,
+                    "equivocations": rep.equivocations,
+                    "banned": rep.is_banned(now),
+                },
+                "credits": credits.balance,
+            })
+        })
+        .collect();
+    Json(json!({"peers": list})).into_response()
+}
+
+async fn list_models(State(s): State<Arc<ApiState>>) -> Response {
+    let data: Vec<Value> = s
+        .models
+        .0
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "sampo", "sampo": {"model_id": m.id.to_string(), "context_length": m.context_length()}}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn not_found() -> Response {
     error_response(StatusCode::NOT_FOUND, "invalid_request_error", "no such route")
 }
 
-/// An OpenAI-style JSON error body.
-pub fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(serde_json::json!({"error": {"message": message, "type": kind, "code": status.as_u16()}})))
-        .into_response()
+/// sampo's own request fields.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampoOptions {
+    /// Committee size (replication).
+    pub k: Option<u8>,
+    /// Hold every token until the verdict.
+    #[serde(default)]
+    pub verified_only: bool,
+    /// Highest price per 1k tokens a committee member may ask.
+    pub max_price: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<u32>,
+    pub sampo: Option<SampoOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: String,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub n: Option<u32>,
+    pub sampo: Option<SampoOptions>,
+}
+
+fn bad_request(msg: &str) -> Response {
+    error_response(StatusCode::BAD_REQUEST, "invalid_request_error", msg)
+}
+
+fn json_rejection(r: JsonRejection) -> Response {
+    let status = r.status();
+    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_request_error" };
+    error_response(status, kind, &r.body_text())
+}
+
+struct Prepared {
+    model: Arc<LoadedModel>,
+    spec: TaskSpec,
+    prompt_tokens: Vec<u32>,
+    options: SampoOptions,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    s: &ApiState,
+    model: &str,
+    prompt: Prompt,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    options: Option<SampoOptions>,
+) -> Result<Prepared, Response> {
+    let Some(m) = s.models.by_name(model).cloned() else {
+        let known: Vec<&str> = s.models.0.iter().map(|m| m.name.as_str()).collect();
+        return Err(error_response(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            &format!("model `{model}` is not served by this node (it serves: {})", known.join(", ")),
+        ));
+    };
+    if n.is_some_and(|n| n != 1) {
+        return Err(bad_request("only n = 1 is supported"));
+    }
+    let options = options.unwrap_or_default();
+    let max_tokens = max_tokens.unwrap_or(s.policy.max_tokens_per_task.min(256));
+    if max_tokens == 0 || max_tokens > s.policy.max_tokens_per_task {
+        return Err(bad_request(&format!(
+            "max_tokens {max_tokens} is outside 1..={} on this node",
+            s.policy.max_tokens_per_task
+        )));
+    }
+    let temperature = temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || !(0.0..=2.0).contains(&temperature) {
+        return Err(bad_request(&format!("temperature {temperature} is outside [0, 2]")));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad_request(&format!("top_p {top_p} is outside (0, 1]")));
+    }
+    let k = options.k.unwrap_or(s.policy.default_k);
+    if k == 0 || k > 15 {
+        return Err(bad_request(&format!("sampo.k {k} is outside 1..=15")));
+    }
+    let prompt_tokens = m.prompt_tokens(&prompt).map_err(|e| bad_request(&format!("prompt: {e}")))?;
+    let ctx = m.context_length();
+    if prompt_tokens.is_empty() {
+        return Err(bad_request("the prompt is empty"));
+    }
+    if prompt_tokens.len() + max_tokens as usize > ctx {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+            &format!(
+                "this model's context is {ctx} tokens; the prompt has {} and max_tokens asks for {max_tokens}",
+                prompt_tokens.len()
+            ),
+        ));
+    }
+    let fee = (m.price_per_1k * u64::from(max_tokens)).div_ceil(1000) * u64::from(k);
+    let spec = TaskSpec {
+        coordinator: s.info.peer_id.parse().map_err(|_| bad_request("node identity unavailable"))?,
+        nonce: rand::random(),
+        created_ms: now_ms(),
+        model: m.id,
+        prompt,
+        params: SamplingParams {
+            temperature,
+            top_k: top_k.unwrap_or(0),
+            top_p,
+            max_tokens,
+            seed: seed.unwrap_or_else(rand::random),
+            stop: Vec::new(),
+        },
+        k,
+        max_escalations: s.policy.max_escalations,
+        fee,
+    };
+    spec.validate().map_err(|e| bad_request(&e.to_string()))?;
+    Ok(Prepared { model: m, spec, prompt_tokens, options })
+}
+
+async fn submit(s: &ApiState, p: &Prepared) -> Result<TaskId, Response> {
+    let Some(rt) = &s.runtime else {
+        return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
+    };
+    rt.submit(p.spec.clone(), p.options.max_price).await.map_err(|e| match e {
+        SubmitTaskError::Busy | SubmitTaskError::Round(RoundError::Busy(_)) => too_many(&e.to_string(), 1),
+        SubmitTaskError::Round(RoundError::NoCommittee { .. }) => {
+            error_response(StatusCode::SERVICE_UNAVAILABLE, "insufficient_nodes", &e.to_string())
+        }
+        other => error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", &other.to_string()),
+    })
+}
+
+async fn wait_verdict(s: &ApiState, task: &TaskId) -> Result<TaskState, Response> {
+    let Some(rt) = &s.runtime else {
+        return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
+    };
+    match rt.board.wait_final(task, s.policy.verdict_timeout).await {
+        Some(st) => Ok(st),
+        None => Err(error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            &format!(
+                "no verdict for task {task} in {} s; see GET /v1/tasks/{task}",
+                s.policy.verdict_timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+fn sampo_field(task: &TaskId, st: &TaskState, streamed: Option<bool>) -> Value {
+    let mut v = json!({
+        "task_id": task.to_string(),
+        "verdict": st.status,
+        "attempt": st.attempt,
+        "committee": st.committee,
+        "marks": st.marks.iter().map(|(p, m)| json!({"peer_id": p, "mark": m})).collect::<Vec<_>>(),
+        "evidence_url": format!("/v1/tasks/{task}/evidence"),
+    });
+    if let (Some(matches), Value::Object(m)) = (streamed, &mut v) {
+        m.insert("streamed_tokens_match_verdict".into(), json!(matches));
+    }
+    v
+}
+
+fn finish_reason(output: &[u32], max_tokens: u32) -> &'static str {
+    if output.len() as u32 >= max_tokens { "length" } else { "stop" }
+}
+
+async fn chat_completions(State(s): State<Arc<ApiState>>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(r) => return json_rejection(r),
+    };
+    if req.messages.is_empty() {
+        return bad_request("messages must not be empty");
+    }
+    let p = match prepare(
+        &s,
+        &req.model,
+        Prompt::Chat(req.messages),
+        req.max_completion_tokens.or(req.max_tokens),
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        req.seed,
+        req.n,
+        req.sampo,
+    ) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    respond(s, p, req.stream, true).await
+}
+
+async fn completions(State(s): State<Arc<ApiState>>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(r) => return json_rejection(r),
+    };
+    let p = match prepare(
+        &s,
+        &req.model,
+        Prompt::Text(req.prompt),
+        req.max_tokens,
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        req.seed,
+        req.n,
+        req.sampo,
+    ) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    respond(s, p, req.stream, false).await
+}
+
+async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Response {
+    let t0 = Instant::now();
+    let created = now_ms() / 1000;
+    // Run the local inference first when streaming: a full queue is a 429 before any
+    // task is announced.
+    let local = if stream && !p.options.verified_only {
+        let Some(ex) = &s.executor else {
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no executor");
+        };
+        let (tx, rx) = mpsc::channel::<TokenPiece>(64);
+        let (done, done_rx) = oneshot::channel();
+        let job = Job {
+            priority: u64::MAX,
+            engine: p.model.engine.clone(),
+            prompt: p.prompt_tokens.clone(),
+            params: p.model.sampling(&p.spec),
+            stream: Some(tx),
+            done,
+        };
+        match ex.submit(job) {
+            Ok(()) => Some((rx, done_rx)),
+            Err(SubmitError::Full(_)) => {
+                s.metrics.queue_rejections.inc();
+                return too_many("the inference queue is full", 2);
+            }
+            Err(SubmitError::Closed) => {
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is shutting down");
+            }
+        }
+    } else {
+        None
+    };
+    let task = match submit(&s, &p).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, &task.to_string()[..24]);
+    let model_name = p.model.name.clone();
+    let object = if chat { "chat.completion" } else { "text_completion" };
+    if !stream {
+        let st = match wait_verdict(&s, &task).await {
+            Ok(st) => st,
+            Err(r) => return r,
+        };
+        let Some(output) = st.output.clone().filter(|_| st.status == "finalized") else {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "consensus_failed",
+                &format!("task {task} ended {} without a verified output", st.status),
+            );
+        };
+        let text = p.model.detokenize(&output);
+        let fr = finish_reason(&output, p.spec.params.max_tokens);
+        let choice = if chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fr, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": text, "finish_reason": fr, "logprobs": null})
+        };
+        return Json(json!({
+            "id": id, "object": object, "created": created, "model": model_name,
+            "choices": [choice],
+            "usage": {"prompt_tokens": p.prompt_tokens.len(), "completion_tokens": output.len(), "total_tokens": p.prompt_tokens.len() + output.len()},
+            "sampo": sampo_field(&task, &st, None),
+        }))
+        .into_response();
+    }
+    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |content: Option<&str>, role: bool, fr: Option<&str>, extra: Option<Value>| -> Event {
+        let choice = if chat {
+            let mut delta = serde_json::Map::new();
+            if role {
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if let Some(c) = content {
+                delta.insert("content".into(), json!(c));
+            }
+            json!({"index": 0, "delta": delta, "finish_reason": fr, "logprobs": null})
+        } else {
+            json!({"index": 0, "text": content.unwrap_or(""), "finish_reason": fr, "logprobs": null})
+        };
+        let mut body =
+            json!({"id": id, "object": chunk_object, "created": created, "model": model_name, "choices": [choice]});
+        if let (Some(x), Value::Object(m)) = (extra, &mut body) {
+            m.insert("sampo".into(), x);
+        }
+        Event::default().data(body.to_string())
+    };
+    let s2 = s.clone();
+    let max_tokens = p.spec.params.max_tokens;
+    let model = p.model.clone();
+    let (out_tx, out_rx) = mpsc::channel::<Event>(64);
+    // The producer ends when the client goes away: sends fail, the token receiver is
+    // dropped, and the inference thread stops at its next token.
+    tokio::spawn(async move {
+        if chat && out_tx.send(chunk(None, true, None, None)).await.is_err() {
+            return;
+        }
+        let mut streamed: Option<Vec<u32>> = None;
+        if let Some((mut rx, done_rx)) = local {
+            let mut first = true;
+            let mut ids = Vec::new();
+            while let Some(piece) = rx.recv().await {
+                if first {
+                    s2.metrics.time_to_first_token_seconds.observe(t0.elapsed().as_secs_f64());
+                    first = false;
+                }
+                ids.push(piece.id);
+                if !piece.text.is_empty() && out_tx.send(chunk(Some(&piece.text), false, None, None)).await.is_err() {
+                    return;
+                }
+            }
+            if let Ok(Ok(g)) = done_rx.await {
+                s2.metrics.observe_generation(&g);
+            }
+            streamed = Some(ids);
+        }
+        let st = match wait_verdict(&s2, &task).await {
+            Ok(st) => st,
+            Err(_) => {
+                let err =
+                    json!({"error": {"message": format!("no verdict for task {task} in time"), "type": "timeout"}});
+                let _ = out_tx.send(Event::default().data(err.to_string())).await;
+                let _ = out_tx.send(Event::default().data("[DONE]")).await;
+                return;
+            }
+        };
+        let output = st.output.clone().filter(|_| st.status == "finalized");
+        if streamed.is_none()
+            && let Some(out) = &output
+        {
+            let text = model.detokenize(out);
+            if out_tx.send(chunk(Some(&text), false, None, None)).await.is_err() {
+                return;
+            }
+        }
+        let matches = streamed.as_ref().map(|ids| Some(ids) == output.as_ref());
+        let fr = output.as_ref().map(|o| finish_reason(o, max_tokens)).unwrap_or("error");
+        let _ = out_tx.send(chunk(None, false, Some(fr), Some(sampo_field(&task, &st, matches)))).await;
+        let _ = out_tx.send(Event::default().data("[DONE]")).await;
+    });
+    Sse::new(receiver_stream(out_rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn receiver_stream(mut rx: mpsc::Receiver<Event>) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok)))
+}
+
+/// `POST /v1/tasks`: start a task and return its id at once.
+#[derive(Debug, Deserialize)]
+pub struct TaskRequest {
+    pub model: String,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessage>>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub sampo: Option<SampoOptions>,
+}
+
+async fn create_task(State(s): State<Arc<ApiState>>, body: Result<Json<TaskRequest>, JsonRejection>) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(r) => return json_rejection(r),
+    };
+    let prompt = match (req.prompt, req.messages) {
+        (Some(t), None) => Prompt::Text(t),
+        (None, Some(m)) if !m.is_empty() => Prompt::Chat(m),
+        _ => return bad_request("give exactly one of `prompt` or a non-empty `messages`"),
+    };
+    let p = match prepare(
+        &s,
+        &req.model,
+        prompt,
+        req.max_tokens,
+        req.temperature,
+        req.top_p,
+        req.top_k,
+        req.seed,
+        None,
+        req.sampo,
+    ) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match submit(&s, &p).await {
+        Ok(task) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"task_id": task.to_string(), "status_url": format!("/v1/tasks/{task}"), "evidence_url": format!("/v1/tasks/{task}/evidence")})),
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+fn parse_task(id: &str) -> Result<TaskId, Response> {
+    Hash32::from_hex(id).map(TaskId).ok_or_else(|| bad_request("a task id is 64 hex digits"))
+}
+
+async fn get_task(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let task = match parse_task(&id) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let live = s.runtime.as_ref().and_then(|rt| rt.board.get(&task));
+    let stored = s.store.as_ref().and_then(|st| st.task(&task).ok().flatten());
+    let model = live.as_ref().map(|l| l.model.clone()).or_else(|| stored.as_ref().map(|r| r.model.to_string()));
+    let text = |out: &Option<Vec<u32>>| {
+        let m = model.as_deref().and_then(|m| s.models.0.iter().find(|x| x.id.to_string() == m));
+        match (m, out) {
+            (Some(m), Some(o)) => Some(m.detokenize(o)),
+            _ => None,
+        }
+    };
+    match (live, stored) {
+        (Some(l), _) => {
+            let out = l.output.clone();
+            Json(json!({"task": l, "output_tokens": out, "output_text": text(&out)})).into_response()
+        }
+        (None, Some(r)) => {
+            let out = r.output.clone();
+            Json(json!({
+                "task": {"task": r.task.to_string(), "status": r.status, "attempt": r.attempt,
+                    "committee": r.committee.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "coordinator": r.coordinator.to_string(), "model": r.model.to_string()},
+                "output_tokens": out, "output_text": text(&out)
+            }))
+            .into_response()
+        }
+        (None, None) => {
+            error_response(StatusCode::NOT_FOUND, "not_found", &format!("task {task} is unknown to this node"))
+        }
+    }
+}
+
+async fn get_evidence(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let task = match parse_task(&id) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Some(store) = &s.store else { return not_found().await };
+    match store.evidence(&task) {
+        Ok(list) => match list.last() {
+            Some(rec) => {
+                let attempt = rec.verdict.open::<sampo_consensus::Verdict>().map(|v| v.attempt).unwrap_or(0);
+                Json(EvidenceBundle {
+                    format: EvidenceBundle::FORMAT.into(),
+                    task,
+                    attempt,
+                    verdict: rec.verdict.clone(),
+                })
+                .into_response()
+            }
+            None => error_response(StatusCode::NOT_FOUND, "not_found", &format!("no verdict stored for task {task}")),
+        },
+        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string()),
+    }
 }

@@ -53,6 +53,14 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub execution: ExecutionConfig,
     pub consensus: ConsensusConfig,
+    pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TestingConfig {
+    /// Misbehave on purpose; refused without `--unsafe-allow-faults`.
+    pub behaviour: sampo_consensus::Behaviour,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,8 +129,8 @@ pub struct ConsensusConfig {
     /// Reputation score below which a peer is not sampled.
     pub ban_threshold: f64,
     pub ban_duration_secs: u64,
-    /// Rounds after which a past outcome weighs half as much.
-    pub reputation_half_life_rounds: f64,
+    /// Seconds after which a past outcome weighs half as much.
+    pub reputation_half_life_secs: u64,
 }
 
 impl Default for Config {
@@ -135,6 +143,7 @@ impl Default for Config {
             models: Vec::new(),
             execution: ExecutionConfig::default(),
             consensus: ConsensusConfig::default(),
+            testing: TestingConfig::default(),
         }
     }
 }
@@ -183,7 +192,7 @@ impl Default for ConsensusConfig {
             max_escalations: 2,
             ban_threshold: 0.25,
             ban_duration_secs: 600,
-            reputation_half_life_rounds: 50.0,
+            reputation_half_life_secs: 21_600,
         }
     }
 }
@@ -243,7 +252,14 @@ max_escalations = 2
 # Peers scoring below this are not sampled until their ban expires.
 ban_threshold = 0.25
 ban_duration_secs = 600
-reputation_half_life_rounds = 50.0
+# Seconds after which a past outcome weighs half as much.
+reputation_half_life_secs = 21600
+
+# Deliberate misbehaviour for testnets: "honest", "wrong_output", "never_reveal",
+# "copy_commit" or "equivocate". Anything but "honest" is refused unless the node is
+# started with --unsafe-allow-faults.
+[testing]
+behaviour = "honest"
 "#;
 
 /// A value given on the command line for a config key (`network.bootstrap`, ...).
@@ -368,8 +384,8 @@ impl Config {
         if !(c.ban_threshold > 0.0 && c.ban_threshold < 1.0) {
             return bad("consensus.ban_threshold", format!("{} is outside (0, 1)", c.ban_threshold));
         }
-        if !(c.reputation_half_life_rounds.is_finite() && c.reputation_half_life_rounds >= 1.0) {
-            return bad("consensus.reputation_half_life_rounds", "must be a finite number >= 1".into());
+        if c.reputation_half_life_secs == 0 {
+            return bad("consensus.reputation_half_life_secs", "must be at least 1".into());
         }
         if c.max_escalations > 8 {
             return bad("consensus.max_escalations", format!("{} is more than 8", c.max_escalations));

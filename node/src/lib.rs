@@ -3,8 +3,12 @@
 
 pub mod api;
 pub mod config;
+pub mod executor;
 pub mod keys;
 pub mod logging;
+pub mod metrics;
+pub mod models;
+pub mod runtime;
 pub mod service;
 
 pub use config::Config;

@@ -59,6 +59,12 @@ enum Command {
         /// Overrides `network.bootstrap` (repeatable).
         #[arg(long)]
         bootstrap: Vec<String>,
+        /// Serve this GGUF model (repeatable; overrides `[[models]]`).
+        #[arg(long)]
+        model: Vec<PathBuf>,
+        /// Accept a `[testing] behaviour` that misbehaves on purpose (testnets only).
+        #[arg(long)]
+        unsafe_allow_faults: bool,
     },
     /// Inspect, synthesize and run models locally.
     Model {
@@ -124,13 +130,24 @@ fn strings(key: &str, v: &[String]) -> Option<Override> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Node { cfg, api_listen, listen, bootstrap } => {
+        Command::Node { cfg, api_listen, listen, bootstrap, model, unsafe_allow_faults } => {
             let mut extra = Vec::new();
             if let Some(a) = api_listen {
                 extra.push(Override { key: "api.listen".into(), value: toml::Value::String(a) });
             }
             extra.extend(strings("network.listen", &listen));
             extra.extend(strings("network.bootstrap", &bootstrap));
+            if !model.is_empty() {
+                let tables = model
+                    .iter()
+                    .map(|p| {
+                        let mut t = toml::Table::new();
+                        t.insert("path".into(), toml::Value::String(p.display().to_string()));
+                        toml::Value::Table(t)
+                    })
+                    .collect();
+                extra.push(Override { key: "models".into(), value: toml::Value::Array(tables) });
+            }
             let config = cfg.load(extra)?;
             logging::init(config.log_format);
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -138,7 +155,8 @@ fn main() -> anyhow::Result<()> {
                 .thread_name("sampo-rt")
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(service::run(config, service::shutdown_signal()))?;
+            let opts = service::RunOptions { allow_faults: unsafe_allow_faults };
+            rt.block_on(service::run_with(config, opts, service::shutdown_signal()))?;
         }
         Command::Model { cmd } => cmd_model::run(cmd)?,
         Command::Bench(args) => cmd_model::bench(args)?,

@@ -3,14 +3,25 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use sampo_consensus::{Behaviour, Consensus, ReputationParams, RoundParams};
+use sampo_kernels::{Backend, CpuBackend};
+use sampo_p2p::P2pConfig;
 use sampo_storage::Store;
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::api::{ApiState, NodeInfo};
-use crate::config::Config;
+use crate::api::{ApiPolicy, ApiState, ModelInfo, NodeInfo};
+use crate::config::{BackendChoice, Config};
+use crate::executor::Executor;
 use crate::keys;
+use crate::metrics::NodeMetrics;
+use crate::models::{LoadedModel, Models};
+use crate::runtime::{self, LoopParts, Runtime, TaskBoard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -26,6 +37,12 @@ pub enum NodeError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("API server: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("p2p: {0}")]
+    P2p(String),
 }
 
 /// What a started node writes to `<data_dir>/node.json`, so tools (the testnet) can
@@ -39,8 +56,45 @@ pub struct RunInfo {
 
 pub const RUN_INFO_FILE: &str = "node.json";
 
+/// Flags that are not config keys.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Accept a `[testing] behaviour` other than honest.
+    pub allow_faults: bool,
+}
+
+fn p2p_config(cfg: &Config) -> Result<P2pConfig, NodeError> {
+    let parse = |key: &'static str, v: &[String]| -> Result<Vec<sampo_p2p::Multiaddr>, NodeError> {
+        v.iter()
+            .map(|a| a.parse().map_err(|e| NodeError::Config(format!("{key}: `{a}` is not a multiaddr: {e}"))))
+            .collect()
+    };
+    Ok(P2pConfig {
+        listen: parse("network.listen", &cfg.network.listen)?,
+        bootstrap: parse("network.bootstrap", &cfg.network.bootstrap)?,
+        max_connections: cfg.network.max_connections,
+        announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
+        discovery_interval: Duration::from_secs(cfg.network.announce_interval_secs.clamp(1, 10)),
+        ..P2pConfig::default()
+    })
+}
+
 /// Run a node until `shutdown` resolves, then drain and flush.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+    run_with(cfg, RunOptions::default(), shutdown).await
+}
+
+pub async fn run_with(
+    cfg: Config,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    if cfg.testing.behaviour != Behaviour::Honest && !opts.allow_faults {
+        return Err(NodeError::Config(format!(
+            "testing.behaviour = {:?} makes this node misbehave on purpose; start with --unsafe-allow-faults if that is what you want",
+            cfg.testing.behaviour
+        )));
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|source| NodeError::DataDir { path: cfg.data_dir.clone(), source })?;
     let (key, created) = keys::load_or_create(&cfg.key_path())?;
@@ -48,8 +102,26 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         info!(path = %cfg.key_path().display(), "created a new node key");
     }
     let peer_id = key.peer_id();
-    let store = Store::open(&cfg.db_path())?;
+    let store = Arc::new(Store::open(&cfg.db_path())?);
     info!(path = %store.path().display(), schema = sampo_storage::SCHEMA_VERSION, "database open");
+
+    // The backend: CUDA is not built into this binary yet, so `auto` means the CPU.
+    if cfg.execution.backend == BackendChoice::Cuda {
+        return Err(NodeError::Config(
+            "execution.backend = \"cuda\": this build has no CUDA backend; use \"auto\" or \"cpu\"".into(),
+        ));
+    }
+    let cpu = CpuBackend::new(cfg.execution.threads).map_err(|e| NodeError::Model(e.to_string()))?;
+    let device = cpu.device();
+    let backend: Arc<dyn sampo_kernels::Backend> = Arc::new(cpu);
+    let mut models = Vec::new();
+    for (i, m) in cfg.models.iter().enumerate() {
+        let lm = LoadedModel::load(&m.path, m.name.clone(), m.price_per_1k_tokens, backend.clone())
+            .map_err(|e| NodeError::Model(format!("models[{i}] ({}): {e}", m.path.display())))?;
+        info!(name = %lm.name, id = %lm.id, "model loaded");
+        models.push(Arc::new(lm));
+    }
+    let models = Models(models);
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen).await.map_err(|source| {
         if source.kind() == std::io::ErrorKind::AddrInUse {
@@ -60,19 +132,96 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     })?;
     let addr = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.api.listen, source })?;
     let api_url = format!("http://{addr}");
-    let state = Arc::new(ApiState {
-        info: NodeInfo {
-            peer_id: peer_id.to_string(),
-            version: env!("CARGO_PKG_VERSION"),
-            api_url: api_url.clone(),
-            data_dir: cfg.data_dir.display().to_string(),
-            listen: cfg.network.listen.clone(),
-            models: cfg.models.iter().map(|m| m.path.display().to_string()).collect(),
-            backend: "cpu".into(),
-        },
-        ready: AtomicBool::new(false),
-    });
-    let app = crate::api::router(state.clone());
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(NodeMetrics::register(&mut registry));
+    let (p2p, p2p_events) = sampo_p2p::spawn(key.clone(), p2p_config(&cfg)?, &mut registry)
+        .await
+        .map_err(|e| NodeError::P2p(e.to_string()))?;
+    let registry = Arc::new(std::sync::Mutex::new(registry));
+
+    let executor = Executor::start(cfg.execution.max_concurrent, cfg.execution.queue_capacity)
+        .map_err(|e| NodeError::Model(format!("starting inference threads: {e}")))?;
+    let c = &cfg.consensus;
+    let round_params = RoundParams {
+        commit_window_ms: c.commit_timeout_ms,
+        reveal_window_ms: c.reveal_timeout_ms,
+        ..RoundParams::default()
+    };
+    let reputation = ReputationParams {
+        half_life_ms: c.reputation_half_life_secs.saturating_mul(1000),
+        ban_threshold: c.ban_threshold,
+        ban_ms: c.ban_duration_secs.saturating_mul(1000),
+        ..ReputationParams::default()
+    };
+    if cfg.testing.behaviour != Behaviour::Honest {
+        warn!(behaviour = ?cfg.testing.behaviour, "THIS NODE MISBEHAVES ON PURPOSE (testing)");
+    }
+    let consensus = Consensus::new(key.clone(), round_params).with_behaviour(cfg.testing.behaviour);
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let board = Arc::new(TaskBoard::default());
+    let announcement = runtime::announcement(&models, "cpu", &device, &api_url);
+    let event_loop = tokio::spawn(
+        runtime::run(LoopParts {
+            consensus,
+            p2p: p2p.clone(),
+            p2p_events,
+            commands: cmd_rx,
+            self_tx: cmd_tx.clone(),
+            executor: executor.clone(),
+            models: models.clone(),
+            store: store.clone(),
+            board: board.clone(),
+            metrics: metrics.clone(),
+            reputation: reputation.clone(),
+            announcement,
+            announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
+            max_tokens_per_task: cfg.execution.max_tokens_per_task,
+            shutdown: stop_rx,
+        })
+        .instrument(info_span!("event-loop")),
+    );
+
+    let policy = ApiPolicy {
+        api_keys: cfg.api.api_keys.clone(),
+        allow_ips: cfg.api.allow_ips.iter().filter_map(|s| crate::config::parse_ip_range(s)).collect(),
+        rate_limit_per_minute: cfg.api.rate_limit_per_minute,
+        max_body_bytes: cfg.api.max_body_bytes,
+        default_k: c.k.min(255) as u8,
+        max_escalations: c.max_escalations.min(8) as u8,
+        max_tokens_per_task: cfg.execution.max_tokens_per_task,
+        verdict_timeout: Duration::from_millis(
+            (c.commit_timeout_ms + c.reveal_timeout_ms) * (u64::from(c.max_escalations) + 2) + 5_000,
+        ),
+    };
+    let info = NodeInfo {
+        peer_id: peer_id.to_string(),
+        version: env!("CARGO_PKG_VERSION"),
+        api_url: api_url.clone(),
+        data_dir: cfg.data_dir.display().to_string(),
+        listen: cfg.network.listen.clone(),
+        models: models
+            .0
+            .iter()
+            .map(|m| ModelInfo {
+                name: m.name.clone(),
+                id: m.id.to_string(),
+                context_length: m.context_length(),
+                price_per_1k_tokens: m.price_per_1k,
+            })
+            .collect(),
+        backend: "cpu".into(),
+        device,
+    };
+    let mut state = ApiState::new(info, models, registry, metrics, policy);
+    state.runtime = Some(Runtime { tx: cmd_tx, board });
+    state.store = Some(store.clone());
+    state.p2p = Some(p2p.clone());
+    state.executor = Some(executor.clone());
+    state.reputation = reputation;
+    let state = Arc::new(state);
+    let app = crate::api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     // Tasks are named through their tracing span (tokio's task names need tokio_unstable).
     let server = tokio::spawn(
         async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await }
@@ -90,7 +239,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 
     let served = server.await;
     state.ready.store(false, Ordering::Release);
-    info!("shutting down: flushing storage");
+    info!("shutting down: draining inference, stopping the mesh, flushing storage");
+    let ex = executor.clone();
+    let _ = tokio::task::spawn_blocking(move || ex.shutdown(DRAIN_TIMEOUT)).await;
+    let _ = stop_tx.send(true);
+    let _ = event_loop.await;
+    p2p.shutdown().await;
     store.flush()?;
     let _ = std::fs::remove_file(cfg.data_dir.join(RUN_INFO_FILE));
     match served {
@@ -99,6 +253,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Err(join) => Err(NodeError::Serve(std::io::Error::other(join.to_string()))),
     }
 }
+
+/// How long in-flight inferences may run on after a shutdown request.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

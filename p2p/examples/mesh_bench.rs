@@ -13,7 +13,11 @@ use sampo_p2p::{GossipTopic, P2pConfig, P2pEvent, P2pHandle, Protocol};
 
 type Arrivals = Arc<Mutex<HashMap<Hash32, Vec<Instant>>>>;
 
-async fn start(i: usize, bootstrap: Option<sampo_p2p::Multiaddr>, arrivals: Arrivals) -> (P2pHandle, sampo_p2p::Multiaddr) {
+async fn start(
+    i: usize,
+    bootstrap: Option<sampo_p2p::Multiaddr>,
+    arrivals: Arrivals,
+) -> (P2pHandle, sampo_p2p::Multiaddr) {
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
     let key = NodeKey::from_seed(seed);
@@ -92,8 +96,11 @@ async fn main() {
             let mut seed = [0u8; 32];
             seed[..8].copy_from_slice(&(from as u64 + 1).to_le_bytes());
             let key = NodeKey::from_seed(seed);
-            let env = SignedEnvelope::seal(&key, &Commit { task: TaskId(Hash32::of(&[m as u8, n as u8])), attempt: 0, hash: Hash32::of(b"x") })
-                .expect("seal");
+            let env = SignedEnvelope::seal(
+                &key,
+                &Commit { task: TaskId(Hash32::of(&[m as u8, n as u8])), attempt: 0, hash: Hash32::of(b"x") },
+            )
+            .expect("seal");
             let id = env.id();
             let sent = Instant::now();
             nodes[from].publish(GossipTopic::Rounds, env).await.expect("publish");

@@ -317,7 +317,8 @@ pub async fn spawn(
     metrics: &mut MetricsRegistry,
 ) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>), P2pError> {
     let mut swarm = build_swarm(&key, &cfg, metrics)?;
-    let libp2p_metrics = Metrics::new(metrics.sub_registry_with_prefix("libp2p"));
+    // `Metrics::new` adds its own `libp2p` prefix.
+    let libp2p_metrics = Metrics::new(metrics);
     for addr in &cfg.listen {
         swarm.listen_on(addr.clone()).map_err(|e| P2pError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }

@@ -226,8 +226,7 @@ async fn evidence_can_be_fetched_by_task_id() {
 async fn libp2p_metrics_land_in_the_given_registry() {
     let mut metrics = Metrics::default();
     let a = start(key(0), cfg(None)).await;
-    let (handle, _events) =
-        sampo_p2p::spawn(key(1), cfg(Some(&a.addr)), &mut metrics).await.expect("spawn");
+    let (handle, _events) = sampo_p2p::spawn(key(1), cfg(Some(&a.addr)), &mut metrics).await.expect("spawn");
     until("a connection", async || !handle.connected_peers().await.expect("peers").is_empty()).await;
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &metrics).expect("encode");

@@ -1,0 +1,97 @@
+//! The node's own metrics (`sampo_` prefix), registered in the same registry as
+//! libp2p's. Labels have bounded cardinality: no peer or task ids.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use sampo_kernels::Generation;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabels {
+    /// coordinator, member or observer.
+    pub role: String,
+    /// finalized, escalated or disputed.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// The matched route template, e.g. /v1/chat/completions.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScoreBucket {
+    /// Upper bound of the reputation score bucket.
+    pub score_up_to: String,
+}
+
+pub struct NodeMetrics {
+    pub tasks: Family<TaskLabels, Counter>,
+    pub round_seconds: Histogram,
+    pub inference_tokens: Counter,
+    pub decode_tokens_per_second: Histogram,
+    pub time_to_first_token_seconds: Histogram,
+    pub queue_depth: Gauge,
+    pub queue_rejections: Counter,
+    pub reputation_peers: Family<ScoreBucket, Gauge>,
+    pub banned_peers: Gauge,
+    pub api_requests: Family<ApiLabels, Counter>,
+    pub refused_messages: Counter,
+}
+
+impl NodeMetrics {
+    pub fn register(root: &mut Registry) -> Self {
+        let m = Self {
+            tasks: Family::default(),
+            round_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            inference_tokens: Counter::default(),
+            decode_tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            time_to_first_token_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            queue_depth: Gauge::default(),
+            queue_rejections: Counter::default(),
+            reputation_peers: Family::default(),
+            banned_peers: Gauge::default(),
+            api_requests: Family::default(),
+            refused_messages: Counter::default(),
+        };
+        let r = root.sub_registry_with_prefix("sampo");
+        r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
+        r.register_with_unit(
+            "round_duration",
+            "Time from announcing a task to its final verdict (coordinator)",
+            Unit::Seconds,
+            m.round_seconds.clone(),
+        );
+        r.register("inference_tokens", "Tokens generated", m.inference_tokens.clone());
+        r.register(
+            "inference_decode_tokens_per_second",
+            "Decode speed of each inference",
+            m.decode_tokens_per_second.clone(),
+        );
+        r.register_with_unit(
+            "time_to_first_token",
+            "Time from an API request to its first streamed token",
+            Unit::Seconds,
+            m.time_to_first_token_seconds.clone(),
+        );
+        r.register("queue_depth", "Inference jobs waiting", m.queue_depth.clone());
+        r.register("queue_rejections", "Jobs and seats refused because the queue was full", m.queue_rejections.clone());
+        r.register("reputation_peers", "Known peers by reputation score bucket", m.reputation_peers.clone());
+        r.register("banned_peers", "Peers currently banned", m.banned_peers.clone());
+        r.register("api_requests", "API requests by route and status", m.api_requests.clone());
+        r.register("refused_messages", "Protocol messages the state machine refused", m.refused_messages.clone());
+        m
+    }
+
+    pub fn observe_generation(&self, g: &Generation) {
+        self.inference_tokens.inc_by(g.tokens.len() as u64);
+        if g.decode_secs > 0.0 && g.tokens.len() > 1 {
+            self.decode_tokens_per_second.observe((g.tokens.len() - 1) as f64 / g.decode_secs);
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The node's event loop: p2p events and API submissions feed the consensus state
+//! machine; its actions go out as gossip, inference jobs and storage writes. The loop
+//! never runs inference or blocks on a client: jobs go to the executor's threads and
+//! come back as messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sampo_consensus::{
+    Action, Candidate, Consensus, Mark, ModelRef, NodeAnnouncement, Outcome, PeerId, ReputationParams, RoundError,
+    SignedEnvelope, TaskId, TaskSpec, Topic,
+};
+use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, P2pEvent, P2pHandle};
+use sampo_storage::Store;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::executor::{Executor, Job};
+use crate::metrics::NodeMetrics;
+use crate::models::Models;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What the API can see of a task.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct TaskState {
+    pub task: String,
+    /// "running", "finalized", "escalated", "disputed" or "failed".
+    pub status: String,
+    pub attempt: u8,
+    pub committee: Vec<String>,
+    pub marks: Vec<(String, String)>,
+    #[serde(skip)]
+    pub output: Option<Vec<u32>>,
+    pub model: String,
+    pub coordinator: String,
+    pub error: Option<String>,
+}
+
+impl TaskState {
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "finalized" | "disputed" | "failed")
+    }
+}
+
+/// Each task's state channel, and the insertion order for pruning.
+type BoardEntries = (HashMap<TaskId, watch::Sender<TaskState>>, VecDeque<TaskId>);
+
+/// Task states with waiters; bounded, oldest entries pruned first.
+#[derive(Default)]
+pub struct TaskBoard {
+    inner: Mutex<BoardEntries>,
+}
+
+/// Tasks remembered in memory (the store keeps them all).
+pub const BOARD_CAPACITY: usize = 4096;
+
+impl TaskBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoardEntries> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn update(&self, task: TaskId, f: impl FnOnce(&mut TaskState)) {
+        let mut g = self.lock();
+        if let Some(tx) = g.0.get(&task) {
+            tx.send_modify(f);
+            return;
+        }
+        let mut st = TaskState {
+            task: task.to_string(),
+            status: "running".into(),
+            attempt: 0,
+            committee: Vec::new(),
+            marks: Vec::new(),
+            output: None,
+            model: String::new(),
+            coordinator: String::new(),
+            error: None,
+        };
+        f(&mut st);
+        let (tx, _) = watch::channel(st);
+        g.0.insert(task, tx);
+        g.1.push_back(task);
+        while g.1.len() > BOARD_CAPACITY {
+            if let Some(old) = g.1.pop_front() {
+                g.0.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, task: &TaskId) -> Option<TaskState> {
+        self.lock().0.get(task).map(|tx| tx.borrow().clone())
+    }
+
+    pub fn subscribe(&self, task: &TaskId) -> Option<watch::Receiver<TaskState>> {
+        self.lock().0.get(task).map(|tx| tx.subscribe())
+    }
+
+    /// Wait until the task is final, or `timeout`.
+    pub async fn wait_final(&self, task: &TaskId, timeout: Duration) -> Option<TaskState> {
+        let mut rx = self.subscribe(task)?;
+        let fut = async {
+            loop {
+                if rx.borrow().is_final() {
+                    return Some(rx.borrow().clone());
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, fut).await.ok().flatten()
+    }
+}
+
+pub enum LoopCmd {
+    Submit { spec: Box<TaskSpec>, max_price: Option<u64>, reply: oneshot::Sender<Result<TaskId, RoundError>> },
+    Executed { task: TaskId, attempt: u8, tokens: Result<Vec<u32>, String> },
+}
+
+/// Everything the loop needs.
+pub struct LoopParts {
+    pub consensus: Consensus,
+    pub p2p: P2pHandle,
+    pub p2p_events: mpsc::Receiver<P2pEvent>,
+    pub commands: mpsc::Receiver<LoopCmd>,
+    pub self_tx: mpsc::Sender<LoopCmd>,
+    pub executor: Executor,
+    pub models: Models,
+    pub store: Arc<Store>,
+    pub board: Arc<TaskBoard>,
+    pub metrics: Arc<NodeMetrics>,
+    pub reputation: ReputationParams,
+    pub announcement: NodeAnnouncement,
+    pub announce_interval: Duration,
+    pub max_tokens_per_task: u32,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+fn gossip_topic(t: Topic) -> GossipTopic {
+    match t {
+        Topic::Tasks(m) => GossipTopic::Tasks(m),
+        Topic::Rounds => GossipTopic::Rounds,
+    }
+}
+
+/// The registry as candidates for a committee, weighted by our reputation store.
+pub fn candidates(p2p: &P2pHandle, store: &Store, rp: &ReputationParams) -> Vec<Candidate> {
+    let now = now_ms();
+    p2p.live_nodes()
+        .into_iter()
+        .map(|n| {
+            let rep = store.reputation(&n.peer).ok().flatten().unwrap_or_default();
+            Candidate {
+                peer: n.peer,
+                models: n.announcement.models.iter().map(|m| m.id).collect(),
+                price_per_1k: n.announcement.price_per_1k,
+                free_slots: n.announcement.free_slots,
+                score: rep.score_at(now, rp),
+                banned: rep.is_banned(now),
+            }
+        })
+        .collect()
+}
+
+pub async fn run(mut p: LoopParts) {
+    let me = p.consensus.peer_id();
+    for m in &p.models.0 {
+        let _ = p.p2p.subscribe(GossipTopic::Tasks(m.id)).await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut announce = tokio::time::interval(p.announce_interval);
+    let mut started: HashMap<TaskId, Instant> = HashMap::new();
+    loop {
+        let actions: Vec<Action> = tokio::select! {
+            _ = p.shutdown.changed() => break,
+            ev = p.p2p_events.recv() => match ev {
+                None => break,
+                Some(P2pEvent::Message { envelope, from }) => match p.consensus.handle(&envelope, now_ms()) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        debug!(%from, error = %e, "protocol message refused");
+                        p.metrics.refused_messages.inc();
+                        Vec::new()
+                    }
+                },
+                Some(P2pEvent::FetchRequested { id, request, .. }) => {
+                    let resp = fetch_answer(&p.store, &request);
+                    let _ = p.p2p.respond(id, resp).await;
+                    Vec::new()
+                }
+                Some(P2pEvent::NodeJoined(peer)) => { info!(%peer, "node joined"); Vec::new() }
+                Some(P2pEvent::NodeLeft(peer)) => { info!(%peer, "node left"); Vec::new() }
+                Some(_) => Vec::new(),
+            },
+            cmd = p.commands.recv() => match cmd {
+                None => break,
+                Some(LoopCmd::Submit { spec, max_price, reply }) => {
+                    let cands = candidates(&p.p2p, &p.store, &p.reputation);
+                    match p.consensus.submit(*spec.clone(), max_price, &cands, now_ms()) {
+                        Ok((task, actions)) => {
+                            started.insert(task, Instant::now());
+                            let view = p.consensus.view(&task);
+                            p.board.update(task, |s| {
+                                s.model = spec.model.to_string();
+                                s.coordinator = me.to_string();
+                                if let Some(v) = view { s.committee = v.committee.iter().map(|c| c.to_string()).collect(); }
+                            });
+                            let _ = reply.send(Ok(task));
+                            actions
+                        }
+                        Err(e) => { let _ = reply.send(Err(e)); Vec::new() }
+                    }
+                }
+                Some(LoopCmd::Executed { task, attempt, tokens }) => match tokens {
+                    Ok(tokens) => p.consensus.executed(task, attempt, tokens, rand::random(), now_ms()),
+                    Err(e) => { warn!(%task, error = %e, "inference failed; the seat stays empty"); Vec::new() }
+                },
+            },
+            _ = tick.tick() => {
+                let cands = candidates(&p.p2p, &p.store, &p.reputation);
+                p.metrics.queue_depth.set(p.executor.queued() as i64);
+                p.consensus.tick(now_ms(), &cands)
+            }
+            _ = announce.tick() => {
+                let mut a = p.announcement.clone();
+                a.free_slots = p.executor.free_slots();
+                let _ = p.p2p.set_announcement(a).await;
+                refresh_reputation_gauges(&p.store, &p.reputation, &p.metrics);
+                Vec::new()
+            }
+        };
+        for action in actions {
+            act(&mut p, action, me, &mut started).await;
+        }
+    }
+    info!("event loop stopped");
+}
+
+fn fetch_answer(store: &Store, req: &FetchRequest) -> FetchResponse {
+    let task = match req {
+        FetchRequest::Evidence { task } | FetchRequest::Result { task } => task,
+    };
+    match store.evidence(task) {
+        Ok(list) => match list.last() {
+            Some(r) => FetchResponse::Found(r.verdict.to_bytes()),
+            None => FetchResponse::NotFound,
+        },
+        Err(_) => FetchResponse::NotFound,
+    }
+}
+
+fn refresh_reputation_gauges(store: &Store, rp: &ReputationParams, m: &NodeMetrics) {
+    let now = now_ms();
+    let mut buckets = [0i64; 5];
+    let mut banned = 0;
+    for (_, r) in store.reputations().unwrap_or_default() {
+        let s = r.score_at(now, rp);
+        buckets[((s * 5.0) as usize).min(4)] += 1;
+        banned += i64::from(r.is_banned(now));
+    }
+    for (i, n) in buckets.iter().enumerate() {
+        m.reputation_peers
+            .get_or_create(&crate::metrics::ScoreBucket { score_up_to: format!("{:.1}", (i + 1) as f64 / 5.0) })
+            .set(*n);
+    }
+    m.banned_peers.set(banned);
+}
+
+async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMap<TaskId, Instant>) {
+    match action {
+        Action::Publish { topic, envelope } => publish(&p.p2p, topic, envelope).await,
+        Action::Execute { task, attempt, spec, .. } => {
+            let Some(model) = p.models.by_id(&spec.model).cloned() else {
+                debug!(%task, "seated for a model we do not serve");
+                return;
+            };
+            if spec.params.max_tokens > p.max_tokens_per_task {
+                p.metrics.queue_rejections.inc();
+                warn!(%task, "declining a seat: max_tokens above this node's limit");
+                return;
+            }
+            let prompt = match model.prompt_tokens(&spec.prompt) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(%task, error = %e, "cannot build the prompt");
+                    return;
+                }
+            };
+            let (done, rx) = oneshot::channel();
+            let job = Job {
+                priority: spec.fee,
+                engine: model.engine.clone(),
+                prompt,
+                params: model.sampling(&spec),
+                stream: None,
+                done,
+            };
+            if let Err(e) = p.executor.submit(job) {
+                p.metrics.queue_rejections.inc();
+                warn!(%task, error = %e, "declining a seat");
+                return;
+            }
+            let tx = p.self_tx.clone();
+            let metrics = p.metrics.clone();
+            tokio::spawn(async move {
+                let tokens = match rx.await {
+                    Ok(Ok(g)) => {
+                        metrics.observe_generation(&g);
+                        Ok(g.tokens)
+                    }
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err("executor dropped the job".into()),
+                };
+                let _ = tx.send(LoopCmd::Executed { task, attempt, tokens }).await;
+            });
+        }
+        Action::Apply(v) => {
+            let role = if v.coordinator == me {
+                "coordinator"
+            } else if v.committee.contains(&me) {
+                "member"
+            } else {
+                "observer"
+            };
+            let store = p.store.clone();
+            let rp = p.reputation.clone();
+            let vv = v.clone();
+            let applied = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, now_ms(), &rp)).await;
+            match applied {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
+                Err(e) => warn!(error = %e, "verdict writer panicked"),
+            }
+            p.metrics
+                .tasks
+                .get_or_create(&crate::metrics::TaskLabels {
+                    role: role.into(),
+                    outcome: v.verdict.outcome.as_str().into(),
+                })
+                .inc();
+            let mine = v.verdict.marks.iter().find(|(peer, _)| *peer == me).map(|(_, m)| *m);
+            if let Some(Mark::Wrong) = mine {
+                warn!(task = %v.task(), "a verdict marked this node wrong");
+            }
+            p.board.update(v.task(), |s| {
+                s.attempt = v.verdict.attempt;
+                s.committee = v.committee.iter().map(|c| c.to_string()).collect();
+                s.marks = v
+                    .verdict
+                    .marks
+                    .iter()
+                    .map(|(peer, m)| (peer.to_string(), format!("{m:?}").to_lowercase()))
+                    .collect();
+                s.coordinator = v.coordinator.to_string();
+                s.model = v.spec.model.to_string();
+                match &v.verdict.outcome {
+                    Outcome::Finalized { output } => {
+                        s.status = "finalized".into();
+                        s.output = Some(output.clone());
+                    }
+                    Outcome::Escalated => s.status = "escalated".into(),
+                    Outcome::Disputed => s.status = "disputed".into(),
+                }
+            });
+        }
+        Action::Finished { task, outcome } => {
+            if let Some(t0) = started.remove(&task) {
+                p.metrics.round_seconds.observe(t0.elapsed().as_secs_f64());
+            }
+            if outcome == Outcome::Disputed {
+                p.board.update(task, |s| s.status = "disputed".into());
+            }
+        }
+    }
+}
+
+async fn publish(p2p: &P2pHandle, topic: Topic, envelope: SignedEnvelope) {
+    if let Err(e) = p2p.publish(gossip_topic(topic), envelope).await {
+        warn!(error = %e, "publish failed");
+    }
+}
+
+/// A handle for the API: submit tasks, see their state.
+#[derive(Clone)]
+pub struct Runtime {
+    pub tx: mpsc::Sender<LoopCmd>,
+    pub board: Arc<TaskBoard>,
+}
+
+impl Runtime {
+    pub async fn submit(&self, spec: TaskSpec, max_price: Option<u64>) -> Result<TaskId, SubmitTaskError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(LoopCmd::Submit { spec: Box::new(spec), max_price, reply })
+            .map_err(|_| SubmitTaskError::Busy)?;
+        rx.await.map_err(|_| SubmitTaskError::Stopped)?.map_err(SubmitTaskError::Round)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitTaskError {
+    #[error("the node's event loop is busy")]
+    Busy,
+    #[error("the node is shutting down")]
+    Stopped,
+    #[error(transparent)]
+    Round(RoundError),
+}
+
+/// The announcement template for this node's models.
+pub fn announcement(models: &Models, backend: &str, device: &str, api_url: &str) -> NodeAnnouncement {
+    NodeAnnouncement {
+        models: models.0.iter().map(|m| ModelRef { id: m.id, name: m.name.clone() }).collect(),
+        price_per_1k: models.0.iter().map(|m| m.price_per_1k).min().unwrap_or(0),
+        free_slots: 0,
+        backend: backend.into(),
+        device: device.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        addrs: Vec::new(),
+        api_url: Some(api_url.into()),
+        sent_ms: now_ms(),
+    }
+}

@@ -1,0 +1,264 @@
+//! A real node, driven over HTTP with curl: the OpenAI-compatible API, streaming, the
+//! task API, bad input, access control, the queue and the metrics.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SINGLE: &str = "[consensus]\nk = 1\n[network]\nannounce_interval_secs = 1\n";
+
+#[test]
+fn openai_endpoints_streaming_and_task_api() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synth_model(tmp.path());
+    let node = start_node(Some(&model), SINGLE);
+    let u = &node.url;
+
+    let (code, models) = get_json(&format!("{u}/v1/models"));
+    assert_eq!(code, 200);
+    let name = models["data"][0]["id"].as_str().expect("a model").to_owned();
+
+    let body =
+        format!(r#"{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":8,"temperature":0}}"#);
+    let (code, v) = post_json(&format!("{u}/v1/chat/completions"), &body);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["sampo"]["verdict"], "finalized");
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().map(|n| n <= 8), Some(true));
+    let content = v["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
+
+    // The same request streamed: chunks as tokens come, then the verdict, then [DONE].
+    let sbody = body.replace("\"max_tokens\":8", "\"max_tokens\":8,\"stream\":true");
+    let (code, sse) =
+        curl(&["-N", "-H", "content-type: application/json", "-d", &sbody, &format!("{u}/v1/chat/completions")]);
+    assert_eq!(code, 200);
+    let events: Vec<&str> = sse.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{sse}");
+    let chunks: Vec<serde_json::Value> =
+        events.iter().filter(|e| **e != "[DONE]").map(|e| serde_json::from_str(e).expect("chunk json")).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, content, "greedy stream equals the verified answer");
+    let last = chunks.last().expect("final chunk");
+    assert_eq!(last["sampo"]["verdict"], "finalized");
+    assert_eq!(last["sampo"]["streamed_tokens_match_verdict"], true);
+
+    // Plain completions.
+    let (code, v) =
+        post_json(&format!("{u}/v1/completions"), &format!(r#"{{"model":"{name}","prompt":"the","max_tokens":4}}"#));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+
+    // Task API: submit, poll, fetch the evidence, verify it offline.
+    let (code, v) =
+        post_json(&format!("{u}/v1/tasks"), &format!(r#"{{"model":"{name}","prompt":"hello","max_tokens":4}}"#));
+    assert_eq!(code, 202, "{v}");
+    let task = v["task_id"].as_str().expect("task id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, st) = get_json(&format!("{u}/v1/tasks/{task}"));
+        if st["task"]["status"] == "finalized" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task never finalized: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, bundle) = curl(&[&format!("{u}/v1/tasks/{task}/evidence")]);
+    assert_eq!(code, 200);
+    let file = tmp.path().join("bundle.json");
+    std::fs::write(&file, bundle).expect("write");
+    let out = sampo().arg("verify").arg(&file).output().expect("verify");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (code, v) = get_json(&format!("{u}/v1/peers"));
+    assert_eq!(code, 200);
+    assert_eq!(v["peers"].as_array().map(Vec::len), Some(1));
+    assert!(v["peers"][0]["reputation"]["agreed"].as_f64().is_some_and(|a| a > 0.0), "{v}");
+    let (code, v) = get_json(&format!("{u}/v1/node"));
+    assert_eq!(code, 200);
+    assert_eq!(v["backend"], "cpu");
+}
+
+#[test]
+fn bad_input_gets_a_typed_json_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synth_model(tmp.path());
+    let node = start_node(Some(&model), &format!("{SINGLE}[api]\nmax_body_bytes = 4096\n"));
+    let chat = format!("{}/v1/chat/completions", node.url);
+    let (_, models) = get_json(&format!("{}/v1/models", node.url));
+    let name = models["data"][0]["id"].as_str().expect("a model").to_owned();
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "invalid_request_error"),
+        (r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#.into(), 404, "model_not_found"),
+        (
+            format!(r#"{{"model":"{name}","messages":[{{"role":"user","content":"x"}}],"temperature":50}}"#),
+            400,
+            "invalid_request_error",
+        ),
+        (
+            format!(r#"{{"model":"{name}","messages":[{{"role":"user","content":"x"}}],"max_tokens":100000}}"#),
+            400,
+            "invalid_request_error",
+        ),
+        (format!(r#"{{"model":"{name}","messages":[]}}"#), 400, "invalid_request_error"),
+        (
+            format!(
+                r#"{{"model":"{name}","messages":[{{"role":"user","content":"{}"}}],"max_tokens":100}}"#,
+                "a b ".repeat(1200)
+            ),
+            413,
+            "request_too_large",
+        ),
+        (
+            format!(
+                r#"{{"model":"{name}","messages":[{{"role":"user","content":"{}"}}],"max_tokens":500}}"#,
+                "ab ".repeat(1500)
+            ),
+            413,
+            "request_too_large",
+        ),
+    ];
+    for (body, status, kind) in cases {
+        let (code, v) = post_json(&chat, &body);
+        assert_eq!(code, status, "{body:.80}: {v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // A prompt that fits the body limit but not the context.
+    let node2 = start_node(Some(&model), SINGLE);
+    let long = format!(
+        r#"{{"model":"{name}","messages":[{{"role":"user","content":"{}"}}],"max_tokens":500}}"#,
+        "ab ".repeat(1300)
+    );
+    let (code, v) = post_json(&format!("{}/v1/chat/completions", node2.url), &long);
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["error"]["type"], "context_length_exceeded");
+    let (code, v) = curl(&["-d", "{}", &chat]);
+    assert_eq!(code, 415, "{v}");
+    let (code, v) = get_json(&format!("{}/v1/nothing", node.url));
+    assert_eq!(code, 404);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+}
+
+#[test]
+fn api_keys_ip_allowlist_and_rate_limits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synth_model(tmp.path());
+    let node = start_node(
+        Some(&model),
+        &format!(
+            "{SINGLE}[api]\napi_keys = [\"secret-key-1\"]\nrate_limit_per_minute = 3\nallow_ips = [\"127.0.0.0/8\"]\n"
+        ),
+    );
+    let models = format!("{}/v1/models", node.url);
+    let (code, v) = curl(&[&models]);
+    assert_eq!(code, 401, "{v}");
+    let (code, _) = curl(&["-H", "Authorization: Bearer wrong-key-0", &models]);
+    assert_eq!(code, 401);
+    for _ in 0..3 {
+        let (code, _) = curl(&["-H", "Authorization: Bearer secret-key-1", &models]);
+        assert_eq!(code, 200);
+    }
+    let out = Command::new("curl")
+        .args(["-s", "-i", "-H", "Authorization: Bearer secret-key-1", &models])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.starts_with("http/1.1 429"), "{text}");
+    assert!(text.contains("retry-after:"), "{text}");
+    // Health probes need no key.
+    assert_eq!(curl(&[&format!("{}/health", node.url)]).0, 200);
+
+    let closed = start_node(Some(&model), &format!("{SINGLE}[api]\nallow_ips = [\"10.0.0.0/8\"]\n"));
+    let (code, v) = curl(&[&format!("{}/v1/models", closed.url)]);
+    assert_eq!(code, 403, "{v}");
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    // The real model is slow enough that one job holds the only worker for seconds.
+    let node =
+        start_node(Some(&real_model()), &format!("{SINGLE}[execution]\nmax_concurrent = 1\nqueue_capacity = 1\n"));
+    let chat = format!("{}/v1/chat/completions", node.url);
+    let body = r#"{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":400,"stream":true,"temperature":0}"#;
+    let (_, models) = get_json(&format!("{}/v1/models", node.url));
+    let name = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let body = body.replace("smollm2-135m-instruct", &name);
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-s", "-i", "-N", "-m", "120", "-H", "content-type: application/json", "-d", &body, &chat])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    let outputs: Vec<String> = children
+        .into_iter()
+        .map(|c| String::from_utf8_lossy(&c.wait_with_output().expect("curl").stdout).to_lowercase())
+        .collect();
+    let refused: Vec<&String> = outputs.iter().filter(|o| o.starts_with("http/1.1 429")).collect();
+    let served = outputs.iter().filter(|o| o.starts_with("http/1.1 200")).count();
+    assert!(!refused.is_empty(), "four 400-token streams on one worker and a queue of one: {outputs:?}");
+    assert!(served >= 1);
+    assert!(refused.iter().all(|o| o.contains("retry-after:")));
+    let (_, metrics) = curl(&[&format!("{}/metrics", node.url)]);
+    assert!(metrics.contains("sampo_queue_rejections_total"), "{metrics}");
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synth_model(tmp.path());
+    let node = start_node(Some(&model), SINGLE);
+    let (_, models) = get_json(&format!("{}/v1/models", node.url));
+    let name = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let (code, _) = post_json(
+        &format!("{}/v1/chat/completions", node.url),
+        &format!(r#"{{"model":"{name}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":4}}"#),
+    );
+    assert_eq!(code, 200);
+    let (code, text) = curl(&[&format!("{}/metrics", node.url)]);
+    assert_eq!(code, 200);
+    for family in [
+        "sampo_tasks_total",
+        "sampo_api_requests_total",
+        "sampo_inference_tokens_total",
+        "libp2p_swarm_",
+        "sampo_round_duration_seconds",
+    ] {
+        assert!(text.contains(family), "{family} missing");
+    }
+    let file = tmp.path().join("metrics.txt");
+    std::fs::write(&file, &text).expect("write");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .expect("promtool (Debian package prometheus, installed by scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    let node = start_node(Some(&real_model()), SINGLE);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_chat.py");
+    let out = Command::new("python3").arg(&script).arg(format!("{}/v1", node.url)).output().expect("python3");
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log_of(node.dir.path())
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("non-streaming ok") && stdout.contains("streaming ok"), "{stdout}");
+}
