@@ -8,6 +8,7 @@ use sampo_node::config::{self, Config, Override};
 use sampo_node::{keys, logging, service};
 
 mod cmd_model;
+mod cmd_testnet;
 mod cmd_verify;
 
 #[derive(Parser)]
@@ -80,6 +81,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a local testnet of real node processes.
+    Testnet(cmd_testnet::TestnetArgs),
     /// Manage the node's identity key.
     Keys {
         #[command(subcommand)]
@@ -161,6 +164,7 @@ fn main() -> anyhow::Result<()> {
         Command::Model { cmd } => cmd_model::run(cmd)?,
         Command::Bench(args) => cmd_model::bench(args)?,
         Command::Verify { file, json } => cmd_verify::run(&file, json)?,
+        Command::Testnet(args) => cmd_testnet::run(args)?,
         Command::Keys { action: KeysAction::Generate { cfg, force } } => {
             let config = cfg.load(Vec::new())?;
             let key = keys::generate(&config.key_path(), force)?;
