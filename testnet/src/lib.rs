@@ -231,11 +231,26 @@ impl Testnet {
         };
         let api_url = info["api_url"].as_str().unwrap_or_default().to_owned();
         let peer_id = info["peer_id"].as_str().unwrap_or_default().to_owned();
-        let node = get_json(&format!("{api_url}/v1/node"))?;
-        let addr = node["addresses"]
-            .as_array()
-            .and_then(|a| a.iter().filter_map(Value::as_str).find(|a| a.starts_with("/ip4/127.0.0.1/")))
-            .ok_or_else(|| TestnetError::Invalid(format!("node {i} reports no loopback address")))?;
+        // The mesh listener comes up a moment after the API: wait for its address.
+        let addr = loop {
+            let node = get_json(&format!("{api_url}/v1/node"))?;
+            let found = node["addresses"]
+                .as_array()
+                .and_then(|a| a.iter().filter_map(Value::as_str).find(|a| a.starts_with("/ip4/127.0.0.1/")))
+                .map(str::to_owned);
+            if let Some(a) = found {
+                break a;
+            }
+            if Instant::now() > deadline {
+                return Err(TestnetError::Timeout {
+                    index: i,
+                    what: "listen on the mesh",
+                    secs: 60,
+                    log: log_tail(&dir),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         Ok(NodeProc { index: i, child, p2p_addr: format!("{addr}/p2p/{peer_id}"), dir, peer_id, api_url, role, config })
     }
 
