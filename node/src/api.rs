@@ -362,11 +362,11 @@ pub struct SampoOptions {
     pub max_price: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
+/// The sampling fields every generation request shares.
+#[derive(Debug, Default, Deserialize)]
+pub struct GenerationFields {
     pub max_tokens: Option<u32>,
+    /// OpenAI's newer name for `max_tokens`.
     pub max_completion_tokens: Option<u32>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -379,18 +379,19 @@ pub struct ChatRequest {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub generation: GenerationFields,
+}
+
+#[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: String,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub n: Option<u32>,
-    pub sampo: Option<SampoOptions>,
+    #[serde(flatten)]
+    pub generation: GenerationFields,
 }
 
 fn bad_request(msg: &str) -> Response {
@@ -410,19 +411,7 @@ struct Prepared {
     options: SampoOptions,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prepare(
-    s: &ApiState,
-    model: &str,
-    prompt: Prompt,
-    max_tokens: Option<u32>,
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<u32>,
-    seed: Option<u64>,
-    n: Option<u32>,
-    options: Option<SampoOptions>,
-) -> Result<Prepared, Response> {
+fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFields) -> Result<Prepared, Response> {
     let Some(m) = s.models.by_name(model).cloned() else {
         let known: Vec<&str> = s.models.0.iter().map(|m| m.name.as_str()).collect();
         return Err(error_response(
@@ -431,11 +420,14 @@ fn prepare(
             &format!("model `{model}` is not served by this node (it serves: {})", known.join(", ")),
         ));
     };
+    let GenerationFields {
+        max_tokens, max_completion_tokens, temperature, top_p, top_k, seed, n, sampo: options, ..
+    } = generation;
     if n.is_some_and(|n| n != 1) {
         return Err(bad_request("only n = 1 is supported"));
     }
     let options = options.unwrap_or_default();
-    let max_tokens = max_tokens.unwrap_or(s.policy.max_tokens_per_task.min(256));
+    let max_tokens = max_completion_tokens.or(max_tokens).unwrap_or(s.policy.max_tokens_per_task.min(256));
     if max_tokens == 0 || max_tokens > s.policy.max_tokens_per_task {
         return Err(bad_request(&format!(
             "max_tokens {max_tokens} is outside 1..={} on this node",
@@ -549,22 +541,12 @@ async fn chat_completions(State(s): State<Arc<ApiState>>, body: Result<Json<Chat
     if req.messages.is_empty() {
         return bad_request("messages must not be empty");
     }
-    let p = match prepare(
-        &s,
-        &req.model,
-        Prompt::Chat(req.messages),
-        req.max_completion_tokens.or(req.max_tokens),
-        req.temperature,
-        req.top_p,
-        req.top_k,
-        req.seed,
-        req.n,
-        req.sampo,
-    ) {
+    let stream = req.generation.stream;
+    let p = match prepare(&s, &req.model, Prompt::Chat(req.messages), req.generation) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    respond(s, p, req.stream, true).await
+    respond(s, p, stream, true).await
 }
 
 async fn completions(State(s): State<Arc<ApiState>>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
@@ -572,22 +554,12 @@ async fn completions(State(s): State<Arc<ApiState>>, body: Result<Json<Completio
         Ok(b) => b,
         Err(r) => return json_rejection(r),
     };
-    let p = match prepare(
-        &s,
-        &req.model,
-        Prompt::Text(req.prompt),
-        req.max_tokens,
-        req.temperature,
-        req.top_p,
-        req.top_k,
-        req.seed,
-        req.n,
-        req.sampo,
-    ) {
+    let stream = req.generation.stream;
+    let p = match prepare(&s, &req.model, Prompt::Text(req.prompt), req.generation) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    respond(s, p, req.stream, false).await
+    respond(s, p, stream, false).await
 }
 
 async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Response {
@@ -743,12 +715,8 @@ pub struct TaskRequest {
     pub model: String,
     pub prompt: Option<String>,
     pub messages: Option<Vec<ChatMessage>>,
-    pub max_tokens: Option<u32>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<u32>,
-    pub seed: Option<u64>,
-    pub sampo: Option<SampoOptions>,
+    #[serde(flatten)]
+    pub generation: GenerationFields,
 }
 
 async fn create_task(State(s): State<Arc<ApiState>>, body: Result<Json<TaskRequest>, JsonRejection>) -> Response {
@@ -761,18 +729,7 @@ async fn create_task(State(s): State<Arc<ApiState>>, body: Result<Json<TaskReque
         (None, Some(m)) if !m.is_empty() => Prompt::Chat(m),
         _ => return bad_request("give exactly one of `prompt` or a non-empty `messages`"),
     };
-    let p = match prepare(
-        &s,
-        &req.model,
-        prompt,
-        req.max_tokens,
-        req.temperature,
-        req.top_p,
-        req.top_k,
-        req.seed,
-        None,
-        req.sampo,
-    ) {
+    let p = match prepare(&s, &req.model, prompt, req.generation) {
         Ok(p) => p,
         Err(r) => return r,
     };

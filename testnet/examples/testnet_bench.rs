@@ -1,0 +1,102 @@
+//! Consensus overhead, saturation throughput and memory per node on a local testnet:
+//! `cargo run -p sampo-testnet --example testnet_bench -- <sampo binary> [nodes] [tasks]`.
+//! Uses the synthetic model, so inference is cheap and the protocol's cost shows.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sampo_testnet::{Testnet, TestnetConfig};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn latencies(net: &Testnet, k: usize, tasks: usize) -> Vec<f64> {
+    (0..tasks)
+        .map(|i| {
+            let t = Instant::now();
+            let v = net.chat(i % net.nodes.len(), &format!("bench {k} {i}"), 16, k).expect("chat");
+            assert_eq!(v["sampo"]["verdict"], "finalized");
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sampo = PathBuf::from(args.get(1).expect("usage: testnet_bench <sampo binary> [nodes] [tasks]"));
+    let nodes: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(8);
+    let tasks: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(40);
+    let dir = std::env::temp_dir().join(format!("sampo-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let model = dir.join("synthetic.gguf");
+    let ok = std::process::Command::new(&sampo).args(["model", "synth", "--out"]).arg(&model).status().expect("synth");
+    assert!(ok.success());
+
+    let single =
+        Testnet::start(TestnetConfig::new(1, model.clone(), dir.join("single"), sampo.clone())).expect("single");
+    let mut alone = latencies(&single, 1, tasks);
+    drop(single);
+
+    let t0 = Instant::now();
+    let net = Testnet::start(TestnetConfig::new(nodes, model, dir.join("net"), sampo)).expect("testnet");
+    let ready = t0.elapsed().as_secs_f64();
+    let mut verified = latencies(&net, 3, tasks);
+
+    // Saturation: 8 clients, each submitting to its own coordinator, for 20 s.
+    let done = Arc::new(AtomicUsize::new(0));
+    let net = Arc::new(net);
+    let window = Duration::from_secs(20);
+    let start = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (net, done) = (net.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while start.elapsed() < window {
+                    if net.chat(c % net.nodes.len(), &format!("load {c} {i}"), 16, 3).is_ok() {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        let _ = c.join();
+    }
+    let tps = done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
+    let rss: Vec<f64> = net.nodes.iter().map(|n| rss_mib(n.child.id())).collect();
+    let mean_rss = rss.iter().sum::<f64>() / rss.len() as f64;
+    println!("testnet of {nodes} nodes ready (all see all) in {ready:.1} s");
+    println!("| | p50 | p99 |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| one node alone (k = 1, 1-node network) | {:.1} ms | {:.1} ms |",
+        pct(&mut alone, 0.5),
+        pct(&mut alone, 0.99)
+    );
+    println!(
+        "| verified, k = 3 on {nodes} nodes | {:.1} ms | {:.1} ms |",
+        pct(&mut verified, 0.5),
+        pct(&mut verified, 0.99)
+    );
+    println!("saturation: {tps:.1} verified tasks/s (8 clients, 20 s, k = 3, 16 tokens each)");
+    println!(
+        "memory: {mean_rss:.0} MiB RSS per node on average (min {:.0}, max {:.0})",
+        rss.iter().cloned().fold(f64::MAX, f64::min),
+        rss.iter().cloned().fold(0.0, f64::max)
+    );
+}
