@@ -296,7 +296,7 @@ async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
     if let (Some(ex), Value::Object(map)) = (&s.executor, &mut v) {
         map.insert(
             "queue".into(),
-            json!({"queued": ex.queued(), "running": ex.running(), "free_slots": ex.free_slots()}),
+            json!({"queued": ex.queued(), "running": ex.running(), "free_slots": ex.free_slots(), "cancelled": ex.cancelled()}),
         );
     }
     Json(v).into_response()

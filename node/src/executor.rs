@@ -73,6 +73,8 @@ pub struct Executor {
     inner: Arc<(Mutex<Inner>, Condvar)>,
     capacity: usize,
     running: Arc<AtomicUsize>,
+    /// Jobs stopped early because their client went away (or the node stopped).
+    cancelled: Arc<AtomicUsize>,
     workers: usize,
     stopping: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
@@ -90,6 +92,7 @@ impl Executor {
             inner: Arc::new((Mutex::new(Inner::default()), Condvar::new())),
             capacity,
             running: Arc::new(AtomicUsize::new(0)),
+            cancelled: Arc::new(AtomicUsize::new(0)),
             workers,
             stopping: Arc::new(AtomicBool::new(false)),
             threads: Arc::new(Mutex::new(Vec::new())),
@@ -126,6 +129,10 @@ impl Executor {
     /// Jobs waiting (not running).
     pub fn queued(&self) -> usize {
         self.lock().heap.len()
+    }
+
+    pub fn cancelled(&self) -> usize {
+        self.cancelled.load(Ordering::Relaxed)
     }
 
     pub fn running(&self) -> usize {
@@ -166,6 +173,9 @@ impl Executor {
                 }
             };
             let result = job.engine.generate(&job.prompt, &job.params, &mut on_token).map_err(|e| e.to_string());
+            if matches!(&result, Ok(g) if g.finish == sampo_kernels::FinishReason::Cancelled) {
+                self.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
             let _ = job.done.send(result);
             self.running.fetch_sub(1, Ordering::Relaxed);
         }

@@ -262,3 +262,50 @@ fn the_official_openai_client_works() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("non-streaming ok") && stdout.contains("streaming ok"), "{stdout}");
 }
+
+#[test]
+fn a_client_that_disconnects_mid_stream_stops_its_inference() {
+    let node = start_node(Some(&real_model()), &format!("{SINGLE}[execution]\nmax_tokens_per_task = 4096\n"));
+    let (_, models) = get_json(&format!("{}/v1/models", node.url));
+    let name = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let body = format!(
+        r#"{{"model":"{name}","messages":[{{"role":"user","content":"Count from one to a thousand."}}],"max_tokens":2000,"temperature":0,"stream":true}}"#
+    );
+    let mut child = Command::new("curl")
+        .args([
+            "-s",
+            "-N",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            &format!("{}/v1/chat/completions", node.url),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    // Read until the first token arrives, then hang up.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !seen.contains("\"content\"") {
+        let n = std::io::Read::read(&mut out, &mut buf).expect("read");
+        assert!(n > 0 && Instant::now() < deadline, "no token before the stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    child.kill().expect("kill curl");
+    let _ = child.wait();
+    drop(out);
+    // 2,000 tokens would take half a minute; the worker must notice the hang-up at its
+    // next token and stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = get_json(&format!("{}/v1/node", node.url));
+        if v["queue"]["cancelled"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the streamed inference kept running: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
