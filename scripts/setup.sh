@@ -19,4 +19,9 @@ python3 -c "import openai" 2>/dev/null || {
   echo "setup: installing the openai Python package" >&2
   python3 -m pip install -q openai
 }
+# NVRTC 13.0 for the CUDA kernels' compile check (no GPU or toolkit needed).
+python3 -c "import nvidia, os, sys; sys.exit(0 if any(os.path.exists(os.path.join(p, 'cu13/lib/libnvrtc.so.13')) for p in nvidia.__path__) else 1)" 2>/dev/null || {
+  echo "setup: installing nvidia-cuda-nvrtc==13.0.88 (NVRTC for the kernel compile check)" >&2
+  python3 -m pip install -q nvidia-cuda-nvrtc==13.0.88
+}
 "$root/scripts/fetch-model.sh" >/dev/null

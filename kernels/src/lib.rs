@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod cpu;
+pub mod cuda;
 pub mod gguf;
 pub mod math;
 pub mod model;

@@ -105,11 +105,24 @@ pub async fn run_with(
     let store = Arc::new(Store::open(&cfg.db_path())?);
     info!(path = %store.path().display(), schema = sampo_storage::SCHEMA_VERSION, "database open");
 
-    // The backend: CUDA is not built into this binary yet, so `auto` means the CPU.
-    if cfg.execution.backend == BackendChoice::Cuda {
-        return Err(NodeError::Config(
-            "execution.backend = \"cuda\": this build has no CUDA backend; use \"auto\" or \"cpu\"".into(),
-        ));
+    // The backend. The CUDA kernels compile, but their forward pass is not finished:
+    // `auto` says why it serves on the CPU, `cuda` refuses to start.
+    let cuda = sampo_kernels::cuda::detect::probe();
+    match (cfg.execution.backend, &cuda) {
+        (BackendChoice::Cuda, Err(why)) => {
+            return Err(NodeError::Config(format!("execution.backend = \"cuda\": {why}")));
+        }
+        (BackendChoice::Cuda, Ok(dev)) => {
+            return Err(NodeError::Config(format!(
+                "execution.backend = \"cuda\": found {} but this build's CUDA forward pass is not finished; use \"auto\" or \"cpu\"",
+                dev.name
+            )));
+        }
+        (BackendChoice::Auto, Err(why)) => info!(reason = %why, "backend auto: using the CPU"),
+        (BackendChoice::Auto, Ok(dev)) => {
+            warn!(device = %dev.name, "backend auto: a CUDA device exists but the CUDA forward pass is not finished; using the CPU")
+        }
+        (BackendChoice::Cpu, _) => {}
     }
     let cpu = CpuBackend::new(cfg.execution.threads).map_err(|e| NodeError::Model(e.to_string()))?;
     let device = cpu.device();

@@ -309,3 +309,18 @@ fn a_client_that_disconnects_mid_stream_stops_its_inference() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn backend_cuda_without_a_usable_device_fails_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = sampo()
+        .arg("node")
+        .args(["--api-listen", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env("SAMPO_DATA_DIR", dir.path().join("d"))
+        .env("SAMPO_EXECUTION__BACKEND", "cuda")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("execution.backend = \"cuda\""), "{err}");
+}

@@ -1,0 +1,51 @@
+//! The CUDA backend's foundation: kernel sources (one `.cu` file per op family, a shared
+//! header with the canonical arithmetic), run-time compilation through a dynamically
+//! loaded NVRTC, and driver/device detection that never touches a missing library.
+//!
+//! Status: the kernels and their compile check exist; the device-side forward pass
+//! that launches them (and its bit-identity test against the CPU) still needs a GPU
+//! session. See the issue note.
+
+pub mod detect;
+pub mod nvrtc;
+
+/// The shared header, included by every kernel file.
+pub const COMMON_HEADER: (&str, &str) = ("common.cuh", include_str!("../../cuda/common.cuh"));
+
+/// Every kernel file: (name, source).
+pub const SOURCES: &[(&str, &str)] = &[
+    ("quant.cu", include_str!("../../cuda/quant.cu")),
+    ("norm.cu", include_str!("../../cuda/norm.cu")),
+    ("rope.cu", include_str!("../../cuda/rope.cu")),
+    ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("ffn.cu", include_str!("../../cuda/ffn.cu")),
+];
+
+/// NVRTC options every kernel is compiled with: no FMA contraction, IEEE division and
+/// square root, no fast-math — the determinism contract.
+pub fn compile_options(arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "--fmad=false".into(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--ftz=false".into(),
+        "--std=c++17".into(),
+    ]
+}
+
+/// Cache key of compiled PTX: blake3 of every source, the options and the device.
+pub fn ptx_cache_key(arch: &str, nvrtc_version: (i32, i32)) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(COMMON_HEADER.1.as_bytes());
+    for (name, src) in SOURCES {
+        h.update(name.as_bytes());
+        h.update(src.as_bytes());
+    }
+    for o in compile_options(arch) {
+        h.update(o.as_bytes());
+    }
+    h.update(&nvrtc_version.0.to_le_bytes());
+    h.update(&nvrtc_version.1.to_le_bytes());
+    h.finalize().to_hex()[..32].to_owned()
+}

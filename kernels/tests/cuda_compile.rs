@@ -1,0 +1,61 @@
+//! Every CUDA kernel compiles with NVRTC 13.0 (the PyPI package
+//! `nvidia-cuda-nvrtc==13.0.88`, which scripts/setup.sh installs; the lent GPUs run
+//! CUDA 13.0 drivers), for Hopper, with the determinism options, and without a single
+//! warning. Runs everywhere: no GPU or CUDA toolkit is needed.
+
+use std::path::PathBuf;
+
+use sampo_kernels::cuda::{COMMON_HEADER, SOURCES, compile_options, nvrtc::Nvrtc};
+
+fn nvrtc_path() -> PathBuf {
+    if let Ok(p) = std::env::var("SAMPO_NVRTC") {
+        return PathBuf::from(p);
+    }
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import nvidia, os; print(list(nvidia.__path__)[0])"])
+        .output()
+        .expect("python3");
+    let base = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    for candidate in ["cu13/lib/libnvrtc.so.13", "cuda_nvrtc/lib/libnvrtc.so.13"] {
+        let p = base.join(candidate);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("libnvrtc.so.13 not found under {}: run scripts/setup.sh (pip nvidia-cuda-nvrtc==13.0.88)", base.display());
+}
+
+#[test]
+fn every_kernel_compiles_without_warnings() {
+    let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
+    let version = nvrtc.version().expect("version");
+    assert_eq!(version, (13, 0), "the lent GPUs' driver runs CUDA 13.0 PTX");
+    for arch in ["compute_90"] {
+        for (name, src) in SOURCES {
+            let out =
+                nvrtc.compile(name, src, &[COMMON_HEADER], &compile_options(arch)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(out.log.is_empty(), "{name} ({arch}) compiled with warnings:\n{}", out.log);
+            assert!(out.ptx.contains(".entry"), "{name}: no kernel entry in the PTX");
+            // --fmad=false: no fused multiply-add may appear in the PTX.
+            assert!(!out.ptx.contains("fma.rn.f32"), "{name}: an FMA slipped into the PTX");
+        }
+    }
+}
+
+#[test]
+fn a_broken_kernel_is_a_typed_error_with_the_log() {
+    let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
+    let err = nvrtc
+        .compile("broken.cu", "extern \"C\" __global__ void k() { undeclared(); }", &[], &compile_options("compute_90"))
+        .expect_err("must not compile");
+    assert!(err.to_string().contains("undeclared"), "{err}");
+}
+
+#[test]
+fn missing_driver_is_a_reason_not_a_panic() {
+    // This machine class has no GPU; where one exists this just reports it.
+    match sampo_kernels::cuda::detect::probe() {
+        Ok(info) => eprintln!("CUDA device found: {info:?}"),
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+}
