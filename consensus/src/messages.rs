@@ -7,10 +7,13 @@ use crate::PeerId;
 use crate::envelope::{Message, MessageKind, SignedEnvelope, encode_body};
 use crate::ids::{Hash32, ModelId, TaskId};
 
+// These limits keep the largest possible verdict (announcement with the longest
+// prompt, MAX_COMMITTEE members each with one full-length reveal) inside one envelope;
+// `tests/verdicts.rs` seals that worst case.
 /// Longest prompt (bytes of text, all chat messages together) a task may carry.
-pub const MAX_PROMPT_BYTES: usize = 256 * 1024;
+pub const MAX_PROMPT_BYTES: usize = 128 * 1024;
 /// Most output tokens a task may ask for.
-pub const MAX_OUTPUT_TOKENS: u32 = 8192;
+pub const MAX_OUTPUT_TOKENS: u32 = 4096;
 /// Largest committee any attempt may seat (bounds every round's state).
 pub const MAX_COMMITTEE: usize = 31;
 /// Most stop tokens a task may list.

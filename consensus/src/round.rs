@@ -583,6 +583,10 @@ impl Consensus {
         if r.attempt != round.ann.attempt || round.phase != Phase::Revealing {
             return Ok(());
         }
+        // Longer than the task allows: not an answer, and it must not bloat the verdict.
+        if r.tokens.len() > round.ann.spec.params.max_tokens as usize {
+            return Ok(());
+        }
         if !round.ann.committee.contains(&who) {
             return Err(RoundError::NotOnCommittee { kind: "reveal", task: r.task });
         }
@@ -634,14 +638,18 @@ impl Consensus {
             }
             None => (false, round.hashes.clone(), round.commits.values().cloned().collect::<Vec<_>>()),
         };
+        // One reveal per member goes into the evidence: the one that opens its commit if
+        // any does, else the first. The ruling is the same, and the verdict stays small.
         let mut reveals: BTreeMap<PeerId, Vec<Reveal>> = BTreeMap::new();
         let mut reveal_envs = Vec::new();
         for (p, list) in &round.reveals {
-            for e in list {
-                if let Ok(r) = e.open::<Reveal>() {
-                    reveals.entry(*p).or_default().push(r);
-                    reveal_envs.push(e.clone());
-                }
+            let opened: Vec<(Reveal, &SignedEnvelope)> =
+                list.iter().filter_map(|e| e.open::<Reveal>().ok().map(|r| (r, e))).collect();
+            let opens = |r: &Reveal| committed.get(p).is_some_and(|h| commit_hash(&task, p, &r.tokens, &r.salt) == *h);
+            let pick = opened.iter().position(|(r, _)| opens(r)).or((!opened.is_empty()).then_some(0));
+            if let Some(i) = pick {
+                reveals.entry(*p).or_default().push(opened[i].0.clone());
+                reveal_envs.push(opened[i].1.clone());
             }
         }
         let decision = decide(&Tally {

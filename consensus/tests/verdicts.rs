@@ -286,3 +286,61 @@ fn a_wrong_member_is_paid_nothing_and_payouts_sum_to_the_fee() {
     assert!(v.payouts.iter().all(|(p, _)| *p != b.keys[1].peer_id()));
     assert_eq!(v.payouts.iter().map(|(_, c)| c).sum::<u64>(), 1001, "the odd credit is not lost");
 }
+
+/// The largest verdict the limits allow still fits in one envelope, so a coordinator
+/// can always publish its ruling.
+#[test]
+fn the_largest_possible_verdict_seals() {
+    let coordinator = key(200);
+    let keys: Vec<NodeKey> = (0..MAX_COMMITTEE as u8).map(key).collect();
+    let spec = TaskSpec {
+        coordinator: coordinator.peer_id(),
+        nonce: 1,
+        created_ms: 1,
+        model: ModelId(Hash32::of(b"m")),
+        prompt: Prompt::Text("x".repeat(messages::MAX_PROMPT_BYTES)),
+        params: SamplingParams { max_tokens: messages::MAX_OUTPUT_TOKENS, ..SamplingParams::default() },
+        k: MAX_COMMITTEE as u8,
+        max_escalations: 0,
+        fee: u64::MAX,
+    };
+    spec.validate().expect("valid");
+    let task = spec.id();
+    let ann = TaskAnnouncement {
+        spec,
+        attempt: 0,
+        revision: u16::MAX,
+        committee: keys.iter().map(NodeKey::peer_id).collect(),
+        commit_deadline_ms: u64::MAX,
+        reveal_deadline_ms: u64::MAX,
+    };
+    // Tokens of u32::MAX take the longest varint encoding.
+    let tokens = vec![u32::MAX; messages::MAX_OUTPUT_TOKENS as usize];
+    let mut commits = Vec::new();
+    let mut reveals = Vec::new();
+    let mut accepted = Vec::new();
+    for k in &keys {
+        let hash = commit_hash(&task, &k.peer_id(), &tokens, &[7; 32]);
+        commits.push(seal(k, &Commit { task, attempt: 0, hash }));
+        reveals.push(seal(k, &Reveal { task, attempt: 0, tokens: tokens.clone(), salt: [7; 32] }));
+        accepted.push((k.peer_id(), hash));
+    }
+    accepted.sort_by_key(|a| a.0);
+    let verdict = Verdict {
+        task,
+        attempt: 0,
+        outcome: Outcome::Finalized { output: tokens.clone() },
+        marks: keys.iter().map(|k| (k.peer_id(), Mark::Agreed)).collect(),
+        payouts: Vec::new(),
+        evidence: Evidence {
+            announcement: seal(&coordinator, &ann),
+            reveal_request: Some(seal(&coordinator, &RevealRequest { task, attempt: 0, accepted })),
+            commits,
+            reveals,
+            equivocations: Vec::new(),
+        },
+        decided_ms: u64::MAX,
+    };
+    let env = SignedEnvelope::seal(&coordinator, &verdict).expect("the worst case fits in one envelope");
+    assert!(env.to_bytes().len() <= MAX_ENVELOPE_BYTES);
+}

@@ -324,6 +324,19 @@ mod x86 {
             // SAFETY: off + 2 <= nb * bb <= row.len() (asserted above).
             unsafe { std::ptr::read_unaligned(base.add(off) as *const i16) }
         };
+        // The f16 at byte `o` of 8 consecutive blocks, widened in one F16C instruction.
+        let f16x8 = |o: usize| {
+            _mm256_cvtph_ps(_mm_set_epi16(
+                rd16(o + 7 * bb),
+                rd16(o + 6 * bb),
+                rd16(o + 5 * bb),
+                rd16(o + 4 * bb),
+                rd16(o + 3 * bb),
+                rd16(o + 2 * bb),
+                rd16(o + bb),
+                rd16(o),
+            ))
+        };
         let mut acc = [_mm256_setzero_ps(); 4];
         let groups = nb / 8;
         for g in 0..groups {
@@ -335,31 +348,12 @@ mod x86 {
             }
             let isum = _mm256_cvtepi32_ps(hsum8(&p));
             let o = b0 * bb;
-            let dw = _mm256_cvtph_ps(_mm_set_epi16(
-                rd16(o + 7 * bb),
-                rd16(o + 6 * bb),
-                rd16(o + 5 * bb),
-                rd16(o + 4 * bb),
-                rd16(o + 3 * bb),
-                rd16(o + 2 * bb),
-                rd16(o + bb),
-                rd16(o),
-            ));
+            let dw = f16x8(o);
             let xs = &x[b0..b0 + 8];
             let dx = _mm256_set_ps(xs[7].d, xs[6].d, xs[5].d, xs[4].d, xs[3].d, xs[2].d, xs[1].d, xs[0].d);
             let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
             if ty == GgmlType::Q4_1 {
-                let o = o + 2;
-                let mw = _mm256_cvtph_ps(_mm_set_epi16(
-                    rd16(o + 7 * bb),
-                    rd16(o + 6 * bb),
-                    rd16(o + 5 * bb),
-                    rd16(o + 4 * bb),
-                    rd16(o + 3 * bb),
-                    rd16(o + 2 * bb),
-                    rd16(o + bb),
-                    rd16(o),
-                ));
+                let mw = f16x8(o + 2);
                 let sx = _mm256_set_ps(xs[7].s, xs[6].s, xs[5].s, xs[4].s, xs[3].s, xs[2].s, xs[1].s, xs[0].s);
                 t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
             }

@@ -365,8 +365,9 @@ impl Config {
         if e.queue_capacity == 0 {
             return bad("execution.queue_capacity", "must be at least 1".into());
         }
-        if e.max_tokens_per_task == 0 || e.max_tokens_per_task > 1 << 16 {
-            return bad("execution.max_tokens_per_task", format!("{} is outside 1..=65536", e.max_tokens_per_task));
+        let most = sampo_consensus::messages::MAX_OUTPUT_TOKENS;
+        if e.max_tokens_per_task == 0 || e.max_tokens_per_task > most {
+            return bad("execution.max_tokens_per_task", format!("{} is outside 1..={most}", e.max_tokens_per_task));
         }
         if e.threads > 1024 {
             return bad("execution.threads", format!("{} threads is absurd", e.threads));

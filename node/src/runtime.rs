@@ -29,7 +29,7 @@ pub fn now_ms() -> u64 {
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct TaskState {
     pub task: String,
-    /// "running", "finalized", "escalated", "disputed" or "failed".
+    /// "running", "finalized", "escalated" or "disputed".
     pub status: String,
     pub attempt: u8,
     pub committee: Vec<String>,
@@ -38,12 +38,11 @@ pub struct TaskState {
     pub output: Option<Vec<u32>>,
     pub model: String,
     pub coordinator: String,
-    pub error: Option<String>,
 }
 
 impl TaskState {
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "finalized" | "disputed" | "failed")
+        matches!(self.status.as_str(), "finalized" | "disputed")
     }
 }
 
@@ -79,7 +78,6 @@ impl TaskBoard {
             output: None,
             model: String::new(),
             coordinator: String::new(),
-            error: None,
         };
         f(&mut st);
         let (tx, _) = watch::channel(st);
@@ -222,8 +220,10 @@ pub async fn run(mut p: LoopParts) {
                 },
             },
             _ = tick.tick() => {
-                let cands = candidates(&p.p2p, &p.store, &p.reputation);
                 p.metrics.queue_depth.set(p.executor.queued() as i64);
+                // Only coordinated rounds need candidates (substitutes, escalation): don't
+                // read every peer's reputation five times a second for nothing.
+                let cands = if p.consensus.load().0 > 0 { candidates(&p.p2p, &p.store, &p.reputation) } else { Vec::new() };
                 p.consensus.tick(now_ms(), &cands)
             }
             _ = announce.tick() => {

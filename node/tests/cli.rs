@@ -1,33 +1,18 @@
 //! The `sampo` binary as an operator uses it.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn sampo() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sampo"));
-    // Keep the operator's own SAMPO_* settings out of the tests.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SAMPO_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+mod common;
 
-fn http_get(url: &str) -> std::io::Result<(u16, String)> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| std::io::Error::other("not http"))?;
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut s = std::net::TcpStream::connect(host)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)?;
-    let status = buf.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((status, body))
+use common::sampo;
+
+/// (status, body) of a GET, through the testnet crate's plain-std HTTP client.
+fn http_get(url: &str) -> Result<(u16, String), sampo_testnet::TestnetError> {
+    sampo_testnet::http("GET", url, None, Duration::from_secs(10))
 }
 
 fn wait_for_file(p: &Path, timeout: Duration) -> String {

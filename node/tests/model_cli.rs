@@ -1,17 +1,8 @@
 //! `sampo model …` and `sampo bench` on the synthetic model, as a user runs them.
 
-use std::process::Command;
+mod common;
 
-fn sampo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sampo"))
-}
-
-fn synth(dir: &std::path::Path) -> std::path::PathBuf {
-    let p = dir.join("tiny.gguf");
-    let out = sampo().args(["model", "synth", "--out"]).arg(&p).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    p
-}
+use common::{sampo, synth_model as synth};
 
 #[test]
 fn synth_is_deterministic_and_inspectable() {

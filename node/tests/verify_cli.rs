@@ -1,13 +1,10 @@
 //! `sampo verify` on real evidence from the consensus simulator, honest and forged.
 
-use std::process::Command;
+mod common;
 
+use common::sampo;
 use sampo_consensus::sim::SimNet;
 use sampo_consensus::{Behaviour, EvidenceBundle, Mark, RoundParams, SignedEnvelope, Verdict};
-
-fn sampo() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sampo"))
-}
 
 fn bundle() -> (SimNet, EvidenceBundle) {
     let mut net =

@@ -43,10 +43,10 @@ pub const ANNOUNCEMENT_SKEW_MS: u64 = 60_000;
 pub fn max_bytes(kind: MessageKind) -> usize {
     match kind {
         MessageKind::NodeAnnouncement => 16 * 1024,
-        MessageKind::TaskAnnouncement => 512 * 1024,
+        MessageKind::TaskAnnouncement => 160 * 1024,
         MessageKind::Commit => 1024,
         MessageKind::RevealRequest => 16 * 1024,
-        MessageKind::Reveal => 64 * 1024,
+        MessageKind::Reveal => 24 * 1024,
         MessageKind::Verdict => sampo_consensus::MAX_ENVELOPE_BYTES,
     }
 }
