@@ -1,49 +1,76 @@
-// Grouped-query attention over the KV cache, following kernels/src/cpu.rs: scores are
-// canonical dots times the scale, softmax with the canonical sum, and the weighted sum
-// of values sequential in t for each output element.
+// The KV cache and grouped-query attention over it, following kernels/src/cpu.rs:
+// scores are canonical dots times the scale, softmax with the canonical sum, and the
+// weighted sum of values sequential in t for each output element.
+//
+// Each sequence's cache is its own allocation, laid out [layer][cap][kv_dim] for K and
+// the same for V; row r of a batch finds its sequence through kptr[r], vptr[r], cap[r]
+// and its position through pos[r]. Everything that changes between decode steps is in
+// those device arrays, so one captured graph serves every step.
 #include "common.cuh"
 
-// One warp per (row, head). `scores` is scratch of rows * n_head * max_t floats.
-extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc,
-                                     const float* __restrict__ vc, float* __restrict__ out,
-                                     float* __restrict__ scores, const int* __restrict__ pos, int n_head,
-                                     int n_head_kv, int head_dim, int max_t, float scale) {
+__device__ __forceinline__ float* sampo_cache_row(const unsigned long long* ptrs, const int* cap, int r, int layer,
+                                                  int t, int kvd) {
+    return (float*)ptrs[r] + ((size_t)layer * cap[r] + t) * kvd;
+}
+
+// Append row r's k and v (already rotated) at position pos[r] of layer `layer`.
+extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v,
+                                    const unsigned long long* __restrict__ kptr,
+                                    const unsigned long long* __restrict__ vptr, const int* __restrict__ cap,
+                                    const int* __restrict__ pos, int layer, int kvd, int rows) {
     const int r = blockIdx.y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows || i >= kvd) return;
+    sampo_cache_row(kptr, cap, r, layer, pos[r], kvd)[i] = k[(size_t)r * kvd + i];
+    sampo_cache_row(vptr, cap, r, layer, pos[r], kvd)[i] = v[(size_t)r * kvd + i];
+}
+
+// One block per (head, row). `scores` is scratch of rows * n_head * max_t floats.
+// Any warp may compute any score (each is a whole canonical dot); warp 0 alone does the
+// softmax sum (its order is the contract); thread i owns output element i.
+extern "C" __global__ void attention(const float* __restrict__ q, const unsigned long long* __restrict__ kptr,
+                                     const unsigned long long* __restrict__ vptr, const int* __restrict__ cap,
+                                     const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ scores,
+                                     int layer, int n_head, int n_head_kv, int head_dim, int max_t, float scale) {
     const int h = blockIdx.x;
-    const int lane = threadIdx.x;
+    const int r = blockIdx.y;
+    const int lane = threadIdx.x % SAMPO_LANES;
+    const int warp = threadIdx.x / SAMPO_LANES;
+    const int warps = blockDim.x / SAMPO_LANES;
     const int d = n_head * head_dim;
     const int kvd = n_head_kv * head_dim;
     const int kh = h / (n_head / n_head_kv);
     const int last = pos[r];
     const float* qh = q + (size_t)r * d + h * head_dim;
+    const float* kc = sampo_cache_row(kptr, cap, r, layer, 0, kvd) + kh * head_dim;
+    const float* vc = sampo_cache_row(vptr, cap, r, layer, 0, kvd) + kh * head_dim;
     float* s = scores + ((size_t)r * n_head + h) * max_t;
-    // Scores: s_t = dot(q_h, k_t) * scale, canonical over head_dim.
-    for (int t = 0; t <= last; ++t) {
-        const float* kt = kc + (size_t)t * kvd + kh * head_dim;
+    for (int t = warp; t <= last; t += warps) {
+        const float* kt = kc + (size_t)t * kvd;
         float l = 0.0f;
         for (int i = lane; i < head_dim; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(qh[i], kt[i]));
         const float dot = sampo_butterfly(l);
         if (lane == 0) s[t] = __fmul_rn(dot, scale);
     }
-    __syncwarp();
-    // Softmax: max (exact), exp(s - max), canonical sum (lane t % 32, increasing t).
-    float m = -__int_as_float(0x7f800000);
-    for (int t = lane; t <= last; t += SAMPO_LANES) m = fmaxf(m, s[t]);
-    m = sampo_warp_max(m);
-    float l = 0.0f;
-    for (int t = lane; t <= last; t += SAMPO_LANES) {
-        const float e = sampo_exp(__fsub_rn(s[t], m));
-        s[t] = e;
-        l = __fadd_rn(l, e);
+    __syncthreads();
+    if (warp == 0) {
+        // max (exact, any order), exp(s - max), canonical sum: lane t % 32, increasing t.
+        float m = -__int_as_float(0x7f800000);
+        for (int t = lane; t <= last; t += SAMPO_LANES) m = fmaxf(m, s[t]);
+        m = sampo_warp_max(m);
+        float l = 0.0f;
+        for (int t = lane; t <= last; t += SAMPO_LANES) {
+            const float e = sampo_exp(__fsub_rn(s[t], m));
+            s[t] = e;
+            l = __fadd_rn(l, e);
+        }
+        const float sum = sampo_butterfly(l);
+        for (int t = lane; t <= last; t += SAMPO_LANES) s[t] = __fdiv_rn(s[t], sum);
     }
-    const float sum = sampo_butterfly(l);
-    __syncwarp();
-    for (int t = lane; t <= last; t += SAMPO_LANES) s[t] = __fdiv_rn(s[t], sum);
-    __syncwarp();
-    // o[i] = sum_t p_t * v_t[i], sequential in t.
-    for (int i = lane; i < head_dim; i += SAMPO_LANES) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float acc = 0.0f;
-        for (int t = 0; t <= last; ++t) acc = __fadd_rn(acc, __fmul_rn(s[t], vc[(size_t)t * kvd + kh * head_dim + i]));
+        for (int t = 0; t <= last; ++t) acc = __fadd_rn(acc, __fmul_rn(s[t], vc[(size_t)t * kvd + i]));
         out[(size_t)r * d + h * head_dim + i] = acc;
     }
 }

@@ -99,3 +99,29 @@ __device__ __forceinline__ float sampo_f16_at(const unsigned char* p) {
 __device__ __forceinline__ int sampo_block_bytes(int ty) {
     return ty == SAMPO_Q8_0 ? 34 : (ty == SAMPO_Q4_1 ? 20 : 18);
 }
+
+#define SAMPO_F32 0
+#define SAMPO_F16 1
+#define SAMPO_BF16 30
+
+// Element i of a row of type ty, as quant.rs dequantize_row computes it.
+__device__ __forceinline__ float sampo_dequant(int ty, const unsigned char* row, int i) {
+    if (ty == SAMPO_F32) {
+        const unsigned char* p = row + 4 * (size_t)i;
+        return __uint_as_float((unsigned int)p[0] | ((unsigned int)p[1] << 8) | ((unsigned int)p[2] << 16) |
+                               ((unsigned int)p[3] << 24));
+    }
+    if (ty == SAMPO_F16) return sampo_f16_at(row + 2 * (size_t)i);
+    if (ty == SAMPO_BF16) {
+        const unsigned char* p = row + 2 * (size_t)i;
+        return __uint_as_float(((unsigned int)p[0] << 16) | ((unsigned int)p[1] << 24));
+    }
+    const int j = i % SAMPO_QK;
+    const unsigned char* blk = row + (size_t)(i / SAMPO_QK) * sampo_block_bytes(ty);
+    const float d = sampo_f16_at(blk);
+    if (ty == SAMPO_Q8_0) return __fmul_rn(d, (float)(signed char)blk[2 + j]);
+    const unsigned char* q = blk + (ty == SAMPO_Q4_1 ? 4 : 2);
+    const int v = j < 16 ? (q[j] & 15) : (q[j - 16] >> 4);
+    if (ty == SAMPO_Q4_1) return __fadd_rn(__fmul_rn(d, (float)v), sampo_f16_at(blk + 2));
+    return __fmul_rn(d, __fsub_rn((float)v, 8.0f));
+}

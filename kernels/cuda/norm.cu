@@ -22,3 +22,12 @@ extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __res
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = __fadd_rn(x[i], y[i]);
 }
+
+// out[j] = x[idx[j]], rows of `cols` floats (the rows whose logits are wanted).
+extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ idx,
+                                       float* __restrict__ out, int cols, int n) {
+    const int j = blockIdx.y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n || i >= cols) return;
+    out[(size_t)j * cols + i] = x[(size_t)idx[j] * cols + i];
+}

@@ -1,22 +1,23 @@
-// Activation quantization, quantized matrix-vector/matrix products and the Q8_0
-// embedding lookup, following kernels/src/quant.rs.
+// Activation quantization, quantized and float matrix products and the embedding
+// lookup, following kernels/src/quant.rs and kernels/src/cpu.rs.
 #include "common.cuh"
 
 // One warp per activation block of 32: amax, dx = amax / 127, inv, q_i =
-// round_half_away(x_i * inv) clamped to [-127, 127], sx = dx * sum q_i.
+// round_half_away(x_i * inv) clamped to [-127, 127] (NaN -> 0, as Rust's `as i8`),
+// sx = dx * sum q_i.
 extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char* __restrict__ qs,
                                         float* __restrict__ d_out, float* __restrict__ s_out, int n_blocks) {
     const int block = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int lane = threadIdx.x % SAMPO_LANES;
     if (block >= n_blocks) return;
-    const float v = x[block * SAMPO_QK + lane];
+    const float v = x[(size_t)block * SAMPO_QK + lane];
     const float amax = sampo_warp_max(fabsf(v));
     const float d = __fdiv_rn(amax, 127.0f);
     const float inv = d == 0.0f ? 0.0f : __fdiv_rn(1.0f, d);
     float r = roundf(__fmul_rn(v, inv));
-    r = fminf(fmaxf(r, -127.0f), 127.0f);
+    r = isnan(r) ? 0.0f : fminf(fmaxf(r, -127.0f), 127.0f);
     const int q = (int)r;
-    qs[block * SAMPO_QK + lane] = (signed char)q;
+    qs[(size_t)block * SAMPO_QK + lane] = (signed char)q;
     const int sum = sampo_warp_isum(q);
     if (lane == 0) {
         d_out[block] = d;
@@ -24,62 +25,88 @@ extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char
     }
 }
 
-// Exact integer dot of one weight block with one activation block.
-__device__ __forceinline__ int block_isum(int ty, const unsigned char* w, const signed char* x) {
-    int s = 0;
-    if (ty == SAMPO_Q8_0) {
-        for (int i = 0; i < SAMPO_QK; ++i) s += (int)(signed char)w[2 + i] * (int)x[i];
-    } else if (ty == SAMPO_Q4_0) {
-        for (int j = 0; j < 16; ++j) {
-            const int q = w[2 + j];
-            s += ((q & 15) - 8) * (int)x[j] + ((q >> 4) - 8) * (int)x[j + 16];
-        }
-    } else {
-        for (int j = 0; j < 16; ++j) {
-            const int q = w[4 + j];
-            s += (q & 15) * (int)x[j] + (q >> 4) * (int)x[j + 16];
-        }
-    }
-    return s;
-}
+// Activation rows each warp of matmul_q serves, so a weight block is read once for them.
+#define SAMPO_MM_ROWS 4
 
-// out[r, row] = canonical dot of weight row `row` with activation row `r`: one warp
-// per (row, r); lane l takes blocks l, l + 32, ... in increasing order, then the
-// butterfly. Block term: (dw * dx) * isum, plus mw * sx for Q4_1.
+// out[r, row] = canonical dot of weight row `row` with activation row `r`. One warp per
+// weight row and group of SAMPO_MM_ROWS activation rows; lane l takes blocks l, l + 32,
+// ... in increasing order (the integer dot is exact, any order), then the butterfly.
+// Block term: (dw * dx) * isum, plus mw * sx for Q4_1. Blocks are 2-byte aligned
+// (18, 20 and 34 bytes), so the quants are read as 16-bit halves.
 extern "C" __global__ void matmul_q(const unsigned char* __restrict__ w, int ty, int rows, int cols,
                                     const signed char* __restrict__ qs, const float* __restrict__ xd,
                                     const float* __restrict__ xs, float* __restrict__ out, int n_act) {
     const int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
+    const int r0 = blockIdx.y * SAMPO_MM_ROWS;
+    const int lane = threadIdx.x % SAMPO_LANES;
+    if (row >= rows) return;
+    const int nb = cols / SAMPO_QK;
+    const int bb = sampo_block_bytes(ty);
+    const int nw = ty == SAMPO_Q8_0 ? 8 : 4;
+    const unsigned char* wrow = w + (size_t)row * nb * bb;
+    float l[SAMPO_MM_ROWS];
+    for (int k = 0; k < SAMPO_MM_ROWS; ++k) l[k] = 0.0f;
+    for (int b = lane; b < nb; b += SAMPO_LANES) {
+        const unsigned char* wb = wrow + (size_t)b * bb;
+        const unsigned short* w16 = (const unsigned short*)(wb + (ty == SAMPO_Q4_1 ? 4 : 2));
+        int wq[8];
+        for (int j = 0; j < nw; ++j) wq[j] = (int)((unsigned int)w16[2 * j] | ((unsigned int)w16[2 * j + 1] << 16));
+        const float dw = sampo_f16_at(wb);
+        const float mw = ty == SAMPO_Q4_1 ? sampo_f16_at(wb + 2) : 0.0f;
+        for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
+            const int r = r0 + k;
+            if (r >= n_act) break;
+            const size_t ab = (size_t)r * nb + b;
+            const int* xq = (const int*)(qs + ab * SAMPO_QK);
+            int isum = 0;
+            if (ty == SAMPO_Q8_0) {
+                for (int j = 0; j < 8; ++j) isum = __dp4a(wq[j], xq[j], isum);
+            } else {
+                // Byte j holds element j (low nibble) and element j + 16 (high nibble).
+                for (int j = 0; j < 4; ++j) {
+                    const unsigned int u = (unsigned int)wq[j];
+                    isum = __dp4a((int)(u & 0x0f0f0f0fu), xq[j], isum);
+                    isum = __dp4a((int)((u >> 4) & 0x0f0f0f0fu), xq[4 + j], isum);
+                }
+                if (ty == SAMPO_Q4_0) {
+                    // sum (q - 8) x = sum q x - 8 sum x, exactly.
+                    int sx = 0;
+                    for (int j = 0; j < 8; ++j) sx = __dp4a(0x01010101, xq[j], sx);
+                    isum -= 8 * sx;
+                }
+            }
+            float t = __fmul_rn(__fmul_rn(dw, xd[ab]), __int2float_rn(isum));
+            if (ty == SAMPO_Q4_1) t = __fadd_rn(t, __fmul_rn(mw, xs[ab]));
+            l[k] = __fadd_rn(l[k], t);
+        }
+    }
+    for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
+        const float v = sampo_butterfly(l[k]);
+        if (lane == 0 && r0 + k < n_act) out[(size_t)(r0 + k) * rows + row] = v;
+    }
+}
+
+// Float weights (F32, F16, BF16): out[r, row] = canonical dot of the dequantized row
+// with the unquantized activation row, element i into lane i % 32. One warp per (row, r).
+extern "C" __global__ void matmul_f(const unsigned char* __restrict__ w, int ty, int rows, int cols, int row_bytes,
+                                    const float* __restrict__ x, float* __restrict__ out, int n_act) {
+    const int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int r = blockIdx.y;
     const int lane = threadIdx.x % SAMPO_LANES;
     if (row >= rows || r >= n_act) return;
-    const int nb = cols / SAMPO_QK;
-    const int bb = sampo_block_bytes(ty);
-    const unsigned char* wrow = w + (size_t)row * nb * bb;
+    const unsigned char* wrow = w + (size_t)row * row_bytes;
+    const float* xr = x + (size_t)r * cols;
     float l = 0.0f;
-    for (int b = lane; b < nb; b += SAMPO_LANES) {
-        const unsigned char* wb = wrow + (size_t)b * bb;
-        const int ab = r * nb + b;
-        const int isum = block_isum(ty, wb, qs + (size_t)ab * SAMPO_QK);
-        const float dw = sampo_f16_at(wb);
-        float t = __fmul_rn(__fmul_rn(dw, xd[ab]), __int2float_rn(isum));
-        if (ty == SAMPO_Q4_1) {
-            t = __fadd_rn(t, __fmul_rn(sampo_f16_at(wb + 2), xs[ab]));
-        }
-        l = __fadd_rn(l, t);
-    }
+    for (int i = lane; i < cols; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(sampo_dequant(ty, wrow, i), xr[i]));
     const float v = sampo_butterfly(l);
     if (lane == 0) out[(size_t)r * rows + row] = v;
 }
 
-// Embedding rows from a Q8_0 table: out[r, i] = d * q.
-extern "C" __global__ void embed_q8_0(const unsigned char* __restrict__ table, const unsigned int* __restrict__ tokens,
-                                      float* __restrict__ out, int cols, int n) {
+// Embedding rows of any supported type: out[r, i] = dequant(table[tokens[r]])[i].
+extern "C" __global__ void embed(const unsigned char* __restrict__ table, int ty, int row_bytes,
+                                 const unsigned int* __restrict__ tokens, float* __restrict__ out, int cols, int n) {
     const int r = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= n || i >= cols) return;
-    const int nb = cols / SAMPO_QK;
-    const unsigned char* row = table + (size_t)tokens[r] * nb * 34;
-    const unsigned char* blk = row + (size_t)(i / SAMPO_QK) * 34;
-    out[(size_t)r * cols + i] = __fmul_rn(sampo_f16_at(blk), (float)(signed char)blk[2 + i % SAMPO_QK]);
+    out[(size_t)r * cols + i] = sampo_dequant(ty, table + (size_t)tokens[r] * row_bytes, i);
 }

@@ -11,17 +11,26 @@ use crate::math::{dot_f32, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{Q8Act, QK, dequantize_row, dot_row, quantize_act};
 
-/// One sequence's state: its KV cache (f32, per layer) and how many tokens it holds.
-#[derive(Debug, Clone, Default)]
+/// One sequence's state: its KV cache (f32, per layer; on the device for a device
+/// backend) and how many tokens it holds.
+#[derive(Default)]
 pub struct Sequence {
     pub(crate) k: Vec<Vec<f32>>,
     pub(crate) v: Vec<Vec<f32>>,
+    /// A device backend's cache for this sequence, freed with it.
+    pub(crate) device: Option<Box<dyn std::any::Any + Send + Sync>>,
     pub pos: usize,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence").field("pos", &self.pos).field("on_device", &self.device.is_some()).finish()
+    }
 }
 
 impl Sequence {
     pub fn new(model: &Model) -> Self {
-        Self { k: vec![Vec::new(); model.hp.n_layer], v: vec![Vec::new(); model.hp.n_layer], pos: 0 }
+        Self { k: vec![Vec::new(); model.hp.n_layer], v: vec![Vec::new(); model.hp.n_layer], device: None, pos: 0 }
     }
 
     /// Forget everything after `pos` tokens (to reuse a prompt prefix).
@@ -133,13 +142,10 @@ pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
 }
 
-/// Run the tokens of every item through the model, appending to each sequence's
-/// cache; returns the logits after the last token of each item.
-pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+/// Rows of the flattened batch, `(item, position, token)`, after checking every item
+/// (shared by every backend: the same input is refused the same way everywhere).
+pub(crate) fn plan_rows(model: &Model, batch: &[BatchItem<'_>]) -> Result<Vec<(usize, usize, u32)>, ModelError> {
     let hp = &model.hp;
-    let (d, kvd, hd) = (hp.n_embd, hp.kv_dim(), hp.head_dim);
-    let bytes = model.bytes();
-    // Rows of the flattened batch: (item, position).
     let mut rows = Vec::new();
     for (i, it) in batch.iter().enumerate() {
         if it.tokens.is_empty() {
@@ -155,6 +161,19 @@ pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32
             }
             rows.push((i, it.seq.pos + k, t));
         }
+    }
+    Ok(rows)
+}
+
+/// Run the tokens of every item through the model, appending to each sequence's
+/// cache; returns the logits after the last token of each item.
+pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    let hp = &model.hp;
+    let (d, kvd, hd) = (hp.n_embd, hp.kv_dim(), hp.head_dim);
+    let bytes = model.bytes();
+    let rows = plan_rows(model, batch)?;
+    if batch.iter().any(|it| it.seq.device.is_some()) {
+        return Err(ModelError::Device("a sequence's cache is on a device; continue it on that backend".into()));
     }
     let n = rows.len();
     let mut x = vec![0.0f32; n * d];

@@ -52,11 +52,24 @@ pub enum BackendKind {
     Cuda,
 }
 
+/// An accelerator's identity and memory, as an operator wants to see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    pub compute_capability: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+}
+
 /// A compute backend. Every implementation follows the canonical arithmetic.
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     /// Human-readable device, e.g. "x86_64 (avx2), 2 threads".
     fn device(&self) -> String;
+    /// The accelerator, for backends that have one.
+    fn device_status(&self) -> Option<DeviceStatus> {
+        None
+    }
     /// Run `batch` through `model`; logits after each item's last token.
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
 }

@@ -27,6 +27,8 @@ pub enum ModelError {
     ContextFull { needed: usize, ctx: usize },
     #[error("empty input for a sequence")]
     EmptyInput,
+    #[error("compute device: {0}")]
+    Device(String),
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -1,0 +1,269 @@
+// Fiber scheduler and launcher of the CUDA emulator (see emu.h).
+#include "emu.h"
+
+#include <ucontext.h>
+
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// The kernels, unchanged.
+#include "../quant.cu"
+#include "../norm.cu"
+#include "../rope.cu"
+#include "../attention.cu"
+#include "../ffn.cu"
+
+thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// Switching fibers: on x86-64 a minimal switch of the callee-saved registers (glibc's
+// swapcontext also saves the signal mask, a system call per switch, which made the
+// emulator ten times slower); elsewhere ucontext.
+#if defined(__x86_64__)
+extern "C" void sampo_emu_switch(void** save_sp, void* new_sp);
+asm(R"(
+    .text
+    .globl sampo_emu_switch
+    .type sampo_emu_switch, @function
+sampo_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size sampo_emu_switch, .-sampo_emu_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+#define SAMPO_EMU_ASM_SWITCH 1
+#endif
+
+namespace sampo_emu {
+namespace {
+
+constexpr size_t kStack = 64 * 1024;
+
+struct Fiber {
+    ucontext_t ctx;
+    void* sp = nullptr;
+    std::vector<char> stack;
+    bool done = false;
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    ucontext_t main;
+    int cur = 0;
+    int live = 0;
+    std::vector<int> warp_live, warp_arrived, warp_gen;
+    int block_arrived = 0, block_gen = 0;
+    std::vector<uint32_t> slots;
+    const std::function<void()>* body = nullptr;
+};
+
+thread_local Block* g = nullptr;
+thread_local void* g_main_sp = nullptr;
+
+#if SAMPO_EMU_ASM_SWITCH
+void yield() { sampo_emu_switch(&g->fibers[g->cur].sp, g_main_sp); }
+
+[[noreturn]] void trampoline() {
+    (*g->body)();
+    g->fibers[g->cur].done = true;
+    void* dead = nullptr;
+    sampo_emu_switch(&dead, g_main_sp);
+    __builtin_unreachable();
+}
+#else
+void yield() { swapcontext(&g->fibers[g->cur].ctx, &g->main); }
+
+void trampoline() {
+    (*g->body)();
+    g->fibers[g->cur].done = true;
+    // Returning switches to uc_link (the scheduler).
+}
+#endif
+
+// Release barriers that every live thread has reached (also after a thread exits).
+void release_ready(int warp) {
+    if (g->warp_arrived[warp] > 0 && g->warp_arrived[warp] >= g->warp_live[warp]) {
+        g->warp_arrived[warp] = 0;
+        g->warp_gen[warp]++;
+    }
+    if (g->block_arrived > 0 && g->block_arrived >= g->live) {
+        g->block_arrived = 0;
+        g->block_gen++;
+    }
+}
+
+// Apart from run_grid's loops: getcontext returns twice.
+__attribute__((noinline)) void init_fiber(Fiber& f, ucontext_t* link) {
+    f.done = false;
+#if SAMPO_EMU_ASM_SWITCH
+    (void)link;
+    // A stack that "returns" into trampoline with the ABI's alignment: six zeroed
+    // callee-saved registers, the entry address, then a fake return address.
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack.data()) + f.stack.size()) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(&trampoline);
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    f.sp = sp;
+    return;
+#endif
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = link;
+    makecontext(&f.ctx, trampoline, 0);
+}
+
+}  // namespace
+
+int lane_id() { return g->cur % 32; }
+
+void warp_barrier() {
+    const int w = g->cur / 32;
+    const int gen = g->warp_gen[w];
+    g->warp_arrived[w]++;
+    release_ready(w);
+    while (g->warp_gen[w] == gen) yield();
+}
+
+void block_barrier() {
+    const int gen = g->block_gen;
+    g->block_arrived++;
+    release_ready(g->cur / 32);
+    while (g->block_gen == gen) yield();
+}
+
+uint32_t shfl(uint32_t v, int src_lane) {
+    const int base = g->cur & ~31;
+    g->slots[g->cur] = v;
+    warp_barrier();
+    const int src = base + (src_lane & 31);
+    const uint32_t r = (src < (int)g->fibers.size() && !g->fibers[src].done) ? g->slots[src] : v;
+    warp_barrier();
+    return r;
+}
+
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+    const int n = (int)(block.x * block.y * block.z);
+    const int warps = (n + 31) / 32;
+    Block b;
+    b.fibers.resize(n);
+    for (auto& f : b.fibers) f.stack.resize(kStack);
+    b.slots.assign(n, 0);
+    b.body = &body;
+    Block* saved = g;
+    g = &b;
+    gridDim = grid;
+    blockDim = block;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = dim3{x, y, z};
+                b.live = n;
+                b.warp_live.assign(warps, 0);
+                for (int i = 0; i < n; ++i) b.warp_live[i / 32]++;
+                b.warp_arrived.assign(warps, 0);
+                b.warp_gen.assign(warps, 0);
+                b.block_arrived = 0;
+                b.block_gen = 0;
+                for (int i = 0; i < n; ++i) init_fiber(b.fibers[i], &b.main);
+                while (b.live > 0) {
+                    for (int i = 0; i < n; ++i) {
+                        if (b.fibers[i].done) continue;
+                        b.cur = i;
+                        threadIdx = dim3{(unsigned)i % block.x, ((unsigned)i / block.x) % block.y,
+                                         (unsigned)i / (block.x * block.y)};
+#if SAMPO_EMU_ASM_SWITCH
+                        sampo_emu_switch(&g_main_sp, b.fibers[i].sp);
+#else
+                        swapcontext(&b.main, &b.fibers[i].ctx);
+#endif
+                        if (b.fibers[i].done) {
+                            b.live--;
+                            b.warp_live[i / 32]--;
+                            release_ready(i / 32);
+                        }
+                    }
+                }
+            }
+    g = saved;
+}
+
+}  // namespace sampo_emu
+
+namespace {
+
+template <typename T>
+T from_slot(uint64_t v) {
+    if constexpr (std::is_pointer_v<T>) {
+        return reinterpret_cast<T>(static_cast<uintptr_t>(v));
+    } else {
+        T t;
+        std::memcpy(&t, &v, sizeof(T));
+        return t;
+    }
+}
+
+template <typename... A, size_t... I>
+void call(void (*k)(A...), const uint64_t* a, std::index_sequence<I...>) {
+    k(from_slot<A>(a[I])...);
+}
+
+struct Entry {
+    const char* name;
+    int nargs;
+    void (*invoke)(void* fn, const uint64_t* args);
+    void* fn;
+};
+
+template <typename... A>
+Entry entry(const char* name, void (*k)(A...)) {
+    return Entry{name, (int)sizeof...(A),
+                 [](void* fn, const uint64_t* args) {
+                     call(reinterpret_cast<void (*)(A...)>(fn), args, std::index_sequence_for<A...>{});
+                 },
+                 reinterpret_cast<void*>(k)};
+}
+
+const Entry kKernels[] = {
+    entry("quantize_act", quantize_act), entry("matmul_q", matmul_q), entry("matmul_f", matmul_f),
+    entry("embed", embed),               entry("rms_norm", rms_norm), entry("add_inplace", add_inplace),
+    entry("gather_rows", gather_rows),   entry("rope", rope),         entry("kv_store", kv_store),
+    entry("attention", attention),       entry("swiglu", swiglu),
+};
+
+}  // namespace
+
+// 0: ran; -1: no such kernel; -2: wrong argument count; -3: bad launch shape.
+extern "C" int sampo_emu_launch(const char* name, const unsigned int* grid, const unsigned int* block,
+                                const uint64_t* args, int nargs) {
+    for (const Entry& e : kKernels) {
+        if (std::string(e.name) != name) continue;
+        if (e.nargs != nargs) return -2;
+        const dim3 gd{grid[0], grid[1], grid[2]};
+        const dim3 bd{block[0], block[1], block[2]};
+        if (bd.x * bd.y * bd.z == 0 || bd.x * bd.y * bd.z > 1024 || gd.x * gd.y * gd.z == 0) return -3;
+        std::vector<uint64_t> copy(args, args + nargs);
+        const std::function<void()> body = [&]() { e.invoke(e.fn, copy.data()); };
+        sampo_emu::run_grid(gd, bd, body);
+        return 0;
+    }
+    return -1;
+}

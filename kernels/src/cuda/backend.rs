@@ -1,0 +1,635 @@
+//! The forward pass on a CUDA device: weights uploaded once per model, each sequence's
+//! KV cache in its own device allocation, every operation one of the kernels in
+//! `kernels/cuda`, which follow the CPU backend's canonical arithmetic so that logits
+//! are bit-identical. A decode step (one token for each of `n` sequences) is captured
+//! once as a graph and replayed: what changes between steps (tokens, positions, cache
+//! addresses) lives in a staging buffer the graph reads.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::device::{Arg, CudaError, Device, Kernel, Shape, bytes_of, bytes_of_mut};
+use crate::cpu::{BatchItem, Sequence, plan_rows};
+use crate::gguf::GgmlType;
+use crate::model::{Matrix, Model, ModelError};
+use crate::{Backend, BackendKind, CpuBackend, DeviceStatus};
+
+/// Rows (tokens across the batch) per pass; longer prompts run in several passes.
+pub const MAX_ROWS: usize = 256;
+/// Decode batches up to this many sequences replay a captured graph.
+pub const GRAPH_MAX_ROWS: usize = 64;
+
+const TPB: u32 = 128;
+
+fn blocks(n: usize, per: usize) -> u32 {
+    n.div_ceil(per) as u32
+}
+
+struct Mat<D: Device> {
+    buf: D::Buffer,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+struct LayerW<D: Device> {
+    attn_norm: D::Buffer,
+    ffn_norm: D::Buffer,
+    wq: Mat<D>,
+    wk: Mat<D>,
+    wv: Mat<D>,
+    wo: Mat<D>,
+    gate: Mat<D>,
+    up: Mat<D>,
+    down: Mat<D>,
+}
+
+struct Weights<D: Device> {
+    embed: Mat<D>,
+    output: Mat<D>,
+    output_norm: D::Buffer,
+    rope: D::Buffer,
+    layers: Vec<LayerW<D>>,
+}
+
+/// Activations for up to MAX_ROWS rows, allocated once per model so that captured
+/// graphs stay valid.
+struct Scratch<D: Device> {
+    staging: D::Buffer,
+    x: D::Buffer,
+    xn: D::Buffer,
+    q: D::Buffer,
+    k: D::Buffer,
+    v: D::Buffer,
+    attn: D::Buffer,
+    o: D::Buffer,
+    g: D::Buffer,
+    u: D::Buffer,
+    down: D::Buffer,
+    act_q: D::Buffer,
+    act_d: D::Buffer,
+    act_s: D::Buffer,
+    scores: D::Buffer,
+    h: D::Buffer,
+    hn: D::Buffer,
+    logits: D::Buffer,
+}
+
+/// Offsets of the per-pass arrays inside the staging buffer.
+struct StagingLayout {
+    kptr: usize,
+    vptr: usize,
+    cap: usize,
+    pos: usize,
+    tokens: usize,
+    idx: usize,
+    bytes: usize,
+}
+
+const STAGING: StagingLayout = StagingLayout {
+    kptr: 0,
+    vptr: 8 * MAX_ROWS,
+    cap: 16 * MAX_ROWS,
+    pos: 20 * MAX_ROWS,
+    tokens: 24 * MAX_ROWS,
+    idx: 28 * MAX_ROWS,
+    bytes: 32 * MAX_ROWS,
+};
+
+struct ModelState<D: Device> {
+    w: Weights<D>,
+    s: Scratch<D>,
+    graphs: HashMap<usize, D::Graph>,
+}
+
+/// A sequence's KV cache on the device: K and V, each `[layer][cap][kv_dim]` f32.
+struct KvCache<D: Device> {
+    k: D::Buffer,
+    v: D::Buffer,
+    cap: usize,
+    backend: u64,
+    model: [u8; 32],
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Decode statistics, for benchmarks and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GraphStats {
+    pub captured: u64,
+    pub replayed: u64,
+    pub direct_passes: u64,
+}
+
+pub struct CudaBackend<D: Device> {
+    dev: D,
+    id: u64,
+    models: Mutex<HashMap<[u8; 32], ModelState<D>>>,
+    stats: Mutex<GraphStats>,
+    use_graphs: bool,
+    max_rows: usize,
+}
+
+impl<D: Device> CudaBackend<D> {
+    pub fn new(dev: D) -> Self {
+        Self {
+            dev,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            models: Mutex::new(HashMap::new()),
+            stats: Mutex::new(GraphStats::default()),
+            use_graphs: true,
+            max_rows: MAX_ROWS,
+        }
+    }
+
+    /// Fewer rows per pass (at most [`MAX_ROWS`]): tests exercise multi-pass prompts
+    /// with short ones.
+    pub fn with_max_rows(mut self, rows: usize) -> Self {
+        self.max_rows = rows.clamp(1, MAX_ROWS);
+        self
+    }
+
+    /// Launch every kernel directly, never through a graph (to compare the two).
+    pub fn without_graphs(mut self) -> Self {
+        self.use_graphs = false;
+        self
+    }
+
+    pub fn device_handle(&self) -> &D {
+        &self.dev
+    }
+
+    pub fn graph_stats(&self) -> GraphStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Upload a model's weights now (otherwise its first forward pass does).
+    pub fn load(&self, model: &Model) -> Result<(), CudaError> {
+        let mut models = self.models.lock().map_err(|_| poisoned())?;
+        if !models.contains_key(&model.file_hash) {
+            let st = self.upload_model(model)?;
+            models.insert(model.file_hash, st);
+        }
+        Ok(())
+    }
+
+    fn buf_f32(&self, v: &[f32]) -> Result<D::Buffer, CudaError> {
+        let b = self.dev.alloc(v.len() * 4)?;
+        self.dev.upload(self.dev.addr(&b), bytes_of(v))?;
+        Ok(b)
+    }
+
+    fn mat(&self, model: &Model, m: &Matrix) -> Result<Mat<D>, CudaError> {
+        let len = m.rows * m.row_bytes;
+        let src = model.bytes().get(m.offset..m.offset + len).ok_or_else(|| CudaError::Driver {
+            call: "upload",
+            reason: format!("tensor {} lies outside the file", m.name),
+        })?;
+        let buf = self.dev.alloc(len)?;
+        self.dev.upload(self.dev.addr(&buf), src)?;
+        Ok(Mat { buf, ty: m.ty, rows: m.rows, cols: m.cols, row_bytes: m.row_bytes })
+    }
+
+    fn upload_model(&self, model: &Model) -> Result<ModelState<D>, CudaError> {
+        let hp = &model.hp;
+        let rope: Vec<f32> = model.rope.iter().flat_map(|&(c, s)| [c, s]).collect();
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for l in &model.layers {
+            layers.push(LayerW {
+                attn_norm: self.buf_f32(&l.attn_norm)?,
+                ffn_norm: self.buf_f32(&l.ffn_norm)?,
+                wq: self.mat(model, &l.wq)?,
+                wk: self.mat(model, &l.wk)?,
+                wv: self.mat(model, &l.wv)?,
+                wo: self.mat(model, &l.wo)?,
+                gate: self.mat(model, &l.w_gate)?,
+                up: self.mat(model, &l.w_up)?,
+                down: self.mat(model, &l.w_down)?,
+            });
+        }
+        let w = Weights {
+            embed: self.mat(model, &model.token_embd)?,
+            output: self.mat(model, &model.output)?,
+            output_norm: self.buf_f32(&model.output_norm)?,
+            rope: self.buf_f32(&rope)?,
+            layers,
+        };
+        let (d, kvd, ff) = (hp.n_embd, hp.kv_dim(), hp.n_ff);
+        let r = self.max_rows;
+        let wide = d.max(ff);
+        let f = |n: usize| self.dev.alloc(n * 4);
+        let s = Scratch {
+            staging: self.dev.alloc(STAGING.bytes)?,
+            x: f(r * d)?,
+            xn: f(r * d)?,
+            q: f(r * d)?,
+            k: f(r * kvd)?,
+            v: f(r * kvd)?,
+            attn: f(r * d)?,
+            o: f(r * d)?,
+            g: f(r * ff)?,
+            u: f(r * ff)?,
+            down: f(r * d)?,
+            act_q: self.dev.alloc(r * wide)?,
+            act_d: f(r * wide / 32)?,
+            act_s: f(r * wide / 32)?,
+            scores: f(r * hp.n_head * hp.n_ctx)?,
+            h: f(r * d)?,
+            hn: f(r * d)?,
+            logits: f(r * hp.n_vocab)?,
+        };
+        Ok(ModelState { w, s, graphs: HashMap::new() })
+    }
+
+    /// Make `seq`'s device cache hold at least `need` positions, keeping what it has.
+    fn ensure_cache(&self, model: &Model, seq: &mut Sequence, need: usize) -> Result<(), CudaError> {
+        let hp = &model.hp;
+        let kvd = hp.kv_dim();
+        if seq.device.is_none() {
+            if seq.pos > 0 {
+                // Its cache is in host memory: it was run on another backend.
+                return Err(CudaError::ForeignSequence);
+            }
+            let cap = need.next_multiple_of(64).min(hp.n_ctx);
+            let bytes = hp.n_layer * cap * kvd * 4;
+            let cache: KvCache<D> = KvCache {
+                k: self.dev.alloc(bytes)?,
+                v: self.dev.alloc(bytes)?,
+                cap,
+                backend: self.id,
+                model: model.file_hash,
+            };
+            seq.device = Some(Box::new(cache));
+            return Ok(());
+        }
+        let cache = seq
+            .device
+            .as_mut()
+            .and_then(|b| (b.as_mut() as &mut dyn Any).downcast_mut::<KvCache<D>>())
+            .filter(|c| c.backend == self.id && c.model == model.file_hash)
+            .ok_or(CudaError::ForeignSequence)?;
+        if cache.cap >= need {
+            return Ok(());
+        }
+        let cap = need.max(cache.cap * 2).next_multiple_of(64).min(hp.n_ctx);
+        let bytes = hp.n_layer * cap * kvd * 4;
+        let (k, v) = (self.dev.alloc(bytes)?, self.dev.alloc(bytes)?);
+        let used = seq.pos * kvd * 4;
+        if used > 0 {
+            for l in 0..hp.n_layer {
+                let (dst, src) = (l * cap * kvd * 4, l * cache.cap * kvd * 4);
+                self.dev.copy(self.dev.addr(&k) + dst as u64, self.dev.addr(&cache.k) + src as u64, used)?;
+                self.dev.copy(self.dev.addr(&v) + dst as u64, self.dev.addr(&cache.v) + src as u64, used)?;
+            }
+        }
+        *cache = KvCache { k, v, cap, backend: self.id, model: model.file_hash };
+        Ok(())
+    }
+
+    fn launch(&self, k: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        self.dev.launch(k, shape, args)
+    }
+
+    fn a(&self, b: &D::Buffer) -> Arg {
+        Arg::Ptr(self.dev.addr(b))
+    }
+
+    fn quantize(&self, s: &Scratch<D>, x: &D::Buffer, cols: usize, n: usize) -> Result<(), CudaError> {
+        let nb = n * cols / 32;
+        self.launch(
+            Kernel::QuantizeAct,
+            Shape::new((blocks(nb, 4), 1), TPB),
+            &[self.a(x), self.a(&s.act_q), self.a(&s.act_d), self.a(&s.act_s), Arg::I32(nb as i32)],
+        )
+    }
+
+    /// `out[r] = m · x[r]` for `n` rows; quantized weights use the activations just
+    /// quantized from `x` (see `quantize`), float weights `x` itself.
+    fn matmul(&self, s: &Scratch<D>, m: &Mat<D>, x: &D::Buffer, out: &D::Buffer, n: usize) -> Result<(), CudaError> {
+        let ty = Arg::I32(m.ty.to_u32() as i32);
+        let (rows, cols) = (Arg::I32(m.rows as i32), Arg::I32(m.cols as i32));
+        if m.ty.block_len() == 32 {
+            self.launch(
+                Kernel::MatmulQ,
+                Shape::new((blocks(m.rows, 4), blocks(n, 4)), TPB),
+                &[
+                    self.a(&m.buf),
+                    ty,
+                    rows,
+                    cols,
+                    self.a(&s.act_q),
+                    self.a(&s.act_d),
+                    self.a(&s.act_s),
+                    self.a(out),
+                    Arg::I32(n as i32),
+                ],
+            )
+        } else {
+            self.launch(
+                Kernel::MatmulF,
+                Shape::new((blocks(m.rows, 4), n as u32), TPB),
+                &[self.a(&m.buf), ty, rows, cols, Arg::I32(m.row_bytes as i32), self.a(x), self.a(out), Arg::I32(n as i32)],
+            )
+        }
+    }
+
+    fn rms_norm(&self, x: &D::Buffer, w: &D::Buffer, y: &D::Buffer, cols: usize, n: usize, eps: f32) -> Result<(), CudaError> {
+        self.launch(
+            Kernel::RmsNorm,
+            Shape::new((blocks(n, 4), 1), TPB),
+            &[self.a(x), self.a(w), self.a(y), Arg::I32(cols as i32), Arg::I32(n as i32), Arg::F32(eps)],
+        )
+    }
+
+    fn add(&self, x: &D::Buffer, y: &D::Buffer, len: usize) -> Result<(), CudaError> {
+        self.launch(Kernel::AddInplace, Shape::new((blocks(len, 256), 1), 256), &[self.a(x), self.a(y), Arg::I32(len as i32)])
+    }
+
+    /// Queue the whole pass for `n` staged rows, `n_last` of which want logits.
+    fn encode(&self, hp: &crate::Hparams, w: &Weights<D>, s: &Scratch<D>, n: usize, n_last: usize) -> Result<(), CudaError> {
+        let (d, kvd, ff, hd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.head_dim);
+        let half = hp.rope_dim / 2;
+        let st = self.dev.addr(&s.staging);
+        let at = |off: usize| Arg::Ptr(st + off as u64);
+        let ni = Arg::I32(n as i32);
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        self.launch(
+            Kernel::Embed,
+            Shape::new((blocks(d, TPB as usize), n as u32), TPB),
+            &[
+                self.a(&w.embed.buf),
+                Arg::I32(w.embed.ty.to_u32() as i32),
+                Arg::I32(w.embed.row_bytes as i32),
+                at(STAGING.tokens),
+                self.a(&s.x),
+                Arg::I32(d as i32),
+                ni,
+            ],
+        )?;
+        for (li, l) in w.layers.iter().enumerate() {
+            self.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, hp.rms_eps)?;
+            self.quantize(s, &s.xn, d, n)?;
+            self.matmul(s, &l.wq, &s.xn, &s.q, n)?;
+            self.matmul(s, &l.wk, &s.xn, &s.k, n)?;
+            self.matmul(s, &l.wv, &s.xn, &s.v, n)?;
+            for (buf, heads) in [(&s.q, hp.n_head), (&s.k, hp.n_head_kv)] {
+                self.launch(
+                    Kernel::Rope,
+                    Shape::new((blocks(heads * half, TPB as usize), n as u32), TPB),
+                    &[
+                        self.a(buf),
+                        self.a(&w.rope),
+                        at(STAGING.pos),
+                        Arg::I32(heads as i32),
+                        Arg::I32(hd as i32),
+                        Arg::I32(half as i32),
+                        ni,
+                    ],
+                )?;
+            }
+            self.launch(
+                Kernel::KvStore,
+                Shape::new((blocks(kvd, TPB as usize), n as u32), TPB),
+                &[
+                    self.a(&s.k),
+                    self.a(&s.v),
+                    at(STAGING.kptr),
+                    at(STAGING.vptr),
+                    at(STAGING.cap),
+                    at(STAGING.pos),
+                    Arg::I32(li as i32),
+                    Arg::I32(kvd as i32),
+                    ni,
+                ],
+            )?;
+            self.launch(
+                Kernel::Attention,
+                Shape::new((hp.n_head as u32, n as u32), TPB),
+                &[
+                    self.a(&s.q),
+                    at(STAGING.kptr),
+                    at(STAGING.vptr),
+                    at(STAGING.cap),
+                    at(STAGING.pos),
+                    self.a(&s.attn),
+                    self.a(&s.scores),
+                    Arg::I32(li as i32),
+                    Arg::I32(hp.n_head as i32),
+                    Arg::I32(hp.n_head_kv as i32),
+                    Arg::I32(hd as i32),
+                    Arg::I32(hp.n_ctx as i32),
+                    Arg::F32(scale),
+                ],
+            )?;
+            self.quantize(s, &s.attn, d, n)?;
+            self.matmul(s, &l.wo, &s.attn, &s.o, n)?;
+            self.add(&s.x, &s.o, n * d)?;
+            self.rms_norm(&s.x, &l.ffn_norm, &s.xn, d, n, hp.rms_eps)?;
+            self.quantize(s, &s.xn, d, n)?;
+            self.matmul(s, &l.gate, &s.xn, &s.g, n)?;
+            self.matmul(s, &l.up, &s.xn, &s.u, n)?;
+            self.launch(
+                Kernel::Swiglu,
+                Shape::new((blocks(n * ff, 256), 1), 256),
+                &[self.a(&s.g), self.a(&s.u), Arg::I32((n * ff) as i32)],
+            )?;
+            self.quantize(s, &s.g, ff, n)?;
+            self.matmul(s, &l.down, &s.g, &s.down, n)?;
+            self.add(&s.x, &s.down, n * d)?;
+        }
+        if n_last == 0 {
+            return Ok(());
+        }
+        self.launch(
+            Kernel::GatherRows,
+            Shape::new((blocks(d, TPB as usize), n_last as u32), TPB),
+            &[self.a(&s.x), at(STAGING.idx), self.a(&s.h), Arg::I32(d as i32), Arg::I32(n_last as i32)],
+        )?;
+        self.rms_norm(&s.h, &w.output_norm, &s.hn, d, n_last, hp.rms_eps)?;
+        self.quantize(s, &s.hn, d, n_last)?;
+        self.matmul(s, &w.output, &s.hn, &s.logits, n_last)
+    }
+
+    fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rows = plan_rows(model, batch)?;
+        let hp = &model.hp;
+        self.load(model)?;
+        for it in batch.iter_mut() {
+            let need = it.seq.pos + it.tokens.len();
+            self.ensure_cache(model, it.seq, need)?;
+        }
+        // Per-item cache addresses and capacities.
+        let caches: Vec<(u64, u64, i32)> = batch
+            .iter()
+            .map(|it| {
+                let c = it
+                    .seq
+                    .device
+                    .as_ref()
+                    .and_then(|b| (b.as_ref() as &dyn Any).downcast_ref::<KvCache<D>>())
+                    .ok_or(CudaError::ForeignSequence)?;
+                Ok((self.dev.addr(&c.k), self.dev.addr(&c.v), c.cap as i32))
+            })
+            .collect::<Result<_, CudaError>>()?;
+        let mut models = self.models.lock().map_err(|_| poisoned())?;
+        let ms = models.get_mut(&model.file_hash).ok_or(CudaError::ForeignSequence)?;
+        let decode = self.use_graphs && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows) && batch.iter().all(|it| it.tokens.len() == 1);
+        let mut logits: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        let mut last_of: Vec<usize> = vec![0; batch.len()];
+        let mut r0 = 0;
+        for (i, it) in batch.iter().enumerate() {
+            r0 += it.tokens.len();
+            last_of[i] = r0 - 1;
+        }
+        for (c, chunk) in rows.chunks(self.max_rows).enumerate() {
+            let base = c * self.max_rows;
+            let n = chunk.len();
+            let mut staging = vec![0u8; STAGING.bytes];
+            let mut wants = Vec::new();
+            for (j, &(i, pos, tok)) in chunk.iter().enumerate() {
+                let (kp, vp, cap) = caches[i];
+                staging[STAGING.kptr + 8 * j..][..8].copy_from_slice(&kp.to_le_bytes());
+                staging[STAGING.vptr + 8 * j..][..8].copy_from_slice(&vp.to_le_bytes());
+                staging[STAGING.cap + 4 * j..][..4].copy_from_slice(&cap.to_le_bytes());
+                staging[STAGING.pos + 4 * j..][..4].copy_from_slice(&(pos as i32).to_le_bytes());
+                staging[STAGING.tokens + 4 * j..][..4].copy_from_slice(&tok.to_le_bytes());
+                if last_of[i] == base + j {
+                    staging[STAGING.idx + 4 * wants.len()..][..4].copy_from_slice(&(j as i32).to_le_bytes());
+                    wants.push(i);
+                }
+            }
+            self.dev.upload(self.dev.addr(&ms.s.staging), &staging)?;
+            let n_last = wants.len();
+            if decode {
+                if !ms.graphs.contains_key(&n) {
+                    self.dev.begin_capture()?;
+                    let queued = self.encode(hp, &ms.w, &ms.s, n, n_last);
+                    let graph = self.dev.end_capture();
+                    queued?;
+                    ms.graphs.insert(n, graph?);
+                    if let Ok(mut st) = self.stats.lock() {
+                        st.captured += 1;
+                    }
+                }
+                let graph = ms.graphs.get(&n).ok_or(CudaError::Driver { call: "graph", reason: "missing".into() })?;
+                self.dev.replay(graph)?;
+                if let Ok(mut st) = self.stats.lock() {
+                    st.replayed += 1;
+                }
+            } else {
+                self.encode(hp, &ms.w, &ms.s, n, n_last)?;
+                if let Ok(mut st) = self.stats.lock() {
+                    st.direct_passes += 1;
+                }
+            }
+            if !wants.is_empty() {
+                let mut out = vec![0.0f32; wants.len() * hp.n_vocab];
+                self.dev.download(self.dev.addr(&ms.s.logits), bytes_of_mut(&mut out))?;
+                for (k, &i) in wants.iter().enumerate() {
+                    logits[i] = out[k * hp.n_vocab..(k + 1) * hp.n_vocab].to_vec();
+                }
+            }
+        }
+        for it in batch.iter_mut() {
+            it.seq.pos += it.tokens.len();
+        }
+        Ok(logits)
+    }
+}
+
+fn poisoned() -> CudaError {
+    CudaError::Driver { call: "lock", reason: "a previous pass panicked".into() }
+}
+
+impl<D: Device> Backend for CudaBackend<D> {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn device(&self) -> String {
+        let (a, b) = self.dev.compute_capability();
+        format!("{} (compute {a}.{b})", self.dev.name())
+    }
+
+    fn device_status(&self) -> Option<DeviceStatus> {
+        let (a, b) = self.dev.compute_capability();
+        let (free, total) = self.dev.memory().unwrap_or((0, 0));
+        Some(DeviceStatus {
+            name: self.dev.name(),
+            compute_capability: format!("{a}.{b}"),
+            memory_total_bytes: total,
+            memory_free_bytes: free,
+        })
+    }
+
+    fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_inner(model, batch)
+    }
+}
+
+/// What a passing known-answer test checked.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KnownAnswer {
+    pub logits_compared: usize,
+    /// blake3 of every compared logit's bits, in order (the same on every good device).
+    pub digest: String,
+}
+
+/// The known-answer self-test: a batched prefill of two prompts of different lengths,
+/// then two batched decode steps (graph capture, then replay), on `backend` and on the
+/// CPU reference; every logit must be the same bits. A device that fails must not serve.
+pub fn known_answer_test(backend: &dyn Backend, model: &Model) -> Result<KnownAnswer, CudaError> {
+    let cpu = CpuBackend::new(1).map_err(|e| CudaError::SelfTest(e.to_string()))?;
+    let vocab = model.hp.n_vocab as u64;
+    let tok = |i: u64| ((i * 7919 + 13) % vocab) as u32;
+    let prompts: [Vec<u32>; 2] = [(0..7).map(tok).collect(), (7..10).map(tok).collect()];
+    let mut seqs = [[Sequence::new(model), Sequence::new(model)], [Sequence::new(model), Sequence::new(model)]];
+    let mut digest = blake3::Hasher::new();
+    let mut compared = 0;
+    let mut steps: Vec<[Vec<u32>; 2]> = vec![prompts.clone()];
+    steps.push([vec![tok(20)], vec![tok(21)]]);
+    steps.push([vec![tok(22)], vec![tok(23)]]);
+    for (step, tokens) in steps.iter().enumerate() {
+        let mut out = Vec::new();
+        for (which, b) in [&cpu as &dyn Backend, backend].into_iter().enumerate() {
+            let [a, c] = &mut seqs[which];
+            let mut batch = [BatchItem { seq: a, tokens: &tokens[0] }, BatchItem { seq: c, tokens: &tokens[1] }];
+            out.push(b.forward(model, &mut batch).map_err(|e| CudaError::SelfTest(format!("step {step}: {e}")))?);
+        }
+        for item in 0..2 {
+            let (want, got) = (&out[0][item], &out[1][item]);
+            if want.len() != got.len() {
+                return Err(CudaError::SelfTest(format!("step {step}, sequence {item}: {} logits, want {}", got.len(), want.len())));
+            }
+            if let Some(i) = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits()) {
+                return Err(CudaError::SelfTest(format!(
+                    "step {step}, sequence {item}: logit {i} is {} on the device, {} on the CPU",
+                    got[i], want[i]
+                )));
+            }
+            for v in got {
+                digest.update(&v.to_bits().to_le_bytes());
+            }
+            compared += got.len();
+        }
+    }
+    Ok(KnownAnswer { logits_compared: compared, digest: digest.finalize().to_hex()[..16].to_owned() })
+}
+
+impl From<CudaError> for ModelError {
+    fn from(e: CudaError) -> Self {
+        ModelError::Device(e.to_string())
+    }
+}
+
+/// A CUDA backend on the GPU, its kernels built (or loaded from the PTX cache).
+pub type GpuBackend = CudaBackend<super::driver::CudarcDevice>;
+
+impl GpuBackend {
+    pub fn open(opts: &super::driver::CudaOptions) -> Result<Arc<Self>, CudaError> {
+        Ok(Arc::new(Self::new(super::driver::CudarcDevice::open(opts)?)))
+    }
+}

@@ -1,0 +1,170 @@
+//! What the CUDA backend needs of a device, as a trait: memory, copies, kernel
+//! launches and graph capture. [`super::driver::CudarcDevice`] is the GPU; the
+//! `cuda-emulator` feature adds a CPU emulator that runs the same kernels, so the
+//! backend's host code and the kernels' logic are tested on machines without a GPU.
+
+/// Every kernel the forward pass launches: (name, file) in `kernels/cuda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    QuantizeAct,
+    MatmulQ,
+    MatmulF,
+    Embed,
+    RmsNorm,
+    AddInplace,
+    GatherRows,
+    Rope,
+    KvStore,
+    Attention,
+    Swiglu,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 11] = [
+        Kernel::QuantizeAct,
+        Kernel::MatmulQ,
+        Kernel::MatmulF,
+        Kernel::Embed,
+        Kernel::RmsNorm,
+        Kernel::AddInplace,
+        Kernel::GatherRows,
+        Kernel::Rope,
+        Kernel::KvStore,
+        Kernel::Attention,
+        Kernel::Swiglu,
+    ];
+
+    /// The `extern "C"` name in the source.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::QuantizeAct => "quantize_act",
+            Kernel::MatmulQ => "matmul_q",
+            Kernel::MatmulF => "matmul_f",
+            Kernel::Embed => "embed",
+            Kernel::RmsNorm => "rms_norm",
+            Kernel::AddInplace => "add_inplace",
+            Kernel::GatherRows => "gather_rows",
+            Kernel::Rope => "rope",
+            Kernel::KvStore => "kv_store",
+            Kernel::Attention => "attention",
+            Kernel::Swiglu => "swiglu",
+        }
+    }
+
+    /// The file (in [`super::SOURCES`]) that defines it.
+    pub fn file(self) -> &'static str {
+        match self {
+            Kernel::QuantizeAct | Kernel::MatmulQ | Kernel::MatmulF | Kernel::Embed => "quant.cu",
+            Kernel::RmsNorm | Kernel::AddInplace | Kernel::GatherRows => "norm.cu",
+            Kernel::Rope => "rope.cu",
+            Kernel::KvStore | Kernel::Attention => "attention.cu",
+            Kernel::Swiglu => "ffn.cu",
+        }
+    }
+}
+
+/// One kernel argument. Every argument travels in an 8-byte slot, little-endian, so a
+/// 4-byte parameter reads the slot's first 4 bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// A device address.
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+impl Arg {
+    pub fn slot(self) -> u64 {
+        match self {
+            Arg::Ptr(p) => p,
+            Arg::I32(v) => u64::from(v as u32),
+            Arg::F32(v) => u64::from(v.to_bits()),
+        }
+    }
+}
+
+/// Launch shape: blocks in the grid, threads in a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+}
+
+impl Shape {
+    pub fn new(grid: (u32, u32), block: u32) -> Self {
+        Self { grid: [grid.0.max(1), grid.1.max(1), 1], block: [block, 1, 1] }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum CudaError {
+    #[error("CUDA is not available: {0}")]
+    Unavailable(#[from] super::detect::CudaUnavailable),
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
+    #[error("CUDA driver call {call} failed: {reason}")]
+    Driver { call: &'static str, reason: String },
+    #[error("device memory: cannot allocate {bytes} bytes ({reason})")]
+    OutOfMemory { bytes: usize, reason: String },
+    #[error("kernel {kernel} failed to launch: {reason}")]
+    Launch { kernel: &'static str, reason: String },
+    #[error("a sequence's cache belongs to another backend or model")]
+    ForeignSequence,
+    #[error("the model's {tensor} has type {ty}, which the CUDA backend does not support")]
+    UnsupportedTensor { tensor: String, ty: String },
+    #[error("known-answer self-test failed: {0}")]
+    SelfTest(String),
+}
+
+/// A device that runs the kernels. Addresses are plain `u64`s; buffers own memory.
+pub trait Device: Send + Sync + 'static {
+    type Buffer: Send + Sync + 'static;
+    type Graph: Send + 'static;
+
+    /// Zero-filled memory of `bytes` bytes, aligned to at least 256.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer, CudaError>;
+    fn addr(&self, buf: &Self::Buffer) -> u64;
+    /// Copy host bytes to a device address (ordered with launches).
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), CudaError>;
+    /// Copy device bytes to the host, after all work queued so far.
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError>;
+    /// Copy between device addresses (ordered with launches).
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError>;
+    fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError>;
+    /// Record the launches that follow instead of running them…
+    fn begin_capture(&self) -> Result<(), CudaError>;
+    /// …until here; the result replays them.
+    fn end_capture(&self) -> Result<Self::Graph, CudaError>;
+    fn replay(&self, graph: &Self::Graph) -> Result<(), CudaError>;
+    /// (free, total) bytes of device memory.
+    fn memory(&self) -> Result<(u64, u64), CudaError>;
+    fn name(&self) -> String;
+    fn compute_capability(&self) -> (i32, i32);
+}
+
+/// The bytes of a slice of plain numbers, for uploads and downloads.
+pub fn bytes_of<T: Plain>(v: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+pub fn bytes_of_mut<T: Plain>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; any bytes written are a valid `T`.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
+}
+
+/// Numbers without padding for which every bit pattern is a value.
+pub trait Plain: Copy + sealed::Sealed {}
+impl Plain for f32 {}
+impl Plain for u32 {}
+impl Plain for i32 {}
+impl Plain for u64 {}
+impl Plain for u8 {}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u32 {}
+    impl Sealed for i32 {}
+    impl Sealed for u64 {}
+    impl Sealed for u8 {}
+}

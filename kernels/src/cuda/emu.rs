@@ -1,0 +1,170 @@
+//! The CUDA kernels on the CPU (`cuda-emulator` feature): the same `.cu` sources,
+//! compiled by the host C++ compiler against `cuda/emu/emu.h`, which runs each CUDA
+//! thread as a fiber. Device addresses are host addresses. Slow, and only for tests:
+//! it checks the backend's host code and the kernels' logic without a GPU.
+
+use std::alloc::Layout;
+use std::ffi::{CString, c_char, c_int, c_uint};
+use std::sync::Mutex;
+
+use super::device::{Arg, CudaError, Device, Kernel, Shape};
+
+unsafe extern "C" {
+    fn sampo_emu_launch(
+        name: *const c_char,
+        grid: *const c_uint,
+        block: *const c_uint,
+        args: *const u64,
+        nargs: c_int,
+    ) -> c_int;
+}
+
+/// Host memory standing in for device memory.
+pub struct EmuBuffer {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; the emulator serializes use.
+unsafe impl Send for EmuBuffer {}
+unsafe impl Sync for EmuBuffer {}
+
+impl Drop for EmuBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `alloc` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Launches recorded between `begin_capture` and `end_capture`.
+pub struct EmuGraph(Vec<(Kernel, Shape, Vec<Arg>)>);
+
+/// A deliberate fault, to test that a failing device is refused: after each launch of
+/// the kernel, flip the sign of the first float at its argument `arg`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fault {
+    pub kernel: Kernel,
+    pub arg: usize,
+}
+
+#[derive(Default)]
+pub struct EmuDevice {
+    capture: Mutex<Option<Vec<(Kernel, Shape, Vec<Arg>)>>>,
+    fault: Option<Fault>,
+    launches: std::sync::atomic::AtomicU64,
+}
+
+impl EmuDevice {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_fault(fault: Fault) -> Self {
+        Self { fault: Some(fault), ..Self::default() }
+    }
+
+    /// Kernels run so far (replays count each kernel).
+    pub fn launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn run(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        let name = CString::new(kernel.name()).map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "name".into() })?;
+        let slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        // SAFETY: the kernel reads and writes the addresses it is given, which the
+        // backend sized for this launch (the same contract as a GPU launch).
+        let code = unsafe {
+            sampo_emu_launch(name.as_ptr(), shape.grid.as_ptr(), shape.block.as_ptr(), slots.as_ptr(), slots.len() as c_int)
+        };
+        if code != 0 {
+            return Err(CudaError::Launch { kernel: kernel.name(), reason: format!("emulator code {code}") });
+        }
+        self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(f) = self.fault
+            && f.kernel == kernel
+            && let Some(Arg::Ptr(p)) = args.get(f.arg)
+        {
+            // SAFETY: the argument is an output buffer of at least one float.
+            unsafe { *(*p as *mut u32) ^= 0x8000_0000 };
+        }
+        Ok(())
+    }
+}
+
+impl Device for EmuDevice {
+    type Buffer = EmuBuffer;
+    type Graph = EmuGraph;
+
+    fn alloc(&self, bytes: usize) -> Result<EmuBuffer, CudaError> {
+        let layout = Layout::from_size_align(bytes.max(1), 256)
+            .map_err(|e| CudaError::OutOfMemory { bytes, reason: e.to_string() })?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(CudaError::OutOfMemory { bytes, reason: "host allocation failed".into() });
+        }
+        Ok(EmuBuffer { ptr, layout })
+    }
+
+    fn addr(&self, buf: &EmuBuffer) -> u64 {
+        buf.ptr as u64
+    }
+
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        // SAFETY: `dst` is an address inside a live buffer with room (backend contract).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
+        // SAFETY: as for `upload`.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        // SAFETY: as for `upload`; the backend never copies a buffer onto itself.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, bytes) };
+        Ok(())
+    }
+
+    fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        let mut cap = self.capture.lock().map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "poisoned".into() })?;
+        if let Some(rec) = cap.as_mut() {
+            rec.push((kernel, shape, args.to_vec()));
+            return Ok(());
+        }
+        drop(cap);
+        self.run(kernel, shape, args)
+    }
+
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        let mut cap = self.capture.lock().map_err(|_| CudaError::Driver { call: "begin_capture", reason: "poisoned".into() })?;
+        *cap = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<EmuGraph, CudaError> {
+        let mut cap = self.capture.lock().map_err(|_| CudaError::Driver { call: "end_capture", reason: "poisoned".into() })?;
+        cap.take().map(EmuGraph).ok_or(CudaError::Driver { call: "end_capture", reason: "not capturing".into() })
+    }
+
+    fn replay(&self, graph: &EmuGraph) -> Result<(), CudaError> {
+        for (k, s, a) in &graph.0 {
+            self.run(*k, *s, a)?;
+        }
+        Ok(())
+    }
+
+    fn memory(&self) -> Result<(u64, u64), CudaError> {
+        Ok((0, 0))
+    }
+
+    fn name(&self) -> String {
+        "sampo CUDA emulator (CPU)".into()
+    }
+
+    fn compute_capability(&self) -> (i32, i32) {
+        (0, 0)
+    }
+}
