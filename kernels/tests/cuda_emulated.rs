@@ -3,6 +3,8 @@
 //! every logit must be the same bits. The GPU itself runs the same checks in
 //! `cuda_gpu.rs`.
 
+mod common;
+
 use std::sync::Arc;
 
 use sampo_kernels::cuda::emu::{EmuDevice, Fault};
@@ -38,4 +40,224 @@ fn prefill_logits_are_the_cpu_bits() {
         assert_eq!(bits(&got[0]), bits(&want[0]), "prompt of {len} tokens");
         assert_eq!(s2.pos, len);
     }
+}
+
+#[test]
+fn batched_generation_with_graph_replay_is_the_cpu_tokens() {
+    let m = synth();
+    let cpu = Engine::new(m.clone(), Arc::new(CpuBackend::new(2).expect("cpu")));
+    let backend = Arc::new(CudaBackend::new(EmuDevice::new()));
+    let gpu = Engine::new(m.clone(), backend.clone());
+    let greedy = |n| SamplingParams { max_tokens: n, ..SamplingParams::default() };
+    let sampled = SamplingParams { temperature: 0.8, top_p: 0.9, seed: 7, max_tokens: 12, ..SamplingParams::default() };
+    let requests = vec![
+        (tokens(&m, 9, 1), greedy(12)),
+        (tokens(&m, 3, 2), sampled),
+        (tokens(&m, 17, 3), greedy(5)),
+    ];
+    let want = cpu.generate_batch(&requests, &mut |_, _, _| true).expect("cpu");
+    let got = gpu.generate_batch(&requests, &mut |_, _, _| true).expect("emulated cuda");
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(g.tokens, w.tokens);
+        assert_eq!(g.finish, w.finish);
+    }
+    let stats = backend.graph_stats();
+    // Decode batches of 3 (then 2 once the short request ends): captured once each, replayed every step.
+    assert!(stats.captured >= 1 && stats.replayed > stats.captured, "{stats:?}");
+    assert_eq!(stats.direct_passes, 1, "the prefill runs directly: {stats:?}");
+}
+
+#[test]
+fn graph_replay_equals_direct_launches() {
+    let m = synth();
+    let graphs = CudaBackend::new(EmuDevice::new());
+    let direct = CudaBackend::new(EmuDevice::new()).without_graphs();
+    let mut a = [Sequence::new(&m), Sequence::new(&m)];
+    let mut b = [Sequence::new(&m), Sequence::new(&m)];
+    let prompts = [tokens(&m, 4, 5), tokens(&m, 6, 6)];
+    for step in 0..4 {
+        let toks: Vec<Vec<u32>> = if step == 0 { prompts.to_vec() } else { vec![vec![step * 3], vec![step * 5]] };
+        let [a0, a1] = &mut a;
+        let [b0, b1] = &mut b;
+        let x = graphs
+            .forward(&m, &mut [BatchItem { seq: a0, tokens: &toks[0] }, BatchItem { seq: a1, tokens: &toks[1] }])
+            .expect("graphs");
+        let y = direct
+            .forward(&m, &mut [BatchItem { seq: b0, tokens: &toks[0] }, BatchItem { seq: b1, tokens: &toks[1] }])
+            .expect("direct");
+        assert_eq!(x.iter().map(|v| bits(v)).collect::<Vec<_>>(), y.iter().map(|v| bits(v)).collect::<Vec<_>>());
+    }
+    assert_eq!(graphs.graph_stats().captured, 1);
+    assert_eq!(graphs.graph_stats().replayed, 3);
+    assert_eq!(direct.graph_stats().replayed, 0);
+}
+
+#[test]
+fn multi_pass_prompts_and_cache_growth_keep_the_bits() {
+    let m = synth();
+    let cpu = CpuBackend::new(1).expect("cpu");
+    // Five rows per pass: a 23-token prompt takes five passes; the cache starts at 64
+    // positions and must grow (copying what it holds) as decoding passes them.
+    let gpu = CudaBackend::new(EmuDevice::new()).with_max_rows(5);
+    let p = tokens(&m, 60, 9);
+    let mut c = Sequence::new(&m);
+    let mut g = Sequence::new(&m);
+    let want = cpu.forward(&m, &mut [BatchItem { seq: &mut c, tokens: &p[..23] }]).expect("cpu");
+    let got = gpu.forward(&m, &mut [BatchItem { seq: &mut g, tokens: &p[..23] }]).expect("cuda");
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+    let want = cpu.forward(&m, &mut [BatchItem { seq: &mut c, tokens: &p[23..] }]).expect("cpu");
+    let got = gpu.forward(&m, &mut [BatchItem { seq: &mut g, tokens: &p[23..] }]).expect("cuda");
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+    for t in 0..8u32 {
+        let want = cpu.forward(&m, &mut [BatchItem { seq: &mut c, tokens: &[t] }]).expect("cpu");
+        let got = gpu.forward(&m, &mut [BatchItem { seq: &mut g, tokens: &[t] }]).expect("cuda");
+        assert_eq!(bits(&got[0]), bits(&want[0]), "decode step {t} at position {}", g.pos);
+    }
+    assert_eq!(g.pos, 68);
+}
+
+#[test]
+fn known_answer_passes_and_a_faulty_device_is_refused() {
+    let m = synth();
+    let good = CudaBackend::new(EmuDevice::new());
+    let ok = known_answer_test(&good, &m).expect("a correct device passes");
+    assert!(ok.logits_compared >= 6 * m.hp.n_vocab, "{ok:?}");
+    // Same device, same digest: the answer is a property of the model, not of the run.
+    let again = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("again");
+    assert_eq!(ok.digest, again.digest);
+    // A device whose matrix product flips one sign (argument 7 is the output).
+    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::MatmulQ, arg: 7 }));
+    match known_answer_test(&bad, &m) {
+        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
+        other => panic!("a faulty device must fail the self-test: {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_sequences_stay_on_their_backend() {
+    let m = synth();
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let cpu = CpuBackend::new(1).expect("cpu");
+    let mut s = Sequence::new(&m);
+    let bad = [m.hp.n_vocab as u32];
+    let err = gpu.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &bad }]).expect_err("out of range");
+    assert!(matches!(err, ModelError::TokenOutOfRange { .. }), "{err}");
+    let err = gpu.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &[] }]).expect_err("empty");
+    assert!(matches!(err, ModelError::EmptyInput), "{err}");
+    let too_long = vec![1u32; m.hp.n_ctx + 1];
+    let err = gpu.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &too_long }]).expect_err("too long");
+    assert!(matches!(err, ModelError::ContextFull { .. }), "{err}");
+    assert_eq!(s.pos, 0, "refused input changes nothing");
+    // A sequence begun on the CPU cannot continue on the device, nor the reverse.
+    let mut on_cpu = Sequence::new(&m);
+    cpu.forward(&m, &mut [BatchItem { seq: &mut on_cpu, tokens: &[1, 2] }]).expect("cpu");
+    let err = gpu.forward(&m, &mut [BatchItem { seq: &mut on_cpu, tokens: &[3] }]).expect_err("foreign");
+    assert!(matches!(err, ModelError::Device(_)), "{err}");
+    let mut on_gpu = Sequence::new(&m);
+    gpu.forward(&m, &mut [BatchItem { seq: &mut on_gpu, tokens: &[1, 2] }]).expect("gpu");
+    let err = cpu.forward(&m, &mut [BatchItem { seq: &mut on_gpu, tokens: &[3] }]).expect_err("foreign");
+    assert!(matches!(err, ModelError::Device(_)), "{err}");
+    // …nor on another device backend.
+    let other = CudaBackend::new(EmuDevice::new());
+    let err = other.forward(&m, &mut [BatchItem { seq: &mut on_gpu, tokens: &[3] }]).expect_err("foreign");
+    assert!(matches!(err, ModelError::Device(_)), "{err}");
+}
+
+#[test]
+fn float_weights_and_embeddings_follow_the_cpu() {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of, bytes_of_mut};
+    use sampo_kernels::gguf::GgmlType;
+    use sampo_kernels::math::dot_f32;
+    use sampo_kernels::quant::{dequantize_row, quantize_row};
+    let dev = EmuDevice::new();
+    let (rows, cols) = (6usize, 96usize);
+    let vals: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021).collect();
+    let buf = |bytes: &[u8]| {
+        let b = dev.alloc(bytes.len()).expect("alloc");
+        dev.upload(dev.addr(&b), bytes).expect("upload");
+        b
+    };
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        let w: Vec<u8> = vals.chunks(cols).flat_map(|r| quantize_row(ty, r)).collect();
+        let row_bytes = w.len() / rows;
+        let (wb, xb) = (buf(&w), buf(bytes_of(&x)));
+        // Embedding of rows 4 and 1.
+        let toks = buf(bytes_of(&[4u32, 1]));
+        let out = dev.alloc(2 * cols * 4).expect("alloc");
+        dev.launch(
+            Kernel::Embed,
+            Shape::new((1, 2), 128),
+            &[
+                Arg::Ptr(dev.addr(&wb)),
+                Arg::I32(ty.to_u32() as i32),
+                Arg::I32(row_bytes as i32),
+                Arg::Ptr(dev.addr(&toks)),
+                Arg::Ptr(dev.addr(&out)),
+                Arg::I32(cols as i32),
+                Arg::I32(2),
+            ],
+        )
+        .expect("embed");
+        let mut got = vec![0f32; 2 * cols];
+        dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
+        for (k, r) in [4usize, 1].into_iter().enumerate() {
+            let mut want = vec![0f32; cols];
+            dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut want);
+            assert_eq!(bits(&got[k * cols..(k + 1) * cols]), bits(&want), "{ty} embedding row {r}");
+        }
+        if ty.block_len() == 1 {
+            let out = dev.alloc(rows * 4).expect("alloc");
+            dev.launch(
+                Kernel::MatmulF,
+                Shape::new((2, 1), 128),
+                &[
+                    Arg::Ptr(dev.addr(&wb)),
+                    Arg::I32(ty.to_u32() as i32),
+                    Arg::I32(rows as i32),
+                    Arg::I32(cols as i32),
+                    Arg::I32(row_bytes as i32),
+                    Arg::Ptr(dev.addr(&xb)),
+                    Arg::Ptr(dev.addr(&out)),
+                    Arg::I32(1),
+                ],
+            )
+            .expect("matmul_f");
+            let mut got = vec![0f32; rows];
+            dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
+            for (r, g) in got.iter().enumerate() {
+                let mut wr = vec![0f32; cols];
+                dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut wr);
+                assert_eq!(g.to_bits(), dot_f32(&wr, &x).to_bits(), "{ty} row {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn real_model_on_the_emulator_is_the_cpu_bits() {
+    // SmolLM2's shapes (GQA 9/3 heads, 49152-token head, 30 layers) through the very
+    // kernels the GPU runs: a prefill of two sequences and one batched decode step.
+    let m = common::real_model();
+    let cpu = CpuBackend::new(2).expect("cpu");
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let t0 = std::time::Instant::now();
+    let prompts = [m.tokenizer.encode("The capital of France is", true), m.tokenizer.encode("2+2=", true)];
+    let mut c = [Sequence::new(&m), Sequence::new(&m)];
+    let mut g = [Sequence::new(&m), Sequence::new(&m)];
+    for step in 0..2u32 {
+        let toks: Vec<Vec<u32>> = if step == 0 { prompts.to_vec() } else { vec![vec![28], vec![29]] };
+        let [c0, c1] = &mut c;
+        let [g0, g1] = &mut g;
+        let want = cpu
+            .forward(&m, &mut [BatchItem { seq: c0, tokens: &toks[0] }, BatchItem { seq: c1, tokens: &toks[1] }])
+            .expect("cpu");
+        let got = gpu
+            .forward(&m, &mut [BatchItem { seq: g0, tokens: &toks[0] }, BatchItem { seq: g1, tokens: &toks[1] }])
+            .expect("emulated cuda");
+        for k in 0..2 {
+            assert_eq!(bits(&got[k]), bits(&want[k]), "step {step}, sequence {k}");
+        }
+    }
+    eprintln!("real model on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -4,6 +4,7 @@
 #include <ucontext.h>
 
 #include <cstdlib>
+#include <memory>
 #include <functional>
 #include <string>
 #include <type_traits>
@@ -59,18 +60,24 @@ constexpr size_t kStack = 64 * 1024;
 struct Fiber {
     ucontext_t ctx;
     void* sp = nullptr;
-    std::vector<char> stack;
+    std::unique_ptr<char[]> stack;  // kStack bytes, reused across launches
     bool done = false;
+    // What a parked fiber waits for: a warp (1) or block (2) barrier generation to
+    // pass. The scheduler does not resume it before then.
+    int wait_kind = 0;
+    int wait_gen = 0;
+    unsigned shuffles = 0;
 };
 
 struct Block {
     std::vector<Fiber> fibers;
     ucontext_t main;
     int cur = 0;
+    int n = 0;
     int live = 0;
     std::vector<int> warp_live, warp_arrived, warp_gen;
     int block_arrived = 0, block_gen = 0;
-    std::vector<uint32_t> slots;
+    std::vector<uint32_t> slots[2];
     const std::function<void()>* body = nullptr;
 };
 
@@ -112,11 +119,13 @@ void release_ready(int warp) {
 // Apart from run_grid's loops: getcontext returns twice.
 __attribute__((noinline)) void init_fiber(Fiber& f, ucontext_t* link) {
     f.done = false;
+    f.wait_kind = 0;
+    f.shuffles = 0;
 #if SAMPO_EMU_ASM_SWITCH
     (void)link;
     // A stack that "returns" into trampoline with the ABI's alignment: six zeroed
     // callee-saved registers, the entry address, then a fake return address.
-    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack.data()) + f.stack.size()) & ~uintptr_t(15);
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack.get()) + kStack) & ~uintptr_t(15);
     void** sp = reinterpret_cast<void**>(top);
     *--sp = nullptr;
     *--sp = reinterpret_cast<void*>(&trampoline);
@@ -125,8 +134,8 @@ __attribute__((noinline)) void init_fiber(Fiber& f, ucontext_t* link) {
     return;
 #endif
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = link;
     makecontext(&f.ctx, trampoline, 0);
 }
@@ -135,38 +144,53 @@ __attribute__((noinline)) void init_fiber(Fiber& f, ucontext_t* link) {
 
 int lane_id() { return g->cur % 32; }
 
+void park(int kind, int gen) {
+    Fiber& f = g->fibers[g->cur];
+    f.wait_kind = kind;
+    f.wait_gen = gen;
+    yield();
+    f.wait_kind = 0;
+}
+
 void warp_barrier() {
     const int w = g->cur / 32;
     const int gen = g->warp_gen[w];
     g->warp_arrived[w]++;
     release_ready(w);
-    while (g->warp_gen[w] == gen) yield();
+    if (g->warp_gen[w] == gen) park(1, gen);
 }
 
 void block_barrier() {
     const int gen = g->block_gen;
     g->block_arrived++;
     release_ready(g->cur / 32);
-    while (g->block_gen == gen) yield();
+    if (g->block_gen == gen) park(2, gen);
 }
 
+// One barrier per shuffle: consecutive shuffles of a warp use alternate slot arrays,
+// and no lane can write a slot array again before every lane has passed the barrier
+// of the shuffle in between (having read this one).
 uint32_t shfl(uint32_t v, int src_lane) {
     const int base = g->cur & ~31;
-    g->slots[g->cur] = v;
+    Fiber& me = g->fibers[g->cur];
+    std::vector<uint32_t>& slots = g->slots[me.shuffles++ & 1];
+    slots[g->cur] = v;
     warp_barrier();
     const int src = base + (src_lane & 31);
-    const uint32_t r = (src < (int)g->fibers.size() && !g->fibers[src].done) ? g->slots[src] : v;
-    warp_barrier();
-    return r;
+    return (src < g->n && !g->fibers[src].done) ? slots[src] : v;
 }
 
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     const int n = (int)(block.x * block.y * block.z);
     const int warps = (n + 31) / 32;
-    Block b;
-    b.fibers.resize(n);
-    for (auto& f : b.fibers) f.stack.resize(kStack);
-    b.slots.assign(n, 0);
+    // Fibers and their stacks live as long as the thread: launches are many and small.
+    thread_local Block b;
+    if ((int)b.fibers.size() < n) b.fibers.resize(n);
+    for (auto& f : b.fibers)
+        if (!f.stack) f.stack.reset(new char[kStack]);
+    b.n = n;
+    b.slots[0].assign(n, 0);
+    b.slots[1].assign(n, 0);
     b.body = &body;
     Block* saved = g;
     g = &b;
@@ -186,7 +210,10 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
                 for (int i = 0; i < n; ++i) init_fiber(b.fibers[i], &b.main);
                 while (b.live > 0) {
                     for (int i = 0; i < n; ++i) {
-                        if (b.fibers[i].done) continue;
+                        const Fiber& f = b.fibers[i];
+                        if (f.done) continue;
+                        if (f.wait_kind == 1 && b.warp_gen[i / 32] == f.wait_gen) continue;
+                        if (f.wait_kind == 2 && b.block_gen == f.wait_gen) continue;
                         b.cur = i;
                         threadIdx = dim3{(unsigned)i % block.x, ((unsigned)i / block.x) % block.y,
                                          (unsigned)i / (block.x * block.y)};
