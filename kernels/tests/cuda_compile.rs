@@ -59,3 +59,28 @@ fn missing_driver_is_a_reason_not_a_panic() {
         Err(e) => assert!(!e.to_string().is_empty()),
     }
 }
+
+#[test]
+fn ptx_is_cached_by_source_and_architecture_and_names_every_kernel() {
+    use sampo_kernels::cuda::Kernel;
+    use sampo_kernels::cuda::driver::{CudaOptions, kernels_ptx};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = CudaOptions { nvrtc: Some(nvrtc_path()), ptx_cache: Some(dir.path().to_path_buf()) };
+    let (ptx, first) = kernels_ptx("compute_90", &opts).expect("compile");
+    assert_eq!((first.compiled, first.cached), (SOURCES.len(), 0), "{first:?}");
+    // Every kernel the backend launches is an entry of the file it is looked up in.
+    for k in Kernel::ALL {
+        let (_, text) = ptx.iter().find(|(f, _)| *f == k.file()).expect("file compiled");
+        assert!(text.contains(&format!(".entry {}(", k.name())), "{} not in {}", k.name(), k.file());
+    }
+    let (_, second) = kernels_ptx("compute_90", &opts).expect("from cache");
+    assert_eq!((second.compiled, second.cached), (0, SOURCES.len()), "{second:?}");
+    assert_eq!(first.cache_key, second.cache_key);
+    // Another architecture is another entry; a damaged file is compiled again.
+    let (_, other) = kernels_ptx("compute_80", &opts).expect("compile for sm_80");
+    assert_eq!(other.compiled, SOURCES.len());
+    let entry = dir.path().join(format!("compute_90-{}", first.cache_key)).join("quant.cu.ptx");
+    std::fs::write(&entry, "garbage").expect("damage");
+    let (_, third) = kernels_ptx("compute_90", &opts).expect("recompile");
+    assert_eq!((third.compiled, third.cached), (1, SOURCES.len() - 1), "{third:?}");
+}

@@ -50,11 +50,7 @@ fn batched_generation_with_graph_replay_is_the_cpu_tokens() {
     let gpu = Engine::new(m.clone(), backend.clone());
     let greedy = |n| SamplingParams { max_tokens: n, ..SamplingParams::default() };
     let sampled = SamplingParams { temperature: 0.8, top_p: 0.9, seed: 7, max_tokens: 12, ..SamplingParams::default() };
-    let requests = vec![
-        (tokens(&m, 9, 1), greedy(12)),
-        (tokens(&m, 3, 2), sampled),
-        (tokens(&m, 17, 3), greedy(5)),
-    ];
+    let requests = vec![(tokens(&m, 9, 1), greedy(12)), (tokens(&m, 3, 2), sampled), (tokens(&m, 17, 3), greedy(5))];
     let want = cpu.generate_batch(&requests, &mut |_, _, _| true).expect("cpu");
     let got = gpu.generate_batch(&requests, &mut |_, _, _| true).expect("emulated cuda");
     for (w, g) in want.iter().zip(&got) {

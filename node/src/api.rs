@@ -98,6 +98,8 @@ pub struct NodeInfo {
     pub models: Vec<ModelInfo>,
     pub backend: String,
     pub device: String,
+    /// Why the node serves on the CPU when it was allowed a GPU (`backend = "auto"`).
+    pub backend_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -269,6 +271,7 @@ async fn metrics(State(s): State<Arc<ApiState>>, headers: axum::http::HeaderMap)
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
+    s.metrics.observe_device(&s.info.backend, &s.info.device, device_status(&s).as_ref());
     let mut text = String::new();
     let encoded = {
         let reg = s.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -286,8 +289,16 @@ async fn metrics(State(s): State<Arc<ApiState>>, headers: axum::http::HeaderMap)
     }
 }
 
+/// The accelerator the models run on (None on the CPU); memory figures are live.
+fn device_status(s: &ApiState) -> Option<sampo_kernels::DeviceStatus> {
+    s.models.0.first().and_then(|m| m.engine.backend().device_status())
+}
+
 async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
     let mut v = serde_json::to_value(&s.info).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("device_status".into(), json!(device_status(&s)));
+    }
     if let (Some(p2p), Value::Object(map)) = (&s.p2p, &mut v) {
         let addrs: Vec<String> = p2p.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
         map.insert("addresses".into(), json!(addrs));

@@ -41,6 +41,9 @@ pub(crate) enum ModelCmd {
 #[derive(Args)]
 pub(crate) struct RunArgs {
     file: PathBuf,
+    /// `cpu` or `cuda`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user message in the model's chat template.
@@ -73,6 +76,7 @@ pub(crate) struct BenchArgs {
     /// GGUF model (default: the fetched SmolLM2 model, else a synthetic one).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// `cpu` or `cuda`.
     #[arg(long, default_value = "cpu")]
     backend: String,
     #[arg(long, default_value_t = 0)]
@@ -94,8 +98,21 @@ fn load(path: &Path) -> anyhow::Result<Arc<Model>> {
     Ok(Arc::new(Model::load(path).with_context(|| format!("loading {}", path.display()))?))
 }
 
-fn cpu_engine(model: Arc<Model>, threads: usize) -> anyhow::Result<Engine> {
-    Ok(Engine::new(model, Arc::new(CpuBackend::new(threads)?)))
+/// The model on the named backend. `cuda` compiles (or loads from the PTX cache) the
+/// kernels and refuses a device whose known-answer self-test fails.
+fn engine(model: Arc<Model>, backend: &str, threads: usize) -> anyhow::Result<Engine> {
+    match backend {
+        "cpu" => Ok(Engine::new(model, Arc::new(CpuBackend::new(threads)?))),
+        "cuda" => {
+            let cache = std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/sampo/ptx"))
+                .unwrap_or_else(|| std::env::temp_dir().join("sampo-ptx"));
+            let opts = sampo_kernels::cuda::CudaOptions { nvrtc: None, ptx_cache: Some(cache) };
+            let gpu = sampo_node::backend::open_cuda(&opts, std::slice::from_ref(&model)).context("CUDA backend")?;
+            Ok(Engine::new(model, gpu))
+        }
+        other => anyhow::bail!("unknown backend `{other}` (available: cpu, cuda)"),
+    }
 }
 
 pub(crate) fn run(cmd: ModelCmd) -> anyhow::Result<()> {
@@ -168,7 +185,7 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
 
 fn run_model(a: RunArgs) -> anyhow::Result<()> {
     let m = load(&a.file)?;
-    let engine = cpu_engine(m.clone(), a.threads)?;
+    let engine = engine(m.clone(), &a.backend, a.threads)?;
     let prompt = if a.chat {
         engine.chat_prompt(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }])?
     } else {
@@ -246,9 +263,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.backend != "cpu" {
-        anyhow::bail!("backend `{}` is not available in this build (available: cpu)", a.backend);
-    }
     let path = match a.model {
         Some(p) => p,
         None => {
@@ -263,7 +277,7 @@ pub(crate) fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let m = load(&path)?;
-    let engine = cpu_engine(m.clone(), a.threads)?;
+    let engine = engine(m.clone(), &a.backend, a.threads)?;
     let reps = a.reps.max(1);
     // A deterministic prompt of exactly `prompt_tokens` tokens.
     let text = "The history of the printing press begins in the fifteenth century, when movable type changed how books were made and read across Europe. ".repeat(64);

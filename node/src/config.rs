@@ -115,6 +115,9 @@ pub struct ExecutionConfig {
     /// Bounded execution queue length.
     pub queue_capacity: usize,
     pub max_tokens_per_task: u32,
+    /// NVRTC library that compiles the CUDA kernels (default: `SAMPO_NVRTC`, the loader's
+    /// search path, the CUDA toolkit's folders, the PyPI package `nvidia-cuda-nvrtc`).
+    pub nvrtc: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +182,7 @@ impl Default for ExecutionConfig {
             max_concurrent: 1,
             queue_capacity: 64,
             max_tokens_per_task: 512,
+            nvrtc: None,
         }
     }
 }
@@ -242,6 +246,8 @@ threads = 0
 max_concurrent = 1
 queue_capacity = 64
 max_tokens_per_task = 512
+# NVRTC library for the CUDA kernels (compiled PTX is cached in <data_dir>/ptx-cache).
+# nvrtc = "/usr/local/cuda/lib64/libnvrtc.so"
 
 [consensus]
 # Committee size.

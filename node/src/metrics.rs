@@ -30,6 +30,13 @@ pub struct ScoreBucket {
     pub score_up_to: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub backend: String,
+    pub device: String,
+    pub compute_capability: String,
+}
+
 pub struct NodeMetrics {
     pub tasks: Family<TaskLabels, Counter>,
     pub round_seconds: Histogram,
@@ -42,9 +49,25 @@ pub struct NodeMetrics {
     pub banned_peers: Gauge,
     pub api_requests: Family<ApiLabels, Counter>,
     pub refused_messages: Counter,
+    pub device_info: Family<DeviceLabels, Gauge>,
+    pub device_memory_total_bytes: Gauge,
+    pub device_memory_free_bytes: Gauge,
 }
 
 impl NodeMetrics {
+    /// Refresh the device gauges (called per scrape: free memory moves).
+    pub fn observe_device(&self, backend: &str, device: &str, status: Option<&sampo_kernels::DeviceStatus>) {
+        let labels = DeviceLabels {
+            backend: backend.to_owned(),
+            device: status.map_or_else(|| device.to_owned(), |d| d.name.clone()),
+            compute_capability: status.map(|d| d.compute_capability.clone()).unwrap_or_default(),
+        };
+        self.device_info.get_or_create(&labels).set(1);
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.device_memory_total_bytes.set(status.map_or(0, |d| clamp(d.memory_total_bytes)));
+        self.device_memory_free_bytes.set(status.map_or(0, |d| clamp(d.memory_free_bytes)));
+    }
+
     pub fn register(root: &mut Registry) -> Self {
         let m = Self {
             tasks: Family::default(),
@@ -58,6 +81,9 @@ impl NodeMetrics {
             banned_peers: Gauge::default(),
             api_requests: Family::default(),
             refused_messages: Counter::default(),
+            device_info: Family::default(),
+            device_memory_total_bytes: Gauge::default(),
+            device_memory_free_bytes: Gauge::default(),
         };
         let r = root.sub_registry_with_prefix("sampo");
         r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
@@ -85,6 +111,17 @@ impl NodeMetrics {
         r.register("banned_peers", "Peers currently banned", m.banned_peers.clone());
         r.register("api_requests", "API requests by route and status", m.api_requests.clone());
         r.register("refused_messages", "Protocol messages the state machine refused", m.refused_messages.clone());
+        r.register("device_info", "The compute device the models run on (value 1)", m.device_info.clone());
+        r.register(
+            "device_memory_total_bytes",
+            "Accelerator memory in total (0 on the CPU backend)",
+            m.device_memory_total_bytes.clone(),
+        );
+        r.register(
+            "device_memory_free_bytes",
+            "Accelerator memory free now (0 on the CPU backend)",
+            m.device_memory_free_bytes.clone(),
+        );
         m
     }
 

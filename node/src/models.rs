@@ -27,13 +27,16 @@ impl LoadedModel {
         price_per_1k: u64,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, KernelError> {
-        let model = Arc::new(Model::load(path)?);
+        Ok(Self::new(Arc::new(Model::load(path)?), name, price_per_1k, backend))
+    }
+
+    pub fn new(model: Arc<Model>, name: Option<String>, price_per_1k: u64, backend: Arc<dyn Backend>) -> Self {
         let id = ModelId(Hash32(model.file_hash));
         let name = name.unwrap_or_else(|| {
             let n = model.hp.name.trim().to_lowercase().replace(' ', "-");
             if n.is_empty() { id.to_string()[..16].to_owned() } else { n }
         });
-        Ok(Self { id, name, engine: Engine::new(model, backend), price_per_1k })
+        Self { id, name, engine: Engine::new(model, backend), price_per_1k }
     }
 
     pub fn context_length(&self) -> usize {

@@ -9,14 +9,13 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use sampo_consensus::{Behaviour, Consensus, ReputationParams, RoundParams};
-use sampo_kernels::{Backend, CpuBackend};
 use sampo_p2p::P2pConfig;
 use sampo_storage::Store;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::{ApiPolicy, ApiState, ModelInfo, NodeInfo};
-use crate::config::{BackendChoice, Config};
+use crate::config::Config;
 use crate::executor::Executor;
 use crate::keys;
 use crate::metrics::NodeMetrics;
@@ -105,33 +104,26 @@ pub async fn run_with(
     let store = Arc::new(Store::open(&cfg.db_path())?);
     info!(path = %store.path().display(), schema = sampo_storage::SCHEMA_VERSION, "database open");
 
-    // The backend. The CUDA kernels compile, but their forward pass is not finished:
-    // `auto` says why it serves on the CPU, `cuda` refuses to start.
-    let cuda = sampo_kernels::cuda::detect::probe();
-    match (cfg.execution.backend, &cuda) {
-        (BackendChoice::Cuda, Err(why)) => {
-            return Err(NodeError::Config(format!("execution.backend = \"cuda\": {why}")));
-        }
-        (BackendChoice::Cuda, Ok(dev)) => {
-            return Err(NodeError::Config(format!(
-                "execution.backend = \"cuda\": found {} but this build's CUDA forward pass is not finished; use \"auto\" or \"cpu\"",
-                dev.name
-            )));
-        }
-        (BackendChoice::Auto, Err(why)) => info!(reason = %why, "backend auto: using the CPU"),
-        (BackendChoice::Auto, Ok(dev)) => {
-            warn!(device = %dev.name, "backend auto: a CUDA device exists but the CUDA forward pass is not finished; using the CPU")
-        }
-        (BackendChoice::Cpu, _) => {}
-    }
-    let cpu = CpuBackend::new(cfg.execution.threads).map_err(|e| NodeError::Model(e.to_string()))?;
-    let device = cpu.device();
-    let backend: Arc<dyn sampo_kernels::Backend> = Arc::new(cpu);
-    let mut models = Vec::new();
+    // Models first: the backend's self-test runs on each of them.
+    let mut loaded = Vec::new();
     for (i, m) in cfg.models.iter().enumerate() {
-        let lm = LoadedModel::load(&m.path, m.name.clone(), m.price_per_1k_tokens, backend.clone())
+        let model = sampo_kernels::Model::load(&m.path)
             .map_err(|e| NodeError::Model(format!("models[{i}] ({}): {e}", m.path.display())))?;
-        info!(name = %lm.name, id = %lm.id, "model loaded");
+        loaded.push(Arc::new(model));
+    }
+    let chosen = crate::backend::choose(
+        cfg.execution.backend,
+        cfg.execution.threads,
+        cfg.execution.nvrtc.clone(),
+        Some(cfg.data_dir.join("ptx-cache")),
+        &loaded,
+    )
+    .map_err(NodeError::Config)?;
+    let device = chosen.backend.device();
+    let mut models = Vec::new();
+    for (model, m) in loaded.into_iter().zip(&cfg.models) {
+        let lm = LoadedModel::new(model, m.name.clone(), m.price_per_1k_tokens, chosen.backend.clone());
+        info!(name = %lm.name, id = %lm.id, backend = chosen.kind, "model loaded");
         models.push(Arc::new(lm));
     }
     let models = Models(models);
@@ -224,8 +216,9 @@ pub async fn run_with(
                 price_per_1k_tokens: m.price_per_1k,
             })
             .collect(),
-        backend: "cpu".into(),
+        backend: chosen.kind.into(),
         device,
+        backend_reason: chosen.cpu_reason.clone(),
     };
     let mut state = ApiState::new(info, models, registry, metrics, policy);
     state.runtime = Some(Runtime { tx: cmd_tx, board });

@@ -80,6 +80,11 @@ fn openai_endpoints_streaming_and_task_api() {
     let (code, v) = get_json(&format!("{u}/v1/node"));
     assert_eq!(code, 200);
     assert_eq!(v["backend"], "cpu");
+    // No GPU here: `auto` says why it serves on the CPU, and reports no accelerator.
+    if sampo_kernels::cuda::detect::probe().is_err() {
+        assert!(v["backend_reason"].as_str().is_some_and(|r| r.contains("CUDA")), "{v}");
+        assert!(v["device_status"].is_null(), "{v}");
+    }
 }
 
 #[test]
@@ -229,6 +234,8 @@ fn metrics_pass_promtool() {
         "sampo_inference_tokens_total",
         "libp2p_swarm_",
         "sampo_round_duration_seconds",
+        "sampo_device_info{backend=\"cpu\"",
+        "sampo_device_memory_free_bytes",
     ] {
         assert!(text.contains(family), "{family} missing");
     }
@@ -323,4 +330,7 @@ fn backend_cuda_without_a_usable_device_fails_with_a_reason() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("execution.backend = \"cuda\""), "{err}");
+    if sampo_kernels::cuda::detect::probe().is_err() {
+        assert!(err.contains("no CUDA driver") || err.contains("no device"), "the reason, not just a refusal: {err}");
+    }
 }

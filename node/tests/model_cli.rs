@@ -81,3 +81,16 @@ fn bench_reports_figures() {
     assert!(v["decode_tokens_per_s"].as_f64().expect("decode") > 0.0);
     assert!(v["peak_rss_bytes"].as_u64().expect("rss") > 0);
 }
+
+#[test]
+fn bench_on_cuda_without_a_device_is_a_clear_error() {
+    if sampo_kernels::cuda::detect::probe().is_ok() {
+        return; // a GPU machine runs the real thing (kernels/tests/cuda_gpu.rs)
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = synth(dir.path());
+    let out = sampo().args(["bench", "--backend", "cuda", "--model"]).arg(&p).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CUDA is not available") && !err.contains("panicked"), "{err}");
+}

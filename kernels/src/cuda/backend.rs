@@ -169,9 +169,8 @@ impl<D: Device> CudaBackend<D> {
     /// Upload a model's weights now (otherwise its first forward pass does).
     pub fn load(&self, model: &Model) -> Result<(), CudaError> {
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        if !models.contains_key(&model.file_hash) {
-            let st = self.upload_model(model)?;
-            models.insert(model.file_hash, st);
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(model.file_hash) {
+            slot.insert(self.upload_model(model)?);
         }
         Ok(())
     }
@@ -331,12 +330,29 @@ impl<D: Device> CudaBackend<D> {
             self.launch(
                 Kernel::MatmulF,
                 Shape::new((blocks(m.rows, 4), n as u32), TPB),
-                &[self.a(&m.buf), ty, rows, cols, Arg::I32(m.row_bytes as i32), self.a(x), self.a(out), Arg::I32(n as i32)],
+                &[
+                    self.a(&m.buf),
+                    ty,
+                    rows,
+                    cols,
+                    Arg::I32(m.row_bytes as i32),
+                    self.a(x),
+                    self.a(out),
+                    Arg::I32(n as i32),
+                ],
             )
         }
     }
 
-    fn rms_norm(&self, x: &D::Buffer, w: &D::Buffer, y: &D::Buffer, cols: usize, n: usize, eps: f32) -> Result<(), CudaError> {
+    fn rms_norm(
+        &self,
+        x: &D::Buffer,
+        w: &D::Buffer,
+        y: &D::Buffer,
+        cols: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
         self.launch(
             Kernel::RmsNorm,
             Shape::new((blocks(n, 4), 1), TPB),
@@ -345,11 +361,22 @@ impl<D: Device> CudaBackend<D> {
     }
 
     fn add(&self, x: &D::Buffer, y: &D::Buffer, len: usize) -> Result<(), CudaError> {
-        self.launch(Kernel::AddInplace, Shape::new((blocks(len, 256), 1), 256), &[self.a(x), self.a(y), Arg::I32(len as i32)])
+        self.launch(
+            Kernel::AddInplace,
+            Shape::new((blocks(len, 256), 1), 256),
+            &[self.a(x), self.a(y), Arg::I32(len as i32)],
+        )
     }
 
     /// Queue the whole pass for `n` staged rows, `n_last` of which want logits.
-    fn encode(&self, hp: &crate::Hparams, w: &Weights<D>, s: &Scratch<D>, n: usize, n_last: usize) -> Result<(), CudaError> {
+    fn encode(
+        &self,
+        hp: &crate::Hparams,
+        w: &Weights<D>,
+        s: &Scratch<D>,
+        n: usize,
+        n_last: usize,
+    ) -> Result<(), CudaError> {
         let (d, kvd, ff, hd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.head_dim);
         let half = hp.rope_dim / 2;
         let st = self.dev.addr(&s.staging);
@@ -476,7 +503,9 @@ impl<D: Device> CudaBackend<D> {
             .collect::<Result<_, CudaError>>()?;
         let mut models = self.models.lock().map_err(|_| poisoned())?;
         let ms = models.get_mut(&model.file_hash).ok_or(CudaError::ForeignSequence)?;
-        let decode = self.use_graphs && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows) && batch.iter().all(|it| it.tokens.len() == 1);
+        let decode = self.use_graphs
+            && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows)
+            && batch.iter().all(|it| it.tokens.len() == 1);
         let mut logits: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         let mut last_of: Vec<usize> = vec![0; batch.len()];
         let mut r0 = 0;
@@ -599,10 +628,13 @@ pub fn known_answer_test(backend: &dyn Backend, model: &Model) -> Result<KnownAn
             let mut batch = [BatchItem { seq: a, tokens: &tokens[0] }, BatchItem { seq: c, tokens: &tokens[1] }];
             out.push(b.forward(model, &mut batch).map_err(|e| CudaError::SelfTest(format!("step {step}: {e}")))?);
         }
-        for item in 0..2 {
-            let (want, got) = (&out[0][item], &out[1][item]);
+        for (item, (want, got)) in out[0].iter().zip(&out[1]).enumerate() {
             if want.len() != got.len() {
-                return Err(CudaError::SelfTest(format!("step {step}, sequence {item}: {} logits, want {}", got.len(), want.len())));
+                return Err(CudaError::SelfTest(format!(
+                    "step {step}, sequence {item}: {} logits, want {}",
+                    got.len(),
+                    want.len()
+                )));
             }
             if let Some(i) = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits()) {
                 return Err(CudaError::SelfTest(format!(

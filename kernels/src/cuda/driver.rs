@@ -95,8 +95,11 @@ fn load_nvrtc(explicit: Option<&Path>) -> Result<Nvrtc, CudaError> {
     Err(CudaError::Nvrtc(format!("no NVRTC library could be loaded ({})", tried.join("; "))))
 }
 
+/// PTX text per source file name.
+pub type PtxFiles = Vec<(&'static str, String)>;
+
 /// PTX for every source file: from the cache where present, else compiled (and cached).
-fn kernels_ptx(arch: &str, opts: &CudaOptions) -> Result<(Vec<(&'static str, String)>, KernelBuild), CudaError> {
+pub fn kernels_ptx(arch: &str, opts: &CudaOptions) -> Result<(PtxFiles, KernelBuild), CudaError> {
     let key = ptx_cache_key(arch);
     let dir = opts.ptx_cache.as_ref().map(|d| d.join(format!("{arch}-{key}")));
     let mut build = KernelBuild { arch: arch.into(), cache_key: key, cached: 0, compiled: 0 };
@@ -113,8 +116,9 @@ fn kernels_ptx(arch: &str, opts: &CudaOptions) -> Result<(Vec<(&'static str, Str
             nvrtc = Some(load_nvrtc(opts.nvrtc.as_deref())?);
         }
         let n = nvrtc.as_ref().ok_or_else(|| CudaError::Nvrtc("not loaded".into()))?;
-        let compiled =
-            n.compile(name, src, &[COMMON_HEADER], &compile_options(arch)).map_err(|e| CudaError::Nvrtc(e.to_string()))?;
+        let compiled = n
+            .compile(name, src, &[COMMON_HEADER], &compile_options(arch))
+            .map_err(|e| CudaError::Nvrtc(e.to_string()))?;
         if let Some(d) = &dir {
             // Best effort: a read-only cache costs a compile per start, nothing more.
             let tmp = d.join(format!("{name}.ptx.tmp"));
@@ -215,15 +219,18 @@ impl Device for CudarcDevice {
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
         self.bind()?;
-        let f = self.funcs.get(&kernel).ok_or(CudaError::Launch { kernel: kernel.name(), reason: "not loaded".into() })?;
+        let f =
+            self.funcs.get(&kernel).ok_or(CudaError::Launch { kernel: kernel.name(), reason: "not loaded".into() })?;
         let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| (s as *mut u64).cast()).collect();
         let [gx, gy, gz] = shape.grid;
         let [bx, by, bz] = shape.block;
         // SAFETY: the arguments match the kernel's parameters in order and width (each
         // slot holds its value little-endian), and address buffers sized for this launch.
-        unsafe { result::launch_kernel(f.cu_function(), (gx, gy, gz), (bx, by, bz), 0, self.stream.cu_stream(), &mut params) }
-            .map_err(|e| CudaError::Launch { kernel: kernel.name(), reason: e.to_string() })
+        unsafe {
+            result::launch_kernel(f.cu_function(), (gx, gy, gz), (bx, by, bz), 0, self.stream.cu_stream(), &mut params)
+        }
+        .map_err(|e| CudaError::Launch { kernel: kernel.name(), reason: e.to_string() })
     }
 
     fn begin_capture(&self) -> Result<(), CudaError> {

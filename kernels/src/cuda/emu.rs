@@ -36,8 +36,10 @@ impl Drop for EmuBuffer {
     }
 }
 
+type Launches = Vec<(Kernel, Shape, Vec<Arg>)>;
+
 /// Launches recorded between `begin_capture` and `end_capture`.
-pub struct EmuGraph(Vec<(Kernel, Shape, Vec<Arg>)>);
+pub struct EmuGraph(Launches);
 
 /// A deliberate fault, to test that a failing device is refused: after each launch of
 /// the kernel, flip the sign of the first float at its argument `arg`.
@@ -49,7 +51,7 @@ pub struct Fault {
 
 #[derive(Default)]
 pub struct EmuDevice {
-    capture: Mutex<Option<Vec<(Kernel, Shape, Vec<Arg>)>>>,
+    capture: Mutex<Option<Launches>>,
     fault: Option<Fault>,
     launches: std::sync::atomic::AtomicU64,
 }
@@ -69,12 +71,19 @@ impl EmuDevice {
     }
 
     fn run(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
-        let name = CString::new(kernel.name()).map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "name".into() })?;
+        let name = CString::new(kernel.name())
+            .map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "name".into() })?;
         let slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
         // SAFETY: the kernel reads and writes the addresses it is given, which the
         // backend sized for this launch (the same contract as a GPU launch).
         let code = unsafe {
-            sampo_emu_launch(name.as_ptr(), shape.grid.as_ptr(), shape.block.as_ptr(), slots.as_ptr(), slots.len() as c_int)
+            sampo_emu_launch(
+                name.as_ptr(),
+                shape.grid.as_ptr(),
+                shape.block.as_ptr(),
+                slots.as_ptr(),
+                slots.len() as c_int,
+            )
         };
         if code != 0 {
             return Err(CudaError::Launch { kernel: kernel.name(), reason: format!("emulator code {code}") });
@@ -129,7 +138,8 @@ impl Device for EmuDevice {
     }
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
-        let mut cap = self.capture.lock().map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "poisoned".into() })?;
+        let mut cap =
+            self.capture.lock().map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "poisoned".into() })?;
         if let Some(rec) = cap.as_mut() {
             rec.push((kernel, shape, args.to_vec()));
             return Ok(());
@@ -139,13 +149,15 @@ impl Device for EmuDevice {
     }
 
     fn begin_capture(&self) -> Result<(), CudaError> {
-        let mut cap = self.capture.lock().map_err(|_| CudaError::Driver { call: "begin_capture", reason: "poisoned".into() })?;
+        let mut cap =
+            self.capture.lock().map_err(|_| CudaError::Driver { call: "begin_capture", reason: "poisoned".into() })?;
         *cap = Some(Vec::new());
         Ok(())
     }
 
     fn end_capture(&self) -> Result<EmuGraph, CudaError> {
-        let mut cap = self.capture.lock().map_err(|_| CudaError::Driver { call: "end_capture", reason: "poisoned".into() })?;
+        let mut cap =
+            self.capture.lock().map_err(|_| CudaError::Driver { call: "end_capture", reason: "poisoned".into() })?;
         cap.take().map(EmuGraph).ok_or(CudaError::Driver { call: "end_capture", reason: "not capturing".into() })
     }
 
