@@ -284,6 +284,8 @@ impl<D: Device> CudaBackend<D> {
                 self.dev.copy(self.dev.addr(&v) + dst as u64, self.dev.addr(&cache.v) + src as u64, used)?;
             }
         }
+        // The old buffers are freed on another stream: the copies must be done first.
+        self.dev.synchronize()?;
         *cache = KvCache { k, v, cap, backend: self.id, model: model.file_hash };
         Ok(())
     }
@@ -483,7 +485,12 @@ impl<D: Device> CudaBackend<D> {
     fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let rows = plan_rows(model, batch)?;
         let hp = &model.hp;
-        self.load(model)?;
+        // One pass at a time, from the first allocation to the last copy: the stream is
+        // shared, and nothing may touch it from another thread while a graph is captured.
+        let mut models = self.models.lock().map_err(|_| poisoned())?;
+        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(model.file_hash) {
+            slot.insert(self.upload_model(model)?);
+        }
         for it in batch.iter_mut() {
             let need = it.seq.pos + it.tokens.len();
             self.ensure_cache(model, it.seq, need)?;
@@ -501,7 +508,6 @@ impl<D: Device> CudaBackend<D> {
                 Ok((self.dev.addr(&c.k), self.dev.addr(&c.v), c.cap as i32))
             })
             .collect::<Result<_, CudaError>>()?;
-        let mut models = self.models.lock().map_err(|_| poisoned())?;
         let ms = models.get_mut(&model.file_hash).ok_or(CudaError::ForeignSequence)?;
         let decode = self.use_graphs
             && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows)

@@ -130,6 +130,8 @@ pub trait Device: Send + Sync + 'static {
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError>;
     /// Copy between device addresses (ordered with launches).
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError>;
+    /// Wait for all queued work.
+    fn synchronize(&self) -> Result<(), CudaError>;
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError>;
     /// Record the launches that follow instead of running them…
     fn begin_capture(&self) -> Result<(), CudaError>;

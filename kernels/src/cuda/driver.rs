@@ -46,7 +46,12 @@ unsafe impl Send for GpuGraph {}
 
 pub struct CudarcDevice {
     ctx: Arc<CudaContext>,
+    /// Every copy and launch, in order; graphs are captured from it.
     stream: Arc<CudaStream>,
+    /// Allocations and frees only. A buffer frees on the stream it was allocated on, and
+    /// a sequence may be dropped by any thread at any time: its free must never land in
+    /// a graph being captured on `stream`.
+    mem: Arc<CudaStream>,
     funcs: HashMap<Kernel, CudaFunction>,
     name: String,
     cc: (i32, i32),
@@ -143,6 +148,7 @@ impl CudarcDevice {
         // SAFETY: called before any buffer exists; all work goes to one stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let mem = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let cc = ctx.compute_capability().map_err(drv("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(drv("cuDeviceGetName"))?;
         let arch = format!("compute_{}{}", cc.0, cc.1);
@@ -171,7 +177,7 @@ impl CudarcDevice {
                 .ok_or_else(|| CudaError::Launch { kernel: k.name(), reason: format!("{} not loaded", k.file()) })?;
             funcs.insert(k, m.load_function(k.name()).map_err(drv("cuModuleGetFunction"))?);
         }
-        Ok(Self { ctx, stream, funcs, name, cc, build })
+        Ok(Self { ctx, stream, mem, funcs, name, cc, build })
     }
 
     fn bind(&self) -> Result<(), CudaError> {
@@ -186,10 +192,12 @@ impl Device for CudarcDevice {
     fn alloc(&self, bytes: usize) -> Result<GpuBuffer, CudaError> {
         self.bind()?;
         let slice = self
-            .stream
+            .mem
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| CudaError::OutOfMemory { bytes, reason: e.to_string() })?;
-        let addr = slice.device_ptr(&self.stream).0;
+        // Zeroed before `stream` uses it.
+        self.mem.synchronize().map_err(drv("cuStreamSynchronize"))?;
+        let addr = slice.device_ptr(&self.mem).0;
         Ok(GpuBuffer { _slice: slice, addr })
     }
 
@@ -215,6 +223,11 @@ impl Device for CudarcDevice {
         self.bind()?;
         // SAFETY: both ranges lie in live allocations (backend contract).
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(drv("cuMemcpyDtoDAsync"))
+    }
+
+    fn synchronize(&self) -> Result<(), CudaError> {
+        self.bind()?;
+        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
     }
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {

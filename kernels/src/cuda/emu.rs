@@ -137,6 +137,10 @@ impl Device for EmuDevice {
         Ok(())
     }
 
+    fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(())
+    }
+
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
         let mut cap =
             self.capture.lock().map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "poisoned".into() })?;
