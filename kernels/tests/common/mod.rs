@@ -10,8 +10,12 @@ use sampo_kernels::Model;
 
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The checkout; `SAMPO_REPO_ROOT` overrides it for a test binary run elsewhere (the
+/// GPU machines get binaries built here, see scripts/gpu-pack.sh).
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    std::env::var_os("SAMPO_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
 }
 
 /// Path of the real model, downloading it with `scripts/fetch-model.sh` if needed.
