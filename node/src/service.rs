@@ -166,7 +166,7 @@ pub async fn run_with(
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (stop_tx, stop_rx) = watch::channel(false);
     let board = Arc::new(TaskBoard::default());
-    let announcement = runtime::announcement(&models, "cpu", &device, &api_url);
+    let announcement = runtime::announcement(&models, chosen.kind, &device, &api_url);
     let event_loop = tokio::spawn(
         runtime::run(LoopParts {
             consensus,

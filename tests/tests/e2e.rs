@@ -97,7 +97,17 @@ fn a_byzantine_node_is_outvoted_marked_wrong_and_banned() {
     let liar = net.nodes[4].peer_id.clone();
     let mut wrong = 0;
     let mut seated_after_ban = 0;
-    for i in 0..12 {
+    let mut tasks_after_ban = 0;
+    // Committees are sampled, so how often the liar sits varies (more so on a loaded
+    // machine, where announcements arrive late): run tasks until it has been caught
+    // twice, then ten more to see that it is never seated again.
+    for i in 0..60 {
+        if wrong >= 2 {
+            tasks_after_ban += 1;
+            if tasks_after_ban > 10 {
+                break;
+            }
+        }
         // Each task has its own prompt, so each has its own committee.
         let v = net.chat(0, &format!("task number {i}"), 8, 3).expect("chat");
         assert_eq!(v["sampo"]["verdict"], "finalized", "task {i}: {v}");
@@ -114,7 +124,7 @@ fn a_byzantine_node_is_outvoted_marked_wrong_and_banned() {
             }
         }
     }
-    assert!(wrong >= 2, "the liar sat on at least two of twelve committees");
+    assert!(wrong >= 2, "the liar sat on at least two of sixty committees");
     assert_eq!(seated_after_ban, 0, "a banned node is not sampled again");
     let peers = get_json(&format!("{}/v1/peers", net.nodes[0].api_url)).expect("peers");
     let me = peers["peers"].as_array().into_iter().flatten().find(|p| p["peer_id"] == liar.as_str()).cloned();
