@@ -1,29 +1,13 @@
-// The KV cache and grouped-query attention over it, following kernels/src/cpu.rs:
+// Grouped-query attention over the KV cache, following kernels/src/cpu.rs:
 // scores are canonical dots times the scale, softmax with the canonical sum, and the
 // weighted sum of values sequential in t for each output element.
 //
 // Each sequence's cache is its own allocation, laid out [layer][cap][kv_dim] for K and
-// the same for V; row r of a batch finds its sequence through kptr[r], vptr[r], cap[r]
-// and its position through pos[r]. Everything that changes between decode steps is in
-// those device arrays, so one captured graph serves every step.
+// the same for V (rope_store in rope.cu appends to it); row r of a batch finds its
+// sequence through kptr[r], vptr[r], cap[r] and its position through pos[r]. Everything
+// that changes between decode steps is in those device arrays, so one captured graph
+// serves every step.
 #include "common.cuh"
-
-__device__ __forceinline__ float* sampo_cache_row(const unsigned long long* ptrs, const int* cap, int r, int layer,
-                                                  int t, int kvd) {
-    return (float*)ptrs[r] + ((size_t)layer * cap[r] + t) * kvd;
-}
-
-// Append row r's k and v (already rotated) at position pos[r] of layer `layer`.
-extern "C" __global__ void kv_store(const float* __restrict__ k, const float* __restrict__ v,
-                                    const unsigned long long* __restrict__ kptr,
-                                    const unsigned long long* __restrict__ vptr, const int* __restrict__ cap,
-                                    const int* __restrict__ pos, int layer, int kvd, int rows) {
-    const int r = blockIdx.y;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows || i >= kvd) return;
-    sampo_cache_row(kptr, cap, r, layer, pos[r], kvd)[i] = k[(size_t)r * kvd + i];
-    sampo_cache_row(vptr, cap, r, layer, pos[r], kvd)[i] = v[(size_t)r * kvd + i];
-}
 
 // One block per (head, row). `scores` is scratch of rows * n_head * max_t floats.
 // Any warp may compute any score (each is a whole canonical dot); warp 0 alone does the

@@ -125,3 +125,29 @@ __device__ __forceinline__ float sampo_dequant(int ty, const unsigned char* row,
     if (ty == SAMPO_Q4_1) return __fadd_rn(__fmul_rn(d, (float)v), sampo_f16_at(blk + 2));
     return __fmul_rn(d, __fsub_rn((float)v, 8.0f));
 }
+
+// Row r's KV cache at position t of `layer`: ptrs[r] is laid out [layer][cap[r]][kvd].
+__device__ __forceinline__ float* sampo_cache_row(const unsigned long long* ptrs, const int* cap, int r, int layer,
+                                                  int t, int kvd) {
+    return (float*)ptrs[r] + ((size_t)layer * cap[r] + t) * kvd;
+}
+
+// Activation quantization of one block of 32 held by a warp, lane l holding element l
+// (quant.rs quantize_act): amax, dx = amax / 127, inv = dx == 0 ? 0 : 1 / dx,
+// q = round_half_away(v * inv) clamped to [-127, 127] (NaN -> 0, as Rust's `as i8`),
+// sx = dx * sum q.
+__device__ __forceinline__ void sampo_quantize_block(float v, signed char* qs, float* d_out, float* s_out,
+                                                     size_t block, int lane) {
+    const float amax = sampo_warp_max(fabsf(v));
+    const float d = __fdiv_rn(amax, 127.0f);
+    const float inv = d == 0.0f ? 0.0f : __fdiv_rn(1.0f, d);
+    float r = roundf(__fmul_rn(v, inv));
+    r = isnan(r) ? 0.0f : fminf(fmaxf(r, -127.0f), 127.0f);
+    const int q = (int)r;
+    qs[block * SAMPO_QK + lane] = (signed char)q;
+    const int sum = sampo_warp_isum(q);
+    if (lane == 0) {
+        d_out[block] = d;
+        s_out[block] = __fmul_rn(d, __int2float_rn(sum));
+    }
+}

@@ -1,20 +1,37 @@
-// RMSNorm and residual adds, following kernels/src/math.rs rms_norm.
+// RMSNorm (fused with the residual add and the quantization that follow it) and the
+// plain residual add, following kernels/src/math.rs rms_norm and kernels/src/cpu.rs.
 #include "common.cuh"
 
-// One warp per row: canonical sum of squares, mean = ss / n,
-// scale = 1 / sqrt(mean + eps), y_i = (x_i * scale) * w_i.
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y,
-                                    int n, int rows, float eps) {
+// The residual add, RMSNorm and the activation quantization of the normed row, in one
+// warp per row: x += add (when add is not null); y_i = (x_i * scale) * w_i with
+// scale = 1 / sqrt(ss / n + eps), ss the canonical sum of squares; then each block of
+// 32 of y quantized (sampo_quantize_block). Lane l owns elements l, l + 32, ...
+// throughout, so every step reads only what the same thread wrote.
+extern "C" __global__ void add_norm_quant(float* __restrict__ x, const float* __restrict__ add,
+                                          const float* __restrict__ w, float* __restrict__ y,
+                                          signed char* __restrict__ qs, float* __restrict__ d_out,
+                                          float* __restrict__ s_out, int n, int rows, float eps) {
     const int r = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int lane = threadIdx.x % SAMPO_LANES;
     if (r >= rows) return;
-    const float* xr = x + (size_t)r * n;
+    float* xr = x + (size_t)r * n;
+    float* yr = y + (size_t)r * n;
+    if (add != nullptr) {
+        const float* ar = add + (size_t)r * n;
+        for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fadd_rn(xr[i], ar[i]);
+    }
     float l = 0.0f;
     for (int i = lane; i < n; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(xr[i], xr[i]));
     const float ss = sampo_butterfly(l);
     const float mean = __fdiv_rn(ss, (float)n);
     const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
-    for (int i = lane; i < n; i += SAMPO_LANES) y[(size_t)r * n + i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+    const int nb = n / SAMPO_QK;
+    for (int b = 0; b < nb; ++b) {
+        const int i = b * SAMPO_QK + lane;
+        const float v = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+        yr[i] = v;
+        sampo_quantize_block(v, qs, d_out, s_out, (size_t)r * nb + b, lane);
+    }
 }
 
 // x += y, elementwise.

@@ -2,27 +2,13 @@
 // lookup, following kernels/src/quant.rs and kernels/src/cpu.rs.
 #include "common.cuh"
 
-// One warp per activation block of 32: amax, dx = amax / 127, inv, q_i =
-// round_half_away(x_i * inv) clamped to [-127, 127] (NaN -> 0, as Rust's `as i8`),
-// sx = dx * sum q_i.
+// One warp per activation block of 32 (the attention output's quantization).
 extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char* __restrict__ qs,
                                         float* __restrict__ d_out, float* __restrict__ s_out, int n_blocks) {
     const int block = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int lane = threadIdx.x % SAMPO_LANES;
     if (block >= n_blocks) return;
-    const float v = x[(size_t)block * SAMPO_QK + lane];
-    const float amax = sampo_warp_max(fabsf(v));
-    const float d = __fdiv_rn(amax, 127.0f);
-    const float inv = d == 0.0f ? 0.0f : __fdiv_rn(1.0f, d);
-    float r = roundf(__fmul_rn(v, inv));
-    r = isnan(r) ? 0.0f : fminf(fmaxf(r, -127.0f), 127.0f);
-    const int q = (int)r;
-    qs[(size_t)block * SAMPO_QK + lane] = (signed char)q;
-    const int sum = sampo_warp_isum(q);
-    if (lane == 0) {
-        d_out[block] = d;
-        s_out[block] = __fmul_rn(d, __int2float_rn(sum));
-    }
+    sampo_quantize_block(x[(size_t)block * SAMPO_QK + lane], qs, d_out, s_out, block, lane);
 }
 
 // Activation rows each warp of matmul_q serves, so a weight block is read once for them.

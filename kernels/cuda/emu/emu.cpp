@@ -270,10 +270,16 @@ Entry entry(const char* name, void (*k)(A...)) {
 }
 
 const Entry kKernels[] = {
-    entry("quantize_act", quantize_act), entry("matmul_q", matmul_q), entry("matmul_f", matmul_f),
-    entry("embed", embed),               entry("rms_norm", rms_norm), entry("add_inplace", add_inplace),
-    entry("gather_rows", gather_rows),   entry("rope", rope),         entry("kv_store", kv_store),
-    entry("attention", attention),       entry("swiglu", swiglu),
+    entry("quantize_act", quantize_act),
+    entry("matmul_q", matmul_q),
+    entry("matmul_f", matmul_f),
+    entry("embed", embed),
+    entry("add_norm_quant", add_norm_quant),
+    entry("add_inplace", add_inplace),
+    entry("gather_rows", gather_rows),
+    entry("rope_store", rope_store),
+    entry("attention", attention),
+    entry("swiglu_quant", swiglu_quant),
 };
 
 }  // namespace

@@ -74,7 +74,6 @@ struct Scratch<D: Device> {
     act_s: D::Buffer,
     scores: D::Buffer,
     h: D::Buffer,
-    hn: D::Buffer,
     logits: D::Buffer,
 }
 
@@ -194,6 +193,10 @@ impl<D: Device> CudaBackend<D> {
 
     fn upload_model(&self, model: &Model) -> Result<ModelState<D>, CudaError> {
         let hp = &model.hp;
+        // Each warp of the fused norm/quantize kernels owns whole blocks of 32.
+        if !hp.n_embd.is_multiple_of(32) || !hp.n_ff.is_multiple_of(32) {
+            return Err(CudaError::UnsupportedShape(format!("n_embd {} and n_ff {}", hp.n_embd, hp.n_ff)));
+        }
         let rope: Vec<f32> = model.rope.iter().flat_map(|&(c, s)| [c, s]).collect();
         let mut layers = Vec::with_capacity(hp.n_layer);
         for l in &model.layers {
@@ -237,7 +240,6 @@ impl<D: Device> CudaBackend<D> {
             act_s: f(r * wide / 32)?,
             scores: f(r * hp.n_head * hp.n_ctx)?,
             h: f(r * d)?,
-            hn: f(r * d)?,
             logits: f(r * hp.n_vocab)?,
         };
         Ok(ModelState { w, s, graphs: HashMap::new() })
@@ -346,19 +348,34 @@ impl<D: Device> CudaBackend<D> {
         }
     }
 
-    fn rms_norm(
+    /// Residual add (when `add` is given), RMSNorm into `xn` and its quantization, for
+    /// `n` rows of width `cols`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm_quant(
         &self,
+        s: &Scratch<D>,
         x: &D::Buffer,
+        add: Option<&D::Buffer>,
         w: &D::Buffer,
-        y: &D::Buffer,
         cols: usize,
         n: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
         self.launch(
-            Kernel::RmsNorm,
+            Kernel::AddNormQuant,
             Shape::new((blocks(n, 4), 1), TPB),
-            &[self.a(x), self.a(w), self.a(y), Arg::I32(cols as i32), Arg::I32(n as i32), Arg::F32(eps)],
+            &[
+                self.a(x),
+                add.map_or(Arg::Ptr(0), |b| self.a(b)),
+                self.a(w),
+                self.a(&s.xn),
+                self.a(&s.act_q),
+                self.a(&s.act_d),
+                self.a(&s.act_s),
+                Arg::I32(cols as i32),
+                Arg::I32(n as i32),
+                Arg::F32(eps),
+            ],
         )
     }
 
@@ -399,38 +416,29 @@ impl<D: Device> CudaBackend<D> {
             ],
         )?;
         for (li, l) in w.layers.iter().enumerate() {
-            self.rms_norm(&s.x, &l.attn_norm, &s.xn, d, n, hp.rms_eps)?;
-            self.quantize(s, &s.xn, d, n)?;
+            // The previous layer's FFN output joins the residual stream here.
+            let prev = (li > 0).then_some(&s.down);
+            self.add_norm_quant(s, &s.x, prev, &l.attn_norm, d, n, hp.rms_eps)?;
             self.matmul(s, &l.wq, &s.xn, &s.q, n)?;
             self.matmul(s, &l.wk, &s.xn, &s.k, n)?;
             self.matmul(s, &l.wv, &s.xn, &s.v, n)?;
-            for (buf, heads) in [(&s.q, hp.n_head), (&s.k, hp.n_head_kv)] {
-                self.launch(
-                    Kernel::Rope,
-                    Shape::new((blocks(heads * half, TPB as usize), n as u32), TPB),
-                    &[
-                        self.a(buf),
-                        self.a(&w.rope),
-                        at(STAGING.pos),
-                        Arg::I32(heads as i32),
-                        Arg::I32(hd as i32),
-                        Arg::I32(half as i32),
-                        ni,
-                    ],
-                )?;
-            }
             self.launch(
-                Kernel::KvStore,
-                Shape::new((blocks(kvd, TPB as usize), n as u32), TPB),
+                Kernel::RopeStore,
+                Shape::new((blocks(hp.n_head * half + kvd / 2 + kvd, TPB as usize), n as u32), TPB),
                 &[
+                    self.a(&s.q),
                     self.a(&s.k),
                     self.a(&s.v),
+                    self.a(&w.rope),
+                    at(STAGING.pos),
                     at(STAGING.kptr),
                     at(STAGING.vptr),
                     at(STAGING.cap),
-                    at(STAGING.pos),
                     Arg::I32(li as i32),
-                    Arg::I32(kvd as i32),
+                    Arg::I32(hp.n_head as i32),
+                    Arg::I32(hp.n_head_kv as i32),
+                    Arg::I32(hd as i32),
+                    Arg::I32(half as i32),
                     ni,
                 ],
             )?;
@@ -455,18 +463,25 @@ impl<D: Device> CudaBackend<D> {
             )?;
             self.quantize(s, &s.attn, d, n)?;
             self.matmul(s, &l.wo, &s.attn, &s.o, n)?;
-            self.add(&s.x, &s.o, n * d)?;
-            self.rms_norm(&s.x, &l.ffn_norm, &s.xn, d, n, hp.rms_eps)?;
-            self.quantize(s, &s.xn, d, n)?;
+            self.add_norm_quant(s, &s.x, Some(&s.o), &l.ffn_norm, d, n, hp.rms_eps)?;
             self.matmul(s, &l.gate, &s.xn, &s.g, n)?;
             self.matmul(s, &l.up, &s.xn, &s.u, n)?;
+            let nb = n * ff / 32;
             self.launch(
-                Kernel::Swiglu,
-                Shape::new((blocks(n * ff, 256), 1), 256),
-                &[self.a(&s.g), self.a(&s.u), Arg::I32((n * ff) as i32)],
+                Kernel::SwigluQuant,
+                Shape::new((blocks(nb, 4), 1), TPB),
+                &[
+                    self.a(&s.g),
+                    self.a(&s.u),
+                    self.a(&s.act_q),
+                    self.a(&s.act_d),
+                    self.a(&s.act_s),
+                    Arg::I32(nb as i32),
+                ],
             )?;
-            self.quantize(s, &s.g, ff, n)?;
             self.matmul(s, &l.down, &s.g, &s.down, n)?;
+        }
+        if !w.layers.is_empty() {
             self.add(&s.x, &s.down, n * d)?;
         }
         if n_last == 0 {
@@ -477,9 +492,8 @@ impl<D: Device> CudaBackend<D> {
             Shape::new((blocks(d, TPB as usize), n_last as u32), TPB),
             &[self.a(&s.x), at(STAGING.idx), self.a(&s.h), Arg::I32(d as i32), Arg::I32(n_last as i32)],
         )?;
-        self.rms_norm(&s.h, &w.output_norm, &s.hn, d, n_last, hp.rms_eps)?;
-        self.quantize(s, &s.hn, d, n_last)?;
-        self.matmul(s, &w.output, &s.hn, &s.logits, n_last)
+        self.add_norm_quant(s, &s.h, None, &w.output_norm, d, n_last, hp.rms_eps)?;
+        self.matmul(s, &w.output, &s.xn, &s.logits, n_last)
     }
 
     fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {

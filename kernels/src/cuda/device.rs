@@ -10,28 +10,26 @@ pub enum Kernel {
     MatmulQ,
     MatmulF,
     Embed,
-    RmsNorm,
+    AddNormQuant,
     AddInplace,
     GatherRows,
-    Rope,
-    KvStore,
+    RopeStore,
     Attention,
-    Swiglu,
+    SwigluQuant,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::QuantizeAct,
         Kernel::MatmulQ,
         Kernel::MatmulF,
         Kernel::Embed,
-        Kernel::RmsNorm,
+        Kernel::AddNormQuant,
         Kernel::AddInplace,
         Kernel::GatherRows,
-        Kernel::Rope,
-        Kernel::KvStore,
+        Kernel::RopeStore,
         Kernel::Attention,
-        Kernel::Swiglu,
+        Kernel::SwigluQuant,
     ];
 
     /// The `extern "C"` name in the source.
@@ -41,13 +39,12 @@ impl Kernel {
             Kernel::MatmulQ => "matmul_q",
             Kernel::MatmulF => "matmul_f",
             Kernel::Embed => "embed",
-            Kernel::RmsNorm => "rms_norm",
+            Kernel::AddNormQuant => "add_norm_quant",
             Kernel::AddInplace => "add_inplace",
             Kernel::GatherRows => "gather_rows",
-            Kernel::Rope => "rope",
-            Kernel::KvStore => "kv_store",
+            Kernel::RopeStore => "rope_store",
             Kernel::Attention => "attention",
-            Kernel::Swiglu => "swiglu",
+            Kernel::SwigluQuant => "swiglu_quant",
         }
     }
 
@@ -55,10 +52,10 @@ impl Kernel {
     pub fn file(self) -> &'static str {
         match self {
             Kernel::QuantizeAct | Kernel::MatmulQ | Kernel::MatmulF | Kernel::Embed => "quant.cu",
-            Kernel::RmsNorm | Kernel::AddInplace | Kernel::GatherRows => "norm.cu",
-            Kernel::Rope => "rope.cu",
-            Kernel::KvStore | Kernel::Attention => "attention.cu",
-            Kernel::Swiglu => "ffn.cu",
+            Kernel::AddNormQuant | Kernel::AddInplace | Kernel::GatherRows => "norm.cu",
+            Kernel::RopeStore => "rope.cu",
+            Kernel::Attention => "attention.cu",
+            Kernel::SwigluQuant => "ffn.cu",
         }
     }
 }
@@ -110,8 +107,8 @@ pub enum CudaError {
     Launch { kernel: &'static str, reason: String },
     #[error("a sequence's cache belongs to another backend or model")]
     ForeignSequence,
-    #[error("the model's {tensor} has type {ty}, which the CUDA backend does not support")]
-    UnsupportedTensor { tensor: String, ty: String },
+    #[error("the CUDA backend needs widths that are multiples of 32; this model has {0}")]
+    UnsupportedShape(String),
     #[error("known-answer self-test failed: {0}")]
     SelfTest(String),
 }
