@@ -14,17 +14,36 @@ extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char
 // Activation rows each warp of matmul_q serves, so a weight block is read once for them.
 #define SAMPO_MM_ROWS 4
 
-// out[r, row] = canonical dot of weight row `row` with activation row `r`. One warp per
+// out[r, row] = canonical dot of weight row `row` with activation row `r`, for up to
+// three matrices of one type that share the input (q/k/v, gate/up): one launch, their
+// rows one after another in the grid (rows1 = 0 / rows2 = 0 for fewer). One warp per
 // weight row and group of SAMPO_MM_ROWS activation rows; lane l takes blocks l, l + 32,
 // ... in increasing order (the integer dot is exact, any order), then the butterfly.
 // Block term: (dw * dx) * isum, plus mw * sx for Q4_1. Blocks are 2-byte aligned
 // (18, 20 and 34 bytes), so the quants are read as 16-bit halves.
-extern "C" __global__ void matmul_q(const unsigned char* __restrict__ w, int ty, int rows, int cols,
-                                    const signed char* __restrict__ qs, const float* __restrict__ xd,
-                                    const float* __restrict__ xs, float* __restrict__ out, int n_act) {
-    const int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
+extern "C" __global__ void matmul_q(const unsigned char* __restrict__ w0, float* __restrict__ out0, int rows0,
+                                    const unsigned char* __restrict__ w1, float* __restrict__ out1, int rows1,
+                                    const unsigned char* __restrict__ w2, float* __restrict__ out2, int rows2,
+                                    int ty, int cols, const signed char* __restrict__ qs,
+                                    const float* __restrict__ xd, const float* __restrict__ xs, int n_act) {
+    int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int r0 = blockIdx.y * SAMPO_MM_ROWS;
     const int lane = threadIdx.x % SAMPO_LANES;
+    const unsigned char* w = w0;
+    float* out = out0;
+    int rows = rows0;
+    if (row >= rows0) {
+        row -= rows0;
+        w = w1;
+        out = out1;
+        rows = rows1;
+        if (row >= rows1) {
+            row -= rows1;
+            w = w2;
+            out = out2;
+            rows = rows2;
+        }
+    }
     if (row >= rows) return;
     const int nb = cols / SAMPO_QK;
     const int bb = sampo_block_bytes(ty);

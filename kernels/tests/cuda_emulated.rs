@@ -121,8 +121,8 @@ fn known_answer_passes_and_a_faulty_device_is_refused() {
     // Same device, same digest: the answer is a property of the model, not of the run.
     let again = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("again");
     assert_eq!(ok.digest, again.digest);
-    // A device whose matrix product flips one sign (argument 7 is the output).
-    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::MatmulQ, arg: 7 }));
+    // A device whose matrix product flips one sign (argument 1 is the first output).
+    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::MatmulQ, arg: 1 }));
     match known_answer_test(&bad, &m) {
         Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
         other => panic!("a faulty device must fail the self-test: {other:?}"),

@@ -309,43 +309,56 @@ impl<D: Device> CudaBackend<D> {
         )
     }
 
-    /// `out[r] = m · x[r]` for `n` rows; quantized weights use the activations just
-    /// quantized from `x` (see `quantize`), float weights `x` itself.
-    fn matmul(&self, s: &Scratch<D>, m: &Mat<D>, x: &D::Buffer, out: &D::Buffer, n: usize) -> Result<(), CudaError> {
-        let ty = Arg::I32(m.ty.to_u32() as i32);
-        let (rows, cols) = (Arg::I32(m.rows as i32), Arg::I32(m.cols as i32));
-        if m.ty.block_len() == 32 {
-            self.launch(
-                Kernel::MatmulQ,
-                Shape::new((blocks(m.rows, 4), blocks(n, 4)), TPB),
-                &[
-                    self.a(&m.buf),
-                    ty,
-                    rows,
-                    cols,
-                    self.a(&s.act_q),
-                    self.a(&s.act_d),
-                    self.a(&s.act_s),
-                    self.a(out),
-                    Arg::I32(n as i32),
-                ],
-            )
-        } else {
-            self.launch(
-                Kernel::MatmulF,
-                Shape::new((blocks(m.rows, 4), n as u32), TPB),
-                &[
-                    self.a(&m.buf),
-                    ty,
-                    rows,
-                    cols,
-                    Arg::I32(m.row_bytes as i32),
-                    self.a(x),
-                    self.a(out),
-                    Arg::I32(n as i32),
-                ],
-            )
+    /// `out_j[r] = m_j · x[r]` for `n` rows and each (matrix, output) pair, all sharing
+    /// the input. Quantized weights use the activations just quantized from `x`; runs of
+    /// up to three of one type go in one launch. Float weights use `x` itself.
+    fn matmul(&self, s: &Scratch<D>, jobs: &[(&Mat<D>, &D::Buffer)], x: &D::Buffer, n: usize) -> Result<(), CudaError> {
+        let mut i = 0;
+        while i < jobs.len() {
+            let (m, out) = jobs[i];
+            if m.ty.block_len() != 32 {
+                self.launch(
+                    Kernel::MatmulF,
+                    Shape::new((blocks(m.rows, 4), n as u32), TPB),
+                    &[
+                        self.a(&m.buf),
+                        Arg::I32(m.ty.to_u32() as i32),
+                        Arg::I32(m.rows as i32),
+                        Arg::I32(m.cols as i32),
+                        Arg::I32(m.row_bytes as i32),
+                        self.a(x),
+                        self.a(out),
+                        Arg::I32(n as i32),
+                    ],
+                )?;
+                i += 1;
+                continue;
+            }
+            let run: Vec<(&Mat<D>, &D::Buffer)> =
+                jobs[i..].iter().take(3).take_while(|(o, _)| o.ty == m.ty && o.cols == m.cols).copied().collect();
+            i += run.len();
+            let mut args = Vec::with_capacity(15);
+            let mut total = 0;
+            for k in 0..3 {
+                match run.get(k) {
+                    Some((w, o)) => {
+                        args.extend([self.a(&w.buf), self.a(o), Arg::I32(w.rows as i32)]);
+                        total += w.rows;
+                    }
+                    None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]),
+                }
+            }
+            args.extend([
+                Arg::I32(m.ty.to_u32() as i32),
+                Arg::I32(m.cols as i32),
+                self.a(&s.act_q),
+                self.a(&s.act_d),
+                self.a(&s.act_s),
+                Arg::I32(n as i32),
+            ]);
+            self.launch(Kernel::MatmulQ, Shape::new((blocks(total, 4), blocks(n, 4)), TPB), &args)?;
         }
+        Ok(())
     }
 
     /// Residual add (when `add` is given), RMSNorm into `xn` and its quantization, for
@@ -419,9 +432,7 @@ impl<D: Device> CudaBackend<D> {
             // The previous layer's FFN output joins the residual stream here.
             let prev = (li > 0).then_some(&s.down);
             self.add_norm_quant(s, &s.x, prev, &l.attn_norm, d, n, hp.rms_eps)?;
-            self.matmul(s, &l.wq, &s.xn, &s.q, n)?;
-            self.matmul(s, &l.wk, &s.xn, &s.k, n)?;
-            self.matmul(s, &l.wv, &s.xn, &s.v, n)?;
+            self.matmul(s, &[(&l.wq, &s.q), (&l.wk, &s.k), (&l.wv, &s.v)], &s.xn, n)?;
             self.launch(
                 Kernel::RopeStore,
                 Shape::new((blocks(hp.n_head * half + kvd / 2 + kvd, TPB as usize), n as u32), TPB),
@@ -462,10 +473,9 @@ impl<D: Device> CudaBackend<D> {
                 ],
             )?;
             self.quantize(s, &s.attn, d, n)?;
-            self.matmul(s, &l.wo, &s.attn, &s.o, n)?;
+            self.matmul(s, &[(&l.wo, &s.o)], &s.attn, n)?;
             self.add_norm_quant(s, &s.x, Some(&s.o), &l.ffn_norm, d, n, hp.rms_eps)?;
-            self.matmul(s, &l.gate, &s.xn, &s.g, n)?;
-            self.matmul(s, &l.up, &s.xn, &s.u, n)?;
+            self.matmul(s, &[(&l.gate, &s.g), (&l.up, &s.u)], &s.xn, n)?;
             let nb = n * ff / 32;
             self.launch(
                 Kernel::SwigluQuant,
@@ -479,7 +489,7 @@ impl<D: Device> CudaBackend<D> {
                     Arg::I32(nb as i32),
                 ],
             )?;
-            self.matmul(s, &l.down, &s.g, &s.down, n)?;
+            self.matmul(s, &[(&l.down, &s.down)], &s.g, n)?;
         }
         if !w.layers.is_empty() {
             self.add(&s.x, &s.down, n * d)?;
@@ -493,7 +503,7 @@ impl<D: Device> CudaBackend<D> {
             &[self.a(&s.x), at(STAGING.idx), self.a(&s.h), Arg::I32(d as i32), Arg::I32(n_last as i32)],
         )?;
         self.add_norm_quant(s, &s.h, None, &w.output_norm, d, n_last, hp.rms_eps)?;
-        self.matmul(s, &w.output, &s.xn, &s.logits, n_last)
+        self.matmul(s, &[(&w.output, &s.logits)], &s.xn, n_last)
     }
 
     fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
