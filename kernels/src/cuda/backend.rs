@@ -168,10 +168,19 @@ impl<D: Device> CudaBackend<D> {
     /// Upload a model's weights now (otherwise its first forward pass does).
     pub fn load(&self, model: &Model) -> Result<(), CudaError> {
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(model.file_hash) {
-            slot.insert(self.upload_model(model)?);
+        self.state(&mut models, model).map(|_| ())
+    }
+
+    /// The model's device state, uploading its weights on first use.
+    fn state<'m>(
+        &self,
+        models: &'m mut HashMap<[u8; 32], ModelState<D>>,
+        model: &Model,
+    ) -> Result<&'m mut ModelState<D>, CudaError> {
+        match models.entry(model.file_hash) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(slot) => Ok(slot.insert(self.upload_model(model)?)),
         }
-        Ok(())
     }
 
     fn buf_f32(&self, v: &[f32]) -> Result<D::Buffer, CudaError> {
@@ -512,9 +521,7 @@ impl<D: Device> CudaBackend<D> {
         // One pass at a time, from the first allocation to the last copy: the stream is
         // shared, and nothing may touch it from another thread while a graph is captured.
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        if let std::collections::hash_map::Entry::Vacant(slot) = models.entry(model.file_hash) {
-            slot.insert(self.upload_model(model)?);
-        }
+        let ms = self.state(&mut models, model)?;
         for it in batch.iter_mut() {
             let need = it.seq.pos + it.tokens.len();
             self.ensure_cache(model, it.seq, need)?;
@@ -532,7 +539,6 @@ impl<D: Device> CudaBackend<D> {
                 Ok((self.dev.addr(&c.k), self.dev.addr(&c.v), c.cap as i32))
             })
             .collect::<Result<_, CudaError>>()?;
-        let ms = models.get_mut(&model.file_hash).ok_or(CudaError::ForeignSequence)?;
         let decode = self.use_graphs
             && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows)
             && batch.iter().all(|it| it.tokens.len() == 1);

@@ -100,13 +100,18 @@ fn load_nvrtc(explicit: Option<&Path>) -> Result<Nvrtc, CudaError> {
     Err(CudaError::Nvrtc(format!("no NVRTC library could be loaded ({})", tried.join("; "))))
 }
 
+/// Where the PTX for `arch` and the current sources is cached.
+fn cache_dir(opts: &CudaOptions, arch: &str) -> Option<PathBuf> {
+    opts.ptx_cache.as_ref().map(|d| d.join(format!("{arch}-{}", ptx_cache_key(arch))))
+}
+
 /// PTX text per source file name.
 pub type PtxFiles = Vec<(&'static str, String)>;
 
 /// PTX for every source file: from the cache where present, else compiled (and cached).
 pub fn kernels_ptx(arch: &str, opts: &CudaOptions) -> Result<(PtxFiles, KernelBuild), CudaError> {
     let key = ptx_cache_key(arch);
-    let dir = opts.ptx_cache.as_ref().map(|d| d.join(format!("{arch}-{key}")));
+    let dir = cache_dir(opts, arch);
     let mut build = KernelBuild { arch: arch.into(), cache_key: key, cached: 0, compiled: 0 };
     let mut nvrtc = None;
     let mut out = Vec::new();
@@ -158,10 +163,13 @@ impl CudarcDevice {
             let module = match ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)) {
                 Ok(m) => m,
                 Err(e) if build.cached > 0 => {
-                    // A stale or foreign cache entry: compile afresh once.
+                    // A stale or foreign cache entry: drop it and compile it afresh (which
+                    // writes the cache again).
                     tracing::warn!(file, error = %e, "cached PTX did not load; recompiling");
-                    let fresh = CudaOptions { ptx_cache: None, ..opts.clone() };
-                    let (again, b) = kernels_ptx(&arch, &fresh)?;
+                    if let Some(d) = cache_dir(opts, &arch) {
+                        let _ = std::fs::remove_file(d.join(format!("{file}.ptx")));
+                    }
+                    let (again, b) = kernels_ptx(&arch, opts)?;
                     build.compiled += b.compiled;
                     let src = again.into_iter().find(|(f, _)| *f == file).map(|(_, s)| s).unwrap_or_default();
                     ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(drv("cuModuleLoadData"))?
