@@ -12,7 +12,7 @@ use crate::PeerId;
 use crate::identity::{self, NodeKey};
 
 /// Version of the envelope format and the message set inside it.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest encoded envelope accepted from anyone (also the gossip size limit).
 pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
 /// Domain-separation prefix of every signature.
@@ -38,16 +38,20 @@ pub enum MessageKind {
     RevealRequest = 4,
     Reveal = 5,
     Verdict = 6,
+    Decline = 7,
+    FraudProof = 8,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 6] = [
+    pub const ALL: [MessageKind; 8] = [
         Self::NodeAnnouncement,
         Self::TaskAnnouncement,
         Self::Commit,
         Self::RevealRequest,
         Self::Reveal,
         Self::Verdict,
+        Self::Decline,
+        Self::FraudProof,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +62,8 @@ impl MessageKind {
             Self::RevealRequest => "reveal_request",
             Self::Reveal => "reveal",
             Self::Verdict => "verdict",
+            Self::Decline => "decline",
+            Self::FraudProof => "fraud_proof",
         }
     }
 
@@ -365,10 +371,13 @@ mod tests {
     #[test]
     fn rejects_unknown_version() {
         let env = SignedEnvelope::seal(&key(), &Other { n: 1 }).expect("seal");
-        let mut wire = env.wire();
-        wire.version = 2;
-        let bytes = bincode::encode_to_vec(wire, wire_config()).expect("encode");
-        assert_eq!(SignedEnvelope::from_bytes(&bytes), Err(EnvelopeError::UnknownVersion { found: 2 }));
+        // A newer protocol, and the v1 protocol before the trust model.
+        for v in [PROTOCOL_VERSION + 1, 1] {
+            let mut wire = env.wire();
+            wire.version = v;
+            let bytes = bincode::encode_to_vec(wire, wire_config()).expect("encode");
+            assert_eq!(SignedEnvelope::from_bytes(&bytes), Err(EnvelopeError::UnknownVersion { found: v }));
+        }
     }
 
     #[test]

@@ -61,6 +61,18 @@ impl NodeKey {
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing.sign(msg).to_bytes()
     }
+
+    /// The commit salt of a task attempt: keyed blake3 under a key derived from the node
+    /// key. Secret (nobody else can predict it, so a commit hides its output) and
+    /// deterministic (a member asked twice for one attempt, even after a restart, signs
+    /// the same commit and so can never be framed as an equivocator).
+    pub fn commit_salt(&self, task: &crate::TaskId, attempt: u8) -> [u8; 32] {
+        let salt_key = blake3::derive_key("sampo/v1 commit salt key", &self.signing.to_bytes());
+        let mut h = blake3::Hasher::new_keyed(&salt_key);
+        h.update(&task.0.0);
+        h.update(&[attempt]);
+        *h.finalize().as_bytes()
+    }
 }
 
 /// The `PeerId` libp2p derives from an ed25519 public key.

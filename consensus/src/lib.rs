@@ -5,6 +5,7 @@
 //! Nothing here performs I/O, reads a clock or spawns a task; time is passed in by the
 //! caller. See `DESIGN.md` in the shared docs for the protocol this crate implements.
 
+pub mod accountability;
 pub mod committee;
 pub mod envelope;
 pub mod identity;
@@ -15,14 +16,15 @@ pub mod round;
 pub mod sim;
 pub mod verdict;
 
+pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay};
 pub use committee::{Candidate, Eligibility, committee_size, quorum, sample};
 pub use envelope::{EnvelopeError, MAX_ENVELOPE_BYTES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope};
 pub use identity::{IdentityError, NodeKey};
 pub use ids::{Hash32, ModelId, TaskId, commit_hash};
 pub use libp2p_identity::PeerId;
 pub use messages::{
-    ChatMessage, Commit, Evidence, MAX_COMMITTEE, Mark, ModelRef, NodeAnnouncement, Outcome, Prompt, Reveal,
-    RevealRequest, SamplingParams, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+    ChatMessage, Commit, Decline, DeclineReason, Evidence, FraudProof, MAX_COMMITTEE, Mark, ModelRef, NodeAnnouncement,
+    Outcome, Prompt, Reveal, RevealRequest, SamplingParams, SpecError, TaskAnnouncement, TaskSpec, Verdict,
 };
 pub use reputation::{Reputation, ReputationParams};
 pub use round::{Action, Behaviour, Consensus, Phase, RoundError, RoundParams, RoundView, Topic};

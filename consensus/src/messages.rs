@@ -16,6 +16,9 @@ pub const MAX_PROMPT_BYTES: usize = 128 * 1024;
 pub const MAX_OUTPUT_TOKENS: u32 = 4096;
 /// Largest committee any attempt may seat (bounds every round's state).
 pub const MAX_COMMITTEE: usize = 31;
+/// Tokens a chat template may add around the messages' bytes (bound used to check a
+/// context decline).
+pub const TEMPLATE_SLACK_TOKENS: usize = 256;
 /// Most stop tokens a task may list.
 pub const MAX_STOP_TOKENS: usize = 16;
 
@@ -224,6 +227,74 @@ impl Message for Reveal {
     const KIND: MessageKind = MessageKind::Reveal;
 }
 
+/// Why a member declines a seat. Each reason is one the coordinator can check against
+/// the task it announced, so a decline costs the member its pay but not its standing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeclineReason {
+    /// The fee per member and 1,000 output tokens is below the member's price.
+    Price { price_per_1k: u64 },
+    /// The task asks for more output tokens than the member serves.
+    MaxTokens { limit: u32 },
+    /// The prompt plus its output does not fit the member's context.
+    Context { limit: u32 },
+    /// The member's queue is full.
+    Full,
+}
+
+impl DeclineReason {
+    /// Whether the reason holds for `spec` at a committee of `seats` (the coordinator's
+    /// first-hand check; a member stating a false reason is treated as absent).
+    pub fn holds_for(&self, spec: &TaskSpec, seats: usize) -> bool {
+        match self {
+            DeclineReason::Price { price_per_1k } => {
+                let per_member = spec.fee / seats.max(1) as u64;
+                // Credits per member per 1,000 tokens, rounded down: below the price?
+                let offered = per_member.saturating_mul(1000) / u64::from(spec.params.max_tokens.max(1));
+                offered < *price_per_1k
+            }
+            DeclineReason::MaxTokens { limit } => spec.params.max_tokens > *limit,
+            // A prompt has at most one token per byte plus its template's few; a task
+            // that fits a stated context by that bound was declined on a false reason.
+            DeclineReason::Context { limit } => {
+                (spec.params.max_tokens as usize) + spec.prompt.byte_len() + TEMPLATE_SLACK_TOKENS > *limit as usize
+            }
+            DeclineReason::Full => true,
+        }
+    }
+}
+
+/// A member's signed refusal of a seat, for a stated reason.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decline {
+    pub task: TaskId,
+    pub attempt: u8,
+    pub reason: DeclineReason,
+}
+
+impl Message for Decline {
+    const KIND: MessageKind = MessageKind::Decline;
+}
+
+/// A node that replayed a finalized task and found that the model does not produce its
+/// output says so on `sampo/v1/rounds`. It names the verdict by content address, so
+/// every node that applied that verdict can check the claim by its own replay before
+/// it acts on it: the proof convinces by re-execution, not by the prover's word.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FraudProof {
+    pub task: TaskId,
+    pub attempt: u8,
+    /// [`crate::SignedEnvelope::id`] of the verdict whose output is false.
+    pub verdict: Hash32,
+    /// First position (index into the output) where the model leaves the output.
+    pub position: u32,
+    /// The model's token there (`None`: the model stops there).
+    pub expected: Option<u32>,
+}
+
+impl Message for FraudProof {
+    const KIND: MessageKind = MessageKind::FraudProof;
+}
+
 /// How one committee member fared in a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Mark {
@@ -235,6 +306,8 @@ pub enum Mark {
     Absent,
     /// Revealed in a round without a quorum: nothing is known about it.
     Undecided,
+    /// Declined the seat for a reason that holds: no pay, no penalty.
+    Declined,
 }
 
 /// The result of one attempt.
@@ -271,6 +344,8 @@ pub struct Evidence {
     pub reveals: Vec<SignedEnvelope>,
     /// Pairs of conflicting commits signed by one member.
     pub equivocations: Vec<(SignedEnvelope, SignedEnvelope)>,
+    /// Signed declines, at most one per member, whose reasons hold.
+    pub declines: Vec<SignedEnvelope>,
 }
 
 /// The coordinator's ruling on one attempt, with its evidence.

@@ -37,7 +37,7 @@ pub struct Reputation {
     pub agreed: f64,
     pub wrong: f64,
     pub absent: f64,
-    /// Proven equivocations, never decayed.
+    /// Proven lies (equivocations, false reveals, refuted outputs), never decayed.
     pub equivocations: u32,
     /// Rounds seen, never decayed.
     pub rounds: u64,
@@ -85,16 +85,18 @@ impl Reputation {
             Mark::Agreed => self.agreed += 1.0,
             Mark::Wrong => self.wrong += 1.0,
             Mark::Absent => self.absent += 1.0,
-            Mark::Undecided => {}
+            Mark::Undecided | Mark::Declined => {}
         }
         if self.score(p) < p.ban_threshold {
             self.banned_until_ms = self.banned_until_ms.max(now_ms.saturating_add(p.ban_ms));
         }
     }
 
+    /// A lie proven by the peer's own signatures: two commits (or two verdicts) for one
+    /// attempt, a reveal that does not open its commit, or an output replay refutes.
     pub fn record_equivocation(&mut self, now_ms: u64, p: &ReputationParams) {
         self.equivocations += 1;
-        // An equivocation is a deliberate lie: ban at once, whatever the score.
+        // A deliberate lie: ban at once, whatever the score.
         self.banned_until_ms = self.banned_until_ms.max(now_ms.saturating_add(p.ban_ms));
     }
 }

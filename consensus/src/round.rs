@@ -6,7 +6,7 @@
 //! gossipsub does not deliver a node's own messages to itself: a coordinator that sits
 //! on its own committee commits and reveals through the same path as everyone else.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,8 @@ use crate::envelope::{EnvelopeError, MessageKind, SignedEnvelope};
 use crate::identity::NodeKey;
 use crate::ids::{Hash32, ModelId, TaskId, commit_hash};
 use crate::messages::{
-    Commit, Evidence, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+    Commit, Decline, DeclineReason, Evidence, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec,
+    Verdict,
 };
 use crate::verdict::{Tally, VerifiedVerdict, VerifyError, decide, verify};
 use crate::{MAX_COMMITTEE, PeerId};
@@ -65,6 +66,11 @@ pub enum Behaviour {
     CopyCommit,
     /// Sign two different commits.
     Equivocate,
+    /// As a coordinator, every attack a single key can try on others' standing: gossip
+    /// a forged verdict marking its committee absent, drop one member's commit,
+    /// re-announce a finished attempt to fish for a second commit, and sign a second
+    /// verdict for the same attempt.
+    ByzantineCoordinator,
 }
 
 /// Where a message is published.
@@ -83,7 +89,16 @@ pub enum Action {
         topic: Topic,
         envelope: SignedEnvelope,
     },
-    /// Run the inference for a committee seat, then call [`Consensus::executed`].
+    /// Store this seat's commit durably (synced), then carry out the actions after it:
+    /// the commit is published only once it can be answered again after a restart.
+    StoreCommit {
+        task: TaskId,
+        attempt: u8,
+        /// The committed output.
+        tokens: Vec<u32>,
+    },
+    /// Run the inference for a committee seat, then call [`Consensus::executed`] (or
+    /// [`Consensus::resume`] with the commit stored for this seat before).
     Execute {
         task: TaskId,
         attempt: u8,
@@ -119,6 +134,8 @@ pub enum RoundError {
     Duplicate(TaskId),
     #[error("a task's coordinator must be the submitting node")]
     ForeignSpec,
+    #[error("attempt {attempt} is beyond the {max} escalations the task allows")]
+    AttemptOutOfRange { attempt: u8, max: u8 },
 }
 
 impl RoundError {
@@ -127,6 +144,7 @@ impl RoundError {
         match self {
             RoundError::Envelope(e) => e.merits_penalty(),
             RoundError::Spec(_)
+            | RoundError::AttemptOutOfRange { .. }
             | RoundError::Verdict(_)
             | RoundError::NotCoordinator(_)
             | RoundError::NotOnCommittee { .. } => true,
@@ -145,6 +163,8 @@ pub enum Phase {
     Revealing,
     /// A verdict without a quorum was published; the next tick seats a larger committee.
     Escalating,
+    /// ByzantineCoordinator: a verdict was published; waiting to re-announce the attempt.
+    Lingering,
 }
 
 /// A coordinator's view of one of its tasks, for the API.
@@ -176,8 +196,15 @@ struct Coordinated {
     request: Option<(SignedEnvelope, BTreeMap<PeerId, Hash32>)>,
     /// At most [`REVEALS_PER_MEMBER`] per member.
     reveals: BTreeMap<PeerId, Vec<SignedEnvelope>>,
+    /// First decline per member whose reason holds.
+    declines: BTreeMap<PeerId, SignedEnvelope>,
     substitutions: usize,
     late_commits: u64,
+    /// ByzantineCoordinator: the first round's commit per member, kept across the
+    /// re-announcement; `Some` once the attempt was re-announced.
+    fishing: Option<BTreeMap<PeerId, SignedEnvelope>>,
+    /// ByzantineCoordinator: re-announce once the members' seats have expired.
+    linger_until_ms: u64,
 }
 
 /// A member gets two tries at a reveal that opens its commit; more is noise.
@@ -235,7 +262,8 @@ pub struct Consensus {
     behaviour: Behaviour,
     coordinated: HashMap<TaskId, Coordinated>,
     duties: HashMap<(TaskId, u8), Duty>,
-    seen_verdicts: HashSet<(TaskId, u8)>,
+    /// Content address of the first verdict seen per (task, attempt).
+    seen_verdicts: HashMap<(TaskId, u8), Hash32>,
     seen_order: VecDeque<(TaskId, u8)>,
     /// Envelopes this node published, fed back before control returns.
     loopback: VecDeque<SignedEnvelope>,
@@ -269,7 +297,7 @@ impl Consensus {
             behaviour: Behaviour::Honest,
             coordinated: HashMap::new(),
             duties: HashMap::new(),
-            seen_verdicts: HashSet::new(),
+            seen_verdicts: HashMap::new(),
             seen_order: VecDeque::new(),
             loopback: VecDeque::new(),
         }
@@ -324,6 +352,9 @@ impl Consensus {
             return Err(RoundError::NoCommittee { need: quorum(size), found: committee.len() });
         }
         let mut actions = Vec::new();
+        if self.behaviour == Behaviour::ByzantineCoordinator {
+            self.forge_absent_verdict(&spec, &committee, now_ms, &mut actions);
+        }
         self.announce(spec, 0, committee, eligibility, now_ms, &mut actions);
         self.drain_loopback(now_ms, &mut actions);
         Ok((task, actions))
@@ -365,8 +396,11 @@ impl Consensus {
                 equivocators: BTreeSet::new(),
                 request: None,
                 reveals: BTreeMap::new(),
+                declines: BTreeMap::new(),
                 substitutions: 0,
                 late_commits: 0,
+                fishing: None,
+                linger_until_ms: 0,
             },
         );
     }
@@ -399,6 +433,9 @@ impl Consensus {
             MessageKind::RevealRequest => self.on_reveal_request(env, actions),
             MessageKind::Reveal => self.on_reveal(env, now_ms, actions),
             MessageKind::Verdict => self.on_verdict(env, actions),
+            MessageKind::Decline => self.on_decline(env),
+            // Fraud proofs are checked by replay, outside the round machine.
+            MessageKind::FraudProof => Ok(()),
             // Registry traffic is not the round machine's business.
             MessageKind::NodeAnnouncement => Ok(()),
         }
@@ -415,6 +452,9 @@ impl Consensus {
             return Err(RoundError::NotCoordinator("task announcement"));
         }
         ann.spec.validate()?;
+        if ann.attempt > ann.spec.max_escalations {
+            return Err(RoundError::AttemptOutOfRange { attempt: ann.attempt, max: ann.spec.max_escalations });
+        }
         if ann.committee.len() > MAX_COMMITTEE * 2 {
             return Err(RoundError::Spec(SpecError::CommitteeTooLarge {
                 k: ann.spec.k,
@@ -461,26 +501,47 @@ impl Consensus {
         Ok(())
     }
 
-    /// The inference for a seat finished with `tokens`; `salt` must be fresh and secret.
-    pub fn executed(
-        &mut self,
-        task: TaskId,
-        attempt: u8,
-        tokens: Vec<u32>,
-        salt: [u8; 32],
-        now_ms: u64,
-    ) -> Vec<Action> {
+    /// The inference for a seat finished with `tokens`: store the commit, then publish it.
+    pub fn executed(&mut self, task: TaskId, attempt: u8, tokens: Vec<u32>, now_ms: u64) -> Vec<Action> {
+        let mut tokens = tokens;
+        if self.behaviour == Behaviour::WrongOutput {
+            corrupt(&mut tokens);
+        }
+        self.commit_seat(task, attempt, tokens, true, now_ms)
+    }
+
+    /// A seat this node committed to before (a re-announcement, or a restart): commit
+    /// to the stored output again. The salt is derived, so the commit is the same one.
+    pub fn resume(&mut self, task: TaskId, attempt: u8, committed: Vec<u32>, now_ms: u64) -> Vec<Action> {
+        self.commit_seat(task, attempt, committed, false, now_ms)
+    }
+
+    /// Refuse a seat, signed, for a reason the coordinator can check.
+    pub fn decline(&mut self, task: TaskId, attempt: u8, reason: DeclineReason, now_ms: u64) -> Vec<Action> {
         let mut actions = Vec::new();
         let Some(duty) = self.duties.get_mut(&(task, attempt)) else { return actions };
         if !matches!(duty.state, DutyState::Executing) {
             return actions;
         }
-        let mut tokens = tokens;
-        if self.behaviour == Behaviour::WrongOutput {
-            corrupt(&mut tokens);
+        duty.state = DutyState::Done;
+        let env = seal(&self.key, &Decline { task, attempt, reason });
+        self.publish(Topic::Rounds, env, &mut actions);
+        self.drain_loopback(now_ms, &mut actions);
+        actions
+    }
+
+    fn commit_seat(&mut self, task: TaskId, attempt: u8, tokens: Vec<u32>, store: bool, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(duty) = self.duties.get_mut(&(task, attempt)) else { return actions };
+        if !matches!(duty.state, DutyState::Executing) {
+            return actions;
         }
+        let salt = self.key.commit_salt(&task, attempt);
         let hash = commit_hash(&task, &self.me, &tokens, &salt);
         duty.state = DutyState::Committed { tokens: tokens.clone(), salt, hash };
+        if store {
+            actions.push(Action::StoreCommit { task, attempt, tokens: tokens.clone() });
+        }
         let commit = seal(&self.key, &Commit { task, attempt, hash });
         self.publish(Topic::Rounds, commit, &mut actions);
         if self.behaviour == Behaviour::Equivocate {
@@ -504,6 +565,21 @@ impl Consensus {
         if !round.ann.committee.contains(&who) {
             return Err(RoundError::NotOnCommittee { kind: "commit", task: c.task });
         }
+        if self.behaviour == Behaviour::ByzantineCoordinator {
+            // Drop the first other member's real commit, so that it looks absent.
+            if round.ann.committee.iter().find(|p| **p != self.me) == Some(&who) && round.fishing.is_none() {
+                return Ok(());
+            }
+            // Fishing: a second commit that differs from the first is kept as "proof".
+            if let Some(first) = round.fishing.as_ref().and_then(|f| f.get(&who))
+                && first.open::<Commit>().is_ok_and(|f| f.hash != c.hash)
+                && !round.equivocators.contains(&who)
+            {
+                round.equivocations.push((first.clone(), env.clone()));
+                round.equivocators.insert(who);
+                return Ok(());
+            }
+        }
         if let Some(prev) = round.hashes.get(&who) {
             if *prev != c.hash && !round.equivocators.contains(&who) {
                 // Two signed commits for one seat: kept as proof, punished in the verdict.
@@ -525,6 +601,28 @@ impl Consensus {
         if round.honest_commits() >= round.size() {
             let task = c.task;
             self.close_commits(task, actions);
+        }
+        Ok(())
+    }
+
+    /// A seated member declines: recorded when its reason holds for the task, so the
+    /// verdict marks it declined (no pay, no penalty) instead of absent.
+    fn on_decline(&mut self, env: &SignedEnvelope) -> Result<(), RoundError> {
+        let d: Decline = env.open()?;
+        let who = env.signer();
+        let Some(round) = self.coordinated.get_mut(&d.task) else { return Ok(()) };
+        if d.attempt != round.ann.attempt || round.phase != Phase::Committing {
+            return Ok(());
+        }
+        if !round.ann.committee.contains(&who) {
+            return Err(RoundError::NotOnCommittee { kind: "decline", task: d.task });
+        }
+        if round.hashes.contains_key(&who) || round.declines.contains_key(&who) {
+            return Ok(());
+        }
+        // A false reason is ignored: the member is then absent, first-hand.
+        if d.reason.holds_for(&round.ann.spec, round.size()) {
+            round.declines.insert(who, env.clone());
         }
         Ok(())
     }
@@ -615,8 +713,18 @@ impl Consensus {
     fn on_verdict(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
         let verified = verify(env)?;
         let key = (verified.task(), verified.verdict.attempt);
-        if !self.seen_verdicts.insert(key) {
-            return Ok(());
+        let id = env.id();
+        match self.seen_verdicts.get(&key) {
+            Some(first) if *first == id => return Ok(()),
+            // A second, different verdict for one attempt, both signed by the task's
+            // coordinator: passed on, so that the store records the equivocation.
+            Some(_) => {
+                actions.push(Action::Apply(Box::new(verified)));
+                return Ok(());
+            }
+            None => {
+                self.seen_verdicts.insert(key, id);
+            }
         }
         self.seen_order.push_back(key);
         while self.seen_order.len() > self.params.verdict_memory {
@@ -652,6 +760,8 @@ impl Consensus {
                 reveal_envs.push(opened[i].1.clone());
             }
         }
+        let declined: BTreeSet<PeerId> =
+            round.declines.keys().filter(|p| !committed.contains_key(p)).copied().collect();
         let decision = decide(&Tally {
             spec: &round.ann.spec,
             task,
@@ -661,6 +771,7 @@ impl Consensus {
             committed: &committed,
             reveals: &reveals,
             equivocators: &round.equivocators,
+            declined: &declined,
         });
         let verdict = Verdict {
             task,
@@ -674,11 +785,21 @@ impl Consensus {
                 commits: commit_envs,
                 reveals: reveal_envs,
                 equivocations: round.equivocations.clone(),
+                declines: round
+                    .declines
+                    .iter()
+                    .filter(|(p, _)| !committed.contains_key(p))
+                    .map(|(_, e)| e.clone())
+                    .collect(),
             },
             decided_ms: now_ms,
         };
         let env = seal(&self.key, &verdict);
-        if decision.outcome == Outcome::Escalated {
+        if self.behaviour == Behaviour::ByzantineCoordinator && round.fishing.is_none() {
+            // Keep the round: once the members' seats expire, re-announce the attempt.
+            round.phase = Phase::Lingering;
+            round.linger_until_ms = round.ann.reveal_deadline_ms + 1000;
+        } else if decision.outcome == Outcome::Escalated {
             round.phase = Phase::Escalating;
         } else {
             self.coordinated.remove(&task);
@@ -701,6 +822,7 @@ impl Consensus {
                 }
                 Phase::Revealing if now_ms >= round.ann.reveal_deadline_ms => self.finish(task, now_ms, &mut actions),
                 Phase::Escalating => self.escalate(task, now_ms, candidates, &mut actions),
+                Phase::Lingering if now_ms >= round.linger_until_ms => self.reannounce(task, now_ms, &mut actions),
                 _ => {}
             }
         }
@@ -743,6 +865,24 @@ impl Consensus {
         self.publish(Topic::Tasks(model), env, actions);
     }
 
+    /// ByzantineCoordinator: announce a finished attempt again, keeping the first
+    /// commits, to catch any member that would commit differently the second time.
+    fn reannounce(&mut self, task: TaskId, now_ms: u64, actions: &mut Vec<Action>) {
+        let Some(round) = self.coordinated.get_mut(&task) else { return };
+        round.fishing = Some(std::mem::take(&mut round.commits));
+        round.hashes.clear();
+        round.arrival.clear();
+        round.request = None;
+        round.reveals.clear();
+        round.phase = Phase::Committing;
+        round.ann.revision += 1;
+        round.ann.commit_deadline_ms = now_ms + self.params.commit_window_ms;
+        round.ann.reveal_deadline_ms = round.ann.commit_deadline_ms + self.params.reveal_window_ms;
+        round.ann_env = seal(&self.key, &round.ann);
+        let (env, model) = (round.ann_env.clone(), round.ann.spec.model);
+        self.publish(Topic::Tasks(model), env, actions);
+    }
+
     fn escalate(&mut self, task: TaskId, now_ms: u64, candidates: &[Candidate], actions: &mut Vec<Action>) {
         let Some(round) = self.coordinated.remove(&task) else { return };
         let attempt = round.ann.attempt + 1;
@@ -754,6 +894,52 @@ impl Consensus {
             return;
         }
         self.announce(round.ann.spec, attempt, committee, round.eligibility, now_ms, actions);
+    }
+
+    /// ByzantineCoordinator: a verdict on a task nobody ran, marking `victims` absent.
+    /// It verifies (the coordinator signed everything in it), and proves nothing.
+    fn forge_absent_verdict(&mut self, spec: &TaskSpec, victims: &[PeerId], now_ms: u64, actions: &mut Vec<Action>) {
+        let mut fake = spec.clone();
+        fake.nonce ^= 0x5eed_f00d;
+        let task = fake.id();
+        let ann = TaskAnnouncement {
+            spec: fake,
+            attempt: 0,
+            revision: 0,
+            committee: victims.to_vec(),
+            commit_deadline_ms: now_ms,
+            reveal_deadline_ms: now_ms,
+        };
+        let none = BTreeMap::new();
+        let decision = decide(&Tally {
+            spec: &ann.spec,
+            task,
+            attempt: 0,
+            committee: &ann.committee,
+            request_sent: false,
+            committed: &none,
+            reveals: &BTreeMap::new(),
+            equivocators: &BTreeSet::new(),
+            declined: &BTreeSet::new(),
+        });
+        let verdict = Verdict {
+            task,
+            attempt: 0,
+            outcome: decision.outcome,
+            marks: decision.marks,
+            payouts: decision.payouts,
+            evidence: Evidence {
+                announcement: seal(&self.key, &ann),
+                reveal_request: None,
+                commits: Vec::new(),
+                reveals: Vec::new(),
+                equivocations: Vec::new(),
+                declines: Vec::new(),
+            },
+            decided_ms: now_ms,
+        };
+        let env = seal(&self.key, &verdict);
+        self.publish(Topic::Rounds, env, actions);
     }
 
     /// CopyCommit: publish the first other member's commit hash as our own.

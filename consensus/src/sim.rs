@@ -27,14 +27,22 @@ pub struct SimNode {
     pub applied: Vec<VerifiedVerdict>,
     /// Outcomes of the tasks this node coordinated.
     pub finished: Vec<(TaskId, Outcome)>,
+    /// This node's own view of every peer, built by the trust model's rules
+    /// ([`crate::accountability`]) from the verdicts it applied, with replays by the
+    /// stand-in model.
+    pub view: BTreeMap<PeerId, Reputation>,
+    /// Commits this node stored, by seat: answered again on a re-announcement.
+    pub stored: BTreeMap<(TaskId, u8), Vec<u32>>,
+    /// Content address of the first verdict applied per (task, attempt).
+    seen: BTreeMap<(TaskId, u8), Hash32>,
+    /// Forget the seats held in memory (a restart), keeping what was stored.
+    pub restarts: u32,
 }
 
 pub struct SimNet {
     pub nodes: Vec<SimNode>,
     pub now_ms: u64,
     pub model: ModelId,
-    /// Every node's reputation as the applied verdicts left it (all honest nodes agree).
-    pub reputation: BTreeMap<PeerId, Reputation>,
     pub reputation_params: ReputationParams,
     /// Deliver verdicts to every node (each verifies them), not only to the coordinator.
     pub verdicts_to_all: bool,
@@ -68,14 +76,23 @@ impl SimNet {
                 seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
                 let key = NodeKey::from_seed(seed);
                 let consensus = Consensus::new(key.clone(), params.clone()).with_behaviour(behaviour(i));
-                SimNode { key, consensus, offline: false, applied: Vec::new(), finished: Vec::new() }
+                SimNode {
+                    key,
+                    consensus,
+                    offline: false,
+                    applied: Vec::new(),
+                    finished: Vec::new(),
+                    view: BTreeMap::new(),
+                    stored: BTreeMap::new(),
+                    seen: BTreeMap::new(),
+                    restarts: 0,
+                }
             })
             .collect();
         Self {
             nodes,
             now_ms: 1_000_000,
             model: ModelId(Hash32::of(b"sim-model")),
-            reputation: BTreeMap::new(),
             reputation_params: ReputationParams::default(),
             verdicts_to_all: true,
             tamper: None,
@@ -95,13 +112,13 @@ impl SimNet {
         self.nodes.iter().position(|n| n.key.peer_id() == *p)
     }
 
-    /// The registry as every node sees it: all nodes, weighted by the shared reputation.
-    pub fn candidates(&self) -> Vec<Candidate> {
+    /// The registry as node `i` sees it: all nodes, weighted by `i`'s own view.
+    pub fn candidates(&self, i: usize) -> Vec<Candidate> {
         self.nodes
             .iter()
             .map(|n| {
                 let p = n.key.peer_id();
-                let rep = self.reputation.get(&p).cloned().unwrap_or_default();
+                let rep = self.nodes[i].view.get(&p).cloned().unwrap_or_default();
                 Candidate {
                     peer: p,
                     models: vec![self.model],
@@ -131,7 +148,7 @@ impl SimNet {
 
     /// Submit a task at `coordinator`; the round then runs with [`Self::run`].
     pub fn submit(&mut self, coordinator: usize, spec: TaskSpec) -> Result<TaskId, crate::round::RoundError> {
-        let candidates = self.candidates();
+        let candidates = self.candidates(coordinator);
         let now = self.now_ms;
         let (task, actions) = self.nodes[coordinator].consensus.submit(spec, None, &candidates, now)?;
         self.act(coordinator, actions);
@@ -153,9 +170,16 @@ impl SimNet {
                     }
                 }
                 Action::Execute { task, attempt, spec, .. } => {
-                    if !self.nodes[i].offline {
+                    if let Some(tokens) = self.nodes[i].stored.get(&(task, attempt)).cloned() {
+                        let now = self.now_ms;
+                        let actions = self.nodes[i].consensus.resume(task, attempt, tokens, now);
+                        self.act(i, actions);
+                    } else if !self.nodes[i].offline {
                         self.pending_exec.push((i, task, attempt, *spec));
                     }
+                }
+                Action::StoreCommit { task, attempt, tokens } => {
+                    self.nodes[i].stored.insert((task, attempt), tokens);
                 }
                 Action::Apply(v) => self.apply(i, *v),
                 Action::Finished { task, outcome } => self.nodes[i].finished.push((task, outcome)),
@@ -164,19 +188,25 @@ impl SimNet {
     }
 
     fn apply(&mut self, i: usize, v: VerifiedVerdict) {
-        // The shared reputation view follows the coordinator's own application (every
-        // honest node computes the same from the same evidence).
-        if i == self.index_of(&v.coordinator).unwrap_or(usize::MAX) {
-            let now = self.now_ms;
-            let p = self.reputation_params.clone();
-            for (peer, mark) in &v.verdict.marks {
-                self.reputation.entry(*peer).or_default().record(*mark, now, &p);
-            }
-            for (a, _) in &v.verdict.evidence.equivocations {
-                self.reputation.entry(a.signer()).or_default().record_equivocation(now, &p);
-            }
+        let now = self.now_ms;
+        let p = self.reputation_params.clone();
+        // Without per-node delivery, the coordinator's verdict still reaches every view
+        // (as gossip would carry it), without verifying it again at every node.
+        let viewers: Vec<usize> = if self.verdicts_to_all { vec![i] } else { (0..self.nodes.len()).collect() };
+        for j in viewers {
+            let me = self.peer(j);
+            let node = &mut self.nodes[j];
+            apply_to_view(&mut node.view, &mut node.seen, &v, &me, now, &p);
         }
         self.nodes[i].applied.push(v);
+    }
+
+    /// Node `i` restarts: every seat it held in memory is forgotten; its store is kept.
+    pub fn restart(&mut self, i: usize) {
+        let key = self.nodes[i].key.clone();
+        let params = self.nodes[i].consensus.params().clone();
+        self.nodes[i].consensus = Consensus::new(key, params);
+        self.nodes[i].restarts += 1;
     }
 
     /// Deliver all gossip and run all pending inferences until nothing moves.
@@ -202,10 +232,8 @@ impl SimNet {
                 return;
             }
             for (i, task, attempt, spec) in std::mem::take(&mut self.pending_exec) {
-                let mut salt = [0u8; 32];
-                salt.copy_from_slice(&Hash32::of(&[&task.0.0[..], &(i as u64).to_le_bytes(), &[attempt]].concat()).0);
                 let now = self.now_ms;
-                let actions = self.nodes[i].consensus.executed(task, attempt, reference_output(&spec), salt, now);
+                let actions = self.nodes[i].consensus.executed(task, attempt, reference_output(&spec), now);
                 self.act(i, actions);
             }
         }
@@ -214,9 +242,9 @@ impl SimNet {
     /// Advance the clock by `step_ms` and tick every node.
     pub fn tick(&mut self, step_ms: u64) {
         self.now_ms += step_ms;
-        let candidates = self.candidates();
         for i in 0..self.nodes.len() {
             let now = self.now_ms;
+            let candidates = self.candidates(i);
             let actions = self.nodes[i].consensus.tick(now, &candidates);
             self.act(i, actions);
         }
@@ -247,6 +275,49 @@ impl SimNet {
         self.verdicts(coordinator, task)
             .last()
             .and_then(|v| v.verdict.marks.iter().find(|(p, _)| p == peer).map(|(_, m)| *m))
+    }
+}
+
+/// Apply a verified verdict to one node's view by the trust model's rules, with replays
+/// by the stand-in model (the simulation audits every finalized verdict).
+pub fn apply_to_view(
+    view: &mut BTreeMap<PeerId, Reputation>,
+    seen: &mut BTreeMap<(TaskId, u8), Hash32>,
+    v: &VerifiedVerdict,
+    me: &PeerId,
+    now: u64,
+    p: &ReputationParams,
+) {
+    let id = v.envelope.id();
+    match seen.get(&(v.task(), v.verdict.attempt)) {
+        Some(first) if *first == id => return,
+        Some(_) => {
+            // Two verdicts for one attempt, both signed by the coordinator.
+            view.entry(v.coordinator).or_default().record_equivocation(now, p);
+            return;
+        }
+        None => {
+            seen.insert((v.task(), v.verdict.attempt), id);
+        }
+    }
+    let a = crate::accountability::assess(v, me);
+    for (peer, mark) in &a.marks {
+        view.entry(*peer).or_default().record(*mark, now, p);
+    }
+    for peer in &a.bans {
+        view.entry(*peer).or_default().record_equivocation(now, p);
+    }
+    if crate::accountability::needs_replay(v, &a, 1.0, 0.0) {
+        let expected = reference_output(&v.spec);
+        let j = crate::accountability::judge(v, &|o| Some(o == expected.as_slice()));
+        for peer in &j.wrong {
+            view.entry(*peer).or_default().record(Mark::Wrong, now, p);
+        }
+        for peer in &j.liars {
+            let r = view.entry(*peer).or_default();
+            r.record(Mark::Wrong, now, p);
+            r.record_equivocation(now, p);
+        }
     }
 }
 
@@ -302,7 +373,7 @@ pub fn reputation_simulation(nodes: usize, liars: usize, tasks: usize, k: u8, wi
                 finalized_wrong: wrong,
                 liars_banned_at_end: liar_peers
                     .iter()
-                    .filter(|p| net.reputation.get(p).is_some_and(|r| r.is_banned(now)))
+                    .filter(|p| net.nodes[liars].view.get(p).is_some_and(|r| r.is_banned(now)))
                     .count(),
             });
             (seats, liar_seats, honest, wrong) = (0, 0, 0, 0);

@@ -11,7 +11,9 @@ use crate::PeerId;
 use crate::committee::{committee_size, quorum};
 use crate::envelope::{EnvelopeError, SignedEnvelope};
 use crate::ids::{Hash32, TaskId, commit_hash};
-use crate::messages::{Commit, Mark, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec, Verdict};
+use crate::messages::{
+    Commit, Decline, Mark, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+};
 
 /// What a ruling decides: the outcome, every member's mark, and who is paid what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +38,8 @@ pub struct Tally<'a> {
     pub reveals: &'a BTreeMap<PeerId, Vec<Reveal>>,
     /// Members proven to have signed two different commits.
     pub equivocators: &'a BTreeSet<PeerId>,
+    /// Members that declined their seat for a reason that holds.
+    pub declined: &'a BTreeSet<PeerId>,
 }
 
 /// Split `fee` evenly among `winners` (sorted); the remainder goes one credit each to
@@ -76,6 +80,8 @@ pub fn decide(t: &Tally<'_>) -> Decision {
                     },
                 }
             }
+        } else if t.declined.contains(member) {
+            Mark::Declined
         } else {
             Mark::Absent
         };
@@ -132,6 +138,12 @@ pub enum VerifyError {
     MissingRequest { commits: usize, quorum: usize },
     #[error("reveal by {0}, whose commit was not accepted")]
     UnacceptedReveal(PeerId),
+    #[error("attempt {attempt} is beyond the {max} escalations the task allows")]
+    AttemptOutOfRange { attempt: u8, max: u8 },
+    #[error("a decline by {0} states a reason that does not hold for the task")]
+    FalseDecline(PeerId),
+    #[error("two declines by {0}")]
+    DuplicateDecline(PeerId),
     #[error("the verdict claims {field} {claimed}, but the evidence gives {actual}")]
     ClaimMismatch { field: &'static str, claimed: String, actual: String },
 }
@@ -144,6 +156,12 @@ pub struct VerifiedVerdict {
     pub committee: Vec<PeerId>,
     pub coordinator: PeerId,
     pub envelope: SignedEnvelope,
+    /// Each member's revealed output, for members whose reveal opened their accepted
+    /// commit: what the member itself signed as the model's answer.
+    pub opened: BTreeMap<PeerId, Vec<u32>>,
+    /// Members whose own signatures prove a lie: two commits for the attempt, or a
+    /// reveal that does not open their accepted commit.
+    pub proven_liars: BTreeSet<PeerId>,
 }
 
 impl VerifiedVerdict {
@@ -185,8 +203,18 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
     }
     let task = spec.id();
     same_task("announcement", task, ann.attempt, &verdict)?;
+    // Before any arithmetic with it: the spec bounds the attempts, and `validate` has
+    // already bounded the largest committee the spec allows.
+    if ann.attempt > spec.max_escalations {
+        return Err(VerifyError::AttemptOutOfRange { attempt: ann.attempt, max: spec.max_escalations });
+    }
     let size = committee_size(spec.k, ann.attempt);
-    if ann.committee.len() > 2 * size {
+    let max_listed = size.checked_mul(2).ok_or(VerifyError::CommitteeSize {
+        len: ann.committee.len(),
+        size,
+        attempt: ann.attempt,
+    })?;
+    if ann.committee.len() > max_listed {
         return Err(VerifyError::CommitteeSize { len: ann.committee.len(), size, attempt: ann.attempt });
     }
     let members: BTreeSet<PeerId> = ann.committee.iter().copied().collect();
@@ -213,6 +241,22 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
             return Err(VerifyError::BadEquivocation(who, "the two commits are the same"));
         }
         equivocators.insert(who);
+    }
+
+    let mut declined = BTreeSet::new();
+    for env in &ev.declines {
+        let d: Decline = open(env, "decline")?;
+        let who = env.signer();
+        same_task("decline", d.task, d.attempt, &verdict)?;
+        if !members.contains(&who) {
+            return Err(VerifyError::NotAMember(who, "decline"));
+        }
+        if !d.reason.holds_for(spec, size) {
+            return Err(VerifyError::FalseDecline(who));
+        }
+        if !declined.insert(who) {
+            return Err(VerifyError::DuplicateDecline(who));
+        }
     }
 
     let mut commits: BTreeMap<PeerId, Hash32> = BTreeMap::new();
@@ -288,11 +332,33 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
         committed: &committed,
         reveals: &reveals,
         equivocators: &equivocators,
+        declined: &declined,
     });
     check_claim("outcome", &verdict.outcome, &decision.outcome)?;
     check_claim("marks", &verdict.marks, &decision.marks)?;
     check_claim("payouts", &verdict.payouts, &decision.payouts)?;
+    let mut opened = BTreeMap::new();
+    let mut proven_liars = equivocators.clone();
+    if request_sent {
+        for (who, hash) in &committed {
+            if equivocators.contains(who) {
+                continue;
+            }
+            let Some(rs) = reveals.get(who) else { continue };
+            match rs.iter().find(|r| commit_hash(&task, who, &r.tokens, &r.salt) == *hash) {
+                Some(r) => {
+                    opened.insert(*who, r.tokens.clone());
+                }
+                None if !rs.is_empty() => {
+                    proven_liars.insert(*who);
+                }
+                None => {}
+            }
+        }
+    }
     Ok(VerifiedVerdict {
+        opened,
+        proven_liars,
         spec: spec.clone(),
         committee: ann.committee.clone(),
         coordinator,

@@ -143,7 +143,7 @@ fn equivocation_is_kept_as_proof_and_punished() {
     assert_eq!(v.verdict.evidence.equivocations.len(), 1);
     assert_eq!(v.verdict.evidence.equivocations[0].0.signer(), net.peer(4));
     assert_eq!(net.mark(0, &task, &net.peer(4)), Some(Mark::Wrong));
-    assert!(net.reputation[&net.peer(4)].is_banned(net.now_ms), "equivocation bans at once");
+    assert!(net.nodes[0].view[&net.peer(4)].is_banned(net.now_ms), "equivocation bans at once");
 }
 
 #[test]

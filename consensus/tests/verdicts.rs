@@ -93,6 +93,7 @@ fn build(members: &[Member], k: u8) -> Built {
             commits,
             reveals,
             equivocations: Vec::new(),
+            declines: Vec::new(),
         },
         decided_ms: 30,
     };
@@ -123,6 +124,7 @@ fn recompute(v: &Verdict) -> Decision {
         committed: &committed,
         reveals: &reveals,
         equivocators: &BTreeSet::new(),
+        declined: &BTreeSet::new(),
     })
 }
 
@@ -338,6 +340,7 @@ fn the_largest_possible_verdict_seals() {
             commits,
             reveals,
             equivocations: Vec::new(),
+            declines: Vec::new(),
         },
         decided_ms: u64::MAX,
     };
