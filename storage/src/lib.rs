@@ -5,13 +5,18 @@
 use std::path::{Path, PathBuf};
 
 pub mod ledger;
-pub use ledger::{Applied, CreditAccount, EvidenceRecord, TaskRecord, TaskStatus};
+pub use ledger::{
+    Applied, CreditAccount, Effects, EvidenceRecord, Overturn, ReplayRecord, StoredCommit, TaskRecord, TaskStatus,
+};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the on-disk layout. Bump it with a migration when records change shape.
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: protocol v2 (trust model): envelopes of version 2, stored commits, replay
+/// records, overturned tasks. Version 1 stores are refused (no migration: they hold
+/// v1 envelopes that no v2 node accepts).
+pub const SCHEMA_VERSION: u32 = 2;
 /// Key in [`Column::Meta`] that holds the schema version (u32, little endian).
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 /// Largest record value we will decode (a bound on what a corrupt file can make us allocate).
@@ -32,11 +37,20 @@ pub enum Column {
     Ledger,
     /// Known peers and their addresses.
     Peers,
+    /// This node's own commits for its seats, keyed by task id and attempt.
+    Commits,
 }
 
 impl Column {
-    pub const ALL: [Column; 6] =
-        [Column::Meta, Column::Reputation, Column::Tasks, Column::Evidence, Column::Ledger, Column::Peers];
+    pub const ALL: [Column; 7] = [
+        Column::Meta,
+        Column::Reputation,
+        Column::Tasks,
+        Column::Evidence,
+        Column::Ledger,
+        Column::Peers,
+        Column::Commits,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +60,7 @@ impl Column {
             Column::Evidence => "evidence",
             Column::Ledger => "ledger",
             Column::Peers => "peers",
+            Column::Commits => "commits",
         }
     }
 }
