@@ -773,10 +773,16 @@ async fn get_task(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
             _ => None,
         }
     };
+    // A replay that refuted the finalized output: by whom, and where it leaves the model's.
+    let overturned = stored
+        .as_ref()
+        .and_then(|r| r.overturned.as_ref())
+        .map(|o| json!({"prover": o.prover.to_string(), "first_divergent_position": o.position, "at_ms": o.at_ms}));
     match (live, stored) {
         (Some(l), _) => {
             let out = l.output.clone();
-            Json(json!({"task": l, "output_tokens": out, "output_text": text(&out)})).into_response()
+            Json(json!({"task": l, "output_tokens": out, "output_text": text(&out), "overturned": overturned}))
+                .into_response()
         }
         (None, Some(r)) => {
             let out = r.output.clone();
@@ -784,7 +790,7 @@ async fn get_task(State(s): State<Arc<ApiState>>, Path(id): Path<String>) -> Res
                 "task": {"task": r.task.to_string(), "status": r.status, "attempt": r.attempt,
                     "committee": r.committee.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                     "coordinator": r.coordinator.to_string(), "model": r.model.to_string()},
-                "output_tokens": out, "output_text": text(&out)
+                "output_tokens": out, "output_text": text(&out), "overturned": overturned
             }))
             .into_response()
         }

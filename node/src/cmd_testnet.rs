@@ -20,6 +20,14 @@ pub(crate) struct TestnetArgs {
     /// Nodes that commit but never reveal.
     #[arg(long, default_value_t = 0)]
     absent: usize,
+    /// Nodes that, as coordinators, attack others' standing: forged absences, dropped
+    /// commits, re-announced attempts, two verdicts for one attempt.
+    #[arg(long, default_value_t = 0)]
+    byzantine_coordinators: usize,
+    /// The byzantine nodes collude on one wrong output (they all corrupt it the same
+    /// way); with --demo, run tasks until their lie finalizes and watch replay overturn it.
+    #[arg(long, requires = "byzantine")]
+    collude: bool,
     /// Committee size.
     #[arg(long, default_value_t = 3)]
     k: usize,
@@ -61,6 +69,7 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<()> {
     let mut cfg = TestnetConfig::new(args.nodes, model.clone(), dir.clone(), sampo);
     cfg.byzantine = args.byzantine;
     cfg.absent = args.absent;
+    cfg.byzantine_coordinators = args.byzantine_coordinators;
     cfg.k = args.k;
     println!("testnet: {} nodes in {} serving {}", args.nodes, dir.display(), model.display());
     let mut net = Testnet::start(cfg)?;
@@ -68,6 +77,11 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<()> {
     std::fs::write(&prom, net.prometheus_yml()).with_context(|| format!("writing {}", prom.display()))?;
     println!("{}", net.table());
     println!("prometheus scrape config: {}", prom.display());
+    if args.demo && args.collude {
+        let result = collusion_demo(&net, &args.prompt, &model, &dir);
+        net.stop();
+        return result;
+    }
     if args.demo {
         println!("\n> {}", args.prompt);
         let v = net.chat(0, &args.prompt, 64, 3)?;
@@ -94,4 +108,59 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(100));
     println!("stopped; node dirs kept in {}", dir.display());
     Ok(())
+}
+
+/// Run chats until the colluders sit together on a committee and their lie finalizes,
+/// then watch every honest node replay it, overturn it and ban them; finish with the
+/// offline replay of the saved evidence.
+fn collusion_demo(net: &Testnet, prompt: &str, model: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
+    let liars: Vec<&str> = net.nodes.iter().filter(|n| n.role == "byzantine").map(|n| n.peer_id.as_str()).collect();
+    anyhow::ensure!(liars.len() >= 2, "--collude needs --byzantine 2 or more");
+    for round in 1..=40 {
+        let v = net.chat(0, &format!("{prompt} ({round})"), 16, 3)?;
+        let s = &v["sampo"];
+        let marks: Vec<(String, String)> = s["marks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| (m["peer_id"].as_str().unwrap_or("").to_owned(), m["mark"].as_str().unwrap_or("").to_owned()))
+            .collect();
+        let seated_liars = marks.iter().filter(|(p, m)| liars.contains(&p.as_str()) && m == "agreed").count();
+        println!(
+            "task {round:>2}: {} — marks {:?}",
+            s["verdict"].as_str().unwrap_or("?"),
+            marks.iter().map(|m| &m.1).collect::<Vec<_>>()
+        );
+        if s["verdict"] != "finalized" || seated_liars < 2 {
+            continue;
+        }
+        let task = s["task_id"].as_str().unwrap_or_default().to_owned();
+        println!("\nthe colluders' output finalized (task {task}); honest nodes replay it...");
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        for n in net.nodes.iter().filter(|n| n.role == "honest") {
+            loop {
+                let t = sampo_testnet::get_json(&format!("{}/v1/tasks/{task}", n.api_url)).unwrap_or_default();
+                if t["task"]["status"] == "overturned" {
+                    println!("  node {}: task overturned {}", n.index, t["overturned"]);
+                    break;
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "node {} did not overturn the task", n.index);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let (_, bundle) = sampo_testnet::http(
+            "GET",
+            &format!("{}/v1/tasks/{task}/evidence", net.nodes[0].api_url),
+            None,
+            Duration::from_secs(10),
+        )?;
+        let file = dir.join("overturned-bundle.json");
+        std::fs::write(&file, bundle).with_context(|| format!("writing {}", file.display()))?;
+        println!("\n$ sampo verify --replay --model {} {}", model.display(), file.display());
+        if let Err(e) = crate::cmd_verify::run(&file, false, Some(model), 1) {
+            println!("{e}");
+        }
+        return Ok(());
+    }
+    anyhow::bail!("the colluders never sat together on a committee in 40 tasks")
 }

@@ -134,6 +134,12 @@ pub struct ConsensusConfig {
     pub ban_duration_secs: u64,
     /// Seconds after which a past outcome weighs half as much.
     pub reputation_half_life_secs: u64,
+    /// Fraction of the finalized verdicts this node sees (for a model it serves) that it
+    /// re-executes by replay, at low priority, to catch a lie a majority agreed on.
+    pub audit_rate: f64,
+    /// Replays (audits, contested marks, fraud-proof checks) at most per minute for one
+    /// coordinator or prover, so that a flood of verdicts cannot buy this node's CPU.
+    pub replays_per_minute: u32,
 }
 
 impl Default for Config {
@@ -197,6 +203,8 @@ impl Default for ConsensusConfig {
             ban_threshold: 0.25,
             ban_duration_secs: 600,
             reputation_half_life_secs: 21_600,
+            audit_rate: 0.05,
+            replays_per_minute: 6,
         }
     }
 }
@@ -260,10 +268,16 @@ ban_threshold = 0.25
 ban_duration_secs = 600
 # Seconds after which a past outcome weighs half as much.
 reputation_half_life_secs = 21600
+# Fraction of finalized verdicts (for a served model) re-executed by replay, at low
+# priority; a refuted output becomes a gossiped fraud proof.
+audit_rate = 0.05
+# Replays at most per minute for one coordinator (or fraud-proof sender).
+replays_per_minute = 6
 
 # Deliberate misbehaviour for testnets: "honest", "wrong_output", "never_reveal",
-# "copy_commit" or "equivocate". Anything but "honest" is refused unless the node is
-# started with --unsafe-allow-faults.
+# "copy_commit", "equivocate" or "byzantine_coordinator" (forged absences, dropped
+# commits, re-announcements, two verdicts for one attempt). Anything but "honest" is
+# refused unless the node is started with --unsafe-allow-faults.
 [testing]
 behaviour = "honest"
 "#;
@@ -393,6 +407,9 @@ impl Config {
         }
         if c.reputation_half_life_secs == 0 {
             return bad("consensus.reputation_half_life_secs", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&c.audit_rate) {
+            return bad("consensus.audit_rate", format!("{} is outside [0, 1]", c.audit_rate));
         }
         if c.max_escalations > 8 {
             return bad("consensus.max_escalations", format!("{} is more than 8", c.max_escalations));

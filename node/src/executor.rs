@@ -28,10 +28,18 @@ pub struct Job {
     pub done: oneshot::Sender<Result<Generation, String>>,
 }
 
+/// Other CPU-bound work that shares the inference threads (replays).
+pub type Call = Box<dyn FnOnce() + Send>;
+
+enum Work {
+    Generate(Job),
+    Call(Call),
+}
+
 struct Queued {
     priority: u64,
     seq: u64,
-    job: Job,
+    job: Work,
 }
 
 impl PartialEq for Queued {
@@ -111,6 +119,16 @@ impl Executor {
 
     /// Queue a job, or refuse it at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.enqueue(job.priority, Work::Generate(job))
+    }
+
+    /// Queue other work for the inference threads at `priority` (a replay runs at 0,
+    /// behind every paid task), or refuse it at once when the queue is full.
+    pub fn submit_call(&self, priority: u64, call: Call) -> Result<(), SubmitError> {
+        self.enqueue(priority, Work::Call(call))
+    }
+
+    fn enqueue(&self, priority: u64, job: Work) -> Result<(), SubmitError> {
         let mut g = self.lock();
         if g.closed {
             return Err(SubmitError::Closed);
@@ -120,7 +138,7 @@ impl Executor {
         }
         g.seq += 1;
         let seq = g.seq;
-        g.heap.push(Queued { priority: job.priority, seq, job });
+        g.heap.push(Queued { priority, seq, job });
         drop(g);
         self.inner.1.notify_one();
         Ok(())
@@ -160,6 +178,14 @@ impl Executor {
                 }
             };
             self.running.fetch_add(1, Ordering::Relaxed);
+            let job = match job {
+                Work::Generate(job) => job,
+                Work::Call(call) => {
+                    call();
+                    self.running.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
             let stopping = self.stopping.clone();
             let stream = job.stream;
             let mut on_token = |id: u32, text: &str| {
@@ -190,7 +216,9 @@ impl Executor {
             g.heap.drain().collect()
         };
         for q in drained {
-            let _ = q.job.done.send(Err("the node is shutting down".into()));
+            if let Work::Generate(job) = q.job {
+                let _ = job.done.send(Err("the node is shutting down".into()));
+            }
         }
         self.inner.1.notify_all();
         let deadline = std::time::Instant::now() + grace;
@@ -214,14 +242,14 @@ mod tests {
         let q = |priority, seq| Queued {
             priority,
             seq,
-            job: Job {
+            job: Work::Generate(Job {
                 priority,
                 engine: dummy_engine(),
                 prompt: vec![],
                 params: SamplingParams::default(),
                 stream: None,
                 done: oneshot::channel().0,
-            },
+            }),
         };
         let mut heap = BinaryHeap::new();
         for (p, s) in [(1, 1), (5, 2), (1, 3), (5, 4)] {

@@ -2,6 +2,7 @@
 //! the model runtime, the mesh and the HTTP API together.
 
 pub mod api;
+pub mod audit;
 pub mod backend;
 pub mod config;
 pub mod executor;

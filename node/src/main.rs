@@ -80,6 +80,15 @@ enum Command {
         file: std::path::PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also re-execute the task: replay each member's revealed output on the model.
+        #[arg(long, requires = "model")]
+        replay: bool,
+        /// The model file the task ran (its id must match the task's).
+        #[arg(long)]
+        model: Option<std::path::PathBuf>,
+        /// CPU threads for the replay (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
     /// Start a local testnet of real node processes.
     Testnet(cmd_testnet::TestnetArgs),
@@ -163,7 +172,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Model { cmd } => cmd_model::run(cmd)?,
         Command::Bench(args) => cmd_model::bench(args)?,
-        Command::Verify { file, json } => cmd_verify::run(&file, json)?,
+        Command::Verify { file, json, replay, model, threads } => {
+            cmd_verify::run(&file, json, model.as_deref().filter(|_| replay), threads)?
+        }
         Command::Testnet(args) => cmd_testnet::run(args)?,
         Command::Keys { action: KeysAction::Generate { cfg, force } } => {
             let config = cfg.load(Vec::new())?;

@@ -31,6 +31,14 @@ pub struct ScoreBucket {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplayLabels {
+    /// audit, contested or fraud_proof.
+    pub reason: String,
+    /// upheld, refuted, skipped (rate limit or queue), or failed.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
     pub backend: String,
     pub device: String,
@@ -52,6 +60,15 @@ pub struct NodeMetrics {
     pub device_info: Family<DeviceLabels, Gauge>,
     pub device_memory_total_bytes: Gauge,
     pub device_memory_free_bytes: Gauge,
+    pub replays: Family<ReplayLabels, Counter>,
+    pub fraud_proofs_sent: Counter,
+    pub coordinator_equivocations: Counter,
+}
+
+impl NodeMetrics {
+    pub fn replay(&self, reason: &str, result: &str) {
+        self.replays.get_or_create(&ReplayLabels { reason: reason.into(), result: result.into() }).inc();
+    }
 }
 
 impl NodeMetrics {
@@ -84,6 +101,9 @@ impl NodeMetrics {
             device_info: Family::default(),
             device_memory_total_bytes: Gauge::default(),
             device_memory_free_bytes: Gauge::default(),
+            replays: Family::default(),
+            fraud_proofs_sent: Counter::default(),
+            coordinator_equivocations: Counter::default(),
         };
         let r = root.sub_registry_with_prefix("sampo");
         r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
@@ -121,6 +141,13 @@ impl NodeMetrics {
             "device_memory_free_bytes",
             "Accelerator memory free now (0 on the CPU backend)",
             m.device_memory_free_bytes.clone(),
+        );
+        r.register("replays", "Replays of verdicts by why they ran and what they found", m.replays.clone());
+        r.register("fraud_proofs_sent", "Fraud proofs this node published", m.fraud_proofs_sent.clone());
+        r.register(
+            "coordinator_equivocations",
+            "Second, different verdicts for an applied attempt (the coordinator is banned)",
+            m.coordinator_equivocations.clone(),
         );
         m
     }

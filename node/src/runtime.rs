@@ -8,15 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sampo_consensus::{
-    Action, Candidate, Consensus, Mark, ModelRef, NodeAnnouncement, Outcome, PeerId, ReputationParams, RoundError,
-    SignedEnvelope, TaskId, TaskSpec, Topic,
+    Action, Candidate, Commit, Consensus, DeclineReason, FraudProof, Mark, MessageKind, ModelRef, NodeAnnouncement,
+    Outcome, PeerId, ReputationParams, RoundError, SignedEnvelope, TaskId, TaskSpec, Topic, VerifiedVerdict, assess,
+    committee_size, judge, needs_replay,
 };
 use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, P2pEvent, P2pHandle};
-use sampo_storage::Store;
+use sampo_storage::{Applied, Effects, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::audit::{ReplayBudget, ReplayOutcome, ReplayReason, replay_verdict};
 use crate::executor::{Executor, Job};
 use crate::metrics::NodeMetrics;
 use crate::models::Models;
@@ -42,7 +44,7 @@ pub struct TaskState {
 
 impl TaskState {
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "finalized" | "disputed")
+        matches!(self.status.as_str(), "finalized" | "disputed" | "overturned")
     }
 }
 
@@ -116,8 +118,35 @@ impl TaskBoard {
 }
 
 pub enum LoopCmd {
-    Submit { spec: Box<TaskSpec>, max_price: Option<u64>, reply: oneshot::Sender<Result<TaskId, RoundError>> },
-    Executed { task: TaskId, attempt: u8, tokens: Result<Vec<u32>, String> },
+    Submit {
+        spec: Box<TaskSpec>,
+        max_price: Option<u64>,
+        reply: oneshot::Sender<Result<TaskId, RoundError>>,
+    },
+    Executed {
+        task: TaskId,
+        attempt: u8,
+        tokens: Result<Vec<u32>, String>,
+    },
+    /// A seat this node committed to before: commit to the stored output again.
+    Resume {
+        task: TaskId,
+        attempt: u8,
+        tokens: Vec<u32>,
+    },
+    /// Refuse a seat, signed, with a checkable reason.
+    Decline {
+        task: TaskId,
+        attempt: u8,
+        reason: DeclineReason,
+    },
+    /// A replay of a verdict's outputs finished (`proof`: the fraud proof it checked).
+    Replayed {
+        verdict: Box<VerifiedVerdict>,
+        reason: ReplayReason,
+        proof: Option<SignedEnvelope>,
+        outcome: Result<ReplayOutcome, String>,
+    },
 }
 
 /// Everything the loop needs.
@@ -136,6 +165,9 @@ pub struct LoopParts {
     pub announcement: NodeAnnouncement,
     pub announce_interval: Duration,
     pub max_tokens_per_task: u32,
+    /// Fraction of finalized verdicts audited by replay.
+    pub audit_rate: f64,
+    pub replay_budget: ReplayBudget,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -179,6 +211,10 @@ pub async fn run(mut p: LoopParts) {
             ev = p.p2p_events.recv() => match ev {
                 None => break,
                 Some(P2pEvent::Message { envelope, from }) => match p.consensus.handle(&envelope, now_ms()) {
+                    Ok(a) if envelope.kind() == MessageKind::FraudProof => {
+                        check_fraud_proof(&mut p, &envelope).await;
+                        a
+                    }
                     Ok(a) => a,
                     Err(e) => {
                         debug!(%from, error = %e, "protocol message refused");
@@ -215,9 +251,17 @@ pub async fn run(mut p: LoopParts) {
                     }
                 }
                 Some(LoopCmd::Executed { task, attempt, tokens }) => match tokens {
-                    Ok(tokens) => p.consensus.executed(task, attempt, tokens, rand::random(), now_ms()),
+                    Ok(tokens) => p.consensus.executed(task, attempt, tokens, now_ms()),
                     Err(e) => { warn!(%task, error = %e, "inference failed; the seat stays empty"); Vec::new() }
                 },
+                Some(LoopCmd::Resume { task, attempt, tokens }) => p.consensus.resume(task, attempt, tokens, now_ms()),
+                Some(LoopCmd::Decline { task, attempt, reason }) => {
+                    info!(%task, ?reason, "declining a seat");
+                    p.consensus.decline(task, attempt, reason, now_ms())
+                }
+                Some(LoopCmd::Replayed { verdict, reason, proof, outcome }) => {
+                    replayed(&mut p, *verdict, reason, proof, outcome).await
+                }
             },
             _ = tick.tick() => {
                 p.metrics.queue_depth.set(p.executor.queued() as i64);
@@ -234,7 +278,24 @@ pub async fn run(mut p: LoopParts) {
                 Vec::new()
             }
         };
+        // A commit that could not be stored is not published: answering a re-announcement
+        // with the same commit after a restart depends on it.
+        let mut unstored: Option<(TaskId, u8)> = None;
         for action in actions {
+            if let (Some((t, a)), Action::Publish { envelope, .. }) = (unstored, &action)
+                && envelope.open::<Commit>().is_ok_and(|c| c.task == t && c.attempt == a)
+            {
+                continue;
+            }
+            if let Action::StoreCommit { task, attempt, tokens } = &action {
+                let (store, (t, a), tokens) = (p.store.clone(), (*task, *attempt), tokens.clone());
+                let stored = tokio::task::spawn_blocking(move || store.store_commit(&t, a, &tokens, now_ms())).await;
+                if !matches!(stored, Ok(Ok(()))) {
+                    warn!(task = %t, "could not store a commit; not publishing it");
+                    unstored = Some((t, a));
+                }
+                continue;
+            }
             act(&mut p, action, me, &mut started).await;
         }
     }
@@ -274,14 +335,38 @@ fn refresh_reputation_gauges(store: &Store, rp: &ReputationParams, m: &NodeMetri
 async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMap<TaskId, Instant>) {
     match action {
         Action::Publish { topic, envelope } => publish(&p.p2p, topic, envelope).await,
+        // Stored by the loop before the commit it precedes is published.
+        Action::StoreCommit { .. } => {}
         Action::Execute { task, attempt, spec, .. } => {
+            let decline = |reason| {
+                let tx = p.self_tx.clone();
+                // The loop is this function's caller: hand the decline back through it.
+                tokio::spawn(async move {
+                    let _ = tx.send(LoopCmd::Decline { task, attempt, reason }).await;
+                });
+            };
             let Some(model) = p.models.by_id(&spec.model).cloned() else {
                 debug!(%task, "seated for a model we do not serve");
                 return;
             };
+            // Seated before (re-announced, or before a restart): the same commit again.
+            let store = p.store.clone();
+            if let Ok(Ok(Some(stored))) = tokio::task::spawn_blocking(move || store.stored_commit(&task, attempt)).await
+            {
+                let tx = p.self_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(LoopCmd::Resume { task, attempt, tokens: stored.tokens }).await;
+                });
+                return;
+            }
+            let price = DeclineReason::Price { price_per_1k: model.price_per_1k };
+            if price.holds_for(&spec, committee_size(spec.k, attempt)) {
+                decline(price);
+                return;
+            }
             if spec.params.max_tokens > p.max_tokens_per_task {
                 p.metrics.queue_rejections.inc();
-                warn!(%task, "declining a seat: max_tokens above this node's limit");
+                decline(DeclineReason::MaxTokens { limit: p.max_tokens_per_task });
                 return;
             }
             let prompt = match model.prompt_tokens(&spec.prompt) {
@@ -291,6 +376,11 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                     return;
                 }
             };
+            let ctx = model.context_length();
+            if prompt.len() + spec.params.max_tokens as usize > ctx {
+                decline(DeclineReason::Context { limit: u32::try_from(ctx).unwrap_or(u32::MAX) });
+                return;
+            }
             let (done, rx) = oneshot::channel();
             let job = Job {
                 priority: spec.fee,
@@ -303,6 +393,7 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             if let Err(e) = p.executor.submit(job) {
                 p.metrics.queue_rejections.inc();
                 warn!(%task, error = %e, "declining a seat");
+                decline(DeclineReason::Full);
                 return;
             }
             let tx = p.self_tx.clone();
@@ -327,14 +418,28 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             } else {
                 "observer"
             };
+            // Only what the trust model allows this node to conclude is applied now.
+            let assessment = assess(&v, &me);
+            let effects = Effects::from(&assessment);
             let store = p.store.clone();
             let rp = p.reputation.clone();
             let vv = v.clone();
-            let applied = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, now_ms(), &rp)).await;
+            let applied = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, &effects, now_ms(), &rp)).await;
             match applied {
-                Ok(Ok(_)) => {}
+                Ok(Ok(Applied::New)) => {}
+                Ok(Ok(Applied::AlreadyApplied)) => return,
+                Ok(Ok(Applied::CoordinatorEquivocation)) => {
+                    p.metrics.coordinator_equivocations.inc();
+                    warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
+                    return;
+                }
                 Ok(Err(e)) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
                 Err(e) => warn!(error = %e, "verdict writer panicked"),
+            }
+            if needs_replay(&v, &assessment, p.audit_rate, rand::random::<f64>()) {
+                let reason =
+                    if assessment.contested.is_empty() { ReplayReason::Audit } else { ReplayReason::Contested };
+                schedule_replay(p, (*v).clone(), reason, None);
             }
             p.metrics
                 .tasks
@@ -377,6 +482,107 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             }
         }
     }
+}
+
+/// Queue a replay of `v` at the lowest priority, within the budget of the peer that
+/// caused it (the verdict's coordinator, or the fraud proof's sender).
+fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, proof: Option<SignedEnvelope>) {
+    let Some(model) = p.models.by_id(&v.spec.model).cloned() else { return };
+    let payer = proof.as_ref().map_or(v.coordinator, |e| e.signer());
+    if !p.replay_budget.take(payer, now_ms()) {
+        p.metrics.replay(reason.as_str(), "skipped");
+        return;
+    }
+    let tx = p.self_tx.clone();
+    let call = Box::new(move || {
+        let outcome = replay_verdict(&model, &v);
+        // The loop may be gone at shutdown; the replay is then moot.
+        let _ = tx.blocking_send(LoopCmd::Replayed { verdict: Box::new(v), reason, proof, outcome });
+    });
+    if p.executor.submit_call(0, call).is_err() {
+        p.metrics.replay(reason.as_str(), "skipped");
+    }
+}
+
+/// A fraud proof from the network: checked by this node's own replay before anything.
+async fn check_fraud_proof(p: &mut LoopParts, env: &SignedEnvelope) {
+    let Ok(proof) = env.open::<FraudProof>() else { return };
+    let store = p.store.clone();
+    let (task, attempt) = (proof.task, proof.attempt);
+    let found = tokio::task::spawn_blocking(move || {
+        let done = store.replay_record(&task, attempt).ok().flatten().is_some();
+        (done, store.verdict_of(&task, attempt).ok().flatten())
+    })
+    .await;
+    let Ok((false, Some(record))) = found else { return };
+    if record.verdict.id() != proof.verdict {
+        debug!(%task, "fraud proof names a verdict this node did not apply");
+        return;
+    }
+    let Ok(v) = sampo_consensus::verify(&record.verdict) else { return };
+    schedule_replay(p, v, ReplayReason::FraudProof, Some(env.clone()));
+}
+
+/// A replay finished: record what it settled; a refuted finalized output is overturned
+/// and, unless this replay checked someone else's proof, proven to everyone.
+async fn replayed(
+    p: &mut LoopParts,
+    v: VerifiedVerdict,
+    reason: ReplayReason,
+    proof: Option<SignedEnvelope>,
+    outcome: Result<ReplayOutcome, String>,
+) -> Vec<Action> {
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            p.metrics.replay(reason.as_str(), "failed");
+            warn!(task = %v.task(), error = %e, "replay failed; nothing concluded");
+            return Vec::new();
+        }
+    };
+    let j = judge(&v, &|o| outcome.produced.get(o).copied());
+    p.metrics.replay(reason.as_str(), if j.overturned { "refuted" } else { "upheld" });
+    let position = outcome.winner_divergence.as_ref().map_or(0, |d| d.position as u32);
+    let mut actions = Vec::new();
+    let proof = match (j.overturned, proof) {
+        (true, Some(theirs)) => Some(theirs),
+        (true, None) => {
+            let msg = FraudProof {
+                task: v.task(),
+                attempt: v.verdict.attempt,
+                verdict: v.envelope.id(),
+                position,
+                expected: outcome.winner_divergence.as_ref().and_then(|d| d.expected),
+            };
+            match p.consensus.sign(&msg) {
+                Some(env) => {
+                    p.metrics.fraud_proofs_sent.inc();
+                    actions.push(Action::Publish { topic: Topic::Rounds, envelope: env.clone() });
+                    Some(env)
+                }
+                None => None,
+            }
+        }
+        (false, theirs) => {
+            if theirs.is_some() {
+                info!(task = %v.task(), "a fraud proof did not hold up: the model produces the output");
+            }
+            None
+        }
+    };
+    let store = p.store.clone();
+    let rp = p.reputation.clone();
+    let (vv, jj, pp) = (v.clone(), j.clone(), proof.clone());
+    let applied =
+        tokio::task::spawn_blocking(move || store.apply_replay(&vv, &jj, pp.as_ref(), position, now_ms(), &rp)).await;
+    if !matches!(applied, Ok(Ok(_))) {
+        warn!(task = %v.task(), "could not store a replay's conclusions");
+    }
+    if j.overturned {
+        warn!(task = %v.task(), liars = j.liars.len(), position, "finalized output refuted by replay: overturned");
+        p.board.update(v.task(), |s| s.status = "overturned".into());
+    }
+    actions
 }
 
 async fn publish(p2p: &P2pHandle, topic: Topic, envelope: SignedEnvelope) {

@@ -183,6 +183,8 @@ pub async fn run_with(
             announcement,
             announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
             max_tokens_per_task: cfg.execution.max_tokens_per_task,
+            audit_rate: c.audit_rate,
+            replay_budget: crate::audit::ReplayBudget::new(c.replays_per_minute),
             shutdown: stop_rx,
         })
         .instrument(info_span!("event-loop")),

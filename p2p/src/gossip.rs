@@ -48,6 +48,8 @@ pub fn max_bytes(kind: MessageKind) -> usize {
         MessageKind::RevealRequest => 16 * 1024,
         MessageKind::Reveal => 24 * 1024,
         MessageKind::Verdict => sampo_consensus::MAX_ENVELOPE_BYTES,
+        MessageKind::Decline => 1024,
+        MessageKind::FraudProof => 1024,
     }
 }
 

@@ -38,6 +38,11 @@ pub struct TestnetConfig {
     pub byzantine: usize,
     /// The `absent` nodes before them commit but never reveal.
     pub absent: usize,
+    /// The `byzantine_coordinators` nodes before those attack others' standing when they
+    /// coordinate (forged absences, dropped commits, re-announcements, two verdicts).
+    pub byzantine_coordinators: usize,
+    /// Fraction of finalized verdicts each node audits by replay.
+    pub audit_rate: f64,
     pub dir: PathBuf,
     /// The `sampo` binary to run.
     pub sampo: PathBuf,
@@ -53,6 +58,8 @@ impl TestnetConfig {
             model,
             byzantine: 0,
             absent: 0,
+            byzantine_coordinators: 0,
+            audit_rate: 0.05,
             dir,
             sampo,
             k: 3,
@@ -147,7 +154,7 @@ impl Testnet {
         if cfg.nodes == 0 {
             return Err(TestnetError::Invalid("a testnet needs at least one node".into()));
         }
-        if cfg.byzantine + cfg.absent >= cfg.nodes {
+        if cfg.byzantine + cfg.absent + cfg.byzantine_coordinators >= cfg.nodes {
             return Err(TestnetError::Invalid("at least one node must be honest".into()));
         }
         std::fs::create_dir_all(&cfg.dir).map_err(io(cfg.dir.display().to_string()))?;
@@ -167,6 +174,8 @@ impl Testnet {
             "byzantine"
         } else if i >= n - self.cfg.byzantine - self.cfg.absent {
             "absent"
+        } else if i >= n - self.cfg.byzantine - self.cfg.absent - self.cfg.byzantine_coordinators {
+            "byz-coord"
         } else {
             "honest"
         }
@@ -179,15 +188,17 @@ impl Testnet {
         let behaviour = match role {
             "byzantine" => "wrong_output",
             "absent" => "never_reveal",
+            "byz-coord" => "byzantine_coordinator",
             _ => "honest",
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\n\n[testing]\nbehaviour = \"{behaviour}\"\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
             r = self.cfg.reveal_timeout_ms,
+            audit = self.cfg.audit_rate,
         );
         std::fs::write(&config, text).map_err(io(config.display().to_string()))?;
         self.launch(i, dir, config, role, bootstrap)
