@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::math::{dot_f32, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
-use crate::quant::{Q8Act, QK, dequantize_row, dot_row, quantize_act};
+use crate::quant::{Q8Act, QK, RowPrep, act_scales, dequantize_row, dot_row, dot_rows, quantize_act, scales_stride};
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
 /// backend) and how many tokens it holds.
@@ -48,10 +48,13 @@ impl Sequence {
     }
 }
 
-/// Activations in both forms a matrix product may need.
+/// Activations in both forms a matrix product may need, and the quantized form's
+/// block scales laid out for [`dot_rows`] when there are several rows.
 struct Act {
     f: Vec<f32>,
     q: Vec<Q8Act>,
+    d: Vec<f32>,
+    s: Vec<f32>,
     cols: usize,
 }
 
@@ -59,7 +62,11 @@ impl Act {
     fn new(f: Vec<f32>, cols: usize) -> Self {
         let mut q = Vec::new();
         quantize_act(&f, &mut q);
-        Self { f, q, cols }
+        let (mut d, mut s) = (Vec::new(), Vec::new());
+        if f.len() / cols >= BATCHED_MIN_ROWS {
+            act_scales(&q, cols / QK, &mut d, &mut s);
+        }
+        Self { f, q, d, s, cols }
     }
     fn rows(&self) -> usize {
         self.f.len() / self.cols
@@ -84,6 +91,15 @@ impl OutPtr {
 /// large enough that scheduling is noise.
 const ROWS_PER_TASK: usize = 32;
 
+/// From this many activation rows on, a quantized weight row is unpacked once and
+/// dotted with all of them ([`dot_rows`]); a decode step (one row) reads it directly.
+/// Either way the bits are the same.
+const BATCHED_MIN_ROWS: usize = 2;
+
+/// Activation rows per tile of a batched product: a tile's quantized activations stay
+/// in cache while a task's weight rows pass over them.
+const ROW_TILE: usize = 64;
+
 /// `out_m[r * w.rows + o] = W_m[o] · x[r]` for several matrices sharing one input,
 /// in one parallel region.
 fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
@@ -102,23 +118,42 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
         }
     }
     let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
-    tasks.par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, &(j, lo, hi, ptr)| {
-        let w = mats[j];
-        for o in lo..hi {
-            let row = w.row(bytes, o);
-            for r in 0..n {
-                let v = if w.ty.block_len() == QK {
-                    dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
-                } else {
-                    scratch.resize(w.cols, 0.0);
-                    dequantize_row(w.ty, row, scratch);
-                    dot_f32(scratch, &x.f[r * x.cols..(r + 1) * x.cols])
-                };
-                // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
-                unsafe { *ptr.get().add(r * w.rows + o) = v };
+    let stride = scales_stride(nb);
+    tasks.par_iter().for_each_init(
+        || (Vec::new(), RowPrep::default(), Vec::new()),
+        |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
+            let w = mats[j];
+            if w.ty.block_len() == QK && n >= BATCHED_MIN_ROWS {
+                for r0 in (0..n).step_by(ROW_TILE) {
+                    let r1 = (r0 + ROW_TILE).min(n);
+                    tile.resize(r1 - r0, 0.0);
+                    let (xd, xs) = (&x.d[r0 * stride..r1 * stride], &x.s[r0 * stride..r1 * stride]);
+                    for o in lo..hi {
+                        dot_rows(w.ty, w.row(bytes, o), &x.q[r0 * nb..r1 * nb], xd, xs, prep, tile);
+                        for (r, &v) in (r0..r1).zip(tile.iter()) {
+                            // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
+                            unsafe { *ptr.get().add(r * w.rows + o) = v };
+                        }
+                    }
+                }
+                return;
             }
-        }
-    });
+            for o in lo..hi {
+                let row = w.row(bytes, o);
+                for r in 0..n {
+                    let v = if w.ty.block_len() == QK {
+                        dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
+                    } else {
+                        scratch.resize(w.cols, 0.0);
+                        dequantize_row(w.ty, row, scratch);
+                        dot_f32(scratch, &x.f[r * x.cols..(r + 1) * x.cols])
+                    };
+                    // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
+                    unsafe { *ptr.get().add(r * w.rows + o) = v };
+                }
+            }
+        },
+    );
 }
 
 /// Rotate pairs `(x[2i], x[2i+1])` of each head by the table's angle for `pos`.
@@ -168,6 +203,24 @@ pub(crate) fn plan_rows(model: &Model, batch: &[BatchItem<'_>]) -> Result<Vec<(u
 /// Run the tokens of every item through the model, appending to each sequence's
 /// cache; returns the logits after the last token of each item.
 pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    forward_rows(model, batch, Head::LastOfEachItem)
+}
+
+/// Run `tokens` through the model after what `seq` holds, appending to its cache;
+/// returns the logits after every token, in order (teacher forcing, for replay). Each
+/// row's logits are the bits a one-token decode step at that position gives.
+pub fn forward_all(model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+    forward_rows(model, &mut [BatchItem { seq, tokens }], Head::EveryRow)
+}
+
+/// Which rows the output norm and head run for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    LastOfEachItem,
+    EveryRow,
+}
+
+fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Result<Vec<Vec<f32>>, ModelError> {
     let hp = &model.hp;
     let (d, kvd, hd) = (hp.n_embd, hp.kv_dim(), hp.head_dim);
     let bytes = model.bytes();
@@ -248,18 +301,25 @@ pub fn forward(model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32
             *xi += di;
         }
     }
-    // Logits for each item's last row only.
-    let mut last = Vec::with_capacity(batch.len());
-    let mut r0 = 0;
+    // The head is the costliest matrix for a large vocabulary: run it only where asked.
+    let head_rows: Vec<usize> = match head {
+        Head::EveryRow => (0..n).collect(),
+        Head::LastOfEachItem => batch
+            .iter()
+            .scan(0, |r0, it| {
+                *r0 += it.tokens.len();
+                Some(*r0 - 1)
+            })
+            .collect(),
+    };
     for it in batch.iter_mut() {
-        let r = r0 + it.tokens.len() - 1;
-        r0 += it.tokens.len();
-        let mut h = vec![0.0f32; d];
-        rms_norm(&x[r * d..(r + 1) * d], &model.output_norm, hp.rms_eps, &mut h);
-        last.extend_from_slice(&h);
         it.seq.pos += it.tokens.len();
     }
-    let act = Act::new(last, d);
+    let mut h = vec![0.0f32; head_rows.len() * d];
+    for (hr, &r) in h.chunks_exact_mut(d).zip(&head_rows) {
+        rms_norm(&x[r * d..(r + 1) * d], &model.output_norm, hp.rms_eps, hr);
+    }
+    let act = Act::new(h, d);
     let mut logits = Vec::new();
     matmul_many(bytes, &act, &mut [(&model.output, &mut logits)]);
     Ok(logits.chunks_exact(hp.n_vocab).map(<[f32]>::to_vec).collect())

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod math;
 pub mod model;
 pub mod quant;
+pub mod replay;
 pub mod sampling;
 pub mod synth;
 pub mod tokenizer;
@@ -23,6 +24,7 @@ use std::time::Instant;
 pub use chat::ChatMessage;
 pub use cpu::{BatchItem, Sequence};
 pub use model::{Hparams, Model, ModelError};
+pub use replay::{Divergence, Replay};
 pub use sampling::SamplingParams;
 pub use tokenizer::{StreamDecoder, Tokenizer};
 
@@ -72,6 +74,24 @@ pub trait Backend: Send + Sync {
     }
     /// Run `batch` through `model`; logits after each item's last token.
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Run `tokens` through `model` after what `seq` holds, appending to its cache;
+    /// logits after every token, each the bits a one-token decode step gives there
+    /// (replay teacher-forces a revealed output with this).
+    ///
+    /// This default feeds one token at a time, which is right on any backend but pays a
+    /// decode step per token; a backend overrides it with one batched pass.
+    fn forward_all(&self, model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        // Refuse bad input before the cache grows, as a one-pass backend does.
+        cpu::plan_rows(model, &[BatchItem { seq: &mut *seq, tokens }])?;
+        tokens
+            .iter()
+            .map(|t| {
+                let mut out =
+                    self.forward(model, &mut [BatchItem { seq: &mut *seq, tokens: std::slice::from_ref(t) }])?;
+                out.pop().ok_or_else(|| ModelError::Device("the backend returned no logits for a token".into()))
+            })
+            .collect()
+    }
 }
 
 /// The CPU backend on its own thread pool.
@@ -110,6 +130,10 @@ impl Backend for CpuBackend {
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         self.pool.install(|| cpu::forward(model, batch))
+    }
+
+    fn forward_all(&self, model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.pool.install(|| cpu::forward_all(model, seq, tokens))
     }
 }
 

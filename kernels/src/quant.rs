@@ -138,6 +138,73 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
     dot_row_scalar(ty, row, x)
 }
 
+/// Blocks per SIMD group: the padding unit of [`RowPrep`] and [`act_scales`].
+const GROUP: usize = 8;
+
+/// Entries per row of [`act_scales`]' output: `nb` rounded up to whole groups of 8.
+pub fn scales_stride(nb: usize) -> usize {
+    nb.div_ceil(GROUP) * GROUP
+}
+
+/// Each activation row's block scales `d` and sums `s` (`x` holds rows of `nb`
+/// blocks), every row padded with zeros to whole groups of 8 blocks: the layout
+/// [`dot_rows`] loads with one instruction per group.
+pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
+    let stride = scales_stride(nb);
+    let rows = x.len().checked_div(nb).unwrap_or(0);
+    d.clear();
+    s.clear();
+    d.resize(rows * stride, 0.0);
+    s.resize(rows * stride, 0.0);
+    for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+        for (b, xb) in xr.iter().enumerate() {
+            d[r * stride + b] = xb.d;
+            s[r * stride + b] = xb.s;
+        }
+    }
+}
+
+/// One quantized weight row unpacked for [`dot_rows`]: each block's 32 weights as
+/// bytes in activation order (their magnitudes too, for signed types), its scale and
+/// minimum widened to f32, padded with zero blocks to whole groups of 8. Done once per
+/// weight row, it saves every activation row the nibble unpacking and f16 widening.
+#[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub struct RowPrep {
+    w: Vec<[u8; QK]>,
+    abs: Vec<[u8; QK]>,
+    dw: Vec<f32>,
+    mw: Vec<f32>,
+}
+
+/// Canonical dots of one quantized weight row with several activation rows:
+/// `out[r] = dot_row(ty, row, x[r*nb..(r+1)*nb])` bit for bit, where `nb = x.len() /
+/// out.len()`; `xd`/`xs` come from [`act_scales`] for the same rows. The weight row is
+/// unpacked once for all rows (batched prefill and replay).
+pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &mut RowPrep, out: &mut [f32]) {
+    let n = out.len();
+    if n == 0 {
+        return;
+    }
+    let nb = x.len() / n;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        let stride = scales_stride(nb);
+        assert!(row.len() >= nb * ty.block_bytes(), "row of {} bytes for {nb} blocks", row.len());
+        assert!(xd.len() >= n * stride && xs.len() >= n * stride, "activation scales for {n} rows");
+        // SAFETY: AVX2 and F16C are present; the lengths read are asserted above.
+        unsafe {
+            x86::prepare_row_avx2(ty, row, nb, prep);
+            x86::dot_rows_avx2(ty, x, xd, xs, prep, out);
+        }
+        return;
+    }
+    let _ = (xd, xs, prep);
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_row_scalar(ty, row, &x[r * nb..(r + 1) * nb]);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
@@ -376,6 +443,137 @@ mod x86 {
         }
         butterfly(&mut l)
     }
+
+    /// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
+    ///
+    /// # Safety
+    /// `row` holds `nb` blocks of type `ty` (a 32-element quantized type).
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn prepare_row_avx2(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+        let stride = scales_stride(nb);
+        let bb = ty.block_bytes();
+        prep.w.resize(stride, [0; QK]);
+        prep.abs.resize(stride, [0; QK]);
+        prep.dw.resize(stride, 0.0);
+        prep.mw.resize(stride, 0.0);
+        // Padding is never summed (the partial group's lanes are blended out); zeroing it
+        // keeps stale blocks of a longer row from lingering.
+        for b in nb..stride {
+            (prep.w[b], prep.abs[b], prep.dw[b], prep.mw[b]) = ([0; QK], [0; QK], 0.0, 0.0);
+        }
+        let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            prep.dw[b] = widen(u16::from_le_bytes([blk[0], blk[1]]));
+            // SAFETY: the block holds the bytes read (caller's contract); the
+            // destinations are 32 bytes each.
+            unsafe {
+                let w = match ty {
+                    GgmlType::Q4_1 => {
+                        prep.mw[b] = widen(u16::from_le_bytes([blk[2], blk[3]]));
+                        nibbles16(blk.as_ptr().add(4))
+                    }
+                    GgmlType::Q4_0 => _mm256_sub_epi8(nibbles16(blk.as_ptr().add(2)), _mm256_set1_epi8(8)),
+                    _ => _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
+                };
+                _mm256_storeu_si256(prep.w[b].as_mut_ptr() as *mut __m256i, w);
+                _mm256_storeu_si256(prep.abs[b].as_mut_ptr() as *mut __m256i, _mm256_sign_epi8(w, w));
+            }
+        }
+    }
+
+    /// [`butterfly`] of 32 lanes held in 4 registers (lane `8k + i` in lane `i` of
+    /// register `k`): the same additions of the same pairs, several at a time.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn butterfly4(a: [__m256; 4]) -> f32 {
+        let s16a = _mm256_add_ps(a[0], a[2]); // off 16, lanes 0..8
+        let s16b = _mm256_add_ps(a[1], a[3]); // off 16, lanes 8..16
+        let s8 = _mm256_add_ps(s16a, s16b); // off 8
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1)); // off 4
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // off 2 (lanes 0, 1)
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // off 1
+    }
+
+    /// [`dot_row_avx2`]'s arithmetic for several activation rows against one prepared
+    /// weight row: the same integer sums, the same f32 operations per block in the same
+    /// order, the same lanes. The last, partial group is computed like a whole one and
+    /// only its own lanes are updated (a blend, not an add of zeros: no bit may change).
+    ///
+    /// # Safety
+    /// `prep` was filled for `nb = x.len() / out.len()` blocks; `xd`, `xs` hold
+    /// `out.len()` rows of `nb` rounded up to a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn dot_rows_avx2(
+        ty: GgmlType,
+        x: &[Q8Act],
+        xd: &[f32],
+        xs: &[f32],
+        prep: &RowPrep,
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let nb = x.len() / n;
+        let stride = scales_stride(nb);
+        let groups = stride / GROUP;
+        let rem = nb % GROUP;
+        let signed = ty != GgmlType::Q4_1;
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let partial = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rem as i32), lane));
+        let wp = prep.w.as_ptr() as *const __m256i;
+        let ap = prep.abs.as_ptr() as *const __m256i;
+        // The exact integer dot of block b as 8 partial i32.
+        let block = |b: usize, xb: &Q8Act| {
+            // SAFETY: b < nb <= prep's padded length; each entry is 32 bytes.
+            unsafe {
+                let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+                if signed {
+                    let w = _mm256_loadu_si256(wp.add(b));
+                    udot8(_mm256_loadu_si256(ap.add(b)), _mm256_sign_epi8(xv, w))
+                } else {
+                    udot8(_mm256_loadu_si256(wp.add(b)), xv)
+                }
+            }
+        };
+        for (r, o) in out.iter_mut().enumerate() {
+            let xr = &x[r * nb..(r + 1) * nb];
+            let (xd, xs) = (&xd[r * stride..(r + 1) * stride], &xs[r * stride..(r + 1) * stride]);
+            // Group g goes to register g % 4; rotating the four after each group keeps
+            // them in registers: the next one to take a group is always `acc[0]`.
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for g in 0..groups {
+                let b0 = g * GROUP;
+                let cnt = (nb - b0).min(GROUP);
+                let mut p = [_mm256_setzero_si256(); 8];
+                if cnt == GROUP {
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        *pk = block(b0 + k, &xr[b0 + k]);
+                    }
+                } else {
+                    for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                        *pk = block(b0 + k, &xr[b0 + k]);
+                    }
+                }
+                let isum = _mm256_cvtepi32_ps(hsum8(&p));
+                // SAFETY: b0 + 8 <= stride, the padded length of every array read.
+                let (dw, dx) =
+                    unsafe { (_mm256_loadu_ps(prep.dw.as_ptr().add(b0)), _mm256_loadu_ps(xd.as_ptr().add(b0))) };
+                let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+                if ty == GgmlType::Q4_1 {
+                    // SAFETY: as above.
+                    let (mw, sx) =
+                        unsafe { (_mm256_loadu_ps(prep.mw.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0))) };
+                    t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+                }
+                let sum = _mm256_add_ps(acc[0], t);
+                let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, partial) };
+                acc = [acc[1], acc[2], acc[3], next];
+            }
+            // Undo the rotation: register k must hold the groups with g % 4 == k.
+            let k = groups % 4;
+            *o = butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]]);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +602,43 @@ mod tests {
                 assert_eq!(dot_row(ty, &w, &xq).to_bits(), dot_row_scalar(ty, &w, &xq).to_bits(), "{ty} n={n}");
             }
         }
+    }
+
+    #[test]
+    fn batched_dots_match_scalar_bits_for_every_type_and_tail() {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            // Every remainder of blocks modulo the group of 8, fewer blocks than a group,
+            // and more groups than the 4 accumulators.
+            for nb in [1usize, 2, 7, 8, 9, 15, 18, 33, 48] {
+                let n = nb * QK;
+                let w = quantize_row(ty, &vals(n, 5));
+                for rows in [1usize, 2, 5] {
+                    let mut xq = Vec::new();
+                    quantize_act(&vals(n * rows, 6), &mut xq);
+                    // A zero block: exercises +0.0 terms in the lanes.
+                    xq[0] = Q8Act::default();
+                    let (mut d, mut s) = (Vec::new(), Vec::new());
+                    act_scales(&xq, nb, &mut d, &mut s);
+                    let mut out = vec![0.0; rows];
+                    dot_rows(ty, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+                    for (r, o) in out.iter().enumerate() {
+                        let want = dot_row_scalar(ty, &w, &xq[r * nb..(r + 1) * nb]);
+                        assert_eq!(o.to_bits(), want.to_bits(), "{ty} nb={nb} rows={rows} row {r}");
+                    }
+                }
+            }
+        }
+        // Extreme Q8_0 weights (-128 included) and activations.
+        let mut w = quantize_row(GgmlType::Q8_0, &vals(64, 7));
+        w[2] = 0x80;
+        w[36] = 0x80;
+        let mut xq = Vec::new();
+        quantize_act(&[vec![-1.0; 32], vec![1.0; 32]].concat(), &mut xq);
+        let (mut d, mut s) = (Vec::new(), Vec::new());
+        act_scales(&xq, 2, &mut d, &mut s);
+        let mut out = [0.0];
+        dot_rows(GgmlType::Q8_0, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+        assert_eq!(out[0].to_bits(), dot_row_scalar(GgmlType::Q8_0, &w, &xq).to_bits());
     }
 
     #[test]
