@@ -313,6 +313,12 @@ impl Consensus {
         self.me
     }
 
+    /// Sign a message with this node's key (fraud proofs, which the node publishes
+    /// outside any round); `None` only if it would not fit an envelope.
+    pub fn sign<M: crate::Message>(&self, m: &M) -> Option<SignedEnvelope> {
+        SignedEnvelope::seal(&self.key, m).ok()
+    }
+
     pub fn params(&self) -> &RoundParams {
         &self.params
     }

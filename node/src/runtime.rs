@@ -489,7 +489,8 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
 fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, proof: Option<SignedEnvelope>) {
     let Some(model) = p.models.by_id(&v.spec.model).cloned() else { return };
     let payer = proof.as_ref().map_or(v.coordinator, |e| e.signer());
-    if !p.replay_budget.take(payer, now_ms()) {
+    // This node's own rounds are work it chose to take on: no budget applies to them.
+    if payer != p.consensus.peer_id() && !p.replay_budget.take(payer, now_ms()) {
         p.metrics.replay(reason.as_str(), "skipped");
         return;
     }

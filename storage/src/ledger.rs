@@ -343,7 +343,13 @@ impl Store {
 
     /// The verdict envelopes stored for a task, by attempt.
     pub fn evidence(&self, task: &TaskId) -> Result<Vec<EvidenceRecord>, StorageError> {
-        Ok(self.iter_prefix::<EvidenceRecord>(&task.0.0)?.into_iter().map(|(_, r)| r).collect())
+        // Only (task, attempt) keys: a conflicting second verdict is kept under a longer key.
+        Ok(self
+            .iter_prefix::<EvidenceRecord>(&task.0.0)?
+            .into_iter()
+            .filter(|(k, _)| k.len() == task.0.0.len() + 1)
+            .map(|(_, r)| r)
+            .collect())
     }
 
     /// Every peer's reputation record.

@@ -101,7 +101,14 @@ fn a_byzantine_node_is_outvoted_marked_wrong_and_banned() {
     // Committees are sampled, so how often the liar sits varies (more so on a loaded
     // machine, where announcements arrive late): run tasks until it has been caught
     // twice, then ten more to see that it is never seated again.
+    let mut ban_seen = false;
     for i in 0..60 {
+        if wrong >= 2 && !ban_seen {
+            // Outvoted is not proof: the liar's wrong marks land once node 0's replay
+            // refutes its output, a moment after each verdict.
+            wait_banned(&net, 0, &liar);
+            ban_seen = true;
+        }
         if wrong >= 2 {
             tasks_after_ban += 1;
             if tasks_after_ban > 10 {
@@ -131,6 +138,147 @@ fn a_byzantine_node_is_outvoted_marked_wrong_and_banned() {
     let rep = me.expect("liar in registry")["reputation"].clone();
     assert_eq!(rep["banned"], true, "{rep}");
     assert_eq!(rep["agreed"].as_f64(), Some(0.0));
+}
+
+/// node `i`'s view of `peer`'s reputation (`Null` when it has none).
+fn reputation_of(net: &Testnet, i: usize, peer: &str) -> Value {
+    let v = get_json(&format!("{}/v1/peers", net.nodes[i].api_url)).unwrap_or(Value::Null);
+    v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["peer_id"] == peer)
+        .map(|p| p["reputation"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn wait_banned(net: &Testnet, i: usize, peer: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let rep = reputation_of(net, i, peer);
+        if rep["banned"] == true {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "node {i} never banned {peer}: {rep}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every honest node holds every honest node blameless.
+fn assert_honest_untouched(net: &Testnet) {
+    let honest: Vec<usize> = net.nodes.iter().filter(|n| n.role == "honest").map(|n| n.index).collect();
+    for &h in &honest {
+        for &q in &honest {
+            let rep = reputation_of(net, h, &net.nodes[q].peer_id);
+            if rep.is_null() {
+                continue;
+            }
+            assert!(
+                rep["wrong"].as_f64() == Some(0.0)
+                    && rep["absent"].as_f64() == Some(0.0)
+                    && rep["equivocations"] == 0
+                    && rep["banned"] == false,
+                "node {h} holds honest node {q} at {rep}"
+            );
+        }
+    }
+}
+
+/// A byzantine coordinator forges absences, drops a member's commit, re-announces a
+/// finished attempt to fish for a second commit and signs a second verdict: no honest
+/// node's standing falls anywhere, and every honest node bans the coordinator.
+#[test]
+fn a_byzantine_coordinator_harms_no_honest_node_and_is_banned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TestnetConfig::new(5, synthetic(tmp.path()), tmp.path().join("net"), sampo_bin());
+    cfg.byzantine_coordinators = 1;
+    cfg.commit_timeout_ms = 3_000;
+    cfg.reveal_timeout_ms = 2_000;
+    let net = Testnet::start(cfg).expect("testnet");
+    let liar = net.nodes.iter().find(|n| n.role == "byz-coord").expect("role").index;
+    for i in 0..2 {
+        let v = net.chat(liar, &format!("framing attempt {i}"), 8, 3).expect("chat");
+        assert_eq!(v["sampo"]["verdict"], "finalized", "{v}");
+    }
+    for n in net.nodes.iter().filter(|n| n.role == "honest") {
+        wait_banned(&net, n.index, &net.nodes[liar].peer_id);
+    }
+    assert_honest_untouched(&net);
+    let (_, metrics) = http("GET", &format!("{}/metrics", net.nodes[0].api_url), None, Duration::from_secs(10))
+        .expect("metrics");
+    let seen = metrics
+        .lines()
+        .find(|l| l.starts_with("sampo_coordinator_equivocations_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(seen.is_some_and(|n| n >= 1.0), "{seen:?}");
+}
+
+/// Two colluders of a k = 3 committee reveal the same wrong output, so it finalizes:
+/// every honest node's replay refutes it, the task shows as overturned, both liars are
+/// banned everywhere, and `sampo verify --replay` on the saved bundle names them and the
+/// position where their output leaves the model's.
+#[test]
+fn a_colluding_majority_is_overturned_by_replay() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synthetic(tmp.path());
+    let mut cfg = TestnetConfig::new(4, model.clone(), tmp.path().join("net"), sampo_bin());
+    cfg.byzantine = 2;
+    cfg.commit_timeout_ms = 10_000;
+    cfg.reveal_timeout_ms = 5_000;
+    let net = Testnet::start(cfg).expect("testnet");
+    let liars: Vec<String> = net.nodes.iter().filter(|n| n.role == "byzantine").map(|n| n.peer_id.clone()).collect();
+    let task = (0..40)
+        .find_map(|i| {
+            let v = net.chat(0, &format!("collusion {i}"), 8, 3).expect("chat");
+            let m = marks(&v);
+            let seated = m.iter().filter(|(p, mark)| liars.contains(p) && mark == "agreed").count();
+            (v["sampo"]["verdict"] == "finalized" && seated == 2)
+                .then(|| v["sampo"]["task_id"].as_str().expect("task").to_owned())
+        })
+        .expect("the colluders sat together within 40 tasks");
+    for n in net.nodes.iter().filter(|n| n.role == "honest") {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let st = get_json(&format!("{}/v1/tasks/{task}", n.api_url)).unwrap_or(Value::Null);
+            if st["task"]["status"] == "overturned" {
+                assert_eq!(st["overturned"]["first_divergent_position"], 7, "{st}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {} never overturned: {st}", n.index);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for l in &liars {
+            wait_banned(&net, n.index, l);
+        }
+    }
+    assert_honest_untouched(&net);
+
+    let url = format!("{}/v1/tasks/{task}/evidence", net.nodes[0].api_url);
+    let (status, bundle) = http("GET", &url, None, Duration::from_secs(10)).expect("evidence");
+    assert_eq!(status, 200);
+    let file = tmp.path().join("bundle.json");
+    std::fs::write(&file, &bundle).expect("write");
+    let out = Command::new(sampo_bin())
+        .args(["verify", "--json", "--replay", "--model"])
+        .arg(&model)
+        .arg(&file)
+        .output()
+        .expect("verify");
+    assert!(!out.status.success(), "a refuted output fails the check");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["overturned"], true, "{report}");
+    for l in &liars {
+        assert_eq!(report["replay"][l]["produced_by_model"], false, "{report}");
+        assert_eq!(report["replay"][l]["divergence"]["position"], 7, "{report}");
+    }
+    let honest_member = report["replay"]
+        .as_object()
+        .expect("replay")
+        .iter()
+        .find(|(p, _)| !liars.contains(p))
+        .expect("the honest member");
+    assert_eq!(honest_member.1["produced_by_model"], true, "{report}");
 }
 
 fn peers_view(net: &Testnet, i: usize) -> Vec<(String, f64, u64)> {
