@@ -51,10 +51,14 @@ pub fn assess(v: &VerifiedVerdict, me: &PeerId) -> Assessment {
     a
 }
 
-/// Whether a verdict needs this node's replay before all of it can be applied: it
-/// contests someone, or it is picked for a random audit (`audit_draw` uniform in [0, 1)).
-pub fn needs_replay(v: &VerifiedVerdict, a: &Assessment, audit_rate: f64, audit_draw: f64) -> bool {
-    matches!(v.verdict.outcome, Outcome::Finalized { .. }) && (!a.contested.is_empty() || audit_draw < audit_rate)
+/// Whether node `me` replays a verdict: it contests someone and `me` took part (as its
+/// coordinator or a member: bystanders leave contested marks unapplied and learn of a
+/// refuted output from the fraud proof), or it is drawn for a random audit
+/// (`audit_draw` uniform in [0, 1)).
+pub fn needs_replay(v: &VerifiedVerdict, a: &Assessment, me: &PeerId, audit_rate: f64, audit_draw: f64) -> bool {
+    let involved = v.coordinator == *me || v.committee.contains(me);
+    matches!(v.verdict.outcome, Outcome::Finalized { .. })
+        && ((involved && !a.contested.is_empty()) || audit_draw < audit_rate)
 }
 
 /// What a replay of a verdict's revealed outputs settles.

@@ -71,6 +71,11 @@ pub enum Behaviour {
     /// re-announce a finished attempt to fish for a second commit, and sign a second
     /// verdict for the same attempt.
     ByzantineCoordinator,
+    /// Collude with the accomplices ([`Consensus::with_accomplices`]): commit and reveal
+    /// a corrupted output (the same one every colluder makes) when this node and its
+    /// accomplices hold a quorum of the committee; honest otherwise, so that no
+    /// outvoted lie gives the colluders away.
+    Collude,
 }
 
 /// Where a message is published.
@@ -260,6 +265,7 @@ pub struct Consensus {
     me: PeerId,
     params: RoundParams,
     behaviour: Behaviour,
+    accomplices: Vec<PeerId>,
     coordinated: HashMap<TaskId, Coordinated>,
     duties: HashMap<(TaskId, u8), Duty>,
     /// Content address of the first verdict seen per (task, attempt).
@@ -295,6 +301,7 @@ impl Consensus {
             key,
             params,
             behaviour: Behaviour::Honest,
+            accomplices: Vec::new(),
             coordinated: HashMap::new(),
             duties: HashMap::new(),
             seen_verdicts: HashMap::new(),
@@ -306,6 +313,12 @@ impl Consensus {
     /// Misbehave on purpose (tests, byzantine testnet nodes).
     pub fn with_behaviour(mut self, behaviour: Behaviour) -> Self {
         self.behaviour = behaviour;
+        self
+    }
+
+    /// The colluders this node lies with under [`Behaviour::Collude`].
+    pub fn with_accomplices(mut self, accomplices: Vec<PeerId>) -> Self {
+        self.accomplices = accomplices;
         self
     }
 
@@ -510,7 +523,12 @@ impl Consensus {
     /// The inference for a seat finished with `tokens`: store the commit, then publish it.
     pub fn executed(&mut self, task: TaskId, attempt: u8, tokens: Vec<u32>, now_ms: u64) -> Vec<Action> {
         let mut tokens = tokens;
-        if self.behaviour == Behaviour::WrongOutput {
+        let colluding = self.behaviour == Behaviour::Collude
+            && self.duties.get(&(task, attempt)).is_some_and(|d| {
+                let ours = d.committee.iter().filter(|p| **p == self.me || self.accomplices.contains(p)).count();
+                ours >= quorum(d.committee.len())
+            });
+        if self.behaviour == Behaviour::WrongOutput || colluding {
             corrupt(&mut tokens);
         }
         self.commit_seat(task, attempt, tokens, true, now_ms)

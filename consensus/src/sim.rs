@@ -307,7 +307,7 @@ pub fn apply_to_view(
     for peer in &a.bans {
         view.entry(*peer).or_default().record_equivocation(now, p);
     }
-    if crate::accountability::needs_replay(v, &a, 1.0, 0.0) {
+    if crate::accountability::needs_replay(v, &a, me, 1.0, 0.0) {
         let expected = reference_output(&v.spec);
         let j = crate::accountability::judge(v, &|o| Some(o == expected.as_slice()));
         for peer in &j.wrong {

@@ -24,8 +24,9 @@ pub(crate) struct TestnetArgs {
     /// commits, re-announced attempts, two verdicts for one attempt.
     #[arg(long, default_value_t = 0)]
     byzantine_coordinators: usize,
-    /// The byzantine nodes collude on one wrong output (they all corrupt it the same
-    /// way); with --demo, run tasks until their lie finalizes and watch replay overturn it.
+    /// The byzantine nodes collude: they lie (all the same way) only when together they
+    /// hold a committee's quorum, so no outvoted lie gives them away; with --demo, run
+    /// tasks until their lie finalizes and watch replay overturn it.
     #[arg(long, requires = "byzantine")]
     collude: bool,
     /// Committee size.
@@ -70,6 +71,7 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<()> {
     cfg.byzantine = args.byzantine;
     cfg.absent = args.absent;
     cfg.byzantine_coordinators = args.byzantine_coordinators;
+    cfg.collude = args.collude;
     cfg.k = args.k;
     println!("testnet: {} nodes in {} serving {}", args.nodes, dir.display(), model.display());
     let mut net = Testnet::start(cfg)?;
@@ -114,7 +116,7 @@ pub(crate) fn run(args: TestnetArgs) -> anyhow::Result<()> {
 /// then watch every honest node replay it, overturn it and ban them; finish with the
 /// offline replay of the saved evidence.
 fn collusion_demo(net: &Testnet, prompt: &str, model: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<()> {
-    let liars: Vec<&str> = net.nodes.iter().filter(|n| n.role == "byzantine").map(|n| n.peer_id.as_str()).collect();
+    let liars: Vec<&str> = net.nodes.iter().filter(|n| n.role == "colluder").map(|n| n.peer_id.as_str()).collect();
     anyhow::ensure!(liars.len() >= 2, "--collude needs --byzantine 2 or more");
     for round in 1..=40 {
         let v = net.chat(0, &format!("{prompt} ({round})"), 16, 3)?;

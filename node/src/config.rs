@@ -61,6 +61,8 @@ pub struct Config {
 pub struct TestingConfig {
     /// Misbehave on purpose; refused without `--unsafe-allow-faults`.
     pub behaviour: sampo_consensus::Behaviour,
+    /// Peer ids this node colludes with under `behaviour = "collude"`.
+    pub accomplices: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -275,11 +277,13 @@ audit_rate = 0.05
 replays_per_minute = 6
 
 # Deliberate misbehaviour for testnets: "honest", "wrong_output", "never_reveal",
-# "copy_commit", "equivocate" or "byzantine_coordinator" (forged absences, dropped
-# commits, re-announcements, two verdicts for one attempt). Anything but "honest" is
-# refused unless the node is started with --unsafe-allow-faults.
+# "copy_commit", "equivocate", "byzantine_coordinator" (forged absences, dropped
+# commits, re-announcements, two verdicts for one attempt) or "collude" (lie with the
+# peer ids in `accomplices` when together they hold a quorum of a committee). Anything
+# but "honest" is refused unless the node is started with --unsafe-allow-faults.
 [testing]
 behaviour = "honest"
+accomplices = []
 "#;
 
 /// A value given on the command line for a config key (`network.bootstrap`, ...).

@@ -168,8 +168,13 @@ pub struct LoopParts {
     /// Fraction of finalized verdicts audited by replay.
     pub audit_rate: f64,
     pub replay_budget: ReplayBudget,
+    /// Fraud proofs that arrived before the verdict they name (bounded).
+    pub pending_proofs: HashMap<(TaskId, u8), SignedEnvelope>,
     pub shutdown: watch::Receiver<bool>,
 }
+
+/// Fraud proofs held for verdicts not yet applied.
+pub const MAX_PENDING_PROOFS: usize = 256;
 
 fn gossip_topic(t: Topic) -> GossipTopic {
     match t {
@@ -436,7 +441,9 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                 Ok(Err(e)) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
                 Err(e) => warn!(error = %e, "verdict writer panicked"),
             }
-            if needs_replay(&v, &assessment, p.audit_rate, rand::random::<f64>()) {
+            if let Some(proof) = p.pending_proofs.remove(&(v.task(), v.verdict.attempt)) {
+                check_fraud_proof(p, &proof).await;
+            } else if needs_replay(&v, &assessment, &me, p.audit_rate, rand::random::<f64>()) {
                 let reason =
                     if assessment.contested.is_empty() { ReplayReason::Audit } else { ReplayReason::Contested };
                 schedule_replay(p, (*v).clone(), reason, None);
@@ -515,7 +522,17 @@ async fn check_fraud_proof(p: &mut LoopParts, env: &SignedEnvelope) {
         (done, store.verdict_of(&task, attempt).ok().flatten())
     })
     .await;
-    let Ok((false, Some(record))) = found else { return };
+    let record = match found {
+        Ok((false, Some(record))) => record,
+        Ok((false, None)) => {
+            // The verdict may still be on its way: keep the proof until it is applied.
+            if p.pending_proofs.len() < MAX_PENDING_PROOFS {
+                p.pending_proofs.insert((task, attempt), env.clone());
+            }
+            return;
+        }
+        _ => return,
+    };
     if record.verdict.id() != proof.verdict {
         debug!(%task, "fraud proof names a verdict this node did not apply");
         return;

@@ -162,7 +162,17 @@ pub async fn run_with(
     if cfg.testing.behaviour != Behaviour::Honest {
         warn!(behaviour = ?cfg.testing.behaviour, "THIS NODE MISBEHAVES ON PURPOSE (testing)");
     }
-    let consensus = Consensus::new(key.clone(), round_params).with_behaviour(cfg.testing.behaviour);
+    let accomplices = cfg
+        .testing
+        .accomplices
+        .iter()
+        .map(|s| {
+            s.parse::<sampo_consensus::PeerId>()
+                .map_err(|_| NodeError::Config(format!("testing.accomplices: {s:?} is not a peer id")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let consensus =
+        Consensus::new(key.clone(), round_params).with_behaviour(cfg.testing.behaviour).with_accomplices(accomplices);
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (stop_tx, stop_rx) = watch::channel(false);
     let board = Arc::new(TaskBoard::default());
@@ -185,6 +195,7 @@ pub async fn run_with(
             max_tokens_per_task: cfg.execution.max_tokens_per_task,
             audit_rate: c.audit_rate,
             replay_budget: crate::audit::ReplayBudget::new(c.replays_per_minute),
+            pending_proofs: std::collections::HashMap::new(),
             shutdown: stop_rx,
         })
         .instrument(info_span!("event-loop")),

@@ -43,6 +43,9 @@ pub struct TestnetConfig {
     pub byzantine_coordinators: usize,
     /// Fraction of finalized verdicts each node audits by replay.
     pub audit_rate: f64,
+    /// The byzantine nodes collude instead: they lie (all the same way) only when
+    /// together they hold a quorum of a committee, and are honest otherwise.
+    pub collude: bool,
     pub dir: PathBuf,
     /// The `sampo` binary to run.
     pub sampo: PathBuf,
@@ -60,6 +63,7 @@ impl TestnetConfig {
             absent: 0,
             byzantine_coordinators: 0,
             audit_rate: 0.05,
+            collude: false,
             dir,
             sampo,
             k: 3,
@@ -87,6 +91,8 @@ pub struct NodeProc {
 pub struct Testnet {
     pub cfg: TestnetConfig,
     pub nodes: Vec<NodeProc>,
+    /// Peer ids of the colluders (when `cfg.collude`), made before they start.
+    pub accomplices: Vec<String>,
 }
 
 impl Drop for Testnet {
@@ -158,7 +164,26 @@ impl Testnet {
             return Err(TestnetError::Invalid("at least one node must be honest".into()));
         }
         std::fs::create_dir_all(&cfg.dir).map_err(io(cfg.dir.display().to_string()))?;
-        let mut net = Testnet { cfg, nodes: Vec::new() };
+        let mut net = Testnet { cfg, nodes: Vec::new(), accomplices: Vec::new() };
+        if net.cfg.collude {
+            // Colluders must know each other's peer ids before they start: make their keys.
+            for i in (net.cfg.nodes - net.cfg.byzantine)..net.cfg.nodes {
+                let data = net.cfg.dir.join(format!("node{i}")).join("data");
+                let out = Command::new(&net.cfg.sampo)
+                    .args(["keys", "generate", "--force", "--data-dir"])
+                    .arg(&data)
+                    .output()
+                    .map_err(io(net.cfg.sampo.display().to_string()))?;
+                let peer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                if !out.status.success() || peer.is_empty() {
+                    return Err(TestnetError::Invalid(format!(
+                        "sampo keys generate failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )));
+                }
+                net.accomplices.push(peer);
+            }
+        }
         for i in 0..net.cfg.nodes {
             let bootstrap = net.nodes.first().map(|n| n.p2p_addr.clone());
             let node = net.spawn(i, bootstrap.as_deref())?;
@@ -171,7 +196,7 @@ impl Testnet {
     fn role(&self, i: usize) -> &'static str {
         let n = self.cfg.nodes;
         if i >= n - self.cfg.byzantine {
-            "byzantine"
+            if self.cfg.collude { "colluder" } else { "byzantine" }
         } else if i >= n - self.cfg.byzantine - self.cfg.absent {
             "absent"
         } else if i >= n - self.cfg.byzantine - self.cfg.absent - self.cfg.byzantine_coordinators {
@@ -187,18 +212,20 @@ impl Testnet {
         let role = self.role(i);
         let behaviour = match role {
             "byzantine" => "wrong_output",
+            "colluder" => "collude",
             "absent" => "never_reveal",
             "byz-coord" => "byzantine_coordinator",
             _ => "honest",
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
             r = self.cfg.reveal_timeout_ms,
             audit = self.cfg.audit_rate,
+            accomplices = if role == "colluder" { self.accomplices.clone() } else { Vec::new() },
         );
         std::fs::write(&config, text).map_err(io(config.display().to_string()))?;
         self.launch(i, dir, config, role, bootstrap)

@@ -204,8 +204,8 @@ fn a_byzantine_coordinator_harms_no_honest_node_and_is_banned() {
         wait_banned(&net, n.index, &net.nodes[liar].peer_id);
     }
     assert_honest_untouched(&net);
-    let (_, metrics) = http("GET", &format!("{}/metrics", net.nodes[0].api_url), None, Duration::from_secs(10))
-        .expect("metrics");
+    let (_, metrics) =
+        http("GET", &format!("{}/metrics", net.nodes[0].api_url), None, Duration::from_secs(10)).expect("metrics");
     let seen = metrics
         .lines()
         .find(|l| l.starts_with("sampo_coordinator_equivocations_total"))
@@ -222,27 +222,41 @@ fn a_byzantine_coordinator_harms_no_honest_node_and_is_banned() {
 fn a_colluding_majority_is_overturned_by_replay() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let model = synthetic(tmp.path());
-    let mut cfg = TestnetConfig::new(4, model.clone(), tmp.path().join("net"), sampo_bin());
+    // Five nodes, so that honest nodes outside the committee learn of the lie only from
+    // a fraud proof, which they check by their own replay.
+    let mut cfg = TestnetConfig::new(5, model.clone(), tmp.path().join("net"), sampo_bin());
     cfg.byzantine = 2;
+    cfg.collude = true;
+    cfg.audit_rate = 0.0;
     cfg.commit_timeout_ms = 10_000;
     cfg.reveal_timeout_ms = 5_000;
     let net = Testnet::start(cfg).expect("testnet");
-    let liars: Vec<String> = net.nodes.iter().filter(|n| n.role == "byzantine").map(|n| n.peer_id.clone()).collect();
+    let liars: Vec<String> = net.nodes.iter().filter(|n| n.role == "colluder").map(|n| n.peer_id.clone()).collect();
+    let mut committee: Vec<String> = Vec::new();
     let task = (0..40)
         .find_map(|i| {
             let v = net.chat(0, &format!("collusion {i}"), 8, 3).expect("chat");
             let m = marks(&v);
+            // Alone among honest members a colluder tells the truth: it is never caught.
+            assert!(m.iter().all(|(_, mark)| mark == "agreed" || mark == "wrong"), "{m:?}");
             let seated = m.iter().filter(|(p, mark)| liars.contains(p) && mark == "agreed").count();
+            committee = m.iter().map(|(p, _)| p.clone()).collect();
             (v["sampo"]["verdict"] == "finalized" && seated == 2)
                 .then(|| v["sampo"]["task_id"].as_str().expect("task").to_owned())
         })
         .expect("the colluders sat together within 40 tasks");
+    let mut learned_from_proof = 0;
     for n in net.nodes.iter().filter(|n| n.role == "honest") {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let st = get_json(&format!("{}/v1/tasks/{task}", n.api_url)).unwrap_or(Value::Null);
             if st["task"]["status"] == "overturned" {
                 assert_eq!(st["overturned"]["first_divergent_position"], 7, "{st}");
+                if n.index != 0 && !committee.contains(&n.peer_id) {
+                    // A bystander: it replayed because of someone else's fraud proof.
+                    assert_ne!(st["overturned"]["prover"], n.peer_id.as_str(), "{st}");
+                    learned_from_proof += 1;
+                }
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "node {} never overturned: {st}", n.index);
@@ -253,6 +267,7 @@ fn a_colluding_majority_is_overturned_by_replay() {
         }
     }
     assert_honest_untouched(&net);
+    assert!(learned_from_proof >= 1, "at least one honest bystander (committee {committee:?})");
 
     let url = format!("{}/v1/tasks/{task}/evidence", net.nodes[0].api_url);
     let (status, bundle) = http("GET", &url, None, Duration::from_secs(10)).expect("evidence");
