@@ -65,7 +65,7 @@ pub fn replay_verdict(model: &LoadedModel, v: &VerifiedVerdict) -> Result<Replay
         let r = model.engine.replay(&prompt, o, &params).map_err(|e| e.to_string())?;
         out.secs += r.secs;
         if Some(o) == winner.as_ref() {
-            out.winner_divergence = r.divergence.clone();
+            out.winner_divergence = r.divergence;
         }
         out.produced.insert(o.clone(), r.is_valid());
     }

@@ -140,13 +140,16 @@ pub enum LoopCmd {
         attempt: u8,
         reason: DeclineReason,
     },
-    /// A replay of a verdict's outputs finished (`proof`: the fraud proof it checked).
-    Replayed {
-        verdict: Box<VerifiedVerdict>,
-        reason: ReplayReason,
-        proof: Option<SignedEnvelope>,
-        outcome: Result<ReplayOutcome, String>,
-    },
+    /// A replay of a verdict's outputs finished.
+    Replayed(Box<ReplayDone>),
+}
+
+pub struct ReplayDone {
+    verdict: VerifiedVerdict,
+    reason: ReplayReason,
+    /// The fraud proof the replay checked, if it checked one.
+    proof: Option<SignedEnvelope>,
+    outcome: Result<ReplayOutcome, String>,
 }
 
 /// Everything the loop needs.
@@ -264,8 +267,9 @@ pub async fn run(mut p: LoopParts) {
                     info!(%task, ?reason, "declining a seat");
                     p.consensus.decline(task, attempt, reason, now_ms())
                 }
-                Some(LoopCmd::Replayed { verdict, reason, proof, outcome }) => {
-                    replayed(&mut p, *verdict, reason, proof, outcome).await
+                Some(LoopCmd::Replayed(done)) => {
+                    let ReplayDone { verdict, reason, proof, outcome } = *done;
+                    replayed(&mut p, verdict, reason, proof, outcome).await
                 }
             },
             _ = tick.tick() => {
@@ -505,7 +509,7 @@ fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, 
     let call = Box::new(move || {
         let outcome = replay_verdict(&model, &v);
         // The loop may be gone at shutdown; the replay is then moot.
-        let _ = tx.blocking_send(LoopCmd::Replayed { verdict: Box::new(v), reason, proof, outcome });
+        let _ = tx.blocking_send(LoopCmd::Replayed(Box::new(ReplayDone { verdict: v, reason, proof, outcome })));
     });
     if p.executor.submit_call(0, call).is_err() {
         p.metrics.replay(reason.as_str(), "skipped");
