@@ -34,6 +34,11 @@ pub struct RoundParams {
     pub max_coordinated: usize,
     /// Committee seats this node may hold at once.
     pub max_duties: usize,
+    /// Seats one coordinator may hold on this node at once: one key cannot occupy them all.
+    pub max_duties_per_coordinator: usize,
+    /// Longest a seat is held, from when it was taken, whatever deadlines the
+    /// announcement states (they are the coordinator's claim, on its clock).
+    pub max_seat_ms: u64,
     /// Verdicts remembered to drop duplicates.
     pub verdict_memory: usize,
 }
@@ -46,6 +51,8 @@ impl Default for RoundParams {
             max_substitutions: 3,
             max_coordinated: 1024,
             max_duties: 256,
+            max_duties_per_coordinator: 32,
+            max_seat_ms: 10 * 60 * 1000,
             verdict_memory: 16_384,
         }
     }
@@ -254,7 +261,10 @@ enum DutyState {
 struct Duty {
     coordinator: PeerId,
     committee: Vec<PeerId>,
+    /// When the seat frees itself: the announced reveal deadline, capped at
+    /// `seated_ms + max_seat_ms` on this node's clock.
     reveal_deadline_ms: u64,
+    seated_ms: u64,
     state: DutyState,
 }
 
@@ -489,11 +499,18 @@ impl Consensus {
         if let Some(duty) = self.duties.get_mut(&key) {
             if duty.coordinator == env.signer() {
                 duty.committee = ann.committee.clone();
-                duty.reveal_deadline_ms = duty.reveal_deadline_ms.max(ann.reveal_deadline_ms);
+                let cap = duty.seated_ms.saturating_add(self.params.max_seat_ms);
+                duty.reveal_deadline_ms = duty.reveal_deadline_ms.max(ann.reveal_deadline_ms).min(cap);
             }
             return Ok(());
         }
         if now_ms >= ann.commit_deadline_ms || self.duties.len() >= self.params.max_duties {
+            return Ok(());
+        }
+        let coordinator = ann.spec.coordinator;
+        if self.duties.values().filter(|d| d.coordinator == coordinator).count()
+            >= self.params.max_duties_per_coordinator
+        {
             return Ok(());
         }
         let state = match self.behaviour {
@@ -505,7 +522,8 @@ impl Consensus {
             Duty {
                 coordinator: ann.spec.coordinator,
                 committee: ann.committee.clone(),
-                reveal_deadline_ms: ann.reveal_deadline_ms,
+                reveal_deadline_ms: ann.reveal_deadline_ms.min(now_ms.saturating_add(self.params.max_seat_ms)),
+                seated_ms: now_ms,
                 state,
             },
         );

@@ -290,11 +290,11 @@ fn flood_of_foreign_announcements_leaves_no_state() {
         };
         let env = SignedEnvelope::seal(&net.nodes[0].key, &ann).expect("seal");
         net.nodes[2].consensus.handle(&env, now).expect("valid, just not ours");
-        // Node 1 is seated every time, but holds at most max_duties seats.
+        // Node 1 is seated every time, but holds at most its per-coordinator share.
         let _ = net.nodes[1].consensus.handle(&env, now).expect("seat");
     }
     assert_eq!(net.nodes[2].consensus.load(), (0, 0));
-    assert_eq!(net.nodes[1].consensus.load().1, RoundParams::default().max_duties);
+    assert_eq!(net.nodes[1].consensus.load().1, RoundParams::default().max_duties_per_coordinator);
     // Expired seats are forgotten.
     let later = now + 10_000;
     net.nodes[1].consensus.tick(later, &[]);

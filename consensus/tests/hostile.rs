@@ -1,0 +1,57 @@
+//! Seats cannot be held hostage: deadlines are capped on the receiver's clock, one
+//! coordinator holds a bounded share of a node's seats, and an expired seat frees itself.
+
+use sampo_consensus::*;
+
+fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_ms: u64) -> SignedEnvelope {
+    let spec = TaskSpec {
+        coordinator: coordinator.peer_id(),
+        nonce,
+        created_ms: 0,
+        model: ModelId(Hash32::of(b"m")),
+        prompt: Prompt::Text("p".into()),
+        params: SamplingParams::default(),
+        k: 1,
+        max_escalations: 0,
+        fee: 0,
+    };
+    let ann = TaskAnnouncement {
+        spec,
+        attempt: 0,
+        revision: 0,
+        committee: vec![*member],
+        commit_deadline_ms: u64::MAX - 1,
+        reveal_deadline_ms,
+    };
+    SignedEnvelope::seal(coordinator, &ann).expect("seal")
+}
+
+#[test]
+fn a_seat_with_an_endless_deadline_frees_itself() {
+    let params = RoundParams::default();
+    let mut member = Consensus::new(NodeKey::from_seed([1; 32]), params.clone());
+    let me = member.peer_id();
+    let attacker = NodeKey::from_seed([2; 32]);
+    let acts = member.handle(&announce(&attacker, &me, 1, u64::MAX), 1_000).expect("seated");
+    assert!(acts.iter().any(|a| matches!(a, Action::Execute { .. })));
+    assert_eq!(member.load().1, 1);
+    member.tick(1_000 + params.max_seat_ms - 1, &[]);
+    assert_eq!(member.load().1, 1, "still within the cap");
+    member.tick(1_000 + params.max_seat_ms, &[]);
+    assert_eq!(member.load().1, 0, "freed on this node's clock, whatever the announcement says");
+}
+
+#[test]
+fn one_coordinator_cannot_take_every_seat() {
+    let params = RoundParams::default();
+    let mut member = Consensus::new(NodeKey::from_seed([1; 32]), params.clone());
+    let me = member.peer_id();
+    let attacker = NodeKey::from_seed([2; 32]);
+    for nonce in 0..(params.max_duties as u64) {
+        member.handle(&announce(&attacker, &me, nonce, u64::MAX), 1_000).expect("handled");
+    }
+    assert_eq!(member.load().1, params.max_duties_per_coordinator);
+    let honest = NodeKey::from_seed([3; 32]);
+    let acts = member.handle(&announce(&honest, &me, 0, 50_000), 1_000).expect("seated");
+    assert!(acts.iter().any(|a| matches!(a, Action::Execute { .. })), "an honest coordinator still gets a seat");
+}
