@@ -85,10 +85,25 @@ impl TaskBoard {
         let (tx, _) = watch::channel(st);
         g.0.insert(task, tx);
         g.1.push_back(task);
-        while g.1.len() > BOARD_CAPACITY {
-            if let Some(old) = g.1.pop_front() {
+        // Oldest first, but never an entry a client is waiting on: evicting it would
+        // turn that client's request into a time-out.
+        let mut scanned = 0;
+        while g.1.len() > BOARD_CAPACITY && scanned < g.1.len() {
+            let Some(old) = g.1.pop_front() else { break };
+            if g.0.get(&old).is_some_and(|tx| tx.receiver_count() > 0) {
+                g.1.push_back(old);
+                scanned += 1;
+            } else {
                 g.0.remove(&old);
             }
+        }
+    }
+
+    /// Update a task only if the board already tracks it (a verdict for someone else's
+    /// task must not push out the entries of this node's clients).
+    pub fn update_existing(&self, task: TaskId, f: impl FnOnce(&mut TaskState)) {
+        if let Some(tx) = self.lock().0.get(&task) {
+            tx.send_modify(f);
         }
     }
 
@@ -463,7 +478,7 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             if let Some(Mark::Wrong) = mine {
                 warn!(task = %v.task(), "a verdict marked this node wrong");
             }
-            p.board.update(v.task(), |s| {
+            let fill = |s: &mut TaskState| {
                 s.attempt = v.verdict.attempt;
                 s.committee = v.committee.iter().map(|c| c.to_string()).collect();
                 s.marks = v
@@ -482,7 +497,12 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                     Outcome::Escalated => s.status = "escalated".into(),
                     Outcome::Disputed => s.status = "disputed".into(),
                 }
-            });
+            };
+            if role == "observer" {
+                p.board.update_existing(v.task(), fill);
+            } else {
+                p.board.update(v.task(), fill);
+            }
         }
         Action::Finished { task, outcome } => {
             if let Some(t0) = started.remove(&task) {
@@ -602,7 +622,7 @@ async fn replayed(
     }
     if j.overturned {
         warn!(task = %v.task(), liars = j.liars.len(), position, "finalized output refuted by replay: overturned");
-        p.board.update(v.task(), |s| s.status = "overturned".into());
+        p.board.update_existing(v.task(), |s| s.status = "overturned".into());
     }
     actions
 }
@@ -652,5 +672,34 @@ pub fn announcement(models: &Models, backend: &str, device: &str, api_url: &str)
         addrs: Vec::new(),
         api_url: Some(api_url.into()),
         sent_ms: now_ms(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sampo_consensus::Hash32;
+
+    fn id(i: u64) -> TaskId {
+        TaskId(Hash32::of(&i.to_le_bytes()))
+    }
+
+    /// A flood of other tasks (e.g. forged verdicts) cannot evict the entry a client is
+    /// waiting on; the board stays bounded otherwise.
+    #[test]
+    fn a_flood_never_evicts_an_awaited_task() {
+        let board = TaskBoard::default();
+        board.update(id(0), |s| s.status = "running".into());
+        let waiter = board.subscribe(&id(0)).expect("entry");
+        for i in 1..(3 * BOARD_CAPACITY as u64) {
+            board.update(id(i), |_| {});
+        }
+        assert!(board.get(&id(0)).is_some(), "the awaited task is still there");
+        assert!(board.lock().0.len() <= BOARD_CAPACITY);
+        board.update(id(0), |s| s.status = "finalized".into());
+        assert_eq!(waiter.borrow().status, "finalized");
+        // Observers' verdicts only touch tasks already on the board.
+        board.update_existing(id(u64::MAX), |_| {});
+        assert!(board.get(&id(u64::MAX)).is_none());
     }
 }
