@@ -93,7 +93,6 @@ pub struct NodeInfo {
     pub peer_id: String,
     pub version: &'static str,
     pub api_url: String,
-    pub data_dir: String,
     pub listen: Vec<String>,
     pub models: Vec<ModelInfo>,
     pub backend: String,
@@ -193,7 +192,7 @@ fn check_access(s: &ApiState, req: &Request, route: &str) -> Option<Response> {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         match given {
-            Some(k) if s.policy.api_keys.iter().any(|known| known == k) => who = k.to_owned(),
+            Some(k) if key_matches(&s.policy.api_keys, k) => who = k.to_owned(),
             _ => {
                 return Some(error_response(
                     StatusCode::UNAUTHORIZED,
@@ -205,22 +204,56 @@ fn check_access(s: &ApiState, req: &Request, route: &str) -> Option<Response> {
     }
     let limit = s.policy.rate_limit_per_minute;
     if limit > 0 {
-        let minute = now_ms() / 60_000;
         let mut g = s.rate.lock().unwrap_or_else(|e| e.into_inner());
-        if g.len() > 10_000 {
-            g.retain(|_, (m, _)| *m == minute);
-        }
-        let e = g.entry(who).or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
-        }
-        if e.1 >= limit {
+        if let Err(why) = rate_check(&mut g, who, limit, now_ms()) {
             let wait = 60 - (now_ms() / 1000) % 60;
-            return Some(too_many(&format!("rate limit of {limit} requests per minute reached"), wait));
+            return Some(too_many(why, wait));
         }
-        e.1 += 1;
     }
     None
+}
+
+/// Count one request of `who` against `limit` per minute. The map holds at most
+/// [`MAX_RATE_CLIENTS`] clients: when every slot is a client seen this minute, a
+/// newcomer waits for the next minute.
+pub fn rate_check(
+    map: &mut std::collections::HashMap<String, (u64, u32)>,
+    who: String,
+    limit: u32,
+    now_ms: u64,
+) -> Result<(), &'static str> {
+    let minute = now_ms / 60_000;
+    if map.len() >= MAX_RATE_CLIENTS && !map.contains_key(&who) {
+        map.retain(|_, (m, _)| *m == minute);
+        if map.len() >= MAX_RATE_CLIENTS {
+            return Err("too many distinct clients this minute");
+        }
+    }
+    let e = map.entry(who).or_insert((minute, 0));
+    if e.0 != minute {
+        *e = (minute, 0);
+    }
+    if e.1 >= limit {
+        return Err("rate limit per minute reached");
+    }
+    e.1 += 1;
+    Ok(())
+}
+
+/// Distinct clients (keys or addresses) the rate limiter tracks per minute.
+pub const MAX_RATE_CLIENTS: usize = 10_000;
+
+/// Whether `given` is one of `keys`, in time independent of where they differ: each key
+/// is compared through its blake3 hash (constant-time equality), all keys every time.
+pub fn key_matches(keys: &[String], given: &str) -> bool {
+    let g = blake3::hash(given.as_bytes());
+    keys.iter().fold(false, |found, k| found | (blake3::hash(k.as_bytes()) == g))
+}
+
+/// A 500 that does not echo internal errors (paths, storage details) to the client.
+fn internal_error(context: &str, e: &dyn std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "{context}");
+    error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error; see the node's log")
 }
 
 async fn health() -> &'static str {
@@ -285,7 +318,7 @@ async fn metrics(State(s): State<Arc<ApiState>>, headers: axum::http::HeaderMap)
         Ok(()) => {
             ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], classic_text(&text)).into_response()
         }
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string()),
+        Err(e) => internal_error("encoding metrics", &e),
     }
 }
 
@@ -820,6 +853,38 @@ async fn get_evidence(State(s): State<Arc<ApiState>>, Path(id): Path<String>) ->
             }
             None => error_response(StatusCode::NOT_FOUND, "not_found", &format!("no verdict stored for task {task}")),
         },
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", &e.to_string()),
+        Err(e) => internal_error("reading evidence", &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_match_exactly() {
+        let keys = vec!["alpha-key".to_owned(), "beta-key".to_owned()];
+        assert!(key_matches(&keys, "alpha-key") && key_matches(&keys, "beta-key"));
+        for wrong in ["", "alpha", "alpha-key ", "alpha-kez", "beta-key-longer"] {
+            assert!(!key_matches(&keys, wrong), "{wrong:?}");
+        }
+        assert!(!key_matches(&[], "alpha-key"));
+    }
+
+    #[test]
+    fn the_rate_limiter_stays_bounded() {
+        let mut map = HashMap::new();
+        assert!(rate_check(&mut map, "a".into(), 2, 0).is_ok());
+        assert!(rate_check(&mut map, "a".into(), 2, 1).is_ok());
+        assert!(rate_check(&mut map, "a".into(), 2, 2).is_err(), "third request in a minute");
+        assert!(rate_check(&mut map, "a".into(), 2, 60_000).is_ok(), "a new minute");
+        for i in 0..(2 * MAX_RATE_CLIENTS) {
+            let _ = rate_check(&mut map, format!("client {i}"), 2, 60_001);
+        }
+        assert!(map.len() <= MAX_RATE_CLIENTS);
+        assert!(rate_check(&mut map, "a".into(), 2, 60_002).is_ok(), "a known client is still served");
+        // A minute later the old entries make room for newcomers.
+        assert!(rate_check(&mut map, "newcomer".into(), 2, 120_000).is_ok());
+        assert!(map.len() <= MAX_RATE_CLIENTS);
     }
 }

@@ -217,7 +217,6 @@ pub async fn run_with(
         peer_id: peer_id.to_string(),
         version: env!("CARGO_PKG_VERSION"),
         api_url: api_url.clone(),
-        data_dir: cfg.data_dir.display().to_string(),
         listen: cfg.network.listen.clone(),
         models: models
             .0

@@ -80,6 +80,9 @@ fn openai_endpoints_streaming_and_task_api() {
     let (code, v) = get_json(&format!("{u}/v1/node"));
     assert_eq!(code, 200);
     assert_eq!(v["backend"], "cpu");
+    // The node's filesystem layout is nobody's business over the API.
+    let dir = tmp.path().display().to_string();
+    assert!(v.get("data_dir").is_none() && !v.to_string().contains(&dir), "{v}");
     // No GPU here: `auto` says why it serves on the CPU, and reports no accelerator.
     if sampo_kernels::cuda::detect::probe().is_err() {
         assert!(v["backend_reason"].as_str().is_some_and(|r| r.contains("CUDA")), "{v}");
