@@ -397,8 +397,9 @@ impl Config {
             return bad("execution.threads", format!("{} threads is absurd", e.threads));
         }
         let c = &self.consensus;
-        if c.k == 0 || c.k > 64 {
-            return bad("consensus.k", format!("{} is outside 1..=64", c.k));
+        let most_seats = sampo_consensus::MAX_COMMITTEE;
+        if c.k == 0 || c.k > most_seats {
+            return bad("consensus.k", format!("{} is outside 1..={most_seats}", c.k));
         }
         if c.commit_timeout_ms == 0 {
             return bad("consensus.commit_timeout_ms", "must be positive".into());
@@ -417,6 +418,17 @@ impl Config {
         }
         if c.max_escalations > 8 {
             return bad("consensus.max_escalations", format!("{} is more than 8", c.max_escalations));
+        }
+        // Every escalation at least doubles the committee; the last one must still fit.
+        let last = sampo_consensus::committee_size(c.k as u8, c.max_escalations as u8);
+        if last > most_seats {
+            return bad(
+                "consensus.max_escalations",
+                format!(
+                    "{} escalations from k = {} seat {last} members at the last attempt, more than the {most_seats} a committee may have",
+                    c.max_escalations, c.k
+                ),
+            );
         }
         Ok(())
     }
@@ -518,6 +530,15 @@ mod tests {
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "api.listen"), "{err}");
         let err = load_str("[api]\nallow_ips = [\"10.0.0.0/33\"]\n", &[]).expect_err("bad cidr");
         assert!(err.to_string().contains("api.allow_ips[0]"), "{err}");
+        // Escalations whose last committee would not fit are refused at start, not by
+        // a 400 on every request.
+        let err = load_str("[consensus]\nk = 4\nmax_escalations = 3\n", &[]).expect_err("too many seats");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.max_escalations"), "{err}");
+        assert!(load_str("[consensus]\nk = 3\nmax_escalations = 3\n", &[]).is_ok(), "3, 7, 15, 31 fit");
+        let err = load_str("[consensus]\nk = 32\nmax_escalations = 0\n", &[]).expect_err("k too large");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.k"), "{err}");
+        let err = load_str("[consensus]\naudit_rate = 1.5\n", &[]).expect_err("rate");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.audit_rate"), "{err}");
     }
 
     #[test]

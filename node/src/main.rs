@@ -139,7 +139,27 @@ fn strings(key: &str, v: &[String]) -> Option<Override> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
+/// A user's error (bad config, a missing file, an unsupported model) is reported as the
+/// error and its causes, as cargo does; backtraces are for panics, whatever
+/// `RUST_BACKTRACE` says.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let causes: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+            if !causes.is_empty() {
+                eprintln!("\nCaused by:");
+                for c in causes {
+                    eprintln!("    {c}");
+                }
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Node { cfg, api_listen, listen, bootstrap, model, unsafe_allow_faults } => {

@@ -28,6 +28,35 @@ fn wait_for_file(p: &Path, timeout: Duration) -> String {
     }
 }
 
+/// A user's error is the error and its causes, never a backtrace, even with
+/// `RUST_BACKTRACE` set.
+#[test]
+fn user_errors_print_no_backtrace() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "[consensus]\nk = 0\n").expect("write");
+    let out = sampo()
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .env("RUST_BACKTRACE", "full")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("consensus.k"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    let out = sampo()
+        .args(["model", "inspect"])
+        .arg(tmp.path().join("missing.gguf"))
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.starts_with("error: ") && !err.to_lowercase().contains("backtrace"), "{err}");
+}
+
 #[test]
 fn help_and_version() {
     let out = sampo().arg("--help").output().expect("run");
