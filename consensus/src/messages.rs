@@ -137,6 +137,12 @@ impl TaskSpec {
         TaskId(Hash32::of(&encode_body(self).unwrap_or_default()))
     }
 
+    /// The fee per 1,000 output tokens asked for: what orders work in every queue, so a
+    /// large fee for a long task does not outrank a fair fee for a short one.
+    pub fn fee_per_1k_tokens(&self) -> u64 {
+        self.fee.saturating_mul(1000) / u64::from(self.params.max_tokens.max(1))
+    }
+
     /// Structural limits every node checks before spending work on a task.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.k == 0 {

@@ -618,7 +618,8 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Res
         let (tx, rx) = mpsc::channel::<TokenPiece>(64);
         let (done, done_rx) = oneshot::channel();
         let job = Job {
-            priority: u64::MAX,
+            // The same order as committee work: what the task pays per token.
+            priority: p.spec.fee_per_1k_tokens().saturating_add(1),
             engine: p.model.engine.clone(),
             prompt: p.prompt_tokens.clone(),
             params: p.model.sampling(&p.spec),

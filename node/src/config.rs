@@ -117,6 +117,9 @@ pub struct ExecutionConfig {
     /// Bounded execution queue length.
     pub queue_capacity: usize,
     pub max_tokens_per_task: u32,
+    /// A streaming client that leaves a token unread this long is dropped and its
+    /// inference cancelled (the worker is never held by a slow reader).
+    pub stream_write_timeout_ms: u64,
     /// NVRTC library that compiles the CUDA kernels (default: `SAMPO_NVRTC`, the loader's
     /// search path, the CUDA toolkit's folders, the PyPI package `nvidia-cuda-nvrtc`).
     pub nvrtc: Option<PathBuf>,
@@ -190,6 +193,7 @@ impl Default for ExecutionConfig {
             max_concurrent: 1,
             queue_capacity: 64,
             max_tokens_per_task: 512,
+            stream_write_timeout_ms: 10_000,
             nvrtc: None,
         }
     }
@@ -256,6 +260,8 @@ threads = 0
 max_concurrent = 1
 queue_capacity = 64
 max_tokens_per_task = 512
+# A streaming client that leaves a token unread this long is dropped.
+stream_write_timeout_ms = 10000
 # NVRTC library for the CUDA kernels (compiled PTX is cached in <data_dir>/ptx-cache).
 # nvrtc = "/usr/local/cuda/lib64/libnvrtc.so"
 
@@ -392,6 +398,9 @@ impl Config {
         let most = sampo_consensus::messages::MAX_OUTPUT_TOKENS;
         if e.max_tokens_per_task == 0 || e.max_tokens_per_task > most {
             return bad("execution.max_tokens_per_task", format!("{} is outside 1..={most}", e.max_tokens_per_task));
+        }
+        if e.stream_write_timeout_ms == 0 {
+            return bad("execution.stream_write_timeout_ms", "must be positive".into());
         }
         if e.threads > 1024 {
             return bad("execution.threads", format!("{} threads is absurd", e.threads));

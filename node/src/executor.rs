@@ -86,6 +86,32 @@ pub struct Executor {
     workers: usize,
     stopping: Arc<AtomicBool>,
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// Longest a worker waits for a streaming client to take a token; a client that
+    /// reads slower than that is dropped and its inference cancelled.
+    stream_timeout: Duration,
+}
+
+/// Default for [`Executor::with_stream_timeout`].
+pub const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Hand a token to a streaming client, waiting at most `timeout` for room in its
+/// bounded buffer. `false`: the client is gone or too slow; the job must stop.
+fn send_within(tx: &mpsc::Sender<TokenPiece>, piece: TokenPiece, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut piece = piece;
+    loop {
+        match tx.try_send(piece) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(p)) => {
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                piece = p;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Executor {
@@ -96,6 +122,11 @@ impl std::fmt::Debug for Executor {
 
 impl Executor {
     pub fn start(workers: usize, capacity: usize) -> std::io::Result<Self> {
+        Self::start_with(workers, capacity, STREAM_WRITE_TIMEOUT)
+    }
+
+    /// [`Self::start`] with the slow-client timeout for streams.
+    pub fn start_with(workers: usize, capacity: usize, stream_timeout: Duration) -> std::io::Result<Self> {
         let ex = Self {
             inner: Arc::new((Mutex::new(Inner::default()), Condvar::new())),
             capacity,
@@ -104,6 +135,7 @@ impl Executor {
             workers,
             stopping: Arc::new(AtomicBool::new(false)),
             threads: Arc::new(Mutex::new(Vec::new())),
+            stream_timeout,
         };
         for i in 0..workers {
             let me = ex.clone();
@@ -188,13 +220,14 @@ impl Executor {
             };
             let stopping = self.stopping.clone();
             let stream = job.stream;
+            let timeout = self.stream_timeout;
             let mut on_token = |id: u32, text: &str| {
                 if stopping.load(Ordering::Relaxed) {
                     return false;
                 }
                 match &stream {
-                    // A worker thread may block on a slow client; a gone one ends the job.
-                    Some(tx) => tx.blocking_send(TokenPiece { id, text: text.to_owned() }).is_ok(),
+                    // Never blocked by a client: a gone or too slow one ends the job.
+                    Some(tx) => send_within(tx, TokenPiece { id, text: text.to_owned() }, timeout),
                     None => true,
                 }
             };
@@ -267,6 +300,28 @@ mod tests {
         let model = Arc::new(sampo_kernels::Model::load(&p).expect("load"));
         let backend = Arc::new(sampo_kernels::CpuBackend::new(1).expect("cpu"));
         Engine::new(model, backend)
+    }
+
+    /// A client that never reads its stream cannot hold the only worker: its job is
+    /// cancelled after the write timeout and the next job runs.
+    #[test]
+    fn a_client_that_stops_reading_is_dropped_not_waited_for() {
+        let ex = Executor::start_with(1, 4, Duration::from_millis(200)).expect("start");
+        let engine = dummy_engine();
+        let (tx, _never_read) = mpsc::channel::<TokenPiece>(1);
+        let (done, rx) = oneshot::channel();
+        let params = SamplingParams { max_tokens: 64, ..SamplingParams::default() };
+        let job = Job { priority: 5, engine: engine.clone(), prompt: vec![1, 2], params, stream: Some(tx), done };
+        ex.submit(job).expect("submit");
+        let g = rx.blocking_recv().expect("done").expect("generation");
+        assert_eq!(g.finish, sampo_kernels::FinishReason::Cancelled);
+        assert!(g.tokens.len() <= 2, "stopped at the full buffer: {}", g.tokens.len());
+        assert_eq!(ex.cancelled(), 1);
+        let (done, rx) = oneshot::channel();
+        let params = SamplingParams { max_tokens: 4, ..SamplingParams::default() };
+        ex.submit(Job { priority: 0, engine, prompt: vec![1], params, stream: None, done }).expect("submit");
+        assert!(rx.blocking_recv().expect("done").is_ok(), "the worker is free again");
+        ex.shutdown(Duration::from_secs(5));
     }
 
     #[test]

@@ -407,7 +407,8 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             }
             let (done, rx) = oneshot::channel();
             let job = Job {
-                priority: spec.fee,
+                // +1: replays (priority 0) run behind all paid and unpaid work.
+                priority: spec.fee_per_1k_tokens().saturating_add(1),
                 engine: model.engine.clone(),
                 prompt,
                 params: model.sampling(&spec),

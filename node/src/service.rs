@@ -145,8 +145,12 @@ pub async fn run_with(
         .map_err(|e| NodeError::P2p(e.to_string()))?;
     let registry = Arc::new(std::sync::Mutex::new(registry));
 
-    let executor = Executor::start(cfg.execution.max_concurrent, cfg.execution.queue_capacity)
-        .map_err(|e| NodeError::Model(format!("starting inference threads: {e}")))?;
+    let executor = Executor::start_with(
+        cfg.execution.max_concurrent,
+        cfg.execution.queue_capacity,
+        Duration::from_millis(cfg.execution.stream_write_timeout_ms),
+    )
+    .map_err(|e| NodeError::Model(format!("starting inference threads: {e}")))?;
     let c = &cfg.consensus;
     let round_params = RoundParams {
         commit_window_ms: c.commit_timeout_ms,
