@@ -45,6 +45,8 @@ pub struct P2pConfig {
     pub idle_timeout: Duration,
     /// Dial peers that discovery finds (off only in tests that need a fixed topology).
     pub dial_discovered: bool,
+    /// How long a fetch (either side) may take before it fails and frees its slot.
+    pub fetch_timeout: Duration,
 }
 
 impl Default for P2pConfig {
@@ -57,6 +59,7 @@ impl Default for P2pConfig {
             discovery_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             dial_discovered: true,
+            fetch_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -270,6 +273,7 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
         .build()
         .map_err(|e| P2pError::Gossipsub(e.to_string()))?;
     let peer_id = keypair.public().to_peer_id();
+    let fetch_timeout = cfg.fetch_timeout;
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(cfg.max_connections))
         .with_max_pending_incoming(Some(64))
@@ -299,7 +303,7 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
                 gossipsub,
                 fetch: request_response::cbor::Behaviour::new(
                     [(FETCH_PROTOCOL, ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+                    request_response::Config::default().with_request_timeout(fetch_timeout),
                 ),
             })
         })
@@ -401,9 +405,14 @@ impl Actor {
 
     /// Events go to a bounded queue; if the node can't keep up, we drop (and say so)
     /// rather than block the network loop.
-    fn emit(&self, ev: P2pEvent) {
-        if let Err(mpsc::error::TrySendError::Full(ev)) = self.events.try_send(ev) {
-            warn!(?ev, "node event queue full; event dropped");
+    fn emit(&self, ev: P2pEvent) -> bool {
+        match self.events.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                warn!(?ev, "node event queue full; event dropped");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -571,12 +580,22 @@ impl Actor {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => {
                     if self.inbound.len() >= MAX_PENDING_FETCHES {
+                        // Requests whose askers hung up (or timed out) hold no slot.
+                        self.inbound.retain(|_, ch| ch.is_open());
+                    }
+                    if self.inbound.len() >= MAX_PENDING_FETCHES {
                         let _ = self.swarm.behaviour_mut().fetch.send_response(channel, FetchResponse::NotFound);
                         return;
                     }
                     self.next_inbound += 1;
-                    self.inbound.insert(self.next_inbound, channel);
-                    self.emit(P2pEvent::FetchRequested { id: self.next_inbound, from: peer, request });
+                    let id = self.next_inbound;
+                    self.inbound.insert(id, channel);
+                    if !self.emit(P2pEvent::FetchRequested { id, from: peer, request }) {
+                        // Nobody will answer a dropped event: answer now, free the slot.
+                        if let Some(ch) = self.inbound.remove(&id) {
+                            let _ = self.swarm.behaviour_mut().fetch.send_response(ch, FetchResponse::NotFound);
+                        }
+                    }
                 }
                 request_response::Message::Response { request_id, response } => {
                     if let Some(tx) = self.pending_fetches.remove(&request_id) {

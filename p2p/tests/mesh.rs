@@ -222,6 +222,52 @@ async fn evidence_can_be_fetched_by_task_id() {
     answer.abort();
 }
 
+/// Fetches a node never answers (its loop busy, or the events dropped) time out and
+/// free their slots: they cannot pile up until every later fetch is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_fetches_do_not_exhaust_the_inbound_slots() {
+    let quick = || P2pConfig { fetch_timeout: Duration::from_millis(500), ..cfg(None) };
+    let mut server = start(key(0), quick()).await;
+    let client =
+        start(key(1), P2pConfig { fetch_timeout: Duration::from_millis(500), ..cfg(Some(&server.addr)) }).await;
+    let answering = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on = answering.clone();
+    let task = TaskId(Hash32::of(b"task"));
+    let answer = tokio::spawn(async move {
+        while let Some(ev) = server.events.recv().await {
+            if let P2pEvent::FetchRequested { id, .. } = ev
+                && on.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                server.handle.respond(id, FetchResponse::Found(b"bundle".to_vec())).await.expect("respond");
+            }
+        }
+    });
+    let ch = client.handle.clone();
+    until("a connection", async || !ch.connected_peers().await.expect("peers").is_empty()).await;
+    // More unanswered fetches than there are slots; each fails on its own.
+    let flood: Vec<_> = (0..(sampo_p2p::MAX_PENDING_FETCHES + 44))
+        .map(|_| client.handle.fetch(key(0).peer_id(), FetchRequest::Evidence { task }))
+        .collect();
+    for r in futures::future::join_all(flood).await {
+        assert!(!matches!(r, Ok(FetchResponse::Found(_))), "nobody answered");
+    }
+    answering.store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = timeout(WAIT, async {
+        loop {
+            if let Ok(FetchResponse::Found(b)) =
+                client.handle.fetch(key(0).peer_id(), FetchRequest::Evidence { task }).await
+            {
+                break b;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a slot frees up once the unanswered requests time out");
+    assert_eq!(got, b"bundle".to_vec());
+    answer.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libp2p_metrics_land_in_the_given_registry() {
     let mut metrics = Metrics::default();
