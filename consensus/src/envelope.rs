@@ -15,6 +15,17 @@ use crate::identity::{self, NodeKey};
 pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest encoded envelope accepted from anyone (also the gossip size limit).
 pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
+/// Most envelopes one message may nest (a verdict's evidence: announcement, request,
+/// commits, reveals, equivocation pairs, declines of at most `2 · MAX_COMMITTEE` seats
+/// need about 200). Each nested envelope costs a signature check while decoding, so the
+/// cap bounds what one message can make a node verify.
+pub const MAX_NESTED_ENVELOPES: usize = 256;
+
+thread_local! {
+    /// Nested envelopes the message being opened on this thread may still decode.
+    static NESTED_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
 /// Domain-separation prefix of every signature.
 pub const SIGNING_DOMAIN: &[u8] = b"sampo/v1/";
 
@@ -234,7 +245,10 @@ impl SignedEnvelope {
         if self.kind != M::KIND {
             return Err(EnvelopeError::KindMismatch { expected: M::KIND.as_str(), found: self.kind.as_str() });
         }
-        decode_body(&self.body)
+        let outer = NESTED_LEFT.with(|n| n.replace(MAX_NESTED_ENVELOPES));
+        let r = decode_body(&self.body);
+        NESTED_LEFT.with(|n| n.set(outer));
+        r
     }
 
     /// Check that the envelope was signed by `expected` (e.g. gossipsub's `source`).
@@ -277,6 +291,13 @@ impl serde::Serialize for SignedEnvelope {
 impl<'de> serde::Deserialize<'de> for SignedEnvelope {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
+        // Counted before the bytes are even read, so an over-nested message stops at
+        // the cap instead of paying for every signature in it.
+        let left = NESTED_LEFT.with(|n| n.get());
+        if left == 0 {
+            return Err(D::Error::custom(format!("more than {MAX_NESTED_ENVELOPES} nested envelopes")));
+        }
+        NESTED_LEFT.with(|n| n.set(left - 1));
         let bytes: Vec<u8> = if d.is_human_readable() {
             let s = String::deserialize(d)?;
             hex::decode(s).map_err(D::Error::custom)?

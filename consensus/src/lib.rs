@@ -18,7 +18,9 @@ pub mod verdict;
 
 pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay};
 pub use committee::{Candidate, Eligibility, committee_size, quorum, sample};
-pub use envelope::{EnvelopeError, MAX_ENVELOPE_BYTES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope};
+pub use envelope::{
+    EnvelopeError, MAX_ENVELOPE_BYTES, MAX_NESTED_ENVELOPES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope,
+};
 pub use identity::{IdentityError, NodeKey};
 pub use ids::{Hash32, ModelId, TaskId, commit_hash};
 pub use libp2p_identity::PeerId;

@@ -754,15 +754,30 @@ impl Consensus {
 
     fn on_verdict(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
         let verified = verify(env)?;
+        self.accept_verified(verified, env, actions);
+        Ok(())
+    }
+
+    /// Feed a verdict that was verified off the caller's loop ([`crate::verify`] is the
+    /// expensive part: every nested signature).
+    pub fn handle_verified(&mut self, verified: VerifiedVerdict, now_ms: u64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let env = verified.envelope.clone();
+        self.accept_verified(verified, &env, &mut actions);
+        self.drain_loopback(now_ms, &mut actions);
+        actions
+    }
+
+    fn accept_verified(&mut self, verified: VerifiedVerdict, env: &SignedEnvelope, actions: &mut Vec<Action>) {
         let key = (verified.task(), verified.verdict.attempt);
         let id = env.id();
         match self.seen_verdicts.get(&key) {
-            Some(first) if *first == id => return Ok(()),
+            Some(first) if *first == id => return,
             // A second, different verdict for one attempt, both signed by the task's
             // coordinator: passed on, so that the store records the equivocation.
             Some(_) => {
                 actions.push(Action::Apply(Box::new(verified)));
-                return Ok(());
+                return;
             }
             None => {
                 self.seen_verdicts.insert(key, id);
@@ -775,7 +790,6 @@ impl Consensus {
             }
         }
         actions.push(Action::Apply(Box::new(verified)));
-        Ok(())
     }
 
     /// Publish the verdict of a coordinated round.

@@ -55,3 +55,39 @@ fn one_coordinator_cannot_take_every_seat() {
     let acts = member.handle(&announce(&honest, &me, 0, 50_000), 1_000).expect("seated");
     assert!(acts.iter().any(|a| matches!(a, Action::Execute { .. })), "an honest coordinator still gets a seat");
 }
+
+/// A verdict nesting thousands of envelopes (each a signature to check) is refused at
+/// the cap, before its signatures are paid for.
+#[test]
+fn a_verdict_cannot_nest_thousands_of_envelopes() {
+    let key = NodeKey::from_seed([5; 32]);
+    let task = TaskId(Hash32::of(b"t"));
+    let commit = SignedEnvelope::seal(&key, &Commit { task, attempt: 0, hash: Hash32::of(b"h") }).expect("seal");
+    let ann = announce(&key, &key.peer_id(), 1, 10);
+    let verdict = Verdict {
+        task,
+        attempt: 0,
+        outcome: Outcome::Disputed,
+        marks: Vec::new(),
+        payouts: Vec::new(),
+        evidence: Evidence {
+            announcement: ann,
+            reveal_request: None,
+            commits: vec![commit.clone(); 5000],
+            reveals: Vec::new(),
+            equivocations: Vec::new(),
+            declines: Vec::new(),
+        },
+        decided_ms: 0,
+    };
+    let env = SignedEnvelope::seal(&key, &verdict).expect("fits in one envelope");
+    let back = SignedEnvelope::from_bytes(&env.to_bytes()).expect("the outer envelope is fine");
+    let err = back.open::<Verdict>().expect_err("over the cap");
+    assert!(err.to_string().contains("nested envelopes"), "{err}");
+    assert!(matches!(verify(&back), Err(VerifyError::Envelope { .. })));
+    // At the cap's size, an honest-sized verdict still opens.
+    let mut fine = verdict.clone();
+    fine.evidence.commits.truncate(MAX_NESTED_ENVELOPES - 1);
+    let env = SignedEnvelope::seal(&key, &fine).expect("seal");
+    assert!(env.open::<Verdict>().is_ok());
+}
