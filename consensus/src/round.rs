@@ -15,8 +15,8 @@ use crate::envelope::{EnvelopeError, MessageKind, SignedEnvelope};
 use crate::identity::NodeKey;
 use crate::ids::{Hash32, ModelId, TaskId, commit_hash};
 use crate::messages::{
-    Commit, Decline, DeclineReason, Evidence, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement, TaskSpec,
-    Verdict,
+    Commit, Decline, DeclineReason, Evidence, Mark, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement,
+    TaskSpec, Verdict,
 };
 use crate::verdict::{Tally, VerifiedVerdict, VerifyError, decide, verify};
 use crate::{MAX_COMMITTEE, PeerId};
@@ -148,6 +148,8 @@ pub enum RoundError {
     ForeignSpec,
     #[error("attempt {attempt} is beyond the {max} escalations the task allows")]
     AttemptOutOfRange { attempt: u8, max: u8 },
+    #[error("deadlines out of order or too far ahead (commit {commit_ms}, reveal {reveal_ms})")]
+    BadDeadlines { commit_ms: u64, reveal_ms: u64 },
 }
 
 impl RoundError {
@@ -157,6 +159,7 @@ impl RoundError {
             RoundError::Envelope(e) => e.merits_penalty(),
             RoundError::Spec(_)
             | RoundError::AttemptOutOfRange { .. }
+            | RoundError::BadDeadlines { .. }
             | RoundError::Verdict(_)
             | RoundError::NotCoordinator(_)
             | RoundError::NotOnCommittee { .. } => true,
@@ -210,6 +213,11 @@ struct Coordinated {
     reveals: BTreeMap<PeerId, Vec<SignedEnvelope>>,
     /// First decline per member whose reason holds.
     declines: BTreeMap<PeerId, SignedEnvelope>,
+    /// Members whose commit or decline came before the deadline but after the commit
+    /// phase closed early: the verdict marks them absent, this node does not.
+    excused: BTreeSet<PeerId>,
+    /// The commit deadline each member was given when it was seated.
+    seated_deadline: BTreeMap<PeerId, u64>,
     substitutions: usize,
     late_commits: u64,
     /// ByzantineCoordinator: the first round's commit per member, kept across the
@@ -283,7 +291,12 @@ pub struct Consensus {
     seen_order: VecDeque<(TaskId, u8)>,
     /// Envelopes this node published, fed back before control returns.
     loopback: VecDeque<SignedEnvelope>,
+    /// Members of this node's recent rounds that were in time but marked absent.
+    excused: VecDeque<((TaskId, u8), BTreeSet<PeerId>)>,
 }
+
+/// Rounds whose excused members are remembered (until their verdicts are applied).
+const EXCUSED_MEMORY: usize = 1024;
 
 impl std::fmt::Debug for Consensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -317,6 +330,7 @@ impl Consensus {
             seen_verdicts: HashMap::new(),
             seen_order: VecDeque::new(),
             loopback: VecDeque::new(),
+            excused: VecDeque::new(),
         }
     }
 
@@ -324,6 +338,13 @@ impl Consensus {
     pub fn with_behaviour(mut self, behaviour: Behaviour) -> Self {
         self.behaviour = behaviour;
         self
+    }
+
+    /// Members of this node's round (task, attempt) that its verdict marks absent
+    /// although their commit (or decline) arrived before the deadline, after the phase
+    /// closed early: this node must not hold that against them.
+    pub fn excused(&self, task: &TaskId, attempt: u8) -> BTreeSet<PeerId> {
+        self.excused.iter().find(|(k, _)| *k == (*task, attempt)).map(|(_, s)| s.clone()).unwrap_or_default()
     }
 
     /// The colluders this node lies with under [`Behaviour::Collude`].
@@ -410,6 +431,7 @@ impl Consensus {
         };
         let ann_env = seal(&self.key, &ann);
         self.publish(Topic::Tasks(ann.spec.model), ann_env.clone(), actions);
+        let committee_deadlines = ann.committee.iter().map(|p| (*p, commit_deadline_ms)).collect();
         self.coordinated.insert(
             task,
             Coordinated {
@@ -426,6 +448,8 @@ impl Consensus {
                 request: None,
                 reveals: BTreeMap::new(),
                 declines: BTreeMap::new(),
+                excused: BTreeSet::new(),
+                seated_deadline: committee_deadlines,
                 substitutions: 0,
                 late_commits: 0,
                 fishing: None,
@@ -462,7 +486,7 @@ impl Consensus {
             MessageKind::RevealRequest => self.on_reveal_request(env, actions),
             MessageKind::Reveal => self.on_reveal(env, now_ms, actions),
             MessageKind::Verdict => self.on_verdict(env, actions),
-            MessageKind::Decline => self.on_decline(env),
+            MessageKind::Decline => self.on_decline(env, now_ms),
             // Fraud proofs are checked by replay, outside the round machine.
             MessageKind::FraudProof => Ok(()),
             // Registry traffic is not the round machine's business.
@@ -483,6 +507,16 @@ impl Consensus {
         ann.spec.validate()?;
         if ann.attempt > ann.spec.max_escalations {
             return Err(RoundError::AttemptOutOfRange { attempt: ann.attempt, max: ann.spec.max_escalations });
+        }
+        // Deadlines in the wrong order, or a commit deadline beyond how long a seat may
+        // be held: no honest coordinator announces that.
+        if ann.reveal_deadline_ms <= ann.commit_deadline_ms
+            || ann.commit_deadline_ms > now_ms.saturating_add(self.params.max_seat_ms)
+        {
+            return Err(RoundError::BadDeadlines {
+                commit_ms: ann.commit_deadline_ms,
+                reveal_ms: ann.reveal_deadline_ms,
+            });
         }
         if ann.committee.len() > MAX_COMMITTEE * 2 {
             return Err(RoundError::Spec(SpecError::CommitteeTooLarge {
@@ -596,7 +630,7 @@ impl Consensus {
         actions
     }
 
-    fn on_commit(&mut self, env: &SignedEnvelope, _now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+    fn on_commit(&mut self, env: &SignedEnvelope, now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
         let c: Commit = env.open()?;
         let who = env.signer();
         self.copy_commit_hook(&c, who, actions);
@@ -635,6 +669,10 @@ impl Consensus {
         if round.phase != Phase::Committing {
             // After the reveal request nobody may join: they could copy a revealed output.
             round.late_commits += 1;
+            // But it came in time: closing early was our choice, so it is not absent.
+            if round.seated_deadline.get(&who).is_some_and(|d| now_ms < *d) {
+                round.excused.insert(who);
+            }
             return Ok(());
         }
         round.hashes.insert(who, c.hash);
@@ -649,15 +687,22 @@ impl Consensus {
 
     /// A seated member declines: recorded when its reason holds for the task, so the
     /// verdict marks it declined (no pay, no penalty) instead of absent.
-    fn on_decline(&mut self, env: &SignedEnvelope) -> Result<(), RoundError> {
+    fn on_decline(&mut self, env: &SignedEnvelope, now_ms: u64) -> Result<(), RoundError> {
         let d: Decline = env.open()?;
         let who = env.signer();
         let Some(round) = self.coordinated.get_mut(&d.task) else { return Ok(()) };
-        if d.attempt != round.ann.attempt || round.phase != Phase::Committing {
+        if d.attempt != round.ann.attempt {
             return Ok(());
         }
         if !round.ann.committee.contains(&who) {
             return Err(RoundError::NotOnCommittee { kind: "decline", task: d.task });
+        }
+        if round.phase != Phase::Committing {
+            let in_time = round.seated_deadline.get(&who).is_some_and(|d| now_ms < *d);
+            if in_time && d.reason.holds_for(&round.ann.spec, round.size()) {
+                round.excused.insert(who);
+            }
+            return Ok(());
         }
         if round.hashes.contains_key(&who) || round.declines.contains_key(&who) {
             return Ok(());
@@ -851,6 +896,22 @@ impl Consensus {
             decided_ms: now_ms,
         };
         let env = seal(&self.key, &verdict);
+        // Members the verdict marks absent without an accepted commit, whose own commit
+        // deadline had not passed when the round closed early: not absent first-hand.
+        for (p, m) in &verdict.marks {
+            if *m == Mark::Absent
+                && !committed.contains_key(p)
+                && round.seated_deadline.get(p).is_some_and(|d| now_ms < *d)
+            {
+                round.excused.insert(*p);
+            }
+        }
+        if !round.excused.is_empty() {
+            self.excused.push_back(((task, attempt), round.excused.clone()));
+            while self.excused.len() > EXCUSED_MEMORY {
+                self.excused.pop_front();
+            }
+        }
         if self.behaviour == Behaviour::ByzantineCoordinator && round.fishing.is_none() {
             // Keep the round: once the members' seats expire, re-announce the attempt.
             round.phase = Phase::Lingering;
@@ -882,7 +943,13 @@ impl Consensus {
                 _ => {}
             }
         }
-        self.duties.retain(|_, d| now_ms < d.reveal_deadline_ms);
+        // A seat whose inference still runs keeps counting (up to the seat cap), so that
+        // short deadlines cannot queue unbounded work past the per-coordinator limit.
+        let cap = self.params.max_seat_ms;
+        self.duties.retain(|_, d| {
+            now_ms < d.reveal_deadline_ms
+                || (matches!(d.state, DutyState::Executing) && now_ms < d.seated_ms.saturating_add(cap))
+        });
         self.drain_loopback(now_ms, &mut actions);
         actions
     }
@@ -911,9 +978,13 @@ impl Consensus {
             return;
         }
         round.substitutions += subs.len();
+        let deadline = now_ms + self.params.commit_window_ms;
+        for s in &subs {
+            round.seated_deadline.insert(*s, deadline);
+        }
         round.ann.committee.extend(subs);
         round.ann.revision += 1;
-        round.ann.commit_deadline_ms = now_ms + self.params.commit_window_ms;
+        round.ann.commit_deadline_ms = deadline;
         round.ann.reveal_deadline_ms = round.ann.commit_deadline_ms + self.params.reveal_window_ms;
         round.ann_env = seal(&self.key, &round.ann);
         let env = round.ann_env.clone();

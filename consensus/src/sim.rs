@@ -196,7 +196,8 @@ impl SimNet {
         for j in viewers {
             let me = self.peer(j);
             let node = &mut self.nodes[j];
-            apply_to_view(&mut node.view, &mut node.seen, &v, &me, now, &p);
+            let excused = node.consensus.excused(&v.task(), v.verdict.attempt);
+            apply_to_view(&mut node.view, &mut node.seen, &v, &me, &excused, now, p.clone());
         }
         self.nodes[i].applied.push(v);
     }
@@ -285,9 +286,11 @@ pub fn apply_to_view(
     seen: &mut BTreeMap<(TaskId, u8), Hash32>,
     v: &VerifiedVerdict,
     me: &PeerId,
+    excused: &std::collections::BTreeSet<PeerId>,
     now: u64,
-    p: &ReputationParams,
+    p: ReputationParams,
 ) {
+    let p = &p;
     let id = v.envelope.id();
     match seen.get(&(v.task(), v.verdict.attempt)) {
         Some(first) if *first == id => return,
@@ -300,7 +303,8 @@ pub fn apply_to_view(
             seen.insert((v.task(), v.verdict.attempt), id);
         }
     }
-    let a = crate::accountability::assess(v, me);
+    let mut a = crate::accountability::assess(v, me);
+    a.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
     for (peer, mark) in &a.marks {
         view.entry(*peer).or_default().record(*mark, now, p);
     }

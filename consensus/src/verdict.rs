@@ -140,6 +140,8 @@ pub enum VerifyError {
     UnacceptedReveal(PeerId),
     #[error("attempt {attempt} is beyond the {max} escalations the task allows")]
     AttemptOutOfRange { attempt: u8, max: u8 },
+    #[error("{count} {part} for a committee of {members}")]
+    TooManyProofs { part: &'static str, count: usize, members: usize },
     #[error("a decline by {0} states a reason that does not hold for the task")]
     FalseDecline(PeerId),
     #[error("two declines by {0}")]
@@ -224,6 +226,12 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
         return Err(VerifyError::DuplicateMember(dup));
     }
 
+    // One proof per member at most; more is padding that costs signature checks.
+    for (part, n) in [("equivocations", ev.equivocations.len()), ("declines", ev.declines.len())] {
+        if n > ann.committee.len() {
+            return Err(VerifyError::TooManyProofs { part, count: n, members: ann.committee.len() });
+        }
+    }
     let mut equivocators = BTreeSet::new();
     for (a, b) in &ev.equivocations {
         let who = a.signer();

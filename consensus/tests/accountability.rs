@@ -352,3 +352,47 @@ proptest! {
         }
     }
 }
+
+/// Substitutes seated with a fresh deadline that have not committed when the original
+/// members' (late) commits close the phase early are marked absent in the verdict, but
+/// the coordinator, which saw their deadline had not passed, does not hold it against them.
+#[test]
+fn in_time_members_after_an_early_close_are_excused() {
+    let mut net = SimNet::new(7, params(), |_| Behaviour::Honest);
+    let spec = net.spec(0, 3, 0);
+    let task = net.submit(0, spec.clone()).expect("submit");
+    let committee: Vec<usize> = net.nodes[0]
+        .consensus
+        .view(&task)
+        .expect("view")
+        .committee
+        .iter()
+        .map(|p| net.index_of(p).expect("known"))
+        .collect();
+    // Nobody runs the task in time; substitutes will be seated but stay slow too.
+    for n in &mut net.nodes {
+        n.offline = true;
+    }
+    net.settle();
+    net.tick(params().commit_window_ms);
+    let seated = net.nodes[0].consensus.view(&task).expect("still running").committee;
+    assert!(seated.len() > committee.len(), "substitutes seated: {}", seated.len());
+    // The original members now commit (late for their own deadline), closing the phase.
+    let now = net.now_ms;
+    for &i in &committee {
+        net.nodes[i].offline = false;
+        let actions = net.nodes[i].consensus.executed(task, 0, reference_output(&spec), now);
+        net.act(i, actions);
+    }
+    net.run(120_000);
+    let v = net.verdicts(0, &task).last().cloned().cloned().expect("verdict");
+    assert!(matches!(v.verdict.outcome, Outcome::Finalized { .. }), "{:?}", v.verdict.outcome);
+    let subs: Vec<PeerId> = seated.iter().filter(|p| !committee.iter().any(|i| net.peer(*i) == **p)).copied().collect();
+    assert!(!subs.is_empty());
+    let excused = net.nodes[0].consensus.excused(&task, 0);
+    for s in &subs {
+        assert_eq!(v.verdict.marks.iter().find(|(p, _)| p == s).map(|m| m.1), Some(Mark::Absent));
+        assert!(excused.contains(s), "substitute {s} excused");
+    }
+    assert_honest_untouched(&net, &(0..7).collect::<Vec<_>>());
+}

@@ -20,7 +20,7 @@ fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_
         attempt: 0,
         revision: 0,
         committee: vec![*member],
-        commit_deadline_ms: u64::MAX - 1,
+        commit_deadline_ms: 5_000,
         reveal_deadline_ms,
     };
     SignedEnvelope::seal(coordinator, &ann).expect("seal")
@@ -90,4 +90,35 @@ fn a_verdict_cannot_nest_thousands_of_envelopes() {
     fine.evidence.commits.truncate(MAX_NESTED_ENVELOPES - 1);
     let env = SignedEnvelope::seal(&key, &fine).expect("seal");
     assert!(env.open::<Verdict>().is_ok());
+}
+
+/// Deadlines out of order, or a commit deadline past the seat cap, are refused with a
+/// penalty: they are how one key would queue work that outlives its seats.
+#[test]
+fn nonsense_deadlines_are_refused() {
+    let params = RoundParams::default();
+    let mut member = Consensus::new(NodeKey::from_seed([1; 32]), params.clone());
+    let me = member.peer_id();
+    let attacker = NodeKey::from_seed([2; 32]);
+    let ann = announce(&attacker, &me, 1, 4_000);
+    let err = member.handle(&ann, 1_000).expect_err("reveal before commit");
+    assert!(matches!(err, RoundError::BadDeadlines { .. }) && err.merits_penalty(), "{err}");
+    assert_eq!(member.load().1, 0);
+}
+
+/// A seat whose inference is still running keeps counting against its coordinator,
+/// even after the (short) deadlines it was announced with have passed.
+#[test]
+fn running_seats_count_until_their_inference_reports() {
+    let params = RoundParams::default();
+    let mut member = Consensus::new(NodeKey::from_seed([1; 32]), params.clone());
+    let me = member.peer_id();
+    let attacker = NodeKey::from_seed([2; 32]);
+    for nonce in 0..3 {
+        member.handle(&announce(&attacker, &me, nonce, 6_000), 1_000).expect("seated");
+    }
+    member.tick(7_000, &[]);
+    assert_eq!(member.load().1, 3, "still executing: still counted");
+    member.tick(1_000 + params.max_seat_ms, &[]);
+    assert_eq!(member.load().1, 0, "freed at the seat cap");
 }

@@ -444,7 +444,10 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                 "observer"
             };
             // Only what the trust model allows this node to conclude is applied now.
-            let assessment = assess(&v, &me);
+            let mut assessment = assess(&v, &me);
+            // Members whose commit came in time, after this node closed the phase early.
+            let excused = p.consensus.excused(&v.task(), v.verdict.attempt);
+            assessment.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
             let effects = Effects::from(&assessment);
             let store = p.store.clone();
             let rp = p.reputation.clone();
