@@ -51,12 +51,18 @@ pub fn assess(v: &VerifiedVerdict, me: &PeerId) -> Assessment {
     a
 }
 
+/// Whether `me` took part in the round: it coordinated it, or revealed in it. Merely
+/// being listed on a committee is not taking part (anyone can list anyone).
+pub fn took_part(v: &VerifiedVerdict, me: &PeerId) -> bool {
+    v.coordinator == *me || v.opened.contains_key(me)
+}
+
 /// Whether node `me` replays a verdict: it contests someone and `me` took part (as its
-/// coordinator or a member: bystanders leave contested marks unapplied and learn of a
-/// refuted output from the fraud proof), or it is drawn for a random audit
+/// coordinator or a revealing member: bystanders leave contested marks unapplied and
+/// learn of a refuted output from the fraud proof), or it is drawn for a random audit
 /// (`audit_draw` uniform in [0, 1)).
 pub fn needs_replay(v: &VerifiedVerdict, a: &Assessment, me: &PeerId, audit_rate: f64, audit_draw: f64) -> bool {
-    let involved = v.coordinator == *me || v.committee.contains(me);
+    let involved = took_part(v, me);
     matches!(v.verdict.outcome, Outcome::Finalized { .. })
         && ((involved && !a.contested.is_empty()) || audit_draw < audit_rate)
 }

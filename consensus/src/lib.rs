@@ -16,7 +16,7 @@ pub mod round;
 pub mod sim;
 pub mod verdict;
 
-pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay};
+pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay, took_part};
 pub use committee::{Candidate, Eligibility, committee_size, quorum, sample};
 pub use envelope::{
     EnvelopeError, MAX_ENVELOPE_BYTES, MAX_NESTED_ENVELOPES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope,

@@ -4,9 +4,9 @@
 //! inference threads at the lowest priority, and at most `replays_per_minute` per
 //! coordinator (or prover), so a flood of verdicts cannot buy this node's CPU.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use sampo_consensus::{PeerId, VerifiedVerdict, outputs_to_replay};
+use sampo_consensus::{PeerId, SignedEnvelope, TaskId, VerifiedVerdict, outputs_to_replay};
 use sampo_kernels::replay::Divergence;
 
 use crate::models::LoadedModel;
@@ -72,39 +72,101 @@ pub fn replay_verdict(model: &LoadedModel, v: &VerifiedVerdict) -> Result<Replay
     Ok(out)
 }
 
-/// Replays allowed per minute per peer (the coordinator of a verdict, the sender of a
-/// fraud proof). Bounded: at most [`MAX_TRACKED`] peers are tracked; the stalest go.
+/// Replays for rounds this node took no part in (audits, fraud proofs from others):
+/// at most `per_minute` per peer that caused them (a verdict's coordinator, a proof's
+/// sender) and at most `GLOBAL_FACTOR × per_minute` for the whole node, so fresh keys
+/// buy nothing beyond the node-wide cap. Replays of rounds this node coordinated or
+/// revealed in are not charged: they are bounded by its own seats. At most
+/// [`MAX_TRACKED`] peers are tracked; when all are current, newcomers draw on the
+/// node-wide budget alone.
 #[derive(Debug)]
 pub struct ReplayBudget {
     per_minute: u32,
     used: HashMap<PeerId, (u64, u32)>,
+    global: (u64, u32),
 }
 
 const MAX_TRACKED: usize = 4096;
+/// The node-wide budget, in units of the per-peer one.
+pub const GLOBAL_FACTOR: u32 = 10;
 
 impl ReplayBudget {
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, used: HashMap::new() }
+        Self { per_minute, used: HashMap::new(), global: (0, 0) }
     }
 
-    /// Take one replay from `who`'s budget for the minute of `now_ms`.
+    /// Take one replay from `who`'s budget and the node's for the minute of `now_ms`.
     pub fn take(&mut self, who: PeerId, now_ms: u64) -> bool {
         let minute = now_ms / 60_000;
-        if self.used.len() >= MAX_TRACKED && !self.used.contains_key(&who) {
-            self.used.retain(|_, (m, _)| *m == minute);
-            if self.used.len() >= MAX_TRACKED {
-                return false;
-            }
+        if self.global.0 != minute {
+            self.global = (minute, 0);
         }
-        let e = self.used.entry(who).or_insert((minute, 0));
-        if e.0 != minute {
-            *e = (minute, 0);
-        }
-        if e.1 >= self.per_minute {
+        if self.global.1 >= self.per_minute.saturating_mul(GLOBAL_FACTOR) {
             return false;
         }
-        e.1 += 1;
+        if self.used.len() >= MAX_TRACKED && !self.used.contains_key(&who) {
+            self.used.retain(|_, (m, _)| *m == minute);
+        }
+        if self.used.len() < MAX_TRACKED || self.used.contains_key(&who) {
+            let e = self.used.entry(who).or_insert((minute, 0));
+            if e.0 != minute {
+                *e = (minute, 0);
+            }
+            if e.1 >= self.per_minute {
+                return false;
+            }
+            e.1 += 1;
+        }
+        self.global.1 += 1;
         true
+    }
+}
+
+/// Fraud proofs that arrived before the verdict they name: a few per (task, attempt),
+/// a bounded number in all, oldest evicted first, none kept past [`PROOF_TTL_MS`].
+#[derive(Debug, Default)]
+pub struct PendingProofs {
+    queue: VecDeque<((TaskId, u8), u64, SignedEnvelope)>,
+}
+
+pub const MAX_PENDING_PROOFS: usize = 256;
+const PROOFS_PER_TASK: usize = 4;
+pub const PROOF_TTL_MS: u64 = 10 * 60 * 1000;
+
+impl PendingProofs {
+    pub fn park(&mut self, key: (TaskId, u8), proof: SignedEnvelope, now_ms: u64) {
+        self.expire(now_ms);
+        let for_key = self.queue.iter().filter(|(k, _, _)| *k == key).count();
+        if for_key >= PROOFS_PER_TASK || self.queue.iter().any(|(_, _, e)| *e == proof) {
+            return;
+        }
+        if self.queue.len() >= MAX_PENDING_PROOFS {
+            self.queue.pop_front();
+        }
+        self.queue.push_back((key, now_ms, proof));
+    }
+
+    /// The proofs parked for `key`, removed.
+    pub fn take(&mut self, key: (TaskId, u8), now_ms: u64) -> Vec<SignedEnvelope> {
+        self.expire(now_ms);
+        let (mine, rest): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.queue).into_iter().partition(|(k, _, _)| *k == key);
+        self.queue = rest;
+        mine.into_iter().map(|(_, _, e)| e).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn expire(&mut self, now_ms: u64) {
+        while self.queue.front().is_some_and(|(_, t, _)| now_ms.saturating_sub(*t) > PROOF_TTL_MS) {
+            self.queue.pop_front();
+        }
     }
 }
 
@@ -113,16 +175,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn budget_is_per_peer_and_per_minute_and_bounded() {
+    fn budget_is_per_peer_per_minute_and_node_wide() {
         let mut b = ReplayBudget::new(2);
         let (a, c) = (PeerId::random(), PeerId::random());
         assert!(b.take(a, 0) && b.take(a, 1));
         assert!(!b.take(a, 2), "third in the same minute");
         assert!(b.take(c, 3), "another peer has its own budget");
         assert!(b.take(a, 60_000), "a new minute");
-        for _ in 0..(2 * MAX_TRACKED) {
-            b.take(PeerId::random(), 60_001);
-        }
+        // Fresh keys buy nothing past the node-wide cap.
+        let granted = (0..1000).filter(|_| b.take(PeerId::random(), 60_001)).count();
+        assert_eq!(granted as u32, 2 * GLOBAL_FACTOR - 1);
         assert!(b.used.len() <= MAX_TRACKED);
+        assert!(b.take(a, 120_000), "the next minute starts afresh");
+    }
+
+    #[test]
+    fn pending_proofs_are_bounded_per_task_in_all_and_in_time() {
+        let key = sampo_consensus::NodeKey::from_seed([1; 32]);
+        let proof = |n: u32| {
+            SignedEnvelope::seal(
+                &key,
+                &sampo_consensus::FraudProof {
+                    task: TaskId(sampo_consensus::Hash32::of(&n.to_le_bytes())),
+                    attempt: 0,
+                    verdict: sampo_consensus::Hash32::of(b"v"),
+                    position: n,
+                    expected: None,
+                },
+            )
+            .expect("seal")
+        };
+        let t = |n: u32| (TaskId(sampo_consensus::Hash32::of(&n.to_le_bytes())), 0u8);
+        let mut p = PendingProofs::default();
+        for n in 0..10 {
+            p.park(t(0), proof(1000 + n), 0);
+        }
+        assert_eq!(p.len(), PROOFS_PER_TASK, "one task cannot hold more");
+        for n in 0..(2 * MAX_PENDING_PROOFS as u32) {
+            p.park(t(n + 1), proof(n), 1);
+        }
+        assert_eq!(p.len(), MAX_PENDING_PROOFS, "bounded in all, oldest evicted");
+        assert!(p.take(t(0), 2).is_empty(), "the oldest went first");
+        let last = 2 * MAX_PENDING_PROOFS as u32;
+        assert_eq!(p.take(t(last), 2).len(), 1);
+        assert!(p.take(t(last - 1), 2 + PROOF_TTL_MS + 1).is_empty(), "expired");
+        assert!(p.is_empty());
     }
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::audit::{ReplayBudget, ReplayOutcome, ReplayReason, replay_verdict};
+use crate::audit::{PendingProofs, ReplayBudget, ReplayOutcome, ReplayReason, replay_verdict};
 use crate::executor::{Executor, Job};
 use crate::metrics::NodeMetrics;
 use crate::models::Models;
@@ -187,12 +187,14 @@ pub struct LoopParts {
     pub audit_rate: f64,
     pub replay_budget: ReplayBudget,
     /// Fraud proofs that arrived before the verdict they name (bounded).
-    pub pending_proofs: HashMap<(TaskId, u8), SignedEnvelope>,
+    pub pending_proofs: PendingProofs,
+    /// Replays queued or running, by (task, attempt): one at a time per verdict.
+    pub replays_in_flight: std::collections::HashSet<(TaskId, u8)>,
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Fraud proofs held for verdicts not yet applied.
-pub const MAX_PENDING_PROOFS: usize = 256;
+/// Replays queued or running at once: they never crowd paid work out of the queue.
+pub const MAX_REPLAYS_IN_FLIGHT: usize = 4;
 
 fn gossip_topic(t: Topic) -> GossipTopic {
     match t {
@@ -425,6 +427,10 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             let metrics = p.metrics.clone();
             tokio::spawn(async move {
                 let tokens = match rx.await {
+                    // Cut short (shutdown): not the model's output, so never committed.
+                    Ok(Ok(g)) if g.finish == sampo_kernels::FinishReason::Cancelled => {
+                        Err("the inference was cancelled".into())
+                    }
                     Ok(Ok(g)) => {
                         metrics.observe_generation(&g);
                         Ok(g.tokens)
@@ -464,12 +470,15 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                 Ok(Err(e)) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
                 Err(e) => warn!(error = %e, "verdict writer panicked"),
             }
-            if let Some(proof) = p.pending_proofs.remove(&(v.task(), v.verdict.attempt)) {
-                check_fraud_proof(p, &proof).await;
-            } else if needs_replay(&v, &assessment, &me, p.audit_rate, rand::random::<f64>()) {
+            // Independent of any proof already parked for it: a bogus early proof must
+            // not stand in for this node's own replay.
+            if needs_replay(&v, &assessment, &me, p.audit_rate, rand::random::<f64>()) {
                 let reason =
                     if assessment.contested.is_empty() { ReplayReason::Audit } else { ReplayReason::Contested };
                 schedule_replay(p, (*v).clone(), reason, None);
+            }
+            for proof in p.pending_proofs.take((v.task(), v.verdict.attempt), now_ms()) {
+                check_fraud_proof(p, &proof).await;
             }
             p.metrics
                 .tasks
@@ -523,9 +532,15 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
 /// caused it (the verdict's coordinator, or the fraud proof's sender).
 fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, proof: Option<SignedEnvelope>) {
     let Some(model) = p.models.by_id(&v.spec.model).cloned() else { return };
+    let key = (v.task(), v.verdict.attempt);
+    if p.replays_in_flight.contains(&key) || p.replays_in_flight.len() >= MAX_REPLAYS_IN_FLIGHT {
+        p.metrics.replay(reason.as_str(), "skipped");
+        return;
+    }
+    // Rounds this node coordinated or revealed in are work it chose to take on: no
+    // budget applies to them. Everything else is charged to whoever caused it.
     let payer = proof.as_ref().map_or(v.coordinator, |e| e.signer());
-    // This node's own rounds are work it chose to take on: no budget applies to them.
-    if payer != p.consensus.peer_id() && !p.replay_budget.take(payer, now_ms()) {
+    if !sampo_consensus::took_part(&v, &p.consensus.peer_id()) && !p.replay_budget.take(payer, now_ms()) {
         p.metrics.replay(reason.as_str(), "skipped");
         return;
     }
@@ -537,7 +552,9 @@ fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, 
     });
     if p.executor.submit_call(0, call).is_err() {
         p.metrics.replay(reason.as_str(), "skipped");
+        return;
     }
+    p.replays_in_flight.insert(key);
 }
 
 /// A fraud proof from the network: checked by this node's own replay before anything.
@@ -545,28 +562,23 @@ async fn check_fraud_proof(p: &mut LoopParts, env: &SignedEnvelope) {
     let Ok(proof) = env.open::<FraudProof>() else { return };
     let store = p.store.clone();
     let (task, attempt) = (proof.task, proof.attempt);
+    // The proof names a verdict, but what convinces is this node's replay of the verdict
+    // *it* applied for that attempt (a coordinator that signed two must not split the
+    // network into halves that ignore each other's proofs). Checked off the loop.
     let found = tokio::task::spawn_blocking(move || {
-        let done = store.replay_record(&task, attempt).ok().flatten().is_some();
-        (done, store.verdict_of(&task, attempt).ok().flatten())
+        if store.replay_record(&task, attempt).ok().flatten().is_some() {
+            return (true, None);
+        }
+        let v = store.verdict_of(&task, attempt).ok().flatten().map(|r| sampo_consensus::verify(&r.verdict));
+        (false, v)
     })
     .await;
-    let record = match found {
-        Ok((false, Some(record))) => record,
-        Ok((false, None)) => {
-            // The verdict may still be on its way: keep the proof until it is applied.
-            if p.pending_proofs.len() < MAX_PENDING_PROOFS {
-                p.pending_proofs.insert((task, attempt), env.clone());
-            }
-            return;
-        }
-        _ => return,
-    };
-    if record.verdict.id() != proof.verdict {
-        debug!(%task, "fraud proof names a verdict this node did not apply");
-        return;
+    match found {
+        Ok((false, Some(Ok(v)))) => schedule_replay(p, v, ReplayReason::FraudProof, Some(env.clone())),
+        // The verdict may still be on its way: keep the proof until it is applied.
+        Ok((false, None)) => p.pending_proofs.park((task, attempt), env.clone(), now_ms()),
+        _ => {}
     }
-    let Ok(v) = sampo_consensus::verify(&record.verdict) else { return };
-    schedule_replay(p, v, ReplayReason::FraudProof, Some(env.clone()));
 }
 
 /// A replay finished: record what it settled; a refuted finalized output is overturned
@@ -578,6 +590,7 @@ async fn replayed(
     proof: Option<SignedEnvelope>,
     outcome: Result<ReplayOutcome, String>,
 ) -> Vec<Action> {
+    p.replays_in_flight.remove(&(v.task(), v.verdict.attempt));
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {

@@ -199,7 +199,8 @@ pub async fn run_with(
             max_tokens_per_task: cfg.execution.max_tokens_per_task,
             audit_rate: c.audit_rate,
             replay_budget: crate::audit::ReplayBudget::new(c.replays_per_minute),
-            pending_proofs: std::collections::HashMap::new(),
+            pending_proofs: crate::audit::PendingProofs::default(),
+            replays_in_flight: std::collections::HashSet::new(),
             shutdown: stop_rx,
         })
         .instrument(info_span!("event-loop")),
