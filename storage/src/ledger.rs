@@ -329,8 +329,9 @@ impl Store {
         self.get(&evidence_key(task, attempt))
     }
 
+    /// A peer's reputation, from the in-memory mirror (no database read).
     pub fn reputation(&self, peer: &PeerId) -> Result<Option<Reputation>, StorageError> {
-        self.get(&peer.to_bytes())
+        Ok(self.reputations.read().unwrap_or_else(|e| e.into_inner()).get(peer).cloned())
     }
 
     pub fn credits(&self, peer: &PeerId) -> Result<CreditAccount, StorageError> {
@@ -354,10 +355,9 @@ impl Store {
 
     /// Every peer's reputation record.
     pub fn reputations(&self) -> Result<Vec<(PeerId, Reputation)>, StorageError> {
-        Ok(self
-            .iter_prefix::<Reputation>(&[])?
-            .into_iter()
-            .filter_map(|(k, r)| PeerId::from_bytes(&k).ok().map(|p| (p, r)))
-            .collect())
+        let mut all: Vec<(PeerId, Reputation)> =
+            self.reputations.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(p, r)| (*p, r.clone())).collect();
+        all.sort_by(|a, b| a.0.to_bytes().cmp(&b.0.to_bytes()));
+        Ok(all)
     }
 }

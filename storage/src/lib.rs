@@ -5,9 +5,11 @@
 use std::path::{Path, PathBuf};
 
 pub mod ledger;
+pub mod retention;
 pub use ledger::{
     Applied, CreditAccount, Effects, EvidenceRecord, Overturn, ReplayRecord, StoredCommit, TaskRecord, TaskStatus,
 };
+pub use retention::{Pruned, Retention};
 
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Serialize, de::DeserializeOwned};
@@ -119,6 +121,10 @@ pub struct Store {
     sync_writes: bool,
     /// Serializes read-check-write sequences such as applying a verdict exactly once.
     apply_lock: std::sync::Mutex<()>,
+    /// Every peer's reputation, mirrored in memory: the node reads it for every
+    /// committee it samples and every metrics refresh, which must not scan the database.
+    /// Kept in step by [`Store::commit`], the one path every write takes.
+    reputations: std::sync::RwLock<std::collections::HashMap<sampo_consensus::PeerId, sampo_consensus::Reputation>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,7 +182,13 @@ impl Store {
         }
         let cfs = names.iter().map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        let store = Self { db, path: path.to_owned(), sync_writes: true, apply_lock: std::sync::Mutex::new(()) };
+        let store = Self {
+            db,
+            path: path.to_owned(),
+            sync_writes: true,
+            apply_lock: std::sync::Mutex::new(()),
+            reputations: std::sync::RwLock::new(std::collections::HashMap::new()),
+        };
         let meta = store.cf(Column::Meta)?;
         match store.db.get_cf(meta, SCHEMA_VERSION_KEY)? {
             None if fresh => {
@@ -199,6 +211,15 @@ impl Store {
                 }
             }
         }
+        // A record that does not decode is left for reads to report; it cannot stop
+        // the node from opening its store.
+        let mut all = std::collections::HashMap::new();
+        store.scan::<sampo_consensus::Reputation>(|k, _, r| {
+            if let Ok(p) = sampo_consensus::PeerId::from_bytes(k) {
+                all.insert(p, r);
+            }
+        })?;
+        *store.reputations.write().unwrap_or_else(|e| e.into_inner()) = all;
         Ok(store)
     }
 
@@ -255,6 +276,22 @@ impl Store {
             }
         }
         self.db.write_opt(wb, &self.write_opts())?;
+        let mut cache = None;
+        for (col, key, value) in &batch.ops {
+            if *col != Column::Reputation {
+                continue;
+            }
+            let Ok(peer) = sampo_consensus::PeerId::from_bytes(key) else { continue };
+            let cache = cache.get_or_insert_with(|| self.reputations.write().unwrap_or_else(|e| e.into_inner()));
+            match value.as_deref().map(|v| decode::<sampo_consensus::Reputation>(key, v)) {
+                Some(Ok(r)) => {
+                    cache.insert(peer, r);
+                }
+                Some(Err(_)) | None => {
+                    cache.remove(&peer);
+                }
+            }
+        }
         Ok(())
     }
 
