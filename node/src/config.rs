@@ -53,7 +53,26 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub execution: ExecutionConfig,
     pub consensus: ConsensusConfig,
+    pub storage: StorageConfig,
     pub testing: TestingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Evidence, task records, stored commits and replay records older than this (on
+    /// this node's clock) are pruned.
+    pub retention_days: u64,
+    /// The evidence kept is held under this size, oldest pruned first.
+    pub max_evidence_mb: u64,
+    /// Seconds between retention passes.
+    pub prune_interval_secs: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { retention_days: 30, max_evidence_mb: 2048, prune_interval_secs: 600 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -157,6 +176,7 @@ impl Default for Config {
             models: Vec::new(),
             execution: ExecutionConfig::default(),
             consensus: ConsensusConfig::default(),
+            storage: StorageConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -281,6 +301,13 @@ reputation_half_life_secs = 21600
 audit_rate = 0.05
 # Replays at most per minute for one coordinator (or fraud-proof sender).
 replays_per_minute = 6
+
+[storage]
+# Evidence, task records, stored commits and replay records older than this go.
+retention_days = 30
+# The evidence kept stays under this size (MiB), oldest pruned first.
+max_evidence_mb = 2048
+prune_interval_secs = 600
 
 # Deliberate misbehaviour for testnets: "honest", "wrong_output", "never_reveal",
 # "copy_commit", "equivocate", "byzantine_coordinator" (forged absences, dropped
@@ -421,6 +448,16 @@ impl Config {
         }
         if c.reputation_half_life_secs == 0 {
             return bad("consensus.reputation_half_life_secs", "must be at least 1".into());
+        }
+        let st = &self.storage;
+        if st.retention_days == 0 || st.retention_days > 36_500 {
+            return bad("storage.retention_days", format!("{} is outside 1..=36500", st.retention_days));
+        }
+        if st.max_evidence_mb == 0 {
+            return bad("storage.max_evidence_mb", "must be positive".into());
+        }
+        if st.prune_interval_secs == 0 {
+            return bad("storage.prune_interval_secs", "must be positive".into());
         }
         if !(0.0..=1.0).contains(&c.audit_rate) {
             return bad("consensus.audit_rate", format!("{} is outside [0, 1]", c.audit_rate));

@@ -39,6 +39,11 @@ pub struct ReplayLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
     pub backend: String,
     pub device: String,
@@ -63,6 +68,7 @@ pub struct NodeMetrics {
     pub replays: Family<ReplayLabels, Counter>,
     pub fraud_proofs_sent: Counter,
     pub coordinator_equivocations: Counter,
+    pub pruned: Family<KindLabel, Counter>,
 }
 
 impl NodeMetrics {
@@ -104,6 +110,7 @@ impl NodeMetrics {
             replays: Family::default(),
             fraud_proofs_sent: Counter::default(),
             coordinator_equivocations: Counter::default(),
+            pruned: Family::default(),
         };
         let r = root.sub_registry_with_prefix("sampo");
         r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
@@ -149,6 +156,7 @@ impl NodeMetrics {
             "Second, different verdicts for an applied attempt (the coordinator is banned)",
             m.coordinator_equivocations.clone(),
         );
+        r.register("pruned_records", "Records dropped by retention, by kind", m.pruned.clone());
         m
     }
 

@@ -341,6 +341,42 @@ fn fetch_answer(store: &Store, req: &FetchRequest) -> FetchResponse {
     }
 }
 
+/// Retention passes, off the event loop, until shutdown.
+pub async fn prune_loop(
+    store: Arc<Store>,
+    retention: sampo_storage::Retention,
+    rp: ReputationParams,
+    every: Duration,
+    metrics: Arc<NodeMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let (s, r, p) = (store.clone(), retention.clone(), rp.clone());
+        match tokio::task::spawn_blocking(move || s.prune(now_ms(), &r, &p)).await {
+            Ok(Ok(pruned)) => {
+                for (kind, n) in [
+                    ("evidence", pruned.evidence),
+                    ("task", pruned.tasks),
+                    ("commit", pruned.commits),
+                    ("replay", pruned.replays),
+                    ("reputation", pruned.reputations),
+                ] {
+                    metrics.pruned.get_or_create(&crate::metrics::KindLabel { kind: kind.into() }).inc_by(n as u64);
+                }
+                debug!(?pruned, "retention pass");
+            }
+            Ok(Err(e)) => warn!(error = %e, "retention pass failed"),
+            Err(e) => warn!(error = %e, "retention pass panicked"),
+        }
+    }
+}
+
 fn refresh_reputation_gauges(store: &Store, rp: &ReputationParams, m: &NodeMetrics) {
     let now = now_ms();
     let mut buckets = [0i64; 5];

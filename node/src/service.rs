@@ -201,9 +201,24 @@ pub async fn run_with(
             replay_budget: crate::audit::ReplayBudget::new(c.replays_per_minute),
             pending_proofs: crate::audit::PendingProofs::default(),
             replays_in_flight: std::collections::HashSet::new(),
-            shutdown: stop_rx,
+            shutdown: stop_rx.clone(),
         })
         .instrument(info_span!("event-loop")),
+    );
+    let retention = sampo_storage::Retention {
+        max_age_ms: cfg.storage.retention_days.saturating_mul(24 * 3600 * 1000),
+        max_evidence_bytes: cfg.storage.max_evidence_mb.saturating_mul(1 << 20),
+    };
+    tokio::spawn(
+        runtime::prune_loop(
+            store.clone(),
+            retention,
+            reputation.clone(),
+            Duration::from_secs(cfg.storage.prune_interval_secs),
+            metrics.clone(),
+            stop_rx,
+        )
+        .instrument(info_span!("retention")),
     );
 
     let policy = ApiPolicy {
