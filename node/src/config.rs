@@ -94,6 +94,14 @@ pub struct NetworkConfig {
     /// Seconds between this node's capacity announcements.
     pub announce_interval_secs: u64,
     pub max_connections: u32,
+    /// Most connections to or from one IP address (IPv6: one /64); loopback included.
+    pub max_connections_per_ip: u32,
+    /// Connection slots kept for this node's own dials: inbound connections get at most
+    /// `max_connections - reserved_outbound`. Must be below `max_connections`.
+    pub reserved_outbound: u32,
+    /// Use private, loopback, link-local... addresses that peers report (identify,
+    /// Kademlia). For a testnet on one host or a LAN; bootstrap addresses always work.
+    pub allow_private_addresses: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +197,9 @@ impl Default for NetworkConfig {
             bootstrap: Vec::new(),
             announce_interval_secs: 5,
             max_connections: 256,
+            max_connections_per_ip: 8,
+            reserved_outbound: 16,
+            allow_private_addresses: false,
         }
     }
 }
@@ -254,6 +265,14 @@ bootstrap = []
 # Seconds between capacity announcements; a peer is forgotten after three missed.
 announce_interval_secs = 5
 max_connections = 256
+# Most connections to or from one IP address (IPv6: one /64), loopback included.
+max_connections_per_ip = 8
+# Of max_connections, slots only this node's own dials may use: inbound connections
+# get at most max_connections - reserved_outbound.
+reserved_outbound = 16
+# Use private, loopback and link-local addresses that peers report (identify, Kademlia);
+# for a testnet on one host or a LAN. Bootstrap addresses are used whatever they are.
+allow_private_addresses = false
 
 [api]
 # OpenAI-compatible HTTP API, /metrics, /health and /ready.
@@ -396,6 +415,18 @@ impl Config {
         }
         if self.network.max_connections == 0 {
             return bad("network.max_connections", "must be at least 1".into());
+        }
+        if self.network.max_connections_per_ip == 0 {
+            return bad("network.max_connections_per_ip", "must be at least 1".into());
+        }
+        if self.network.reserved_outbound >= self.network.max_connections {
+            return bad(
+                "network.reserved_outbound",
+                format!(
+                    "{} must be below network.max_connections ({}): inbound connections need a slot",
+                    self.network.reserved_outbound, self.network.max_connections
+                ),
+            );
         }
         if self.api.max_body_bytes < 1024 {
             return bad("api.max_body_bytes", format!("{} is too small (at least 1024)", self.api.max_body_bytes));
@@ -585,6 +616,13 @@ mod tests {
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.k"), "{err}");
         let err = load_str("[consensus]\naudit_rate = 1.5\n", &[]).expect_err("rate");
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.audit_rate"), "{err}");
+        let err = load_str("[network]\nmax_connections = 16\n", &[]).expect_err("reserved >= max");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.reserved_outbound"), "{err}");
+        assert!(load_str("[network]\nmax_connections = 16\nreserved_outbound = 4\n", &[]).is_ok());
+        let err = load_str("[network]\nmax_connections_per_ip = 0\n", &[]).expect_err("per ip");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.max_connections_per_ip"), "{err}");
+        let err = load_str("[network]\nallow_private_addresses = \"yes\"\n", &[]).expect_err("bool");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.allow_private_addresses"), "{err}");
     }
 
     #[test]

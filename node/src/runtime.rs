@@ -16,7 +16,7 @@ use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, P2pEvent, P2pHandle};
 use sampo_storage::{Applied, Effects, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::audit::{PendingProofs, ReplayBudget, ReplayOutcome, ReplayReason, replay_verdict};
 use crate::executor::{Executor, Job};
@@ -157,6 +157,14 @@ pub enum LoopCmd {
     },
     /// A replay of a verdict's outputs finished.
     Replayed(Box<ReplayDone>),
+    /// A verdict's write to the store finished.
+    Applied(Box<AppliedDone>),
+}
+
+pub struct AppliedDone {
+    verdict: VerifiedVerdict,
+    assessment: sampo_consensus::Assessment,
+    result: Result<Applied, String>,
 }
 
 pub struct ReplayDone {
@@ -190,6 +198,8 @@ pub struct LoopParts {
     pub pending_proofs: PendingProofs,
     /// Replays queued or running, by (task, attempt): one at a time per verdict.
     pub replays_in_flight: std::collections::HashSet<(TaskId, u8)>,
+    /// Verdict writes in flight at once (each a synced RocksDB batch).
+    pub apply_slots: Arc<tokio::sync::Semaphore>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -284,6 +294,10 @@ pub async fn run(mut p: LoopParts) {
                     info!(%task, ?reason, "declining a seat");
                     p.consensus.decline(task, attempt, reason, now_ms())
                 }
+                Some(LoopCmd::Applied(done)) => {
+                    after_apply(&mut p, me, *done).await;
+                    Vec::new()
+                }
                 Some(LoopCmd::Replayed(done)) => {
                     let ReplayDone { verdict, reason, proof, outcome } = *done;
                     replayed(&mut p, verdict, reason, proof, outcome).await
@@ -304,22 +318,34 @@ pub async fn run(mut p: LoopParts) {
                 Vec::new()
             }
         };
-        // A commit that could not be stored is not published: answering a re-announcement
-        // with the same commit after a restart depends on it.
-        let mut unstored: Option<(TaskId, u8)> = None;
-        for action in actions {
-            if let (Some((t, a)), Action::Publish { envelope, .. }) = (unstored, &action)
-                && envelope.open::<Commit>().is_ok_and(|c| c.task == t && c.attempt == a)
-            {
-                continue;
-            }
-            if let Action::StoreCommit { task, attempt, tokens } = &action {
-                let (store, (t, a), tokens) = (p.store.clone(), (*task, *attempt), tokens.clone());
-                let stored = tokio::task::spawn_blocking(move || store.store_commit(&t, a, &tokens, now_ms())).await;
-                if !matches!(stored, Ok(Ok(()))) {
-                    warn!(task = %t, "could not store a commit; not publishing it");
-                    unstored = Some((t, a));
-                }
+        // A commit is published only once it is stored (synced): answering a
+        // re-announcement with the same commit after a restart depends on it. The write
+        // and the publish that waits for it run off the loop.
+        let mut actions = actions;
+        while !actions.is_empty() {
+            let action = actions.remove(0);
+            if let Action::StoreCommit { task, attempt, tokens } = action {
+                let at = actions.iter().position(|a| {
+                    matches!(a, Action::Publish { envelope, .. }
+                        if envelope.open::<Commit>().is_ok_and(|c| c.task == task && c.attempt == attempt))
+                });
+                let commit = at.map(|i| actions.remove(i));
+                let (store, p2p) = (p.store.clone(), p.p2p.clone());
+                tokio::spawn(
+                    async move {
+                        let stored =
+                            tokio::task::spawn_blocking(move || store.store_commit(&task, attempt, &tokens, now_ms()))
+                                .await;
+                        if !matches!(stored, Ok(Ok(()))) {
+                            warn!(%task, "could not store a commit; not publishing it");
+                            return;
+                        }
+                        if let Some(Action::Publish { topic, envelope }) = commit {
+                            publish(&p2p, topic, envelope).await;
+                        }
+                    }
+                    .instrument(tracing::info_span!("store-commit")),
+                );
                 continue;
             }
             act(&mut p, action, me, &mut started).await;
@@ -478,80 +504,27 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             });
         }
         Action::Apply(v) => {
-            let role = if v.coordinator == me {
-                "coordinator"
-            } else if v.committee.contains(&me) {
-                "member"
-            } else {
-                "observer"
-            };
             // Only what the trust model allows this node to conclude is applied now.
             let mut assessment = assess(&v, &me);
             // Members whose commit came in time, after this node closed the phase early.
             let excused = p.consensus.excused(&v.task(), v.verdict.attempt);
             assessment.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
             let effects = Effects::from(&assessment);
-            let store = p.store.clone();
-            let rp = p.reputation.clone();
-            let vv = v.clone();
-            let applied = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, &effects, now_ms(), &rp)).await;
-            match applied {
-                Ok(Ok(Applied::New)) => {}
-                Ok(Ok(Applied::AlreadyApplied)) => return,
-                Ok(Ok(Applied::CoordinatorEquivocation)) => {
-                    p.metrics.coordinator_equivocations.inc();
-                    warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
-                    return;
+            // The synced write happens off the loop (bounded), which hears back when done.
+            let (store, rp, tx, slots) =
+                (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
+            tokio::spawn(
+                async move {
+                    let Ok(_permit) = slots.acquire_owned().await else { return };
+                    let vv = v.clone();
+                    let result = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, &effects, now_ms(), &rp))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
                 }
-                Ok(Err(e)) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
-                Err(e) => warn!(error = %e, "verdict writer panicked"),
-            }
-            // Independent of any proof already parked for it: a bogus early proof must
-            // not stand in for this node's own replay.
-            if needs_replay(&v, &assessment, &me, p.audit_rate, rand::random::<f64>()) {
-                let reason =
-                    if assessment.contested.is_empty() { ReplayReason::Audit } else { ReplayReason::Contested };
-                schedule_replay(p, (*v).clone(), reason, None);
-            }
-            for proof in p.pending_proofs.take((v.task(), v.verdict.attempt), now_ms()) {
-                check_fraud_proof(p, &proof).await;
-            }
-            p.metrics
-                .tasks
-                .get_or_create(&crate::metrics::TaskLabels {
-                    role: role.into(),
-                    outcome: v.verdict.outcome.as_str().into(),
-                })
-                .inc();
-            let mine = v.verdict.marks.iter().find(|(peer, _)| *peer == me).map(|(_, m)| *m);
-            if let Some(Mark::Wrong) = mine {
-                warn!(task = %v.task(), "a verdict marked this node wrong");
-            }
-            let fill = |s: &mut TaskState| {
-                s.attempt = v.verdict.attempt;
-                s.committee = v.committee.iter().map(|c| c.to_string()).collect();
-                s.marks = v
-                    .verdict
-                    .marks
-                    .iter()
-                    .map(|(peer, m)| (peer.to_string(), format!("{m:?}").to_lowercase()))
-                    .collect();
-                s.coordinator = v.coordinator.to_string();
-                s.model = v.spec.model.to_string();
-                match &v.verdict.outcome {
-                    Outcome::Finalized { output } => {
-                        s.status = "finalized".into();
-                        s.output = Some(output.clone());
-                    }
-                    Outcome::Escalated => s.status = "escalated".into(),
-                    Outcome::Disputed => s.status = "disputed".into(),
-                }
-            };
-            if role == "observer" {
-                p.board.update_existing(v.task(), fill);
-            } else {
-                p.board.update(v.task(), fill);
-            }
+                .instrument(tracing::info_span!("apply-verdict")),
+            );
         }
         Action::Finished { task, outcome } => {
             if let Some(t0) = started.remove(&task) {
@@ -561,6 +534,65 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                 p.board.update(task, |s| s.status = "disputed".into());
             }
         }
+    }
+}
+
+/// A verdict's synced write finished: what follows needs the loop's state.
+async fn after_apply(p: &mut LoopParts, me: PeerId, done: AppliedDone) {
+    let AppliedDone { verdict: v, assessment, result } = done;
+    let role = if v.coordinator == me {
+        "coordinator"
+    } else if v.committee.contains(&me) {
+        "member"
+    } else {
+        "observer"
+    };
+    match result {
+        Ok(Applied::New) => {}
+        Ok(Applied::AlreadyApplied) => return,
+        Ok(Applied::CoordinatorEquivocation) => {
+            p.metrics.coordinator_equivocations.inc();
+            warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
+            return;
+        }
+        Err(e) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
+    }
+    // Independent of any proof already parked for it: a bogus early proof must
+    // not stand in for this node's own replay.
+    if needs_replay(&v, &assessment, &me, p.audit_rate, rand::random::<f64>()) {
+        let reason = if assessment.contested.is_empty() { ReplayReason::Audit } else { ReplayReason::Contested };
+        schedule_replay(p, v.clone(), reason, None);
+    }
+    for proof in p.pending_proofs.take((v.task(), v.verdict.attempt), now_ms()) {
+        check_fraud_proof(p, &proof).await;
+    }
+    p.metrics
+        .tasks
+        .get_or_create(&crate::metrics::TaskLabels { role: role.into(), outcome: v.verdict.outcome.as_str().into() })
+        .inc();
+    let mine = v.verdict.marks.iter().find(|(peer, _)| *peer == me).map(|(_, m)| *m);
+    if let Some(Mark::Wrong) = mine {
+        warn!(task = %v.task(), "a verdict marked this node wrong");
+    }
+    let fill = |s: &mut TaskState| {
+        s.attempt = v.verdict.attempt;
+        s.committee = v.committee.iter().map(|c| c.to_string()).collect();
+        s.marks = v.verdict.marks.iter().map(|(peer, m)| (peer.to_string(), format!("{m:?}").to_lowercase())).collect();
+        s.coordinator = v.coordinator.to_string();
+        s.model = v.spec.model.to_string();
+        match &v.verdict.outcome {
+            Outcome::Finalized { output } => {
+                s.status = "finalized".into();
+                s.output = Some(output.clone());
+            }
+            Outcome::Escalated => s.status = "escalated".into(),
+            Outcome::Disputed => s.status = "disputed".into(),
+        }
+    };
+    if role == "observer" {
+        p.board.update_existing(v.task(), fill);
+    } else {
+        p.board.update(v.task(), fill);
     }
 }
 

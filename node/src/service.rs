@@ -72,6 +72,9 @@ fn p2p_config(cfg: &Config) -> Result<P2pConfig, NodeError> {
         listen: parse("network.listen", &cfg.network.listen)?,
         bootstrap: parse("network.bootstrap", &cfg.network.bootstrap)?,
         max_connections: cfg.network.max_connections,
+        max_connections_per_ip: cfg.network.max_connections_per_ip,
+        reserved_outbound: cfg.network.reserved_outbound,
+        allow_private_addresses: cfg.network.allow_private_addresses,
         announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
         discovery_interval: Duration::from_secs(cfg.network.announce_interval_secs.clamp(1, 10)),
         ..P2pConfig::default()
@@ -201,6 +204,7 @@ pub async fn run_with(
             replay_budget: crate::audit::ReplayBudget::new(c.replays_per_minute),
             pending_proofs: crate::audit::PendingProofs::default(),
             replays_in_flight: std::collections::HashSet::new(),
+            apply_slots: Arc::new(tokio::sync::Semaphore::new(4)),
             shutdown: stop_rx.clone(),
         })
         .instrument(info_span!("event-loop")),

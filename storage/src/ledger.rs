@@ -357,7 +357,7 @@ impl Store {
     pub fn reputations(&self) -> Result<Vec<(PeerId, Reputation)>, StorageError> {
         let mut all: Vec<(PeerId, Reputation)> =
             self.reputations.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(p, r)| (*p, r.clone())).collect();
-        all.sort_by(|a, b| a.0.to_bytes().cmp(&b.0.to_bytes()));
+        all.sort_by_key(|a| a.0.to_bytes());
         Ok(all)
     }
 }
