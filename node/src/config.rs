@@ -82,6 +82,9 @@ pub struct TestingConfig {
     pub behaviour: sampo_consensus::Behaviour,
     /// Peer ids this node colludes with under `behaviour = "collude"`.
     pub accomplices: Vec<String>,
+    /// Gossip this many signed but invalid verdicts a second (a flooding peer, for soak
+    /// tests); refused without `--unsafe-allow-faults` like `behaviour`.
+    pub flood_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +339,7 @@ prune_interval_secs = 600
 [testing]
 behaviour = "honest"
 accomplices = []
+flood_per_second = 0
 "#;
 
 /// A value given on the command line for a config key (`network.bootstrap`, ...).

@@ -367,6 +367,66 @@ fn fetch_answer(store: &Store, req: &FetchRequest) -> FetchResponse {
     }
 }
 
+/// Fault injection for soak tests: gossip `per_second` verdicts that are signed by this
+/// node but whose evidence contradicts their claims, so every receiver rejects them.
+pub async fn flood_loop(
+    p2p: P2pHandle,
+    key: sampo_consensus::NodeKey,
+    per_second: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        let spec = TaskSpec {
+            coordinator: key.peer_id(),
+            nonce: n,
+            created_ms: now_ms(),
+            model: sampo_consensus::ModelId(sampo_consensus::Hash32::of(b"flood")),
+            prompt: sampo_consensus::Prompt::Text("flood".into()),
+            params: sampo_consensus::SamplingParams::default(),
+            k: 1,
+            max_escalations: 0,
+            fee: 0,
+        };
+        let task = spec.id();
+        let ann = sampo_consensus::TaskAnnouncement {
+            spec,
+            attempt: 0,
+            revision: 0,
+            committee: vec![key.peer_id()],
+            commit_deadline_ms: 1,
+            reveal_deadline_ms: 2,
+        };
+        let Ok(announcement) = SignedEnvelope::seal(&key, &ann) else { continue };
+        // Claims a finalized output that no reveal supports.
+        let verdict = sampo_consensus::Verdict {
+            task,
+            attempt: 0,
+            outcome: Outcome::Finalized { output: vec![1, 2, 3] },
+            marks: vec![(key.peer_id(), Mark::Agreed)],
+            payouts: Vec::new(),
+            evidence: sampo_consensus::Evidence {
+                announcement,
+                reveal_request: None,
+                commits: Vec::new(),
+                reveals: Vec::new(),
+                equivocations: Vec::new(),
+                declines: Vec::new(),
+            },
+            decided_ms: now_ms(),
+        };
+        if let Ok(env) = SignedEnvelope::seal(&key, &verdict) {
+            let _ = p2p.publish(GossipTopic::Rounds, env).await;
+        }
+    }
+}
+
 /// Retention passes, off the event loop, until shutdown.
 pub async fn prune_loop(
     store: Arc<Store>,

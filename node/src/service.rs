@@ -91,6 +91,11 @@ pub async fn run_with(
     opts: RunOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    if cfg.testing.flood_per_second > 0 && !opts.allow_faults {
+        return Err(NodeError::Config(
+            "testing.flood_per_second makes this node flood the network; start with --unsafe-allow-faults if that is what you want".into(),
+        ));
+    }
     if cfg.testing.behaviour != Behaviour::Honest && !opts.allow_faults {
         return Err(NodeError::Config(format!(
             "testing.behaviour = {:?} makes this node misbehave on purpose; start with --unsafe-allow-faults if that is what you want",
@@ -209,6 +214,13 @@ pub async fn run_with(
         })
         .instrument(info_span!("event-loop")),
     );
+    if cfg.testing.flood_per_second > 0 {
+        warn!(per_second = cfg.testing.flood_per_second, "THIS NODE FLOODS THE NETWORK ON PURPOSE (testing)");
+        tokio::spawn(
+            runtime::flood_loop(p2p.clone(), key.clone(), cfg.testing.flood_per_second, stop_rx.clone())
+                .instrument(info_span!("flood")),
+        );
+    }
     let retention = sampo_storage::Retention {
         max_age_ms: cfg.storage.retention_days.saturating_mul(24 * 3600 * 1000),
         max_evidence_bytes: cfg.storage.max_evidence_mb.saturating_mul(1 << 20),
