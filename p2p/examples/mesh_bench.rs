@@ -26,6 +26,9 @@ async fn start(
         bootstrap: bootstrap.into_iter().collect(),
         announce_interval: Duration::from_secs(1),
         discovery_interval: Duration::from_secs(1),
+        // Every node is on 127.0.0.1.
+        allow_private_addresses: true,
+        max_connections_per_ip: u32::MAX,
         ..P2pConfig::default()
     };
     let mut metrics = Registry::default();

@@ -2,10 +2,12 @@
 //! limits, Kademlia discovery (`/sampo/kad/1.0.0`), validated gossipsub, request-response
 //! for fetching evidence, and the registry of live nodes. Knows nothing of models.
 
+pub mod eclipse;
 pub mod gossip;
 pub mod registry;
 pub mod service;
 
+pub use eclipse::{AddrPolicy, is_global_addr, is_global_ip};
 pub use libp2p::Multiaddr;
 pub use libp2p::multiaddr::Protocol;
 pub use registry::{LiveNode, Registry};

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::eclipse::{AddrPolicy, AddrSource, EclipseMetrics, Filtered, IpLimits};
 use crate::gossip::{self, ReplayGuard};
 use crate::registry::{LiveNode, Registry};
 
@@ -47,6 +48,17 @@ pub struct P2pConfig {
     pub dial_discovered: bool,
     /// How long a fetch (either side) may take before it fails and frees its slot.
     pub fetch_timeout: Duration,
+    /// Most established connections to or from one IP address (IPv6: one /64), both
+    /// directions counted. Loopback counts like any IP.
+    pub max_connections_per_ip: u32,
+    /// Slots of `max_connections` that only this node's own dials may fill: inbound
+    /// connections get at most `max_connections - reserved_outbound`, so a flood of them
+    /// cannot stop it from reaching peers it chose. Must be below `max_connections`.
+    pub reserved_outbound: u32,
+    /// Put private, loopback, link-local... addresses learned from peers (identify,
+    /// Kademlia) into Kademlia and dial them. Off on the internet; on for a testnet on
+    /// one host or a LAN. Bootstrap and explicitly dialled addresses are always used.
+    pub allow_private_addresses: bool,
 }
 
 impl Default for P2pConfig {
@@ -60,6 +72,9 @@ impl Default for P2pConfig {
             idle_timeout: Duration::from_secs(120),
             dial_discovered: true,
             fetch_timeout: Duration::from_secs(30),
+            max_connections_per_ip: 8,
+            reserved_outbound: 16,
+            allow_private_addresses: false,
         }
     }
 }
@@ -80,6 +95,8 @@ pub enum P2pError {
     Stopped,
     #[error("fetch failed: {0}")]
     Fetch(String),
+    #[error("invalid p2p config: {0}")]
+    Config(String),
 }
 
 /// What can be fetched from a peer by task id.
@@ -246,14 +263,16 @@ impl P2pHandle {
 /// The composed behaviour; connection limits first so they veto before anyone else.
 #[derive(NetworkBehaviour)]
 struct Behaviour {
-    /// Caps on pending and established connections.
+    /// Caps on pending and established connections, inbound capped below the total.
     limits: connection_limits::Behaviour,
+    /// Cap on the connections of one IP.
+    ip_limits: IpLimits,
     /// Exchanges listen addresses and protocols.
     identify: identify::Behaviour,
     /// Liveness and round-trip time.
     ping: ping::Behaviour,
-    /// Peer discovery over `/sampo/kad/1.0.0`.
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Peer discovery over `/sampo/kad/1.0.0`; only permitted addresses are dialled.
+    kad: Filtered<kad::Behaviour<kad::store::MemoryStore>>,
     /// Validated gossip of all protocol messages.
     gossipsub: gossipsub::Behaviour,
     /// Fetching evidence and results by task id.
@@ -274,8 +293,19 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
         .map_err(|e| P2pError::Gossipsub(e.to_string()))?;
     let peer_id = keypair.public().to_peer_id();
     let fetch_timeout = cfg.fetch_timeout;
+    if cfg.reserved_outbound >= cfg.max_connections {
+        return Err(P2pError::Config(format!(
+            "reserved_outbound ({}) must be below max_connections ({})",
+            cfg.reserved_outbound, cfg.max_connections
+        )));
+    }
+    if cfg.max_connections_per_ip == 0 {
+        return Err(P2pError::Config("max_connections_per_ip must be at least 1".into()));
+    }
+    let eclipse = EclipseMetrics::register(metrics);
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(cfg.max_connections))
+        .with_max_established_incoming(Some(cfg.max_connections - cfg.reserved_outbound))
         .with_max_pending_incoming(Some(64))
         .with_max_established_per_peer(Some(2));
     let mut swarm = SwarmBuilder::with_existing_identity(keypair)
@@ -291,12 +321,21 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
             let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
             kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
-            let kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+            let kad = Filtered::new(
+                kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg),
+                AddrPolicy::new(cfg.allow_private_addresses),
+                AddrSource::Kademlia,
+                eclipse.clone(),
+            );
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
+                ip_limits: IpLimits::new(cfg.max_connections_per_ip, eclipse),
                 identify: identify::Behaviour::new(
                     identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
-                        .with_agent_version(format!("sampo/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(format!("sampo/{}", env!("CARGO_PKG_VERSION")))
+                        // No cache of identified addresses to dial from: what identify
+                        // learns reaches Kademlia only through the filter in the actor.
+                        .with_cache_size(0),
                 ),
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
@@ -333,6 +372,8 @@ pub async fn spawn(
         }) else {
             return Err(P2pError::BootstrapWithoutPeerId(addr.clone()));
         };
+        // The operator chose it: dialled and kept in Kademlia whatever kind of address.
+        swarm.behaviour_mut().kad.trust(addr);
         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, error = %e, "cannot dial bootstrap peer");
@@ -456,6 +497,7 @@ impl Actor {
                 self.announce();
             }
             Command::Dial(addr) => {
+                self.swarm.behaviour_mut().kad.trust(&addr);
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, error = %e, "dial failed");
                 }
@@ -522,8 +564,13 @@ impl Actor {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(ev)) => {
                 self.metrics.record(&ev);
                 if let identify::Event::Received { peer_id, info, .. } = ev {
+                    // Only globally routable addresses (unless configured otherwise): a
+                    // peer must not fill the routing table with addresses that lead to
+                    // this node's LAN, or nowhere.
                     for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        if self.swarm.behaviour().kad.admit(&addr, AddrSource::Identify) {
+                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                        }
                     }
                 }
             }

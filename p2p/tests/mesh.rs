@@ -28,6 +28,9 @@ fn cfg(bootstrap: Option<&Multiaddr>) -> P2pConfig {
         bootstrap: bootstrap.into_iter().cloned().collect(),
         announce_interval: Duration::from_millis(500),
         discovery_interval: Duration::from_millis(500),
+        // Every node is on 127.0.0.1.
+        allow_private_addresses: true,
+        max_connections_per_ip: 256,
         ..P2pConfig::default()
     }
 }

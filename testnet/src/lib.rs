@@ -219,7 +219,7 @@ impl Testnet {
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
