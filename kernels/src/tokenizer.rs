@@ -6,7 +6,8 @@
 //! Special tokens (control and user-defined types) found in the text are emitted as
 //! themselves when `parse_special` is set.
 
-use std::collections::HashMap;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
 
 use unicode_general_category::{GeneralCategory, get_general_category};
 
@@ -160,6 +161,91 @@ fn gpt2_split<'a>(s: &'a str, out: &mut Vec<&'a str>) {
     }
 }
 
+/// A symbol of a word under BPE, in a doubly linked list of the live ones.
+#[derive(Debug, Clone, Copy)]
+struct Symbol {
+    id: u32,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+/// An adjacent pair that could merge, as it was when queued (it may have gone stale).
+#[derive(Debug)]
+struct Candidate {
+    rank: u32,
+    /// Index of the left symbol: the pair's position in the word.
+    left: usize,
+    right: usize,
+    left_id: u32,
+    right_id: u32,
+    merged: u32,
+}
+
+impl Ord for Candidate {
+    /// Greatest first in `BinaryHeap`, so reversed: lowest rank, then leftmost, pops
+    /// first, the pair a full rescan of the word would pick.
+    fn cmp(&self, other: &Self) -> Ordering {
+        #[cfg(test)]
+        stats::add(|s| s.comparisons += 1);
+        (other.rank, other.left).cmp(&(self.rank, self.left))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        (self.rank, self.left) == (other.rank, other.left)
+    }
+}
+
+impl Eq for Candidate {}
+
+/// First occurrence of `tok` in `text` at or after byte `from`.
+fn find_from(text: &str, from: usize, tok: &str) -> Option<usize> {
+    let found = text[from..].find(tok).map(|p| from + p);
+    #[cfg(test)]
+    stats::add(|s| s.scanned += found.map_or(text.len(), |p| p + tok.len()) - from);
+    found
+}
+
+/// Work counters of the encoder, per thread, for tests that bound it by counting.
+#[cfg(test)]
+mod stats {
+    use std::cell::Cell;
+
+    #[derive(Debug, Default, Clone, Copy)]
+    pub(super) struct Stats {
+        /// Heap pushes (the initial heapify counts one per entry) and pops.
+        pub(super) heap_ops: u64,
+        /// Candidate key comparisons, inside the heap.
+        pub(super) comparisons: u64,
+        /// Bytes looked at while searching for special tokens.
+        pub(super) scanned: usize,
+    }
+
+    thread_local! {
+        static STATS: Cell<Stats> = Cell::new(Stats::default());
+    }
+
+    pub(super) fn add(f: impl FnOnce(&mut Stats)) {
+        STATS.with(|c| {
+            let mut s = c.get();
+            f(&mut s);
+            c.set(s);
+        });
+    }
+
+    /// The counters since the last call, reset.
+    pub(super) fn take() -> Stats {
+        STATS.with(|c| c.replace(Stats::default()))
+    }
+}
+
 impl Tokenizer {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, TokenizerError> {
         let model = f.get_str("tokenizer.ggml.model")?;
@@ -266,35 +352,42 @@ impl Tokenizer {
     /// Encode `text`; special-token strings in it are parsed when `parse_special`.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
         let mut out = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            let next = if parse_special { self.find_special(rest) } else { None };
-            match next {
-                Some((pos, len, id)) => {
-                    self.encode_plain(&rest[..pos], &mut out);
-                    out.push(id);
-                    rest = &rest[pos + len..];
+        if !parse_special {
+            self.encode_plain(text, &mut out);
+            return out;
+        }
+        // Where each special next occurs at or after `pos` (None: nowhere). Kept across
+        // matches so that a text full of specials is scanned about once per special;
+        // searching every special afresh after each match was quadratic.
+        let mut next: Vec<Option<usize>> = Vec::with_capacity(self.specials.len());
+        for (tok, _) in &self.specials {
+            next.push(find_from(text, 0, tok));
+        }
+        let mut pos = 0;
+        while pos < text.len() {
+            // Earliest match wins; at equal position the longest (specials are sorted).
+            let mut best: Option<(usize, usize)> = None;
+            for (k, (tok, _)) in self.specials.iter().enumerate() {
+                if next[k].is_some_and(|p| p < pos) {
+                    // Overlapped by an earlier match: the next occurrence lies further on.
+                    next[k] = find_from(text, pos, tok);
                 }
-                None => {
-                    self.encode_plain(rest, &mut out);
-                    break;
+                if let Some(p) = next[k]
+                    && best.is_none_or(|(bp, _)| p < bp)
+                {
+                    best = Some((p, k));
                 }
             }
+            let Some((p, k)) = best else {
+                self.encode_plain(&text[pos..], &mut out);
+                break;
+            };
+            let (tok, id) = &self.specials[k];
+            self.encode_plain(&text[pos..p], &mut out);
+            out.push(*id);
+            pos = p + tok.len();
         }
         out
-    }
-
-    fn find_special(&self, s: &str) -> Option<(usize, usize, u32)> {
-        let mut best: Option<(usize, usize, u32)> = None;
-        for (tok, id) in &self.specials {
-            if let Some(p) = s.find(tok.as_str()) {
-                // Earliest match wins; at equal position the longest (specials are sorted).
-                if best.is_none_or(|(bp, _, _)| p < bp) {
-                    best = Some((p, tok.len(), *id));
-                }
-            }
-        }
-        best
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
@@ -303,38 +396,68 @@ impl Tokenizer {
         }
     }
 
+    /// BPE over one pre-token: repeatedly merge the adjacent pair of lowest merge rank,
+    /// the leftmost among equal ranks. A heap of candidate pairs over a linked list of
+    /// symbols does this in O(n log n); rescanning the word for every merge was
+    /// quadratic, minutes of CPU for one long word.
     fn bpe(&self, piece: &str, out: &mut Vec<u32>) {
         let mapped: String = piece.bytes().map(|b| self.byte_to_char[b as usize]).collect();
         if let Some(&id) = self.ids.get(&mapped) {
             out.push(id);
             return;
         }
-        // Symbols start as single byte-characters.
-        let mut syms: Vec<u32> = Vec::with_capacity(mapped.len());
-        for c in mapped.chars() {
+        // Symbols start as single byte-characters; index i is the word's byte i, so
+        // index order is text order whatever has been merged.
+        let n = piece.len();
+        let mut syms: Vec<Symbol> = Vec::with_capacity(n);
+        for (i, c) in mapped.chars().enumerate() {
             let mut buf = [0u8; 4];
-            match self.ids.get(c.encode_utf8(&mut buf) as &str) {
-                Some(&id) => syms.push(id),
-                None => {
-                    // A byte with no token: nothing sensible to emit but the unknown token 0.
-                    syms.push(0);
+            // A byte with no token: nothing sensible to emit but the unknown token 0.
+            let id = self.ids.get(c.encode_utf8(&mut buf) as &str).copied().unwrap_or(0);
+            syms.push(Symbol { id, prev: i.checked_sub(1), next: Some(i + 1).filter(|&j| j < n) });
+        }
+        let initial: Vec<Candidate> = (1..syms.len()).filter_map(|r| self.candidate(&syms, r - 1, r)).collect();
+        #[cfg(test)]
+        stats::add(|s| s.heap_ops += initial.len() as u64);
+        let mut heap = BinaryHeap::from(initial);
+        while let Some(c) = heap.pop() {
+            #[cfg(test)]
+            stats::add(|s| s.heap_ops += 1);
+            // Stale unless the pair is still adjacent with the same ids (then its rank and
+            // result are the current ones). A merged-away symbol has no `next`.
+            let left = syms[c.left];
+            if left.next != Some(c.right) || left.id != c.left_id || syms[c.right].id != c.right_id {
+                continue;
+            }
+            let after = syms[c.right].next;
+            syms[c.left] = Symbol { id: c.merged, prev: left.prev, next: after };
+            // Unlinked, so every queued pair that names it reads as stale.
+            syms[c.right].prev = None;
+            syms[c.right].next = None;
+            if let Some(a) = after {
+                syms[a].prev = Some(c.left);
+            }
+            // The merged symbol forms new pairs with both neighbours.
+            for (l, r) in [left.prev.map(|p| (p, c.left)), after.map(|a| (c.left, a))].into_iter().flatten() {
+                if let Some(cand) = self.candidate(&syms, l, r) {
+                    #[cfg(test)]
+                    stats::add(|s| s.heap_ops += 1);
+                    heap.push(cand);
                 }
             }
         }
-        loop {
-            let mut best: Option<(u32, usize, u32)> = None;
-            for i in 0..syms.len().saturating_sub(1) {
-                if let Some(&(rank, merged)) = self.merges.get(&(syms[i], syms[i + 1]))
-                    && best.is_none_or(|(r, _, _)| rank < r)
-                {
-                    best = Some((rank, i, merged));
-                }
-            }
-            let Some((_, i, merged)) = best else { break };
-            syms[i] = merged;
-            syms.remove(i + 1);
+        let mut at = (n > 0).then_some(0);
+        while let Some(i) = at {
+            out.push(syms[i].id);
+            at = syms[i].next;
         }
-        out.extend(syms);
+    }
+
+    /// The merge of the adjacent symbols `left` and `right`, if there is one.
+    fn candidate(&self, syms: &[Symbol], left: usize, right: usize) -> Option<Candidate> {
+        let (left_id, right_id) = (syms[left].id, syms[right].id);
+        let &(rank, merged) = self.merges.get(&(left_id, right_id))?;
+        Some(Candidate { rank, left, right, left_id, right_id, merged })
     }
 
     /// The raw bytes a token stands for (special tokens: their text).
@@ -454,5 +577,338 @@ mod tests {
         assert_eq!(t.encode("<|im_start|>a", true), vec![256, b'a' as u32]);
         assert_eq!(t.encode("<|im_start|>a", false).len(), 13);
         assert!(matches!(t.token_bytes(9999), Err(TokenizerError::UnknownId(9999))));
+    }
+
+    /// The real SmolLM2 tokenizer when its file is present, else the synthetic model's.
+    fn test_tokenizer() -> (Tokenizer, bool) {
+        let dir = std::env::var_os("SAMPO_MODEL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
+        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        if path.exists() {
+            let f = GgufFile::open(&path).expect("open real model");
+            (Tokenizer::from_gguf(&f).expect("real tokenizer"), true)
+        } else {
+            let bytes = crate::synth::synthesize(&crate::synth::SynthSpec::default());
+            let f = GgufFile::from_bytes(bytes).expect("synthetic gguf");
+            (Tokenizer::from_gguf(&f).expect("synthetic tokenizer"), false)
+        }
+    }
+
+    /// Deterministic pseudo-random ASCII letters (splitmix64).
+    fn random_letters(n: usize, seed: u64) -> String {
+        const L: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                L[((z ^ (z >> 31)) % L.len() as u64) as usize] as char
+            })
+            .collect()
+    }
+
+    /// Mixed text of about `n` bytes: words, numbers, punctuation, whitespace, UTF-8, emoji.
+    fn mixed_prompt(n: usize) -> String {
+        let unit = "The quick brown fox, 2026 jumps! Über café — naïve 中文 😀👍🏽 x\n\n  \t don't (a+b)*c=42; ";
+        let mut s = String::with_capacity(n + unit.len());
+        while s.len() < n {
+            s.push_str(unit);
+        }
+        s
+    }
+
+    fn real_or_synthetic() -> &'static Tokenizer {
+        static T: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+        T.get_or_init(|| {
+            let (t, real) = test_tokenizer();
+            eprintln!("tokenizer tests use the {} tokenizer", if real { "real SmolLM2" } else { "synthetic" });
+            t
+        })
+    }
+
+    /// The encoder as it was before the heap merge and the special-token cache, kept
+    /// verbatim (quadratic) as the reference the fast one must equal on every input.
+    mod reference {
+        use super::super::*;
+
+        pub(super) fn encode(t: &Tokenizer, text: &str, parse_special: bool) -> Vec<u32> {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while !rest.is_empty() {
+                let next = if parse_special { find_special(t, rest) } else { None };
+                match next {
+                    Some((pos, len, id)) => {
+                        encode_plain(t, &rest[..pos], &mut out);
+                        out.push(id);
+                        rest = &rest[pos + len..];
+                    }
+                    None => {
+                        encode_plain(t, rest, &mut out);
+                        break;
+                    }
+                }
+            }
+            out
+        }
+
+        fn find_special(t: &Tokenizer, s: &str) -> Option<(usize, usize, u32)> {
+            let mut best: Option<(usize, usize, u32)> = None;
+            for (tok, id) in &t.specials {
+                if let Some(p) = s.find(tok.as_str())
+                    && best.is_none_or(|(bp, _, _)| p < bp)
+                {
+                    best = Some((p, tok.len(), *id));
+                }
+            }
+            best
+        }
+
+        fn encode_plain(t: &Tokenizer, text: &str, out: &mut Vec<u32>) {
+            for piece in pre_tokenize(text) {
+                bpe(t, piece, out);
+            }
+        }
+
+        fn bpe(t: &Tokenizer, piece: &str, out: &mut Vec<u32>) {
+            let mapped: String = piece.bytes().map(|b| t.byte_to_char[b as usize]).collect();
+            if let Some(&id) = t.ids.get(&mapped) {
+                out.push(id);
+                return;
+            }
+            let mut syms: Vec<u32> = Vec::with_capacity(mapped.len());
+            for c in mapped.chars() {
+                let mut buf = [0u8; 4];
+                match t.ids.get(c.encode_utf8(&mut buf) as &str) {
+                    Some(&id) => syms.push(id),
+                    None => syms.push(0),
+                }
+            }
+            loop {
+                let mut best: Option<(u32, usize, u32)> = None;
+                for i in 0..syms.len().saturating_sub(1) {
+                    if let Some(&(rank, merged)) = t.merges.get(&(syms[i], syms[i + 1]))
+                        && best.is_none_or(|(r, _, _)| rank < r)
+                    {
+                        best = Some((rank, i, merged));
+                    }
+                }
+                let Some((_, i, merged)) = best else { break };
+                syms[i] = merged;
+                syms.remove(i + 1);
+            }
+            out.extend(syms);
+        }
+    }
+
+    /// Both encoders, both special modes, must agree.
+    fn assert_same_as_reference(t: &Tokenizer, text: &str) {
+        for special in [false, true] {
+            assert_eq!(
+                t.encode(text, special),
+                reference::encode(t, text, special),
+                "parse_special {special}, text {text:?}"
+            );
+        }
+    }
+
+    const ALPHABET: &[char] = &[
+        'a', 'b', 'e', 'h', 'n', 'r', 't', 'A', 'Z', '0', '7', '9', ' ', ' ', ',', '.', '!', '?', '\'', '"', '-', '_',
+        '(', '<', '|', '>', '\n', '\t', '\r', '\u{a0}', '\u{3000}', 'é', 'ß', 'ñ', 'Ж', '中', '文', 'ا', '½', 'Ⅻ', '٣',
+        '😀', '👍', '🏽', '🇫', '🇮', '\u{200d}', '\u{301}',
+    ];
+
+    /// One piece of a test string: random characters, long runs, repeated patterns, words.
+    /// Runs stay under ~1000 bytes because the reference is quadratic; the long inputs
+    /// have their own test.
+    fn segment() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let chars = || prop::sample::select(ALPHABET);
+        let letters = prop::sample::select(('a'..='z').chain('A'..='Z').collect::<Vec<char>>());
+        prop_oneof![
+            prop::collection::vec(chars(), 0..40).prop_map(|v| v.into_iter().collect()),
+            "\\PC{0,30}",
+            (chars(), 1..600usize).prop_map(|(c, n)| c.to_string().repeat(n)),
+            (prop::collection::vec(chars(), 1..5), 1..150usize)
+                .prop_map(|(p, n)| p.into_iter().collect::<String>().repeat(n)),
+            prop::collection::vec(letters, 1..400).prop_map(|v| v.into_iter().collect()),
+            prop::sample::select(vec![
+                "<|im_start|>",
+                "<|im_end|>",
+                "<|endoftext|>",
+                "<|im_",
+                "'s",
+                "'re",
+                "'ll",
+                " don't",
+                "Hello",
+                " world",
+                "the",
+                "ing",
+                "  ",
+                " \n ",
+                "ababababab",
+                "aaaaaaaaaaaaaaaa",
+            ])
+            .prop_map(String::from),
+        ]
+    }
+
+    proptest::proptest! {
+        // PROPTEST_CASES raises the count for a longer hunt by hand.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+        ))]
+
+        #[test]
+        fn heap_bpe_equals_rescan_bpe(segs in proptest::collection::vec(segment(), 1..10)) {
+            let t = real_or_synthetic();
+            let text = segs.concat();
+            for special in [false, true] {
+                proptest::prop_assert_eq!(t.encode(&text, special), reference::encode(t, &text, special));
+            }
+        }
+    }
+
+    #[test]
+    fn heap_bpe_equals_rescan_bpe_on_every_vocabulary_entry() {
+        let t = real_or_synthetic();
+        let texts: Vec<String> = (0..t.vocab_size() as u32)
+            .filter(|&id| t.types[id as usize] == TOKEN_TYPE_NORMAL)
+            .filter_map(|id| String::from_utf8(t.token_bytes(id).expect("token")).ok())
+            .collect();
+        for (i, text) in texts.iter().enumerate() {
+            assert_same_as_reference(t, text);
+            // Neighbours glued together make merges across the old token boundary.
+            let next = &texts[(i + 1) % texts.len()];
+            assert_same_as_reference(t, &format!("{text}{next}{text}"));
+        }
+    }
+
+    #[test]
+    fn heap_bpe_equals_rescan_bpe_on_long_inputs() {
+        let t = real_or_synthetic();
+        for text in [
+            "a".repeat(4096),
+            random_letters(4096, 1),
+            "ab".repeat(2048),
+            "abc".repeat(1500),
+            " ".repeat(4096),
+            "\n".repeat(3000),
+            "!".repeat(4096),
+            "é".repeat(2048),
+            "😀".repeat(1024),
+            format!(" {}", "a".repeat(4095)),
+            mixed_prompt(16 * 1024),
+            "<|im_start|>".repeat(400),
+            "<|im_start|><|im_end|>x".repeat(300),
+        ] {
+            assert_same_as_reference(t, &text);
+        }
+    }
+
+    /// A vocabulary where `a` runs merge by doubling up to 2^16: every level of the
+    /// merge tree fires, whatever model file is at hand.
+    fn doubling_tokenizer() -> Tokenizer {
+        let mut tokens: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
+        let mut merges = Vec::new();
+        for k in 1..=16 {
+            let half = "a".repeat(1 << (k - 1));
+            merges.push(format!("{half} {half}"));
+            tokens.push(half.repeat(2));
+        }
+        let types = vec![TOKEN_TYPE_NORMAL; tokens.len()];
+        Tokenizer::new(tokens, types, &merges).expect("tokenizer")
+    }
+
+    /// The bounds a 128 KiB prompt of `n` bytes must keep: at most 3n heap pushes (n−1
+    /// pairs at first, two per merge) and as many pops; comparisons O(n log n).
+    fn assert_bounded(what: &str, n: usize, s: stats::Stats, n_specials: usize) {
+        let n64 = n as u64;
+        let log2 = u64::from(usize::BITS - n.leading_zeros());
+        eprintln!(
+            "{what}: {n} bytes, {} heap ops, {} comparisons, {} bytes scanned for specials",
+            s.heap_ops, s.comparisons, s.scanned
+        );
+        assert!(s.heap_ops <= 6 * n64, "{what}: {} heap ops for {n} bytes", s.heap_ops);
+        assert!(s.comparisons <= 4 * n64 * log2, "{what}: {} comparisons for {n} bytes", s.comparisons);
+        assert!(s.scanned <= 2 * (n_specials + 1) * n, "{what}: {} bytes scanned for {n}", s.scanned);
+    }
+
+    #[test]
+    fn long_prompts_take_n_log_n_work() {
+        const N: usize = 128 * 1024;
+        let t = real_or_synthetic();
+        let mut flood = "<|im_start|>".repeat(N / 12);
+        flood.push_str(&"<|im_end|>".repeat((N - flood.len()) / 10));
+        let cases = [
+            ("a run", "a".repeat(N)),
+            ("random letters", random_letters(N, 7)),
+            ("space run", " ".repeat(N)),
+            ("punctuation run", "!".repeat(N)),
+            ("é run", "é".repeat(N / 2)),
+            ("mixed", mixed_prompt(N)),
+            ("special flood", flood),
+        ];
+        for (what, text) in &cases {
+            for special in [false, true] {
+                stats::take();
+                let ids = t.encode(text, special);
+                let s = stats::take();
+                assert!(!ids.is_empty());
+                assert_eq!(t.decode(&ids).expect("decode"), *text, "{what} round trip");
+                assert_bounded(what, text.len(), s, t.specials.len());
+            }
+        }
+    }
+
+    #[test]
+    fn doubling_merges_take_n_log_n_work() {
+        let t = doubling_tokenizer();
+        let aa16 = t.token_id(&"a".repeat(1 << 16)).expect("a^65536");
+        let a = t.token_id("a").expect("a");
+        assert_same_as_reference(&t, &"a".repeat(4099));
+        for (n, want) in [(1usize << 17, vec![aa16, aa16]), ((1 << 17) + 1, vec![aa16, aa16, a])] {
+            stats::take();
+            assert_eq!(t.encode(&"a".repeat(n), false), want);
+            assert_bounded("doubling a run", n, stats::take(), 0);
+        }
+    }
+
+    /// Wall-clock timings of adversarial prompts, by hand only (tests are not timed):
+    /// `cargo test --release -p sampo-kernels --lib tokenizer::tests::time_adversarial -- --ignored --nocapture`
+    /// with `SAMPO_TOK_SIZES=8192,32768` for other sizes, `SAMPO_TOK_REFERENCE=1` to
+    /// time the old quadratic encoder instead.
+    #[test]
+    #[ignore = "wall-clock timing, run by hand"]
+    fn time_adversarial() {
+        let (t, real) = test_tokenizer();
+        let old = std::env::var_os("SAMPO_TOK_REFERENCE").is_some();
+        println!("real tokenizer: {real}, encoder: {}", if old { "reference (old)" } else { "heap (new)" });
+        let sizes: Vec<usize> = std::env::var("SAMPO_TOK_SIZES")
+            .ok()
+            .map(|v| v.split(',').map(|x| x.parse().expect("size")).collect())
+            .unwrap_or_else(|| vec![128 * 1024]);
+        for &n in &sizes {
+            let cases = [
+                ("a-run", "a".repeat(n), false),
+                ("random-letters", random_letters(n, 7), false),
+                ("mixed", mixed_prompt(n), true),
+                ("im_start-flood", "<|im_start|>".repeat(n / 12), true),
+                ("space-run", " ".repeat(n), false),
+            ];
+            for (name, text, special) in &cases {
+                let t0 = std::time::Instant::now();
+                let ids = if old { reference::encode(&t, text, *special) } else { t.encode(text, *special) };
+                println!(
+                    "{name:>16} {:>7} bytes -> {:>6} tokens in {:>9.3} ms",
+                    text.len(),
+                    ids.len(),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
     }
 }
