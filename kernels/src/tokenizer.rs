@@ -759,7 +759,7 @@ mod tests {
     proptest::proptest! {
         // PROPTEST_CASES raises the count for a longer hunt by hand.
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024)
+            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
         ))]
 
         #[test]
