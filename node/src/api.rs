@@ -349,10 +349,17 @@ async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
 async fn peers(State(s): State<Arc<ApiState>>) -> Response {
     let Some(p2p) = &s.p2p else { return Json(json!({"peers": []})).into_response() };
     let now = now_ms();
-    let list: Vec<Value> = p2p
-        .live_nodes()
+    let live = p2p.live_nodes();
+    // The gossip layer's view of each peer (negative: it sent messages the protocol
+    // refused); `null` when not connected.
+    let mut scores = Vec::with_capacity(live.len());
+    for n in &live {
+        scores.push(p2p.peer_score(n.peer).await.ok().flatten());
+    }
+    let list: Vec<Value> = live
         .into_iter()
-        .map(|n| {
+        .zip(scores)
+        .map(|(n, gossip_score)| {
             let rep = s.store.as_ref().and_then(|st| st.reputation(&n.peer).ok().flatten()).unwrap_or_default();
             let credits = s.store.as_ref().and_then(|st| st.credits(&n.peer).ok()).unwrap_or_default();
             json!({
@@ -373,6 +380,7 @@ async fn peers(State(s): State<Arc<ApiState>>) -> Response {
                     "banned": rep.is_banned(now),
                 },
                 "credits": credits.balance,
+                "gossip_score": gossip_score,
             })
         })
         .collect();

@@ -12,7 +12,7 @@ use sampo_consensus::{
     Outcome, PeerId, ReputationParams, RoundError, SignedEnvelope, TaskId, TaskSpec, Topic, VerifiedVerdict, assess,
     committee_size, judge, needs_replay,
 };
-use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, P2pEvent, P2pHandle};
+use sampo_p2p::{Acceptance, FetchRequest, FetchResponse, GossipTopic, P2pEvent, P2pHandle, Validation};
 use sampo_storage::{Applied, Effects, Store};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -159,6 +159,28 @@ pub enum LoopCmd {
     Replayed(Box<ReplayDone>),
     /// A verdict's write to the store finished.
     Applied(Box<AppliedDone>),
+    /// The verifier thread checked a gossiped verdict.
+    VerdictChecked(Box<(Validation, Result<VerifiedVerdict, sampo_consensus::VerifyError>)>),
+}
+
+/// Verdicts waiting for the verifier thread; beyond this they are not forwarded.
+pub const VERIFY_QUEUE: usize = 64;
+
+/// The verifier: checks gossiped verdicts (every nested signature, the quorum
+/// arithmetic) on its own thread and hands the results back to the loop.
+fn spawn_verifier(
+    loop_tx: mpsc::Sender<LoopCmd>,
+) -> std::io::Result<std::sync::mpsc::SyncSender<(SignedEnvelope, Validation)>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(SignedEnvelope, Validation)>(VERIFY_QUEUE);
+    std::thread::Builder::new().name("sampo-verify".into()).spawn(move || {
+        while let Ok((env, validation)) = rx.recv() {
+            let result = sampo_consensus::verify(&env);
+            if loop_tx.blocking_send(LoopCmd::VerdictChecked(Box::new((validation, result)))).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(tx)
 }
 
 pub struct AppliedDone {
@@ -240,19 +262,39 @@ pub async fn run(mut p: LoopParts) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut announce = tokio::time::interval(p.announce_interval);
     let mut started: HashMap<TaskId, Instant> = HashMap::new();
+    let verify_tx = match spawn_verifier(p.self_tx.clone()) {
+        Ok(tx) => tx,
+        Err(e) => {
+            warn!(error = %e, "could not start the verifier thread; the event loop stops");
+            return;
+        }
+    };
     loop {
         let actions: Vec<Action> = tokio::select! {
             _ = p.shutdown.changed() => break,
             ev = p.p2p_events.recv() => match ev {
                 None => break,
-                Some(P2pEvent::Message { envelope, from }) => match p.consensus.handle(&envelope, now_ms()) {
-                    Ok(a) if envelope.kind() == MessageKind::FraudProof => {
-                        check_fraud_proof(&mut p, &envelope).await;
+                Some(P2pEvent::Message { envelope, from, validation }) if envelope.kind() == MessageKind::Verdict => {
+                    // Every nested signature: checked on the verifier thread, not here.
+                    if verify_tx.try_send((envelope, validation.clone())).is_err() {
+                        p.p2p.report(validation, Acceptance::Ignore);
+                        p.metrics.refused_messages.inc();
+                        debug!(%from, "verifier busy; verdict not forwarded");
+                    }
+                    Vec::new()
+                }
+                Some(P2pEvent::Message { envelope, from, validation }) => match p.consensus.handle(&envelope, now_ms()) {
+                    Ok(a) => {
+                        p.p2p.report(validation, Acceptance::Accept);
+                        if envelope.kind() == MessageKind::FraudProof {
+                            check_fraud_proof(&mut p, &envelope).await;
+                        }
                         a
                     }
-                    Ok(a) => a,
                     Err(e) => {
                         debug!(%from, error = %e, "protocol message refused");
+                        // The protocol's refusals reach the sender's gossip score.
+                        p.p2p.report(validation, if e.merits_penalty() { Acceptance::Reject } else { Acceptance::Ignore });
                         p.metrics.refused_messages.inc();
                         Vec::new()
                     }
@@ -293,6 +335,21 @@ pub async fn run(mut p: LoopParts) {
                 Some(LoopCmd::Decline { task, attempt, reason }) => {
                     info!(%task, ?reason, "declining a seat");
                     p.consensus.decline(task, attempt, reason, now_ms())
+                }
+                Some(LoopCmd::VerdictChecked(checked)) => {
+                    let (validation, result) = *checked;
+                    match result {
+                        Ok(v) => {
+                            p.p2p.report(validation, Acceptance::Accept);
+                            p.consensus.handle_verified(v, now_ms())
+                        }
+                        Err(e) => {
+                            debug!(error = %e, "verdict refused");
+                            p.p2p.report(validation, Acceptance::Reject);
+                            p.metrics.refused_messages.inc();
+                            Vec::new()
+                        }
+                    }
                 }
                 Some(LoopCmd::Applied(done)) => {
                     after_apply(&mut p, me, *done).await;
@@ -367,6 +424,9 @@ fn fetch_answer(store: &Store, req: &FetchRequest) -> FetchResponse {
     }
 }
 
+/// How long a flooding node behaves before it floods.
+pub const FLOOD_DELAY: Duration = Duration::from_secs(15);
+
 /// Fault injection for soak tests: gossip `per_second` verdicts that are signed by this
 /// node but whose evidence contradicts their claims, so every receiver rejects them.
 pub async fn flood_loop(
@@ -375,6 +435,11 @@ pub async fn flood_loop(
     per_second: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Join the mesh first (announce, be seen), as a real attacker would.
+    tokio::select! {
+        _ = shutdown.changed() => return,
+        _ = tokio::time::sleep(FLOOD_DELAY) => {}
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second.max(1));
     let mut n: u64 = 0;
     loop {

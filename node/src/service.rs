@@ -77,6 +77,8 @@ fn p2p_config(cfg: &Config) -> Result<P2pConfig, NodeError> {
         allow_private_addresses: cfg.network.allow_private_addresses,
         announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
         discovery_interval: Duration::from_secs(cfg.network.announce_interval_secs.clamp(1, 10)),
+        // The node judges every protocol message before it is forwarded.
+        node_validates: true,
         ..P2pConfig::default()
     })
 }

@@ -12,5 +12,6 @@ pub use libp2p::Multiaddr;
 pub use libp2p::multiaddr::Protocol;
 pub use registry::{LiveNode, Registry};
 pub use service::{
-    FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES, P2pConfig, P2pError, P2pEvent, P2pHandle, spawn,
+    Acceptance, FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES, P2pConfig, P2pError, P2pEvent,
+    P2pHandle, Validation, spawn,
 };

@@ -48,6 +48,9 @@ pub struct P2pConfig {
     pub dial_discovered: bool,
     /// How long a fetch (either side) may take before it fails and frees its slot.
     pub fetch_timeout: Duration,
+    /// Hold each protocol message until the node reports its judgement
+    /// ([`P2pHandle::report`]); off, this layer accepts whatever its own checks pass.
+    pub node_validates: bool,
     /// Most established connections to or from one IP address (IPv6: one /64), both
     /// directions counted. Loopback counts like any IP.
     pub max_connections_per_ip: u32,
@@ -72,6 +75,7 @@ impl Default for P2pConfig {
             idle_timeout: Duration::from_secs(120),
             dial_discovered: true,
             fetch_timeout: Duration::from_secs(30),
+            node_validates: false,
             max_connections_per_ip: 8,
             reserved_outbound: 16,
             allow_private_addresses: false,
@@ -133,10 +137,14 @@ impl GossipTopic {
 /// Events for the node.
 #[derive(Debug)]
 pub enum P2pEvent {
-    /// A verified protocol message (not node announcements: those feed the registry).
+    /// A protocol message whose envelope checked out (not node announcements: those
+    /// feed the registry). It is forwarded to other peers only once the node reports
+    /// [`Acceptance::Accept`] for it with [`P2pHandle::report`]; `Reject` makes the peer
+    /// that sent it pay in its gossip score.
     Message {
         envelope: SignedEnvelope,
         from: PeerId,
+        validation: Validation,
     },
     NodeJoined(PeerId),
     NodeLeft(PeerId),
@@ -151,7 +159,26 @@ pub enum P2pEvent {
     },
 }
 
+/// Which gossiped message a validation result is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Validation {
+    id: gossipsub::MessageId,
+    source: PeerId,
+}
+
+/// The node's judgement of a gossiped message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Valid: forward it.
+    Accept,
+    /// Invalid: drop it, and the peer that sent it loses score.
+    Reject,
+    /// Not forwarded, without a penalty (e.g. this node is too busy to check it).
+    Ignore,
+}
+
 enum Command {
+    Report { validation: Validation, acceptance: Acceptance },
     Publish { topic: GossipTopic, envelope: SignedEnvelope, reply: oneshot::Sender<Result<(), P2pError>> },
     Subscribe { topic: GossipTopic },
     PublishRaw { topic: String, data: Vec<u8> },
@@ -222,6 +249,12 @@ impl P2pHandle {
 
     pub async fn fetch(&self, peer: PeerId, request: FetchRequest) -> Result<FetchResponse, P2pError> {
         self.ask(|reply| Command::Fetch { peer, request, reply }).await?
+    }
+
+    /// Report the node's judgement of a gossiped message. Never waits: if the swarm's
+    /// command queue is full the report is dropped, and gossipsub forgets the message.
+    pub fn report(&self, validation: Validation, acceptance: Acceptance) {
+        let _ = self.tx.try_send(Command::Report { validation, acceptance });
     }
 
     pub async fn respond(&self, id: u64, response: FetchResponse) -> Result<(), P2pError> {
@@ -520,6 +553,18 @@ impl Actor {
             Command::PeerScore { peer, reply } => {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
+            Command::Report { validation, acceptance } => {
+                let a = match acceptance {
+                    Acceptance::Accept => MessageAcceptance::Accept,
+                    Acceptance::Reject => MessageAcceptance::Reject,
+                    Acceptance::Ignore => MessageAcceptance::Ignore,
+                };
+                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &validation.id,
+                    &validation.source,
+                    a,
+                );
+            }
             Command::MeshPeers { topic, reply } => {
                 let _ =
                     reply.send(self.swarm.behaviour().gossipsub.mesh_peers(&topic.ident().hash()).copied().collect());
@@ -600,17 +645,22 @@ impl Actor {
     fn gossip_message(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
         let now = now_ms();
         let verdict = gossip::validate(&message.topic, message.source, &message.data, &mut self.replay, now);
-        let acceptance = match &verdict {
-            Ok(_) => MessageAcceptance::Accept,
+        let envelope = match verdict {
+            Ok(env) => env,
             Err(e) => {
                 debug!(from = %source, error = %e, "gossip message refused");
-                e.acceptance()
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, e.acceptance());
+                return;
             }
         };
-        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
-        let Ok(envelope) = verdict else { return };
         let signer = envelope.signer();
         if envelope.kind() == MessageKind::NodeAnnouncement {
+            // Fully checked here: the registry is this layer's own business.
+            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                &id,
+                &source,
+                MessageAcceptance::Accept,
+            );
             if let Ok(ann) = envelope.open::<NodeAnnouncement>() {
                 let joined = self.registry.write().map(|mut r| r.observe(signer, ann, now)).unwrap_or(false);
                 if joined {
@@ -619,7 +669,23 @@ impl Actor {
             }
             return;
         }
-        self.emit(P2pEvent::Message { envelope, from: signer });
+        // Everything else is judged by the node (the protocol's rules) before it is
+        // forwarded; if the node cannot take it now, it is not forwarded either.
+        let validation = Validation { id: id.clone(), source };
+        if !self.cfg.node_validates {
+            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                &id,
+                &source,
+                MessageAcceptance::Accept,
+            );
+            self.emit(P2pEvent::Message { envelope, from: signer, validation });
+        } else if !self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
+            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                &id,
+                &source,
+                MessageAcceptance::Ignore,
+            );
+        }
     }
 
     fn fetch_event(&mut self, ev: request_response::Event<FetchRequest, FetchResponse>) {

@@ -43,6 +43,10 @@ pub struct TestnetConfig {
     pub byzantine_coordinators: usize,
     /// Fraction of finalized verdicts each node audits by replay.
     pub audit_rate: f64,
+    /// The first honest-looking nodes after node 0 that flood the network with signed
+    /// but invalid verdicts at this rate per second (0: none floods).
+    pub flooders: usize,
+    pub flood_per_second: u32,
     /// The byzantine nodes collude instead: they lie (all the same way) only when
     /// together they hold a quorum of a committee, and are honest otherwise.
     pub collude: bool,
@@ -64,6 +68,8 @@ impl TestnetConfig {
             byzantine_coordinators: 0,
             audit_rate: 0.05,
             collude: false,
+            flooders: 0,
+            flood_per_second: 50,
             dir,
             sampo,
             k: 3,
@@ -201,6 +207,8 @@ impl Testnet {
             "absent"
         } else if i >= n - self.cfg.byzantine - self.cfg.absent - self.cfg.byzantine_coordinators {
             "byz-coord"
+        } else if i >= 1 && i <= self.cfg.flooders {
+            "flooder"
         } else {
             "honest"
         }
@@ -219,13 +227,14 @@ impl Testnet {
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
             r = self.cfg.reveal_timeout_ms,
             audit = self.cfg.audit_rate,
             accomplices = if role == "colluder" { self.accomplices.clone() } else { Vec::new() },
+            flood = if role == "flooder" { self.cfg.flood_per_second } else { 0 },
         );
         std::fs::write(&config, text).map_err(io(config.display().to_string()))?;
         self.launch(i, dir, config, role, bootstrap)

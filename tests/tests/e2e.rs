@@ -296,6 +296,40 @@ fn a_colluding_majority_is_overturned_by_replay() {
     assert_eq!(honest_member.1["produced_by_model"], true, "{report}");
 }
 
+/// A peer gossiping signed but invalid verdicts: the protocol's refusal reaches its
+/// gossip score (it is not forwarded, and its score falls below zero at every honest
+/// node), while honest work goes on.
+#[test]
+fn a_flooding_peer_pays_in_gossip_score_and_honest_work_goes_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TestnetConfig::new(4, synthetic(tmp.path()), tmp.path().join("net"), sampo_bin());
+    cfg.flooders = 1;
+    cfg.flood_per_second = 50;
+    let net = Testnet::start(cfg).expect("testnet");
+    let flooder = net.nodes.iter().find(|n| n.role == "flooder").expect("role").peer_id.clone();
+    for n in net.nodes.iter().filter(|n| n.role == "honest") {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = get_json(&format!("{}/v1/peers", n.api_url)).unwrap_or(Value::Null);
+            let score = v["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["peer_id"] == flooder.as_str())
+                .and_then(|p| p["gossip_score"].as_f64());
+            if score.is_some_and(|s| s < 0.0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node {} still scores the flooder at {score:?}", n.index);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    for i in 0..3 {
+        let v = net.chat(0, &format!("under a flood {i}"), 8, 3).expect("chat");
+        assert_eq!(v["sampo"]["verdict"], "finalized", "{v}");
+    }
+}
+
 fn peers_view(net: &Testnet, i: usize) -> Vec<(String, f64, u64)> {
     let v = get_json(&format!("{}/v1/peers", net.nodes[i].api_url)).expect("peers");
     let mut out: Vec<(String, f64, u64)> = v["peers"]
