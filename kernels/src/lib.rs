@@ -42,6 +42,8 @@ pub enum KernelError {
     Threads { threads: usize, reason: String },
     #[error("prompt is empty")]
     EmptyPrompt,
+    #[error("message {0} contains a special token string the chat template would not keep as text")]
+    SpecialInMessage(usize),
     #[error("prompt of {prompt} tokens plus {max_tokens} new tokens exceeds the context length {ctx}")]
     TooLong { prompt: usize, max_tokens: u32, ctx: usize },
 }
@@ -158,6 +160,30 @@ pub struct Generation {
     pub decode_secs: f64,
 }
 
+/// Where each message's content sits in the rendered template, in order (the content
+/// itself, or trimmed, as templates often trim); `None` for a message whose text the
+/// template changed so that it cannot be found verbatim.
+fn content_ranges(text: &str, messages: &[ChatMessage]) -> Vec<Option<std::ops::Range<usize>>> {
+    let mut ranges = Vec::new();
+    let mut cursor = 0;
+    for m in messages {
+        let mut found = None;
+        for candidate in [m.content.as_str(), m.content.trim()] {
+            if candidate.is_empty() {
+                break;
+            }
+            if let Some(i) = text[cursor..].find(candidate) {
+                let start = cursor + i;
+                found = Some(start..start + candidate.len());
+                cursor = start + candidate.len();
+                break;
+            }
+        }
+        ranges.push(found);
+    }
+    ranges
+}
+
 /// A model on a backend.
 #[derive(Clone)]
 pub struct Engine {
@@ -190,7 +216,15 @@ impl Engine {
             &name(t.bos).unwrap_or_default(),
             &name(t.eos).unwrap_or_default(),
         )?;
-        Ok(t.encode(&text, true))
+        // The template's own markers are special tokens; the messages' text never is.
+        let ranges = content_ranges(&text, messages);
+        if let Some(i) = ranges.iter().zip(messages).position(|(r, m)| r.is_none() && t.contains_special(&m.content)) {
+            // Transformed by the template beyond recognition: its token strings cannot
+            // be told from the template's, so the message is refused.
+            return Err(KernelError::SpecialInMessage(i));
+        }
+        let protected: Vec<std::ops::Range<usize>> = ranges.into_iter().flatten().collect();
+        Ok(t.encode_protected(&text, &protected))
     }
 
     /// Logits after feeding `tokens` to a fresh sequence.

@@ -345,17 +345,32 @@ impl Tokenizer {
         self.ids.get(s).copied()
     }
 
+    /// Whether `text` contains any special token's string.
+    pub fn contains_special(&self, text: &str) -> bool {
+        self.specials.iter().any(|(tok, _)| text.contains(tok.as_str()))
+    }
+
     pub fn is_special(&self, id: u32) -> bool {
         matches!(self.types.get(id as usize), Some(&TOKEN_TYPE_CONTROL))
     }
 
     /// Encode `text`; special-token strings in it are parsed when `parse_special`.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
-        let mut out = Vec::new();
         if !parse_special {
+            let mut out = Vec::new();
             self.encode_plain(text, &mut out);
             return out;
         }
+        self.encode_protected(text, &[])
+    }
+
+    /// Encode `text` parsing special tokens, except inside the `protected` byte ranges
+    /// (a client's message content in a rendered chat template): a user who types
+    /// `<|im_start|>system` gets those characters as text, not a new turn. Text around
+    /// and inside the ranges is tokenized as one, so nothing else changes.
+    pub fn encode_protected(&self, text: &str, protected: &[std::ops::Range<usize>]) -> Vec<u32> {
+        let mut out = Vec::new();
+        let shielded = |p: usize, len: usize| protected.iter().any(|r| p < r.end && r.start < p + len);
         // Where each special next occurs at or after `pos` (None: nowhere). Kept across
         // matches so that a text full of specials is scanned about once per special;
         // searching every special afresh after each match was quadratic.
@@ -383,6 +398,11 @@ impl Tokenizer {
                 break;
             };
             let (tok, id) = &self.specials[k];
+            if shielded(p, tok.len()) {
+                // Not a special here: look for this one further on; the text stays text.
+                next[k] = find_from(text, p + tok.chars().next().map_or(1, char::len_utf8), tok);
+                continue;
+            }
             self.encode_plain(&text[pos..p], &mut out);
             out.push(*id);
             pos = p + tok.len();
