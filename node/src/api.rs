@@ -498,7 +498,20 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
     if k == 0 || k > 15 {
         return Err(bad_request(&format!("sampo.k {k} is outside 1..=15")));
     }
-    let prompt_tokens = m.prompt_tokens(&prompt).map_err(|e| bad_request(&format!("prompt: {e}")))?;
+    // Bytes first: tokenizing costs CPU, so the cheap bound comes before it.
+    if prompt.byte_len() > sampo_consensus::messages::MAX_PROMPT_BYTES {
+        return Err(bad_request(&format!(
+            "the prompt has {} bytes, more than the {} a task may carry",
+            prompt.byte_len(),
+            sampo_consensus::messages::MAX_PROMPT_BYTES
+        )));
+    }
+    // Off the async workers (tokenizing a long prompt takes milliseconds).
+    let tokenize = || m.prompt_tokens(&prompt);
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let prompt_tokens = if multi { tokio::task::block_in_place(tokenize) } else { tokenize() }
+        .map_err(|e| bad_request(&format!("prompt: {e}")))?;
     let ctx = m.context_length();
     if prompt_tokens.is_empty() {
         return Err(bad_request("the prompt is empty"));

@@ -551,82 +551,82 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
         // Stored by the loop before the commit it precedes is published.
         Action::StoreCommit { .. } => {}
         Action::Execute { task, attempt, spec, .. } => {
-            let decline = |reason| {
-                let tx = p.self_tx.clone();
-                // The loop is this function's caller: hand the decline back through it.
-                tokio::spawn(async move {
-                    let _ = tx.send(LoopCmd::Decline { task, attempt, reason }).await;
-                });
-            };
             let Some(model) = p.models.by_id(&spec.model).cloned() else {
                 debug!(%task, "seated for a model we do not serve");
                 return;
             };
-            // Seated before (re-announced, or before a restart): the same commit again.
-            let store = p.store.clone();
-            if let Ok(Ok(Some(stored))) = tokio::task::spawn_blocking(move || store.stored_commit(&task, attempt)).await
-            {
-                let tx = p.self_tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(LoopCmd::Resume { task, attempt, tokens: stored.tokens }).await;
-                });
-                return;
-            }
-            let price = DeclineReason::Price { price_per_1k: model.price_per_1k };
-            if price.holds_for(&spec, committee_size(spec.k, attempt)) {
-                decline(price);
-                return;
-            }
-            if spec.params.max_tokens > p.max_tokens_per_task {
-                p.metrics.queue_rejections.inc();
-                decline(DeclineReason::MaxTokens { limit: p.max_tokens_per_task });
-                return;
-            }
-            let prompt = match model.prompt_tokens(&spec.prompt) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(%task, error = %e, "cannot build the prompt");
-                    return;
+            // Everything that reads the store, tokenizes or waits runs off the loop; what
+            // it decides comes back as a command.
+            let (store, tx, executor, metrics) =
+                (p.store.clone(), p.self_tx.clone(), p.executor.clone(), p.metrics.clone());
+            let max_tokens_per_task = p.max_tokens_per_task;
+            tokio::spawn(
+                async move {
+                    let back = |cmd| async { tx.send(cmd).await.is_ok() };
+                    // Seated before (re-announced, or before a restart): the same commit.
+                    let stored = tokio::task::spawn_blocking(move || store.stored_commit(&task, attempt)).await;
+                    if let Ok(Ok(Some(stored))) = stored {
+                        back(LoopCmd::Resume { task, attempt, tokens: stored.tokens }).await;
+                        return;
+                    }
+                    let decline = |reason| LoopCmd::Decline { task, attempt, reason };
+                    let price = DeclineReason::Price { price_per_1k: model.price_per_1k };
+                    if price.holds_for(&spec, committee_size(spec.k, attempt)) {
+                        back(decline(price)).await;
+                        return;
+                    }
+                    if spec.params.max_tokens > max_tokens_per_task {
+                        metrics.queue_rejections.inc();
+                        back(decline(DeclineReason::MaxTokens { limit: max_tokens_per_task })).await;
+                        return;
+                    }
+                    let (m, prompt) = (model.clone(), spec.prompt.clone());
+                    let prompt = match tokio::task::spawn_blocking(move || m.prompt_tokens(&prompt)).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            warn!(%task, error = %e, "cannot build the prompt");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let ctx = model.context_length();
+                    if prompt.len() + spec.params.max_tokens as usize > ctx {
+                        let limit = u32::try_from(ctx).unwrap_or(u32::MAX);
+                        back(decline(DeclineReason::Context { limit })).await;
+                        return;
+                    }
+                    let (done, rx) = oneshot::channel();
+                    let job = Job {
+                        // +1: replays (priority 0) run behind all paid and unpaid work.
+                        priority: spec.fee_per_1k_tokens().saturating_add(1),
+                        engine: model.engine.clone(),
+                        prompt,
+                        params: model.sampling(&spec),
+                        stream: None,
+                        done,
+                    };
+                    if let Err(e) = executor.submit(job) {
+                        metrics.queue_rejections.inc();
+                        warn!(%task, error = %e, "declining a seat");
+                        back(decline(DeclineReason::Full)).await;
+                        return;
+                    }
+                    let tokens = match rx.await {
+                        // Cut short (shutdown): not the model's output, so never committed.
+                        Ok(Ok(g)) if g.finish == sampo_kernels::FinishReason::Cancelled => {
+                            Err("the inference was cancelled".into())
+                        }
+                        Ok(Ok(g)) => {
+                            metrics.observe_generation(&g);
+                            Ok(g.tokens)
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err("executor dropped the job".into()),
+                    };
+                    back(LoopCmd::Executed { task, attempt, tokens }).await;
                 }
-            };
-            let ctx = model.context_length();
-            if prompt.len() + spec.params.max_tokens as usize > ctx {
-                decline(DeclineReason::Context { limit: u32::try_from(ctx).unwrap_or(u32::MAX) });
-                return;
-            }
-            let (done, rx) = oneshot::channel();
-            let job = Job {
-                // +1: replays (priority 0) run behind all paid and unpaid work.
-                priority: spec.fee_per_1k_tokens().saturating_add(1),
-                engine: model.engine.clone(),
-                prompt,
-                params: model.sampling(&spec),
-                stream: None,
-                done,
-            };
-            if let Err(e) = p.executor.submit(job) {
-                p.metrics.queue_rejections.inc();
-                warn!(%task, error = %e, "declining a seat");
-                decline(DeclineReason::Full);
-                return;
-            }
-            let tx = p.self_tx.clone();
-            let metrics = p.metrics.clone();
-            tokio::spawn(async move {
-                let tokens = match rx.await {
-                    // Cut short (shutdown): not the model's output, so never committed.
-                    Ok(Ok(g)) if g.finish == sampo_kernels::FinishReason::Cancelled => {
-                        Err("the inference was cancelled".into())
-                    }
-                    Ok(Ok(g)) => {
-                        metrics.observe_generation(&g);
-                        Ok(g.tokens)
-                    }
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err("executor dropped the job".into()),
-                };
-                let _ = tx.send(LoopCmd::Executed { task, attempt, tokens }).await;
-            });
+                .instrument(tracing::info_span!("seat", %task, attempt)),
+            );
         }
         Action::Apply(v) => {
             // Only what the trust model allows this node to conclude is applied now.
