@@ -167,12 +167,14 @@ impl<'a> Cursor<'a> {
                     reason: format!("unknown element type {et}"),
                 })?;
                 let n = self.u64(key)?;
-                // Every element takes at least one byte: a count beyond what remains is a lie.
-                if n > self.remaining() {
+                // Every element takes at least its type's smallest encoding: a count
+                // beyond what remains is a lie, refused before anything is allocated.
+                let needed = n.saturating_mul(et.min_encoded_len());
+                if needed > self.remaining() {
                     return Err(GgufError::Truncated {
                         what: format!("array `{key}` of {n} elements"),
                         offset: at,
-                        needed: n,
+                        needed,
                         len: self.buf.len() as u64,
                     });
                 }
@@ -341,7 +343,8 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         if dims[0] % ty.block_len() as u64 != 0 {
             return Err(bad(format!("row length {} is not a multiple of the block size {}", dims[0], ty.block_len())));
         }
-        let n_bytes = ty.bytes_for(elements).ok_or_else(|| bad("not a whole number of blocks".into()))?;
+        // Whole blocks (the row length is), so `None` means the byte size overflows.
+        let n_bytes = ty.bytes_for(elements).ok_or_else(|| bad("size in bytes overflows".into()))?;
         if rel % alignment != 0 {
             return Err(bad(format!("data offset {rel} is not aligned to {alignment}")));
         }

@@ -19,6 +19,19 @@ pub enum ValueType {
 }
 
 impl ValueType {
+    /// The fewest bytes a value of this type takes in a file (an empty string: its
+    /// length; an empty array: its element type and count).
+    pub fn min_encoded_len(self) -> u64 {
+        use ValueType::*;
+        match self {
+            U8 | I8 | Bool => 1,
+            U16 | I16 => 2,
+            U32 | I32 | F32 => 4,
+            U64 | I64 | F64 | String => 8,
+            Array => 12,
+        }
+    }
+
     pub fn from_u32(v: u32) -> Option<Self> {
         use ValueType::*;
         Some(match v {
@@ -197,10 +210,14 @@ impl GgmlType {
         }
     }
 
-    /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks.
+    /// Bytes for `n` elements, or `None` if `n` is not a whole number of blocks or
+    /// the size does not fit in a `u64`.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bl = self.block_len() as u64;
-        n.is_multiple_of(bl).then(|| n / bl * self.block_bytes() as u64)
+        if !n.is_multiple_of(bl) {
+            return None;
+        }
+        (n / bl).checked_mul(self.block_bytes() as u64)
     }
 }
 
