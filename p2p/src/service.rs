@@ -161,9 +161,14 @@ pub enum P2pEvent {
 
 /// Which gossiped message a validation result is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Validation {
+pub struct Validation(Box<ValidationInner>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ValidationInner {
     id: gossipsub::MessageId,
     source: PeerId,
+    /// The envelope's signer.
+    author: PeerId,
 }
 
 /// The node's judgement of a gossiped message.
@@ -554,6 +559,19 @@ impl Actor {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
             Command::Report { validation, acceptance } => {
+                let validation = *validation.0;
+                if acceptance == Acceptance::Reject {
+                    // Its author signed something the protocol refuses: out of the
+                    // registry (so out of committees) until it announces itself again.
+                    let removed = self.registry.write().map(|mut r| {
+                        let had = r.get(&validation.author).is_some();
+                        r.remove(&validation.author);
+                        had
+                    });
+                    if removed.unwrap_or(false) {
+                        self.emit(P2pEvent::NodeLeft(validation.author));
+                    }
+                }
                 let a = match acceptance {
                     Acceptance::Accept => MessageAcceptance::Accept,
                     Acceptance::Reject => MessageAcceptance::Reject,
@@ -671,7 +689,7 @@ impl Actor {
         }
         // Everything else is judged by the node (the protocol's rules) before it is
         // forwarded; if the node cannot take it now, it is not forwarded either.
-        let validation = Validation { id: id.clone(), source };
+        let validation = Validation(Box::new(ValidationInner { id: id.clone(), source, author: signer }));
         if !self.cfg.node_validates {
             self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                 &id,
