@@ -538,11 +538,18 @@ impl Consensus {
             }
             return Ok(());
         }
-        if now_ms >= ann.commit_deadline_ms || self.duties.len() >= self.params.max_duties {
+        // Seats still owed work count against the caps; finished ones (revealed,
+        // declined) linger only to recognise re-announcements, and must not crowd out a
+        // busy honest coordinator's next task.
+        let open = |d: &&Duty| !matches!(d.state, DutyState::Done);
+        if now_ms >= ann.commit_deadline_ms
+            || self.duties.values().filter(open).count() >= self.params.max_duties
+            || self.duties.len() >= 8 * self.params.max_duties
+        {
             return Ok(());
         }
         let coordinator = ann.spec.coordinator;
-        if self.duties.values().filter(|d| d.coordinator == coordinator).count()
+        if self.duties.values().filter(open).filter(|d| d.coordinator == coordinator).count()
             >= self.params.max_duties_per_coordinator
         {
             return Ok(());

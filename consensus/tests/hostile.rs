@@ -122,3 +122,20 @@ fn running_seats_count_until_their_inference_reports() {
     member.tick(1_000 + params.max_seat_ms, &[]);
     assert_eq!(member.load().1, 0, "freed at the seat cap");
 }
+
+/// A busy honest coordinator: seats this node finished (revealed) do not count against
+/// the per-coordinator cap while they linger until their reveal deadline.
+#[test]
+fn finished_seats_do_not_count_against_the_cap() {
+    let params = RoundParams::default();
+    let mut net = sampo_consensus::sim::SimNet::new(3, params.clone(), |_| Behaviour::Honest);
+    for _ in 0..(2 * params.max_duties_per_coordinator) {
+        let spec = net.spec(0, 3, 0);
+        let task = net.submit(0, spec).expect("submit");
+        net.settle();
+        assert!(
+            matches!(net.outcome(0, &task), Some(Outcome::Finalized { .. })),
+            "every task finalizes at once, none waits for a deadline"
+        );
+    }
+}

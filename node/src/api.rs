@@ -356,10 +356,12 @@ async fn peers(State(s): State<Arc<ApiState>>) -> Response {
     for n in &live {
         scores.push(p2p.peer_score(n.peer).await.ok().flatten());
     }
+    let mesh = p2p.mesh_peers(sampo_p2p::GossipTopic::Rounds).await.unwrap_or_default();
     let list: Vec<Value> = live
         .into_iter()
         .zip(scores)
         .map(|(n, gossip_score)| {
+            let in_mesh = mesh.contains(&n.peer);
             let rep = s.store.as_ref().and_then(|st| st.reputation(&n.peer).ok().flatten()).unwrap_or_default();
             let credits = s.store.as_ref().and_then(|st| st.credits(&n.peer).ok()).unwrap_or_default();
             json!({
@@ -381,6 +383,7 @@ async fn peers(State(s): State<Arc<ApiState>>) -> Response {
                 },
                 "credits": credits.balance,
                 "gossip_score": gossip_score,
+                "in_rounds_mesh": in_mesh,
             })
         })
         .collect();
@@ -636,7 +639,9 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Res
         let Some(ex) = &s.executor else {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no executor");
         };
-        let (tx, rx) = mpsc::channel::<TokenPiece>(64);
+        // Room for every token the request may produce: the worker never waits for a
+        // slow reader (the executor's write timeout is only a backstop).
+        let (tx, rx) = mpsc::channel::<TokenPiece>(p.spec.params.max_tokens as usize + 1);
         let (done, done_rx) = oneshot::channel();
         let job = Job {
             // The same order as committee work: what the task pays per token.
