@@ -45,6 +45,9 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     pub eot: Vec<u32>,
     pub chat_template: Option<String>,
+    /// The most bytes of text one token can stand for (specials included): a text of
+    /// `n` bytes takes at least `n / max_token_bytes` tokens, known before encoding it.
+    max_token_bytes: usize,
 }
 
 /// GPT-2's reversible map from bytes to printable characters.
@@ -322,6 +325,9 @@ impl Tokenizer {
             .map(|(i, (s, _))| (s.clone(), i as u32))
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        // Byte-level tokens: one character per byte; specials stand for their text.
+        let max_token_bytes = tokens.iter().map(|s| s.chars().count().max(s.len().min(1))).max().unwrap_or(1).max(1);
+        let max_token_bytes = max_token_bytes.max(specials.first().map_or(1, |s| s.0.len()));
         Ok(Self {
             tokens,
             types,
@@ -334,7 +340,13 @@ impl Tokenizer {
             eos: None,
             eot: Vec::new(),
             chat_template: None,
+            max_token_bytes,
         })
+    }
+
+    /// The fewest tokens `bytes` bytes of text can encode to.
+    pub fn min_tokens_for(&self, bytes: usize) -> usize {
+        bytes.div_ceil(self.max_token_bytes)
     }
 
     pub fn vocab_size(&self) -> usize {

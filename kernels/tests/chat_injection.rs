@@ -37,3 +37,24 @@ fn typed_control_tokens_stay_text() {
     // The attack's text costs more tokens than its markers would as specials.
     assert!(b.len() > a.len() + 8);
 }
+
+/// The byte bound that lets the API refuse a prompt that cannot fit before encoding it
+/// is a true lower bound on the token count.
+#[test]
+fn min_tokens_for_is_a_lower_bound() {
+    let e = engine();
+    let t = e.tokenizer();
+    let texts = [
+        "a".repeat(5000),
+        "The quick brown fox jumps over the lazy dog. ".repeat(50),
+        "<|im_start|>user\nhi<|im_end|>".repeat(40),
+        "           \n\n\n\t\t".repeat(100),
+        "ünïcödé 🦀 ".repeat(100),
+    ];
+    for text in &texts {
+        for special in [false, true] {
+            let n = t.encode(text, special).len();
+            assert!(t.min_tokens_for(text.len()) <= n, "{} > {n} for {:?}", t.min_tokens_for(text.len()), &text[..20]);
+        }
+    }
+}

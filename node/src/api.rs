@@ -509,13 +509,24 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
             sampo_consensus::messages::MAX_PROMPT_BYTES
         )));
     }
+    // A prompt too long for the context whatever its tokens: refused before the work.
+    let ctx = m.context_length();
+    let fewest = m.engine.tokenizer().min_tokens_for(prompt.byte_len());
+    if fewest + max_tokens as usize > ctx {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+            &format!(
+                "this model's context is {ctx} tokens; the prompt needs at least {fewest} and max_tokens asks for {max_tokens}"
+            ),
+        ));
+    }
     // Off the async workers (tokenizing a long prompt takes milliseconds).
     let tokenize = || m.prompt_tokens(&prompt);
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     let prompt_tokens = if multi { tokio::task::block_in_place(tokenize) } else { tokenize() }
         .map_err(|e| bad_request(&format!("prompt: {e}")))?;
-    let ctx = m.context_length();
     if prompt_tokens.is_empty() {
         return Err(bad_request("the prompt is empty"));
     }
