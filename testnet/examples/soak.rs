@@ -16,23 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sampo_testnet::{Testnet, TestnetConfig, get_json, http};
+use sampo_testnet::{Testnet, TestnetConfig, get_json, http, percentile as pct, rss_mib};
 use serde_json::Value;
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|k| k.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 /// `requests` verified chats through node 0; latency in ms of each, all must finalize.
 fn honest(net: &Testnet, requests: usize, tag: &str) -> Vec<f64> {

@@ -7,21 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sampo_testnet::{Testnet, TestnetConfig};
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|k| k.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
+use sampo_testnet::{Testnet, TestnetConfig, percentile, rss_mib};
 
 fn latencies(net: &Testnet, k: usize, tasks: usize) -> Vec<f64> {
     (0..tasks)
@@ -47,13 +33,13 @@ fn main() {
 
     let single =
         Testnet::start(TestnetConfig::new(1, model.clone(), dir.join("single"), sampo.clone())).expect("single");
-    let mut alone = latencies(&single, 1, tasks);
+    let alone = latencies(&single, 1, tasks);
     drop(single);
 
     let t0 = Instant::now();
     let net = Testnet::start(TestnetConfig::new(nodes, model, dir.join("net"), sampo)).expect("testnet");
     let ready = t0.elapsed().as_secs_f64();
-    let mut verified = latencies(&net, 3, tasks);
+    let verified = latencies(&net, 3, tasks);
 
     // Saturation: 8 clients, each submitting to its own coordinator, for 20 s.
     let done = Arc::new(AtomicUsize::new(0));
@@ -85,13 +71,13 @@ fn main() {
     println!("| --- | ---: | ---: |");
     println!(
         "| one node alone (k = 1, 1-node network) | {:.1} ms | {:.1} ms |",
-        pct(&mut alone, 0.5),
-        pct(&mut alone, 0.99)
+        percentile(&alone, 0.5),
+        percentile(&alone, 0.99)
     );
     println!(
         "| verified, k = 3 on {nodes} nodes | {:.1} ms | {:.1} ms |",
-        pct(&mut verified, 0.5),
-        pct(&mut verified, 0.99)
+        percentile(&verified, 0.5),
+        percentile(&verified, 0.99)
     );
     println!("saturation: {tps:.1} verified tasks/s (8 clients, 20 s, k = 3, 16 tokens each)");
     println!(

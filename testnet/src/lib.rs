@@ -402,3 +402,23 @@ impl Testnet {
         Ok(v)
     }
 }
+
+/// Resident memory of a process, in MiB (0 when it cannot be read).
+pub fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|k| k.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The `p` quantile (0..=1) of `v`, nearest rank; 0 for an empty slice.
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p.clamp(0.0, 1.0)).round() as usize]
+}
