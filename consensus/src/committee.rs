@@ -71,6 +71,82 @@ fn rendezvous_key(task: &TaskId, attempt: u8, peer: &PeerId, weight: f64) -> f64
     -libm::log(u) / weight
 }
 
+/// Why an announced committee is not the one its candidate list gives.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CommitteeError {
+    #[error("{0} candidates, more than {max}", max = crate::messages::MAX_CANDIDATES)]
+    TooManyCandidates(usize),
+    #[error("candidate {0} is listed twice or with a weight that is not a positive finite number")]
+    BadCandidate(PeerId),
+    #[error("member {0} is not among the announced candidates")]
+    NotACandidate(PeerId),
+    #[error("the committee is not the best-ranked {0} of the announced candidates")]
+    NotSampled(usize),
+}
+
+/// Check that `committee` is exactly the `committee.len()` best-ranked of `candidates`
+/// for `seed` and `attempt` — the first seats and every substitute after them, in any
+/// order. The coordinator cannot choose members, only list candidates; a candidate
+/// left off the list sees that it was left out.
+pub fn check_committee(
+    seed: &TaskId,
+    attempt: u8,
+    candidates: &[(PeerId, f64)],
+    committee: &[PeerId],
+) -> Result<(), CommitteeError> {
+    if candidates.len() > crate::messages::MAX_CANDIDATES {
+        return Err(CommitteeError::TooManyCandidates(candidates.len()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (p, w) in candidates {
+        if !(w.is_finite() && *w > 0.0 && seen.insert(*p)) {
+            return Err(CommitteeError::BadCandidate(*p));
+        }
+    }
+    if let Some(m) = committee.iter().find(|m| !seen.contains(m)) {
+        return Err(CommitteeError::NotACandidate(*m));
+    }
+    let mut keyed: Vec<(f64, PeerId)> =
+        candidates.iter().map(|(p, w)| (rendezvous_key(seed, attempt, p, *w), *p)).collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
+    let best: std::collections::BTreeSet<PeerId> = keyed.iter().take(committee.len()).map(|(_, p)| *p).collect();
+    let given: std::collections::BTreeSet<PeerId> = committee.iter().copied().collect();
+    if best != given {
+        return Err(CommitteeError::NotSampled(committee.len()));
+    }
+    Ok(())
+}
+
+/// The eligible candidates with their weights, the best-ranked first, at most `max`:
+/// what a coordinator announces and samples from.
+pub fn candidate_list(
+    seed: &TaskId,
+    attempt: u8,
+    candidates: &[Candidate],
+    eligibility: &Eligibility,
+    max: usize,
+) -> Vec<(PeerId, f64)> {
+    let mut keyed: Vec<(f64, PeerId, f64)> = candidates
+        .iter()
+        .filter(|c| eligibility.admits(c))
+        .map(|c| (rendezvous_key(seed, attempt, &c.peer, c.score), c.peer, c.score))
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
+    keyed.dedup_by(|a, b| a.1 == b.1);
+    keyed.into_iter().take(max).map(|(_, p, w)| (p, w)).collect()
+}
+
+/// The next `n` of an announced candidate list not in `exclude`, in rank order.
+pub fn next_from_list(seed: &TaskId, attempt: u8, list: &[(PeerId, f64)], exclude: &[PeerId], n: usize) -> Vec<PeerId> {
+    let mut keyed: Vec<(f64, PeerId)> = list
+        .iter()
+        .filter(|(p, _)| !exclude.contains(p))
+        .map(|(p, w)| (rendezvous_key(seed, attempt, p, *w), *p))
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
+    keyed.into_iter().take(n).map(|(_, p)| p).collect()
+}
+
 /// Pick up to `n` eligible candidates not in `exclude`, by weighted rendezvous hashing.
 /// The result is ordered by rank (best first); fewer than `n` when too few are eligible.
 pub fn sample(

@@ -6,6 +6,7 @@
 //! caller. See `DESIGN.md` in the shared docs for the protocol this crate implements.
 
 pub mod accountability;
+pub mod admission;
 pub mod committee;
 pub mod envelope;
 pub mod identity;
@@ -17,7 +18,11 @@ pub mod sim;
 pub mod verdict;
 
 pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay, took_part};
-pub use committee::{Candidate, Eligibility, committee_size, quorum, sample};
+pub use admission::{AdmissionCertificate, AdmissionError};
+pub use committee::{
+    Candidate, CommitteeError, Eligibility, candidate_list, check_committee, committee_size, next_from_list, quorum,
+    sample,
+};
 pub use envelope::{
     EnvelopeError, MAX_ENVELOPE_BYTES, MAX_NESTED_ENVELOPES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope,
 };
@@ -25,8 +30,9 @@ pub use identity::{IdentityError, NodeKey};
 pub use ids::{Hash32, ModelId, TaskId, commit_hash};
 pub use libp2p_identity::PeerId;
 pub use messages::{
-    ChatMessage, Commit, Decline, DeclineReason, Evidence, FraudProof, MAX_COMMITTEE, Mark, ModelRef, NodeAnnouncement,
-    Outcome, Prompt, Reveal, RevealRequest, SamplingParams, SpecError, TaskAnnouncement, TaskSpec, Verdict,
+    ChatMessage, Commit, Decline, DeclineReason, Evidence, FraudProof, MAX_CANDIDATES, MAX_COMMITTEE, Mark, ModelRef,
+    NodeAnnouncement, Outcome, Prompt, Reveal, RevealRequest, SamplingParams, SpecError, TaskAnnouncement, TaskSpec,
+    Verdict,
 };
 pub use reputation::{Reputation, ReputationParams};
 pub use round::{Action, Behaviour, Consensus, Phase, RoundError, RoundParams, RoundView, Topic};

@@ -45,6 +45,8 @@ pub struct NodeAnnouncement {
     pub api_url: Option<String>,
     /// Sender's clock (unix ms) when it was sent: later announcements replace earlier ones.
     pub sent_ms: u64,
+    /// Admission to a closed network (`network.admission_keys`); `None` on an open one.
+    pub certificate: Option<crate::admission::AdmissionCertificate>,
 }
 
 impl Message for NodeAnnouncement {
@@ -110,6 +112,10 @@ pub struct TaskSpec {
     pub max_escalations: u8,
     /// Credits paid for the task, split among the agreeing members.
     pub fee: u64,
+    /// Randomness from the client (or drawn for it by the API), committed before the
+    /// committee is sampled: the committee's seed, which the coordinator cannot grind
+    /// (its own fields — nonce, time — do not enter the seed).
+    pub client_entropy: [u8; 32],
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -135,6 +141,15 @@ impl TaskSpec {
     pub fn id(&self) -> TaskId {
         // Encoding a spec of bounded size with the wire config cannot fail.
         TaskId(Hash32::of(&encode_body(self).unwrap_or_default()))
+    }
+
+    /// The seed of this task's committees: the client's entropy and the model only.
+    pub fn committee_seed(&self) -> TaskId {
+        let mut h = blake3::Hasher::new();
+        h.update(b"sampo/v1/committee-seed");
+        h.update(&self.client_entropy);
+        h.update(&self.model.0.0);
+        TaskId(Hash32(*h.finalize().as_bytes()))
     }
 
     /// The fee per 1,000 output tokens asked for: what orders work in every queue, so a
@@ -183,7 +198,14 @@ pub struct TaskAnnouncement {
     pub committee: Vec<PeerId>,
     pub commit_deadline_ms: u64,
     pub reveal_deadline_ms: u64,
+    /// The candidates (and weights) the committee was sampled from, at most
+    /// [`MAX_CANDIDATES`]: anyone recomputes the committee from them
+    /// ([`crate::committee::check_committee`]) and sees any choice or exclusion.
+    pub candidates: Vec<(PeerId, f64)>,
 }
+
+/// Most candidates an announcement lists (the best-ranked for the task's seed).
+pub const MAX_CANDIDATES: usize = 512;
 
 impl Message for TaskAnnouncement {
     const KIND: MessageKind = MessageKind::TaskAnnouncement;
@@ -388,6 +410,7 @@ mod tests {
             k: 3,
             max_escalations: 1,
             fee: 90,
+            client_entropy: [7; 32],
         }
     }
 
@@ -427,6 +450,7 @@ mod tests {
             committee: vec![key.peer_id()],
             commit_deadline_ms: 5,
             reveal_deadline_ms: 6,
+            candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
         };
         let env = SignedEnvelope::seal(&key, &ann).expect("seal");
         let back = SignedEnvelope::from_bytes(&env.to_bytes()).expect("decode");

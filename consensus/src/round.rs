@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::committee::{Candidate, Eligibility, committee_size, quorum, sample};
+use crate::committee::{
+    Candidate, CommitteeError, Eligibility, candidate_list, check_committee, committee_size, next_from_list, quorum,
+};
 use crate::envelope::{EnvelopeError, MessageKind, SignedEnvelope};
 use crate::identity::NodeKey;
 use crate::ids::{Hash32, ModelId, TaskId, commit_hash};
@@ -150,6 +152,8 @@ pub enum RoundError {
     AttemptOutOfRange { attempt: u8, max: u8 },
     #[error("deadlines out of order or too far ahead (commit {commit_ms}, reveal {reveal_ms})")]
     BadDeadlines { commit_ms: u64, reveal_ms: u64 },
+    #[error("committee not sampled from its candidates: {0}")]
+    Committee(#[from] CommitteeError),
 }
 
 impl RoundError {
@@ -160,6 +164,7 @@ impl RoundError {
             RoundError::Spec(_)
             | RoundError::AttemptOutOfRange { .. }
             | RoundError::BadDeadlines { .. }
+            | RoundError::Committee(_)
             | RoundError::Verdict(_)
             | RoundError::NotCoordinator(_)
             | RoundError::NotOnCommittee { .. } => true,
@@ -397,7 +402,9 @@ impl Consensus {
         }
         let eligibility = Eligibility { model: spec.model, max_price_per_1k };
         let size = committee_size(spec.k, 0);
-        let committee = sample(&task, 0, candidates, &eligibility, &[], size);
+        let seed = spec.committee_seed();
+        let list = candidate_list(&seed, 0, candidates, &eligibility, crate::messages::MAX_CANDIDATES);
+        let committee = next_from_list(&seed, 0, &list, &[], size);
         if committee.len() < quorum(size) {
             return Err(RoundError::NoCommittee { need: quorum(size), found: committee.len() });
         }
@@ -405,7 +412,7 @@ impl Consensus {
         if self.behaviour == Behaviour::ByzantineCoordinator {
             self.forge_absent_verdict(&spec, &committee, now_ms, &mut actions);
         }
-        self.announce(spec, 0, committee, eligibility, now_ms, &mut actions);
+        self.announce(spec, 0, (committee, list), eligibility, now_ms, &mut actions);
         self.drain_loopback(now_ms, &mut actions);
         Ok((task, actions))
     }
@@ -414,7 +421,7 @@ impl Consensus {
         &mut self,
         spec: TaskSpec,
         attempt: u8,
-        committee: Vec<PeerId>,
+        (committee, candidates): (Vec<PeerId>, Vec<(PeerId, f64)>),
         eligibility: Eligibility,
         now_ms: u64,
         actions: &mut Vec<Action>,
@@ -428,6 +435,7 @@ impl Consensus {
             committee,
             commit_deadline_ms,
             reveal_deadline_ms: commit_deadline_ms + self.params.reveal_window_ms,
+            candidates,
         };
         let ann_env = seal(&self.key, &ann);
         self.publish(Topic::Tasks(ann.spec.model), ann_env.clone(), actions);
@@ -528,6 +536,9 @@ impl Consensus {
         if !ann.committee.contains(&self.me) {
             return Ok(());
         }
+        // Our seat must follow from the announced candidates, not from the coordinator's
+        // choice.
+        check_committee(&ann.spec.committee_seed(), ann.attempt, &ann.candidates, &ann.committee)?;
         let task = ann.task_id();
         let key = (task, ann.attempt);
         if let Some(duty) = self.duties.get_mut(&key) {
@@ -976,7 +987,15 @@ impl Consensus {
             .min(2 * size - round.ann.committee.len().min(2 * size));
         let wanted = (size - honest).min(room);
         let subs = if wanted > 0 {
-            sample(&task, round.ann.attempt, candidates, &round.eligibility, &round.ann.committee, wanted)
+            // From the announced list, so that anyone can recompute the substitutes too.
+            let _ = candidates;
+            next_from_list(
+                &round.ann.spec.committee_seed(),
+                round.ann.attempt,
+                &round.ann.candidates,
+                &round.ann.committee,
+                wanted,
+            )
         } else {
             Vec::new()
         };
@@ -1021,13 +1040,15 @@ impl Consensus {
         let Some(round) = self.coordinated.remove(&task) else { return };
         let attempt = round.ann.attempt + 1;
         let size = committee_size(round.ann.spec.k, attempt);
-        let committee = sample(&task, attempt, candidates, &round.eligibility, &[], size);
+        let seed = round.ann.spec.committee_seed();
+        let list = candidate_list(&seed, attempt, candidates, &round.eligibility, crate::messages::MAX_CANDIDATES);
+        let committee = next_from_list(&seed, attempt, &list, &[], size);
         if committee.len() < quorum(size) {
             // No larger committee can be seated: the task fails as disputed.
             actions.push(Action::Finished { task, outcome: Outcome::Disputed });
             return;
         }
-        self.announce(round.ann.spec, attempt, committee, round.eligibility, now_ms, actions);
+        self.announce(round.ann.spec, attempt, (committee, list), round.eligibility, now_ms, actions);
     }
 
     /// ByzantineCoordinator: a verdict on a task nobody ran, marking `victims` absent.
@@ -1043,6 +1064,7 @@ impl Consensus {
             committee: victims.to_vec(),
             commit_deadline_ms: now_ms,
             reveal_deadline_ms: now_ms,
+            candidates: victims.iter().map(|p| (*p, 1.0)).collect(),
         };
         let none = BTreeMap::new();
         let decision = decide(&Tally {

@@ -143,6 +143,7 @@ impl SimNet {
             k,
             max_escalations,
             fee: 1000,
+            client_entropy: Hash32::of(&self.nonce.to_le_bytes()).0,
         }
     }
 

@@ -140,6 +140,8 @@ pub enum VerifyError {
     UnacceptedReveal(PeerId),
     #[error("attempt {attempt} is beyond the {max} escalations the task allows")]
     AttemptOutOfRange { attempt: u8, max: u8 },
+    #[error("committee: {0}")]
+    Committee(#[from] crate::committee::CommitteeError),
     #[error("{count} {part} for a committee of {members}")]
     TooManyProofs { part: &'static str, count: usize, members: usize },
     #[error("a decline by {0} states a reason that does not hold for the task")]
@@ -225,6 +227,7 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
         let dup = ann.committee.iter().find(|p| !seen.insert(**p)).copied().unwrap_or(coordinator);
         return Err(VerifyError::DuplicateMember(dup));
     }
+    crate::committee::check_committee(&spec.committee_seed(), ann.attempt, &ann.candidates, &ann.committee)?;
 
     // One proof per member at most; more is padding that costs signature checks.
     for (part, n) in [("equivocations", ev.equivocations.len()), ("declines", ev.declines.len())] {

@@ -103,6 +103,7 @@ fn a_restarted_member_answers_a_reannouncement_with_the_same_commit() {
         k: 1,
         max_escalations: 0,
         fee: 0,
+        client_entropy: [7; 32],
     };
     let task = spec.id();
     let ann = |revision| TaskAnnouncement {
@@ -112,6 +113,7 @@ fn a_restarted_member_answers_a_reannouncement_with_the_same_commit() {
         committee: vec![key.peer_id()],
         commit_deadline_ms: 100,
         reveal_deadline_ms: 200,
+        candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
     };
     let commit_of = |actions: &[Action]| {
         actions.iter().find_map(|a| match a {
@@ -197,6 +199,7 @@ fn hand_verdict(attempt: u8, k: u8) -> SignedEnvelope {
         k,
         max_escalations: 0,
         fee: 0,
+        client_entropy: [7; 32],
     };
     let task = spec.id();
     let victims: Vec<PeerId> = (0..60u8).map(|i| NodeKey::from_seed([i + 100; 32]).peer_id()).collect();
@@ -207,6 +210,7 @@ fn hand_verdict(attempt: u8, k: u8) -> SignedEnvelope {
         committee: victims.clone(),
         commit_deadline_ms: 0,
         reveal_deadline_ms: 0,
+        candidates: victims.iter().map(|p| (*p, 1.0)).collect(),
     };
     let verdict = Verdict {
         task,

@@ -104,6 +104,7 @@ fn node_announcement() -> NodeAnnouncement {
         addrs: vec!["/ip4/127.0.0.1/tcp/1".into()],
         api_url: Some("http://127.0.0.1:1".into()),
         sent_ms: 1,
+        certificate: None,
     }
 }
 
@@ -327,6 +328,7 @@ fn spec() -> impl Strategy<Value = TaskSpec> {
             k,
             max_escalations,
             fee,
+            client_entropy: model.0,
         },
     )
 }
@@ -340,6 +342,7 @@ fn generated() -> impl Strategy<Value = (u8, SignedEnvelope)> {
                 spec,
                 attempt,
                 revision,
+                candidates: committee.iter().map(|p| (*p, 1.0)).collect(),
                 committee,
                 commit_deadline_ms: c,
                 reveal_deadline_ms: r,
@@ -357,6 +360,7 @@ fn generated() -> impl Strategy<Value = (u8, SignedEnvelope)> {
                 addrs: vec!["/ip4/1.2.3.4/tcp/5".into()],
                 api_url: None,
                 sent_ms,
+                certificate: None,
             })
         });
     let commit =

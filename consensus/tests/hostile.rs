@@ -14,6 +14,7 @@ fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_
         k: 1,
         max_escalations: 0,
         fee: 0,
+        client_entropy: [7; 32],
     };
     let ann = TaskAnnouncement {
         spec,
@@ -22,6 +23,7 @@ fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_
         committee: vec![*member],
         commit_deadline_ms: 5_000,
         reveal_deadline_ms,
+        candidates: [*member].iter().map(|p| (*p, 1.0)).collect(),
     };
     SignedEnvelope::seal(coordinator, &ann).expect("seal")
 }

@@ -45,6 +45,7 @@ fn build(members: &[Member], k: u8) -> Built {
         k,
         max_escalations: 0,
         fee: 1001,
+        client_entropy: [7; 32],
     };
     let task = spec.id();
     let ann = TaskAnnouncement {
@@ -54,6 +55,7 @@ fn build(members: &[Member], k: u8) -> Built {
         committee: keys.iter().map(NodeKey::peer_id).collect(),
         commit_deadline_ms: 10,
         reveal_deadline_ms: 20,
+        candidates: keys.iter().map(|k| (k.peer_id(), 1.0)).collect(),
     };
     let honest_output = vec![5u32, 6, 7];
     let mut commits = Vec::new();
@@ -305,6 +307,7 @@ fn the_largest_possible_verdict_seals() {
         k: MAX_COMMITTEE as u8,
         max_escalations: 0,
         fee: u64::MAX,
+        client_entropy: [7; 32],
     };
     spec.validate().expect("valid");
     let task = spec.id();
@@ -315,6 +318,15 @@ fn the_largest_possible_verdict_seals() {
         committee: keys.iter().map(NodeKey::peer_id).collect(),
         commit_deadline_ms: u64::MAX,
         reveal_deadline_ms: u64::MAX,
+        // The longest candidate list an announcement may carry.
+        candidates: (0..MAX_CANDIDATES as u32)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&i.to_le_bytes());
+                seed[31] = 0xC4;
+                (NodeKey::from_seed(seed).peer_id(), f64::MAX)
+            })
+            .collect(),
     };
     // Tokens of u32::MAX take the longest varint encoding.
     let tokens = vec![u32::MAX; messages::MAX_OUTPUT_TOKENS as usize];

@@ -331,6 +331,7 @@ async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
     let mut v = serde_json::to_value(&s.info).unwrap_or(Value::Null);
     if let Value::Object(map) = &mut v {
         map.insert("device_status".into(), json!(device_status(&s)));
+        map.insert("admission".into(), json!(crate::admission::mode(s.p2p.as_ref())));
     }
     if let (Some(p2p), Value::Object(map)) = (&s.p2p, &mut v) {
         let addrs: Vec<String> = p2p.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
@@ -415,6 +416,10 @@ pub struct SampoOptions {
     pub verified_only: bool,
     /// Highest price per 1k tokens a committee member may ask.
     pub max_price: Option<u64>,
+    /// 64 hex digits of the client's own randomness: the committee's seed, so that not
+    /// even the coordinator can choose who verifies the answer. Drawn by the node when
+    /// absent.
+    pub entropy: Option<String>,
 }
 
 /// The sampling fields every generation request shares.
@@ -541,6 +546,12 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
         ));
     }
     let fee = (m.price_per_1k * u64::from(max_tokens)).div_ceil(1000) * u64::from(k);
+    let client_entropy = match options.entropy.as_deref() {
+        None => rand::random(),
+        Some(h) => {
+            Hash32::from_hex(h).map(|h| h.0).ok_or_else(|| bad_request("sampo.entropy must be 64 hex digits"))?
+        }
+    };
     let spec = TaskSpec {
         coordinator: s.info.peer_id.parse().map_err(|_| bad_request("node identity unavailable"))?,
         nonce: rand::random(),
@@ -558,6 +569,7 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
         k,
         max_escalations: s.policy.max_escalations,
         fee,
+        client_entropy,
     };
     spec.validate().map_err(|e| bad_request(&e.to_string()))?;
     Ok(Prepared { model: m, spec, prompt_tokens, options })

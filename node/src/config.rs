@@ -105,6 +105,12 @@ pub struct NetworkConfig {
     /// Use private, loopback, link-local... addresses that peers report (identify,
     /// Kademlia). For a testnet on one host or a LAN; bootstrap addresses always work.
     pub allow_private_addresses: bool,
+    /// A closed network: hex ed25519 public keys of the admission issuers. Only nodes
+    /// presenting a certificate one of them signed are sampled or relayed. Empty: open.
+    pub admission_keys: Vec<String>,
+    /// This node's admission certificate (`sampo keys certify --out`); required when
+    /// `admission_keys` is set.
+    pub certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +209,8 @@ impl Default for NetworkConfig {
             max_connections_per_ip: 8,
             reserved_outbound: 16,
             allow_private_addresses: false,
+            admission_keys: Vec::new(),
+            certificate: None,
         }
     }
 }
@@ -276,6 +284,12 @@ reserved_outbound = 16
 # Use private, loopback and link-local addresses that peers report (identify, Kademlia);
 # for a testnet on one host or a LAN. Bootstrap addresses are used whatever they are.
 allow_private_addresses = false
+# A closed network: hex ed25519 public keys of admission issuers (see `sampo keys show`).
+# Only nodes presenting a certificate one of them signed are sampled or relayed.
+# Empty = an open network.
+admission_keys = []
+# This node's certificate, from `sampo keys certify --out`; required with admission_keys.
+# certificate = "sampo-data/admission.cert"
 
 [api]
 # OpenAI-compatible HTTP API, /metrics, /health and /ready.
@@ -431,6 +445,21 @@ impl Config {
                     self.network.reserved_outbound, self.network.max_connections
                 ),
             );
+        }
+        for (i, k) in self.network.admission_keys.iter().enumerate() {
+            if let Err(reason) = sampo_consensus::admission::parse_issuer_key(k) {
+                return bad(&format!("network.admission_keys[{i}]"), reason);
+            }
+        }
+        match &self.network.certificate {
+            Some(p) if p.as_os_str().is_empty() => return bad("network.certificate", "must not be empty".into()),
+            None if !self.network.admission_keys.is_empty() => {
+                return bad(
+                    "network.certificate",
+                    "is required when network.admission_keys is set (issue one with `sampo keys certify`)".into(),
+                );
+            }
+            _ => {}
         }
         if self.api.max_body_bytes < 1024 {
             return bad("api.max_body_bytes", format!("{} is too small (at least 1024)", self.api.max_body_bytes));
@@ -625,6 +654,17 @@ mod tests {
         assert!(load_str("[network]\nmax_connections = 16\nreserved_outbound = 4\n", &[]).is_ok());
         let err = load_str("[network]\nmax_connections_per_ip = 0\n", &[]).expect_err("per ip");
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.max_connections_per_ip"), "{err}");
+        let err =
+            load_str("[network]\nadmission_keys = [\"abcd\"]\ncertificate = \"c\"\n", &[]).expect_err("short key");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.admission_keys[0]"), "{err}");
+        let hex_key = hex::encode(sampo_consensus::NodeKey::from_seed([1; 32]).public());
+        let err = load_str(&format!("[network]\nadmission_keys = [\"{hex_key}\"]\n"), &[]).expect_err("no cert");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.certificate"), "{err}");
+        let ok = load_str(&format!("[network]\nadmission_keys = [\"{hex_key}\"]\ncertificate = \"c.bin\"\n"), &[])
+            .expect("closed network");
+        assert_eq!(ok.network.certificate, Some(PathBuf::from("c.bin")));
+        let err = load_str("[network]\ncertificate = \"\"\n", &[]).expect_err("empty path");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.certificate"), "{err}");
         let err = load_str("[network]\nallow_private_addresses = \"yes\"\n", &[]).expect_err("bool");
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "network.allow_private_addresses"), "{err}");
     }

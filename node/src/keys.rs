@@ -75,9 +75,56 @@ pub fn load_or_create(path: &Path) -> Result<(NodeKey, bool), KeyError> {
     }
 }
 
+/// Longest validity `sampo keys certify` issues (ten years).
+pub const MAX_CERTIFICATE_DAYS: u64 = 3650;
+
+/// `sampo keys certify`: sign `subject` into a closed network for `days` days with the
+/// issuer key at `issuer_key` (an ordinary node key file, refused if others can read it).
+pub fn certify(
+    issuer_key: &Path,
+    subject: sampo_consensus::PeerId,
+    days: u64,
+    now_ms: u64,
+) -> Result<sampo_consensus::AdmissionCertificate, KeyError> {
+    if days == 0 || days > MAX_CERTIFICATE_DAYS {
+        return Err(KeyError::Invalid {
+            path: issuer_key.to_owned(),
+            reason: format!("--days {days} is outside 1..={MAX_CERTIFICATE_DAYS}"),
+        });
+    }
+    let issuer = load(issuer_key)?;
+    let expires_ms = now_ms.saturating_add(days * 86_400_000);
+    Ok(sampo_consensus::AdmissionCertificate::issue(&issuer, subject, expires_ms))
+}
+
+/// Write a certificate file (the raw bytes; a certificate is public, so mode 0644).
+pub fn write_certificate(path: &Path, cert: &sampo_consensus::AdmissionCertificate) -> Result<(), KeyError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(path))?;
+    }
+    std::fs::write(path, cert.to_bytes()).map_err(io(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certify_signs_with_the_issuer_key_and_refuses_an_open_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("issuer.key");
+        let issuer = generate(&p, false).expect("gen");
+        let subject = NodeKey::from_seed([3; 32]).peer_id();
+        let cert = certify(&p, subject, 2, 1000).expect("certify");
+        assert_eq!(cert.expires_ms, 1000 + 2 * 86_400_000);
+        assert_eq!(cert.verify(&subject, &[issuer.public()], 2000), Ok(()));
+        let out = dir.path().join("out/cert.bin");
+        write_certificate(&out, &cert).expect("write");
+        assert_eq!(crate::admission::read_certificate(&out), Ok(cert));
+        assert!(matches!(certify(&p, subject, 0, 0), Err(KeyError::Invalid { .. })));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        assert!(matches!(certify(&p, subject, 2, 0), Err(KeyError::TooOpen { .. })));
+    }
 
     #[test]
     fn create_then_load_same_identity_mode_0600() {

@@ -1,6 +1,7 @@
 //! The sampo node: configuration, identity, and the service that wires storage,
 //! the model runtime, the mesh and the HTTP API together.
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod backend;

@@ -119,6 +119,24 @@ enum KeysAction {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Issue an admission certificate for a closed network: sign a node's peer id with
+    /// an issuer key listed in the nodes' `network.admission_keys`.
+    Certify {
+        /// The issuer's key file (an ordinary node key, mode 0600); its public key, from
+        /// `sampo keys show`, is what nodes list in `network.admission_keys`.
+        #[arg(long)]
+        issuer_key: PathBuf,
+        /// The peer id of the node to admit.
+        #[arg(long)]
+        subject: String,
+        /// Days until the certificate expires.
+        #[arg(long, default_value_t = 365)]
+        days: u64,
+        /// Write the certificate here (the node's `network.certificate`); without it,
+        /// print it as hex.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +225,22 @@ fn run() -> anyhow::Result<()> {
             let key = keys::load(&config.key_path())?;
             println!("peer_id: {}", key.peer_id());
             println!("public_key: {}", hex::encode(key.public()));
+        }
+        Command::Keys { action: KeysAction::Certify { issuer_key, subject, days, out } } => {
+            let subject: sampo_node::admission::PeerId =
+                subject.parse().map_err(|_| anyhow::anyhow!("--subject {subject:?} is not a peer id"))?;
+            let now = sampo_node::runtime::now_ms();
+            let cert = keys::certify(&issuer_key, subject, days, now)?;
+            match out {
+                Some(path) => {
+                    keys::write_certificate(&path, &cert)?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => println!("{}", hex::encode(cert.to_bytes())),
+            }
+            eprintln!("subject: {subject}");
+            eprintln!("issuer: {}", hex::encode(cert.issuer));
+            eprintln!("expires_ms: {}", cert.expires_ms);
         }
         Command::Config { action: ConfigAction::Default } => {
             print!("{}", config::DEFAULT_TOML);

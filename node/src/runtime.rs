@@ -458,6 +458,7 @@ pub async fn flood_loop(
             k: 1,
             max_escalations: 0,
             fee: 0,
+            client_entropy: [7; 32],
         };
         let task = spec.id();
         let ann = sampo_consensus::TaskAnnouncement {
@@ -467,6 +468,7 @@ pub async fn flood_loop(
             committee: vec![key.peer_id()],
             commit_deadline_ms: 1,
             reveal_deadline_ms: 2,
+            candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
         };
         let Ok(announcement) = SignedEnvelope::seal(&key, &ann) else { continue };
         // Claims a finalized output that no reveal supports.
@@ -882,6 +884,7 @@ pub fn announcement(models: &Models, backend: &str, device: &str, api_url: &str)
         addrs: Vec::new(),
         api_url: Some(api_url.into()),
         sent_ms: now_ms(),
+        certificate: None,
     }
 }
 

@@ -62,7 +62,9 @@ pub struct RunOptions {
     pub allow_faults: bool,
 }
 
-fn p2p_config(cfg: &Config) -> Result<P2pConfig, NodeError> {
+fn p2p_config(cfg: &Config, key: &sampo_consensus::NodeKey) -> Result<P2pConfig, NodeError> {
+    let (admission_keys, certificate) =
+        crate::admission::from_config(cfg, &key.peer_id(), runtime::now_ms()).map_err(NodeError::Config)?;
     let parse = |key: &'static str, v: &[String]| -> Result<Vec<sampo_p2p::Multiaddr>, NodeError> {
         v.iter()
             .map(|a| a.parse().map_err(|e| NodeError::Config(format!("{key}: `{a}` is not a multiaddr: {e}"))))
@@ -79,6 +81,8 @@ fn p2p_config(cfg: &Config) -> Result<P2pConfig, NodeError> {
         discovery_interval: Duration::from_secs(cfg.network.announce_interval_secs.clamp(1, 10)),
         // The node judges every protocol message before it is forwarded.
         node_validates: true,
+        admission_keys,
+        certificate,
         ..P2pConfig::default()
     })
 }
@@ -150,7 +154,7 @@ pub async fn run_with(
 
     let mut registry = Registry::default();
     let metrics = Arc::new(NodeMetrics::register(&mut registry));
-    let (p2p, p2p_events) = sampo_p2p::spawn(key.clone(), p2p_config(&cfg)?, &mut registry)
+    let (p2p, p2p_events) = sampo_p2p::spawn(key.clone(), p2p_config(&cfg, &key)?, &mut registry)
         .await
         .map_err(|e| NodeError::P2p(e.to_string()))?;
     let registry = Arc::new(std::sync::Mutex::new(registry));

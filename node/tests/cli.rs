@@ -118,6 +118,92 @@ fn keys_generate_show_and_refuse_open_key() {
     assert!(err.contains("chmod 600"), "{err}");
 }
 
+/// `sampo keys certify` signs a peer id with an issuer's node key into a certificate
+/// that verifies for that peer and that issuer, and refuses a readable issuer key.
+#[test]
+fn keys_certify_issues_a_verifying_certificate() {
+    let issuer_dir = tempfile::tempdir().expect("tempdir");
+    let node_dir = tempfile::tempdir().expect("tempdir");
+    let out = sampo().args(["keys", "generate", "--data-dir"]).arg(issuer_dir.path()).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let issuer_key = issuer_dir.path().join("node.key");
+    let out = sampo().args(["keys", "show", "--data-dir"]).arg(issuer_dir.path()).output().expect("run");
+    let show = String::from_utf8_lossy(&out.stdout).into_owned();
+    let issuer_pub = show
+        .lines()
+        .find_map(|l| l.strip_prefix("public_key: "))
+        .map(|h| <[u8; 32]>::try_from(hex_bytes(h.trim())).expect("32 bytes"))
+        .expect("public key shown");
+    let out = sampo().args(["keys", "generate", "--data-dir"]).arg(node_dir.path()).output().expect("run");
+    let subject: sampo_consensus::PeerId = String::from_utf8_lossy(&out.stdout).trim().parse().expect("peer id");
+
+    let cert_path = node_dir.path().join("admission.cert");
+    let out = sampo()
+        .args(["keys", "certify", "--days", "30", "--subject", &subject.to_string(), "--issuer-key"])
+        .arg(&issuer_key)
+        .arg("--out")
+        .arg(&cert_path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cert = sampo_consensus::AdmissionCertificate::from_bytes(&std::fs::read(&cert_path).expect("read"))
+        .expect("a certificate");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    assert_eq!(cert.verify(&subject, &[issuer_pub], now), Ok(()));
+    assert!(cert.expires_ms > now + 29 * 86_400_000 && cert.expires_ms <= now + 31 * 86_400_000);
+    // It admits only its subject.
+    let other: sampo_consensus::PeerId = sampo_consensus::NodeKey::from_seed([5; 32]).peer_id();
+    assert!(cert.verify(&other, &[issuer_pub], now).is_err());
+
+    // Without --out: hex on stdout, the same certificate format.
+    let out = sampo()
+        .args(["keys", "certify", "--subject", &subject.to_string(), "--issuer-key"])
+        .arg(&issuer_key)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed =
+        sampo_consensus::AdmissionCertificate::from_bytes(&hex_bytes(String::from_utf8_lossy(&out.stdout).trim()))
+            .expect("hex certificate");
+    assert_eq!(printed.verify(&subject, &[issuer_pub], now), Ok(()));
+
+    // A node configured with the certificate passes `config check`.
+    let cfg = node_dir.path().join("closed.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[network]\nadmission_keys = [\"{}\"]\ncertificate = \"{}\"\n",
+            show.lines().find_map(|l| l.strip_prefix("public_key: ")).expect("key").trim(),
+            cert_path.display()
+        ),
+    )
+    .expect("write");
+    let out = sampo().args(["config", "check", "--config"]).arg(&cfg).output().expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A bad subject, and an issuer key others can read, are refused.
+    let out =
+        sampo().args(["keys", "certify", "--subject", "nope", "--issuer-key"]).arg(&issuer_key).output().expect("run");
+    assert!(!out.status.success());
+    std::fs::set_permissions(&issuer_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let refused = node_dir.path().join("refused.cert");
+    let out = sampo()
+        .args(["keys", "certify", "--subject", &subject.to_string(), "--issuer-key"])
+        .arg(&issuer_key)
+        .arg("--out")
+        .arg(&refused)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(!refused.exists(), "no certificate from a readable key");
+}
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).expect("hex")).collect()
+}
+
 #[test]
 fn node_starts_reports_ready_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -56,6 +56,7 @@ async fn start(
             addrs: Vec::new(),
             api_url: None,
             sent_ms: 0,
+            certificate: None,
         })
         .await
         .expect("announce");

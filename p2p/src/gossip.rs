@@ -43,7 +43,8 @@ pub const ANNOUNCEMENT_SKEW_MS: u64 = 60_000;
 pub fn max_bytes(kind: MessageKind) -> usize {
     match kind {
         MessageKind::NodeAnnouncement => 16 * 1024,
-        MessageKind::TaskAnnouncement => 160 * 1024,
+        // A maximal prompt plus the longest candidate list (MAX_CANDIDATES).
+        MessageKind::TaskAnnouncement => 192 * 1024,
         MessageKind::Commit => 1024,
         MessageKind::RevealRequest => 16 * 1024,
         MessageKind::Reveal => 24 * 1024,
@@ -267,6 +268,7 @@ mod tests {
             addrs: Vec::new(),
             api_url: None,
             sent_ms: 5,
+            certificate: None,
         };
         let env = SignedEnvelope::seal(&key, &ann).expect("seal");
         let err = validate(&nodes_topic().hash(), Some(key.peer_id()), &env.to_bytes(), &mut ReplayGuard::default(), 5)

@@ -10,8 +10,8 @@ pub mod service;
 pub use eclipse::{AddrPolicy, is_global_addr, is_global_ip};
 pub use libp2p::Multiaddr;
 pub use libp2p::multiaddr::Protocol;
-pub use registry::{LiveNode, Registry};
+pub use registry::{Admission, AdmissionStatus, LiveNode, Registry};
 pub use service::{
-    Acceptance, FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES, P2pConfig, P2pError, P2pEvent,
-    P2pHandle, Validation, spawn,
+    Acceptance, AdmissionInfo, FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES, P2pConfig, P2pError,
+    P2pEvent, P2pHandle, Validation, spawn,
 };

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use sampo_consensus::{ModelId, NodeAnnouncement, PeerId};
+use sampo_consensus::{AdmissionError, ModelId, NodeAnnouncement, PeerId};
 use serde::Serialize;
 
 /// Entries beyond this many are not admitted (a flood of fresh identities can't grow
@@ -23,11 +23,24 @@ pub struct LiveNode {
 pub struct Registry {
     interval_ms: u64,
     entries: HashMap<PeerId, LiveNode>,
+    /// A closed network: an entry counts as live only while the certificate it was
+    /// admitted with (checked before [`Registry::observe`]) is unexpired.
+    closed: bool,
 }
 
 impl Registry {
     pub fn new(interval_ms: u64) -> Self {
-        Self { interval_ms: interval_ms.max(1), entries: HashMap::new() }
+        Self { interval_ms: interval_ms.max(1), entries: HashMap::new(), closed: false }
+    }
+
+    /// A registry of a closed network: entries whose certificate has expired (or that
+    /// carry none) are never live, so never sampled, whatever else they announce.
+    pub fn closed(interval_ms: u64) -> Self {
+        Self { closed: true, ..Self::new(interval_ms) }
+    }
+
+    fn admitted(&self, e: &LiveNode, now_ms: u64) -> bool {
+        !self.closed || e.announcement.certificate.as_ref().is_some_and(|c| now_ms < c.expires_ms)
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -84,8 +97,12 @@ impl Registry {
     /// Every live node, sorted by peer id.
     pub fn live(&self, now_ms: u64) -> Vec<LiveNode> {
         let ttl = self.ttl_ms();
-        let mut v: Vec<LiveNode> =
-            self.entries.values().filter(|e| now_ms.saturating_sub(e.seen_ms) <= ttl).cloned().collect();
+        let mut v: Vec<LiveNode> = self
+            .entries
+            .values()
+            .filter(|e| now_ms.saturating_sub(e.seen_ms) <= ttl && self.admitted(e, now_ms))
+            .cloned()
+            .collect();
         v.sort_by_key(|e| e.peer);
         v
     }
@@ -96,6 +113,108 @@ impl Registry {
             .into_iter()
             .filter(|e| e.announcement.free_slots > 0 && e.announcement.models.iter().any(|m| m.id == *model))
             .collect()
+    }
+}
+
+/// Admission certificates seen and checked, at most this many remembered.
+pub const MAX_ADMISSION_CACHE: usize = 2 * MAX_REGISTRY_ENTRIES;
+
+/// What this node knows of a peer's admission to a closed network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdmissionStatus {
+    /// Open network, or a verified certificate valid until then (unix ms).
+    Admitted,
+    /// No announcement with a certificate seen yet: its messages are not relayed, but
+    /// it is not penalised either (its announcement may simply not have arrived).
+    Unknown,
+    /// Its announcement carried no valid certificate, or the certificate expired.
+    Refused,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    Admitted { expires_ms: u64 },
+    Refused,
+}
+
+/// The admission gate of a closed network: which issuers it trusts, and a cache of the
+/// peers whose certificates were checked (so a message costs a map lookup, not a
+/// signature check). Pure: time is passed in.
+#[derive(Debug, Default)]
+pub struct Admission {
+    issuers: Vec<[u8; 32]>,
+    seen: HashMap<PeerId, Seen>,
+}
+
+impl Admission {
+    /// `issuers` empty: an open network that admits everyone.
+    pub fn new(issuers: Vec<[u8; 32]>) -> Self {
+        Self { issuers, seen: HashMap::new() }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        !self.issuers.is_empty()
+    }
+
+    pub fn issuers(&self) -> &[[u8; 32]] {
+        &self.issuers
+    }
+
+    /// Check the certificate an announcement signed by `signer` carries, and remember
+    /// the outcome. Always `Ok` on an open network.
+    pub fn check_announcement(
+        &mut self,
+        signer: PeerId,
+        ann: &NodeAnnouncement,
+        now_ms: u64,
+    ) -> Result<(), AdmissionError> {
+        if !self.is_closed() {
+            return Ok(());
+        }
+        // The same certificate as last time: already verified, only its expiry matters.
+        if let (Some(Seen::Admitted { expires_ms }), Some(c)) = (self.seen.get(&signer), &ann.certificate)
+            && *expires_ms == c.expires_ms
+            && c.subject == signer
+            && now_ms < c.expires_ms
+        {
+            return Ok(());
+        }
+        let outcome = match &ann.certificate {
+            None => Err(AdmissionError::Missing),
+            Some(c) => c.verify(&signer, &self.issuers, now_ms).map(|()| c.expires_ms),
+        };
+        self.remember(
+            signer,
+            match outcome {
+                Ok(expires_ms) => Seen::Admitted { expires_ms },
+                Err(_) => Seen::Refused,
+            },
+            now_ms,
+        );
+        outcome.map(|_| ())
+    }
+
+    fn remember(&mut self, peer: PeerId, seen: Seen, now_ms: u64) {
+        if self.seen.len() >= MAX_ADMISSION_CACHE && !self.seen.contains_key(&peer) {
+            self.seen.retain(|_, s| matches!(s, Seen::Admitted { expires_ms } if now_ms < *expires_ms));
+            if self.seen.len() >= MAX_ADMISSION_CACHE {
+                // Full of valid certificates: this one is checked again next time.
+                return;
+            }
+        }
+        self.seen.insert(peer, seen);
+    }
+
+    /// May a message signed by `peer` be relayed and handed to the node?
+    pub fn status(&self, peer: &PeerId, now_ms: u64) -> AdmissionStatus {
+        if !self.is_closed() {
+            return AdmissionStatus::Admitted;
+        }
+        match self.seen.get(peer) {
+            Some(Seen::Admitted { expires_ms }) if now_ms < *expires_ms => AdmissionStatus::Admitted,
+            Some(_) => AdmissionStatus::Refused,
+            None => AdmissionStatus::Unknown,
+        }
     }
 }
 
@@ -115,6 +234,7 @@ mod tests {
             addrs: Vec::new(),
             api_url: None,
             sent_ms,
+            certificate: None,
         }
     }
 
@@ -143,5 +263,42 @@ mod tests {
         r.observe(a, ann(5, 3, b"m"), 10);
         r.observe(a, ann(4, 0, b"m"), 11);
         assert_eq!(r.get(&a).map(|e| e.announcement.free_slots), Some(3));
+    }
+
+    #[test]
+    fn closed_network_admits_only_certified_peers_until_expiry() {
+        use sampo_consensus::AdmissionCertificate;
+        let issuer = NodeKey::from_seed([9; 32]);
+        let rogue_issuer = NodeKey::from_seed([8; 32]);
+        let good = NodeKey::from_seed([1; 32]).peer_id();
+        let bare = NodeKey::from_seed([2; 32]).peer_id();
+        let forged = NodeKey::from_seed([3; 32]).peer_id();
+        let mut gate = Admission::new(vec![issuer.public()]);
+        let mut with_cert = ann(0, 1, b"m");
+        with_cert.certificate = Some(AdmissionCertificate::issue(&issuer, good, 1000));
+        let mut rogue = ann(0, 1, b"m");
+        rogue.certificate = Some(AdmissionCertificate::issue(&rogue_issuer, forged, 1000));
+        assert_eq!(gate.status(&good, 0), AdmissionStatus::Unknown);
+        assert_eq!(gate.check_announcement(good, &with_cert, 0), Ok(()));
+        assert_eq!(gate.check_announcement(good, &with_cert, 10), Ok(()), "cached");
+        assert_eq!(gate.status(&good, 999), AdmissionStatus::Admitted);
+        assert_eq!(gate.status(&good, 1000), AdmissionStatus::Refused, "expired");
+        assert!(gate.check_announcement(good, &with_cert, 1000).is_err());
+        assert_eq!(gate.check_announcement(bare, &ann(0, 1, b"m"), 0), Err(AdmissionError::Missing));
+        assert_eq!(gate.status(&bare, 0), AdmissionStatus::Refused);
+        assert!(matches!(gate.check_announcement(forged, &rogue, 0), Err(AdmissionError::UnknownIssuer(_))));
+        // Someone else's certificate does not admit its presenter.
+        assert!(matches!(gate.check_announcement(bare, &with_cert, 0), Err(AdmissionError::WrongSubject { .. })));
+        // Open: everyone.
+        let mut open = Admission::new(Vec::new());
+        assert_eq!(open.check_announcement(bare, &ann(0, 1, b"m"), 0), Ok(()));
+        assert_eq!(open.status(&bare, 0), AdmissionStatus::Admitted);
+
+        // A closed registry stops listing an entry when its certificate expires.
+        let mut r = Registry::closed(1000);
+        r.observe(good, with_cert, 0);
+        assert_eq!(r.live(999).len(), 1);
+        assert!(r.live(1000).is_empty());
+        assert!(r.serving(&ModelId(Hash32::of(b"m")), 1000).is_empty());
     }
 }

@@ -14,14 +14,16 @@ use libp2p::{
     Multiaddr, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, identity, kad, noise, ping, tcp, yamux,
 };
 use prometheus_client::registry::Registry as MetricsRegistry;
-use sampo_consensus::{MessageKind, ModelId, NodeAnnouncement, NodeKey, PeerId, SignedEnvelope, TaskId};
+use sampo_consensus::{
+    AdmissionCertificate, MessageKind, ModelId, NodeAnnouncement, NodeKey, PeerId, SignedEnvelope, TaskId,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::eclipse::{AddrPolicy, AddrSource, EclipseMetrics, Filtered, IpLimits};
 use crate::gossip::{self, ReplayGuard};
-use crate::registry::{LiveNode, Registry};
+use crate::registry::{Admission, AdmissionStatus, LiveNode, Registry};
 
 /// Kademlia protocol name of the sampo DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/kad/1.0.0");
@@ -62,6 +64,13 @@ pub struct P2pConfig {
     /// Kademlia) into Kademlia and dial them. Off on the internet; on for a testnet on
     /// one host or a LAN. Bootstrap and explicitly dialled addresses are always used.
     pub allow_private_addresses: bool,
+    /// A closed network: the ed25519 public keys of the admission issuers. Only peers
+    /// whose announcements carry a certificate one of them signed are put in the
+    /// registry (so sampled), and only their messages are relayed. Empty: open network.
+    pub admission_keys: Vec<[u8; 32]>,
+    /// This node's certificate, attached to its announcements (required when
+    /// `admission_keys` is set).
+    pub certificate: Option<AdmissionCertificate>,
 }
 
 impl Default for P2pConfig {
@@ -79,6 +88,8 @@ impl Default for P2pConfig {
             max_connections_per_ip: 8,
             reserved_outbound: 16,
             allow_private_addresses: false,
+            admission_keys: Vec::new(),
+            certificate: None,
         }
     }
 }
@@ -101,6 +112,15 @@ pub enum P2pError {
     Fetch(String),
     #[error("invalid p2p config: {0}")]
     Config(String),
+}
+
+/// This node's admission mode, for its status page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdmissionInfo {
+    /// Issuers whose certificates admit a peer; 0 on an open network.
+    pub issuers: usize,
+    /// When this node's own certificate expires (unix ms).
+    pub certificate_expires_ms: Option<u64>,
 }
 
 /// What can be fetched from a peer by task id.
@@ -204,6 +224,7 @@ pub struct P2pHandle {
     tx: mpsc::Sender<Command>,
     peer_id: PeerId,
     registry: Arc<RwLock<Registry>>,
+    admission: AdmissionInfo,
 }
 
 impl std::fmt::Debug for P2pHandle {
@@ -219,6 +240,11 @@ fn now_ms() -> u64 {
 impl P2pHandle {
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Open or closed network, and this node's certificate expiry.
+    pub fn admission(&self) -> AdmissionInfo {
+        self.admission
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, P2pError> {
@@ -397,6 +423,15 @@ pub async fn spawn(
     cfg: P2pConfig,
     metrics: &mut MetricsRegistry,
 ) -> Result<(P2pHandle, mpsc::Receiver<P2pEvent>), P2pError> {
+    if !cfg.admission_keys.is_empty() {
+        let Some(cert) = &cfg.certificate else {
+            return Err(P2pError::Config(
+                "a closed network (admission keys set) needs this node's admission certificate".into(),
+            ));
+        };
+        cert.verify(&key.peer_id(), &cfg.admission_keys, now_ms())
+            .map_err(|e| P2pError::Config(format!("this node's admission certificate: {e}")))?;
+    }
     let mut swarm = build_swarm(&key, &cfg, metrics)?;
     // `Metrics::new` adds its own `libp2p` prefix.
     let libp2p_metrics = Metrics::new(metrics);
@@ -420,7 +455,15 @@ pub async fn spawn(
     for t in [gossip::nodes_topic(), gossip::rounds_topic()] {
         swarm.behaviour_mut().gossipsub.subscribe(&t).map_err(|e| P2pError::Gossipsub(e.to_string()))?;
     }
-    let registry = Arc::new(RwLock::new(Registry::new(cfg.announce_interval.as_millis() as u64)));
+    let interval_ms = cfg.announce_interval.as_millis() as u64;
+    let closed = !cfg.admission_keys.is_empty();
+    let registry =
+        Arc::new(RwLock::new(if closed { Registry::closed(interval_ms) } else { Registry::new(interval_ms) }));
+    let admission = AdmissionInfo {
+        issuers: cfg.admission_keys.len(),
+        certificate_expires_ms: cfg.certificate.as_ref().map(|c| c.expires_ms),
+    };
+    let gate = Admission::new(cfg.admission_keys.clone());
     let (cmd_tx, cmd_rx) = mpsc::channel(QUEUE_DEPTH);
     let (ev_tx, ev_rx) = mpsc::channel(QUEUE_DEPTH);
     let peer_id = key.peer_id();
@@ -430,6 +473,7 @@ pub async fn spawn(
         cfg,
         events: ev_tx,
         registry: registry.clone(),
+        admission: gate,
         replay: ReplayGuard::default(),
         metrics: libp2p_metrics,
         announcement: None,
@@ -439,7 +483,7 @@ pub async fn spawn(
         subscribed_models: HashSet::new(),
     };
     tokio::spawn(actor.run(cmd_rx).instrument(info_span!("p2p-swarm", %peer_id)));
-    Ok((P2pHandle { tx: cmd_tx, peer_id, registry }, ev_rx))
+    Ok((P2pHandle { tx: cmd_tx, peer_id, registry, admission }, ev_rx))
 }
 
 struct Actor {
@@ -448,6 +492,8 @@ struct Actor {
     cfg: P2pConfig,
     events: mpsc::Sender<P2pEvent>,
     registry: Arc<RwLock<Registry>>,
+    /// Closed networks: whose certificates checked out, until when.
+    admission: Admission,
     replay: ReplayGuard,
     metrics: Metrics,
     announcement: Option<NodeAnnouncement>,
@@ -595,6 +641,9 @@ impl Actor {
         let Some(mut ann) = self.announcement.clone() else { return };
         ann.sent_ms = now_ms();
         ann.addrs = self.swarm.listeners().map(|a| a.to_string()).collect();
+        if ann.certificate.is_none() {
+            ann.certificate.clone_from(&self.cfg.certificate);
+        }
         let env = match SignedEnvelope::seal(&self.key, &ann) {
             Ok(e) => e,
             Err(e) => {
@@ -674,17 +723,46 @@ impl Actor {
         let signer = envelope.signer();
         if envelope.kind() == MessageKind::NodeAnnouncement {
             // Fully checked here: the registry is this layer's own business.
+            let admitted = envelope.open::<NodeAnnouncement>().map_err(|e| e.to_string()).and_then(|ann| {
+                self.admission.check_announcement(signer, &ann, now).map(|()| ann).map_err(|e| e.to_string())
+            });
+            let ann = match admitted {
+                Ok(ann) => ann,
+                Err(e) => {
+                    // Closed network, no valid certificate: never in the registry, and
+                    // the peer that sent it pays in score.
+                    debug!(from = %source, %signer, error = %e, "node announcement refused");
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &id,
+                        &source,
+                        MessageAcceptance::Reject,
+                    );
+                    self.forget(signer);
+                    return;
+                }
+            };
             self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                 &id,
                 &source,
                 MessageAcceptance::Accept,
             );
-            if let Ok(ann) = envelope.open::<NodeAnnouncement>() {
-                let joined = self.registry.write().map(|mut r| r.observe(signer, ann, now)).unwrap_or(false);
-                if joined {
-                    self.emit(P2pEvent::NodeJoined(signer));
-                }
+            let joined = self.registry.write().map(|mut r| r.observe(signer, ann, now)).unwrap_or(false);
+            if joined {
+                self.emit(P2pEvent::NodeJoined(signer));
             }
+            return;
+        }
+        // A closed network relays only admitted authors: one known to lack a valid
+        // certificate is rejected; one not heard from yet is dropped without penalty
+        // (its announcement may still be on its way).
+        let not_admitted = match self.admission.status(&signer, now) {
+            AdmissionStatus::Admitted => None,
+            AdmissionStatus::Unknown => Some(MessageAcceptance::Ignore),
+            AdmissionStatus::Refused => Some(MessageAcceptance::Reject),
+        };
+        if let Some(acceptance) = not_admitted {
+            debug!(from = %source, %signer, "message from a peer not admitted refused");
+            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
             return;
         }
         // Everything else is judged by the node (the protocol's rules) before it is
@@ -703,6 +781,18 @@ impl Actor {
                 &source,
                 MessageAcceptance::Ignore,
             );
+        }
+    }
+
+    /// Take `peer` out of the registry (saying so if it was there).
+    fn forget(&mut self, peer: PeerId) {
+        let removed = self.registry.write().map(|mut r| {
+            let had = r.get(&peer).is_some();
+            r.remove(&peer);
+            had
+        });
+        if removed.unwrap_or(false) {
+            self.emit(P2pEvent::NodeLeft(peer));
         }
     }
 

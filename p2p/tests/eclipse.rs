@@ -97,6 +97,7 @@ async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
             addrs: Vec::new(),
             api_url: None,
             sent_ms: 0,
+            certificate: None,
         })
         .await
         .expect("announce");

@@ -61,6 +61,7 @@ async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
             addrs: Vec::new(),
             api_url: None,
             sent_ms: 0,
+            certificate: None,
         })
         .await
         .expect("announce");
@@ -154,6 +155,7 @@ async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
         addrs: Vec::new(),
         api_url: None,
         sent_ms: 0,
+        certificate: None,
     };
     a.handle.publish_raw(NODES_TOPIC, SignedEnvelope::seal(&a.key, &big).expect("seal").to_bytes()).await.expect("raw");
     a.handle.publish_raw(ROUNDS_TOPIC, b"junk".to_vec()).await.expect("raw");
