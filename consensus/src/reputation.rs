@@ -43,6 +43,9 @@ pub struct Reputation {
     pub rounds: u64,
     pub updated_ms: u64,
     pub banned_until_ms: u64,
+    /// Times this node, eligible and known, was left off the candidate list of a task
+    /// the peer coordinated (first-hand; decays like the other counts).
+    pub left_out: f64,
 }
 
 impl Reputation {
@@ -54,6 +57,7 @@ impl Reputation {
             self.agreed *= f;
             self.wrong *= f;
             self.absent *= f;
+            self.left_out *= f;
         }
         self.updated_ms = self.updated_ms.max(now_ms);
     }
@@ -62,7 +66,9 @@ impl Reputation {
     /// towards 0 with misbehaviour, never 0, so a node is never ruled out for ever.
     pub fn score(&self, p: &ReputationParams) -> f64 {
         let good = 1.0 + self.agreed;
-        good / (good + p.wrong_weight * self.wrong + p.absent_weight * self.absent)
+        // Leaving a known, eligible node off a candidate list weighs half an absence:
+        // a coordinator that keeps doing it samples this node's view of it down.
+        good / (good + p.wrong_weight * self.wrong + p.absent_weight * (self.absent + 0.5 * self.left_out))
     }
 
     /// Score at `now` without changing the record.
@@ -94,6 +100,12 @@ impl Reputation {
 
     /// A lie proven by the peer's own signatures: two commits (or two verdicts) for one
     /// attempt, a reveal that does not open its commit, or an output replay refutes.
+    /// This node was left off a candidate list the peer announced.
+    pub fn record_left_out(&mut self, now_ms: u64, p: &ReputationParams) {
+        self.decay_to(now_ms, p);
+        self.left_out += 1.0;
+    }
+
     pub fn record_equivocation(&mut self, now_ms: u64, p: &ReputationParams) {
         self.equivocations += 1;
         // A deliberate lie: ban at once, whatever the score.

@@ -121,6 +121,16 @@ pub enum Action {
     },
     /// A verdict whose evidence checked out: apply it to storage.
     Apply(Box<VerifiedVerdict>),
+    /// An announcement for `model` whose candidate list (not full) leaves this node
+    /// out: if this node serves the model and the coordinator knows it, that is the
+    /// coordinator's choice, recorded first-hand against it.
+    LeftOut {
+        coordinator: PeerId,
+        model: ModelId,
+        /// What a seat would pay per 1,000 output tokens: a node whose price is above
+        /// it was not eligible, and was rightly left out.
+        offered_per_1k: u64,
+    },
     /// A task this node coordinates is over.
     Finished {
         task: TaskId,
@@ -534,6 +544,19 @@ impl Consensus {
         }
         // Announcements that don't seat us cost a decode and a hash, and leave no state.
         if !ann.committee.contains(&self.me) {
+            if ann.spec.coordinator != self.me
+                && ann.candidates.len() < crate::messages::MAX_CANDIDATES
+                && !ann.candidates.iter().any(|(p, _)| *p == self.me)
+            {
+                let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
+                let offered_per_1k =
+                    (ann.spec.fee / seats).saturating_mul(1000) / u64::from(ann.spec.params.max_tokens.max(1));
+                actions.push(Action::LeftOut {
+                    coordinator: ann.spec.coordinator,
+                    model: ann.spec.model,
+                    offered_per_1k,
+                });
+            }
             return Ok(());
         }
         // Our seat must follow from the announced candidates, not from the coordinator's

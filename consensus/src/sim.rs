@@ -184,6 +184,11 @@ impl SimNet {
                 }
                 Action::Apply(v) => self.apply(i, *v),
                 Action::Finished { task, outcome } => self.nodes[i].finished.push((task, outcome)),
+                // Every simulated node serves the model and is known to all.
+                Action::LeftOut { coordinator, .. } => {
+                    let (now, p) = (self.now_ms, self.reputation_params.clone());
+                    self.nodes[i].view.entry(coordinator).or_default().record_left_out(now, &p);
+                }
             }
         }
     }

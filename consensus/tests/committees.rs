@@ -132,3 +132,44 @@ fn simulated_rounds_seat_recomputable_committees() {
     assert!(applied >= 6 * 9, "every node verified every verdict: {applied}");
     assert!(net.rejections.is_empty(), "{:?}", net.rejections);
 }
+
+/// A node that reads an announcement whose (not full) candidate list leaves it out is
+/// told so, to record first-hand against the coordinator; listed or outranked, it is not.
+#[test]
+fn a_node_left_off_the_list_notices() {
+    let coordinator = NodeKey::from_seed([1; 32]);
+    let me = NodeKey::from_seed([77; 32]);
+    let s = spec(&coordinator, 1, [5; 32]);
+    let list = peers(5);
+    let seed = s.committee_seed();
+    let committee = next_from_list(&seed, 0, &list, &[], 3);
+    let ann = |candidates: Vec<(PeerId, f64)>| TaskAnnouncement {
+        spec: s.clone(),
+        attempt: 0,
+        revision: 0,
+        committee: committee.clone(),
+        commit_deadline_ms: 5_000,
+        reveal_deadline_ms: 6_000,
+        candidates,
+    };
+    let left_out = |candidates: Vec<(PeerId, f64)>| {
+        let mut node = Consensus::new(me.clone(), RoundParams::default());
+        let env = SignedEnvelope::seal(&coordinator, &ann(candidates)).expect("seal");
+        node.handle(&env, 1_000).expect("handled").iter().any(|a| matches!(a, Action::LeftOut { .. }))
+    };
+    assert!(left_out(list.clone()), "not on a short list");
+    let mut with_me = list.clone();
+    with_me.push((me.peer_id(), 1e-9));
+    assert!(!left_out(with_me), "listed, just outranked");
+    let full: Vec<(PeerId, f64)> = list
+        .iter()
+        .copied()
+        .chain((0..(MAX_CANDIDATES as u32 - 5)).map(|i| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k[31] = 0xAB;
+            (NodeKey::from_seed(k).peer_id(), 1e-9)
+        }))
+        .collect();
+    assert!(!left_out(full), "a full list may outrank anyone");
+}

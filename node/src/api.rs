@@ -379,7 +379,7 @@ async fn peers(State(s): State<Arc<ApiState>>) -> Response {
                 "reputation": {
                     "score": rep.score_at(now, &s.reputation),
                     "agreed": rep.agreed, "wrong": rep.wrong, "absent": rep.absent,
-                    "equivocations": rep.equivocations,
+                    "equivocations": rep.equivocations, "left_out": rep.left_out,
                     "banned": rep.is_banned(now),
                 },
                 "credits": credits.balance,

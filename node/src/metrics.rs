@@ -69,6 +69,7 @@ pub struct NodeMetrics {
     pub fraud_proofs_sent: Counter,
     pub coordinator_equivocations: Counter,
     pub pruned: Family<KindLabel, Counter>,
+    pub left_out: Counter,
 }
 
 impl NodeMetrics {
@@ -111,6 +112,7 @@ impl NodeMetrics {
             fraud_proofs_sent: Counter::default(),
             coordinator_equivocations: Counter::default(),
             pruned: Family::default(),
+            left_out: Counter::default(),
         };
         let r = root.sub_registry_with_prefix("sampo");
         r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
@@ -157,6 +159,11 @@ impl NodeMetrics {
             m.coordinator_equivocations.clone(),
         );
         r.register("pruned_records", "Records dropped by retention, by kind", m.pruned.clone());
+        r.register(
+            "left_out",
+            "Announcements whose candidate list left this node out (recorded against their coordinator)",
+            m.left_out.clone(),
+        );
         m
     }
 

@@ -222,8 +222,14 @@ pub struct LoopParts {
     pub replays_in_flight: std::collections::HashSet<(TaskId, u8)>,
     /// Verdict writes in flight at once (each a synced RocksDB batch).
     pub apply_slots: Arc<tokio::sync::Semaphore>,
+    pub started_at: Instant,
+    /// The minute each coordinator last left this node out (at most one record a minute).
+    pub left_out_seen: HashMap<PeerId, u64>,
     pub shutdown: watch::Receiver<bool>,
 }
+
+/// How long a node announces itself before a coordinator is expected to know it.
+pub const LEFT_OUT_GRACE: Duration = Duration::from_secs(30);
 
 /// Replays queued or running at once: they never crowd paid work out of the queue.
 pub const MAX_REPLAYS_IN_FLIGHT: usize = 4;
@@ -651,6 +657,33 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                     let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
                 }
                 .instrument(tracing::info_span!("apply-verdict")),
+            );
+        }
+        Action::LeftOut { coordinator, model, offered_per_1k } => {
+            // Only when this node was eligible (serves the model at that price, has a free
+            // slot), has been announcing long enough for the coordinator to know it, and
+            // at most once a minute per coordinator.
+            let minute = now_ms() / 60_000;
+            let eligible =
+                p.models.by_id(&model).is_some_and(|m| m.price_per_1k <= offered_per_1k) && p.executor.free_slots() > 0;
+            if !eligible
+                || p.started_at.elapsed() < LEFT_OUT_GRACE
+                || p.left_out_seen.get(&coordinator) == Some(&minute)
+            {
+                return;
+            }
+            if p.left_out_seen.len() >= 4096 {
+                p.left_out_seen.retain(|_, m| *m == minute);
+            }
+            p.left_out_seen.insert(coordinator, minute);
+            p.metrics.left_out.inc();
+            let (store, rp) = (p.store.clone(), p.reputation.clone());
+            tokio::spawn(
+                async move {
+                    let _ =
+                        tokio::task::spawn_blocking(move || store.record_left_out(&coordinator, now_ms(), &rp)).await;
+                }
+                .instrument(tracing::info_span!("left-out")),
             );
         }
         Action::Finished { task, outcome } => {

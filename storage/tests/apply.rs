@@ -39,7 +39,14 @@ fn a_verdict_lands_whole_and_exactly_once() {
     let p = ReputationParams::default();
     let store = Store::open(dir.path()).expect("open");
     let coordinator = net.peer(0);
+    // This node is the coordinator the client submitted to: it holds the fee.
+    store.deposit("client", v.spec.fee + 7, 4000).expect("deposit");
+    store.hold("client", &v.task(), v.spec.fee + 7, 4000).expect("hold");
     assert_eq!(store.apply_verdict(v, &effects(v, &coordinator), 5000, &p).expect("apply"), Applied::New);
+    let client = store.client_account("client").expect("read").expect("account");
+    assert_eq!((client.balance, client.held), (7, 0), "the fee is paid, the rest returned");
+    let (sum, deposits) = store.ledger_audit().expect("audit");
+    assert_eq!(sum, deposits);
     // Outvoted is not proof: nothing is recorded against the liar until a replay.
     assert_eq!(store.reputation(&net.peer(1)).expect("read"), None);
     let expected = reference_output(&v.spec);
@@ -171,4 +178,19 @@ fn a_stored_commit_survives_a_reopen() {
     let store = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.stored_commit(&task, 0).expect("read").map(|c| c.tokens), Some(vec![1, 2, 3]));
     assert_eq!(store.stored_commit(&task, 1).expect("read"), None);
+}
+
+/// Being left off a coordinator's candidate list is recorded first-hand against it and
+/// lowers its weight in this node's view, bounded (half an absence each time).
+#[test]
+fn a_left_out_record_weighs_on_the_coordinator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let p = ReputationParams::default();
+    let coordinator = sampo_consensus::NodeKey::from_seed([3; 32]).peer_id();
+    store.record_left_out(&coordinator, 1_000, &p).expect("record");
+    store.record_left_out(&coordinator, 2_000, &p).expect("record");
+    let rep = store.reputation(&coordinator).expect("read").expect("record");
+    assert!((rep.left_out - 2.0).abs() < 1e-3, "{rep:?}");
+    assert!(rep.score(&p) < 1.0 && !rep.is_banned(2_000), "{}", rep.score(&p));
 }
