@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod ledger;
+mod left_out;
 pub mod retention;
 pub use ledger::{
     Applied, CreditAccount, Effects, EvidenceRecord, Overturn, ReplayRecord, StoredCommit, TaskRecord, TaskStatus,
