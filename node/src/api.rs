@@ -575,11 +575,47 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
     Ok(Prepared { model: m, spec, prompt_tokens, options })
 }
 
+/// The account a node without client accounts charges: topped up to this balance, so
+/// local use never runs dry, and every credit still comes from a recorded deposit.
+pub const LOCAL_ACCOUNT: &str = "local";
+const LOCAL_FLOAT: u64 = 1 << 50;
+
+/// Hold a task's fee before it is announced: the members' pay comes out of it at the
+/// verdict (and the rest back), a disputed task gets it all back.
+fn hold_fee(store: &Store, spec: &TaskSpec) -> Result<(), Response> {
+    let now = now_ms();
+    let internal = |e: &dyn std::fmt::Display| internal_error("holding a fee", e);
+    let balance = store.client_account(LOCAL_ACCOUNT).map_err(|e| internal(&e))?.map_or(0, |a| a.balance);
+    if balance < spec.fee.max(LOCAL_FLOAT / 2) {
+        let top_up = LOCAL_FLOAT.saturating_sub(balance).max(spec.fee);
+        store.deposit(LOCAL_ACCOUNT, top_up, now).map_err(|e| internal(&e))?;
+    }
+    match store.hold(LOCAL_ACCOUNT, &spec.id(), spec.fee, now) {
+        Ok(_) => Ok(()),
+        Err(sampo_storage::LedgerError::InsufficientBalance { balance, needed }) => Err(error_response(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            &format!("the task's fee is {needed} credits; the account holds {balance}"),
+        )),
+        Err(e) => Err(internal(&e)),
+    }
+}
+
 async fn submit(s: &ApiState, p: &Prepared) -> Result<TaskId, Response> {
     let Some(rt) = &s.runtime else {
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
     };
-    rt.submit(p.spec.clone(), p.options.max_price).await.map_err(|e| match e {
+    if let Some(store) = &s.store {
+        hold_fee(store, &p.spec)?;
+    }
+    let submitted = rt.submit(p.spec.clone(), p.options.max_price).await;
+    if submitted.is_err()
+        && let Some(store) = &s.store
+    {
+        // Never announced: the hold goes back at once.
+        let _ = store.refund(&p.spec.id(), now_ms());
+    }
+    submitted.map_err(|e| match e {
         SubmitTaskError::Busy | SubmitTaskError::Round(RoundError::Busy(_)) => too_many(&e.to_string(), 1),
         SubmitTaskError::Round(RoundError::NoCommittee { .. }) => {
             error_response(StatusCode::SERVICE_UNAVAILABLE, "insufficient_nodes", &e.to_string())

@@ -692,6 +692,15 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             }
             if outcome == Outcome::Disputed {
                 p.board.update(task, |s| s.status = "disputed".into());
+                // No verdict may follow (no larger committee could be seated): the
+                // client's hold goes back; idempotent if a verdict already refunded it.
+                let store = p.store.clone();
+                tokio::spawn(
+                    async move {
+                        let _ = tokio::task::spawn_blocking(move || store.refund(&task, now_ms())).await;
+                    }
+                    .instrument(tracing::info_span!("refund")),
+                );
             }
         }
     }

@@ -10,13 +10,15 @@ use sampo_consensus::{
     VerifiedVerdict,
 };
 
+use crate::accounts::LedgerError;
 use crate::{Batch, Column, Record, StorageError, Store};
 
 impl Record for Reputation {
     const COLUMN: Column = Column::Reputation;
 }
 
-/// A peer's credit balance, keyed by its peer id bytes in [`Column::Ledger`].
+/// A peer's credit balance, keyed by `peer/` and its peer id bytes in [`Column::Ledger`]
+/// (see [`crate::accounts`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditAccount {
     pub balance: u64,
@@ -210,11 +212,25 @@ impl Store {
         for (peer, rep) in &reputations {
             batch.put(&peer.to_bytes(), rep)?;
         }
-        for (peer, credits) in &v.verdict.payouts {
-            let mut acct = self.get::<CreditAccount>(&peer.to_bytes())?.unwrap_or_default();
-            acct.balance = acct.balance.saturating_add(*credits);
-            acct.tasks += 1;
-            batch.put(&peer.to_bytes(), &acct)?;
+        // No verdict mints credits: payouts are paid only out of a hold this node placed
+        // for the task (it is the coordinator the client submitted to), in this batch.
+        // A finalized verdict settles it, a disputed one refunds it, an escalation leaves
+        // it open. A settlement the hold cannot cover leaves it open too (for a refund).
+        if self.closed_of(&v.task())?.is_none()
+            && let Some(hold) = self.hold_of(&v.task())?
+        {
+            let planned = match &v.verdict.outcome {
+                Outcome::Finalized { .. } => {
+                    self.plan_settle(&mut batch, &v.task(), Some(&hold.account), &v.verdict.payouts, v.spec.fee, now_ms)
+                }
+                Outcome::Disputed => self.plan_settle(&mut batch, &v.task(), None, &[], 0, now_ms),
+                Outcome::Escalated => Ok(()),
+            };
+            match planned {
+                Ok(()) => {}
+                Err(LedgerError::Storage(e)) => return Err(e),
+                Err(_) => {}
+            }
         }
         let (status, output) = match &v.verdict.outcome {
             Outcome::Finalized { output } => (TaskStatus::Finalized, Some(output.clone())),
@@ -334,8 +350,9 @@ impl Store {
         Ok(self.reputations.read().unwrap_or_else(|e| e.into_inner()).get(peer).cloned())
     }
 
+    /// A peer's credit account (paid out of settled holds).
     pub fn credits(&self, peer: &PeerId) -> Result<CreditAccount, StorageError> {
-        Ok(self.get(&peer.to_bytes())?.unwrap_or_default())
+        Ok(self.get(&crate::accounts::peer_key(peer))?.unwrap_or_default())
     }
 
     pub fn task(&self, task: &TaskId) -> Result<Option<TaskRecord>, StorageError> {

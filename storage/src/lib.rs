@@ -4,9 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod accounts;
 pub mod ledger;
 mod left_out;
 pub mod retention;
+pub use accounts::{
+    Charge, ChargeKind, ClientAccount, Closed, Hold, LedgerError, LedgerOutcome, LedgerTotal, RECENT_CHARGES,
+};
 pub use ledger::{
     Applied, CreditAccount, Effects, EvidenceRecord, Overturn, ReplayRecord, StoredCommit, TaskRecord, TaskStatus,
 };

@@ -83,6 +83,40 @@ fn a_verdict_lands_whole_and_exactly_once() {
 }
 
 #[test]
+fn a_verdict_without_a_local_hold_mints_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (net, vs) = verdicts();
+    let v = &vs[0];
+    let p = ReputationParams::default();
+    let store = Store::open(dir.path()).expect("open");
+    // A bystander (not the coordinator the client paid) applies the verdict.
+    assert_eq!(store.apply_verdict(v, &effects(v, &net.peer(2)), 5000, &p).expect("apply"), Applied::New);
+    for i in 0..3 {
+        assert_eq!(store.credits(&net.peer(i)).expect("credits").balance, 0);
+    }
+    assert_eq!(store.ledger_audit().expect("audit"), (0, 0));
+}
+
+#[test]
+fn a_verdict_the_hold_cannot_cover_leaves_the_hold_for_a_refund() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (net, vs) = verdicts();
+    let v = &vs[0];
+    assert!(v.spec.fee > 0);
+    let p = ReputationParams::default();
+    let store = Store::open(dir.path()).expect("open");
+    store.deposit("client", v.spec.fee, 4000).expect("deposit");
+    store.hold("client", &v.task(), v.spec.fee - 1, 4000).expect("short hold");
+    assert_eq!(store.apply_verdict(v, &effects(v, &net.peer(0)), 5000, &p).expect("apply"), Applied::New);
+    assert!(store.hold_of(&v.task()).expect("read").is_some(), "not settled");
+    assert_eq!(store.credits(&net.peer(0)).expect("credits").balance, 0);
+    store.refund(&v.task(), 6000).expect("refund");
+    let client = store.client_account("client").expect("read").expect("account");
+    assert_eq!((client.balance, client.held), (v.spec.fee, 0));
+    assert_eq!(store.ledger_audit().expect("audit"), (u128::from(v.spec.fee), u128::from(v.spec.fee)));
+}
+
+#[test]
 fn an_equivocator_is_banned_on_apply() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (net, vs) = verdicts();

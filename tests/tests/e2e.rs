@@ -402,7 +402,9 @@ fn a_member_killed_mid_task_is_replaced_and_comes_back_intact() {
             assert_eq!((agreed, credits), (a, c), "state of {peer} changed across the crash");
         }
     }
-    assert!(before.iter().any(|(_, a, c)| *a > 0.0 && *c > 0), "there was state to keep: {before:?}");
+    // Credits are paid out of the coordinator's holds, in the coordinator's ledger; what
+    // a member's store keeps is its reputation view.
+    assert!(before.iter().any(|(_, a, _)| *a > 0.0), "there was state to keep: {before:?}");
 }
 
 #[test]
