@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, MatchedPath, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -53,6 +53,8 @@ pub struct ApiState {
 #[derive(Debug, Clone, Default)]
 pub struct ApiPolicy {
     pub api_keys: Vec<String>,
+    /// Keys that may also credit accounts (`POST /v1/accounts/{name}/deposit`).
+    pub admin_keys: Vec<String>,
     pub allow_ips: Vec<(IpAddr, u8)>,
     pub rate_limit_per_minute: u32,
     pub max_body_bytes: usize,
@@ -123,6 +125,8 @@ pub fn router(state: Arc<ApiState>) -> axum::Router {
         .route("/v1/tasks", post(create_task))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/evidence", get(get_evidence))
+        .route("/v1/account", get(account))
+        .route("/v1/accounts/{name}/deposit", post(deposit))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), gatekeeper))
         .layer(DefaultBodyLimit::max(limit))
@@ -165,9 +169,16 @@ fn ip_allowed(ip: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
 
 /// IP allowlist, bearer keys and per-key rate limits; counts every request by route
 /// and status.
-async fn gatekeeper(State(s): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+async fn gatekeeper(State(s): State<Arc<ApiState>>, mut req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "other".into());
-    let response = check_access(&s, &req, &route).unwrap_or(next.run(req).await);
+    let caller = bearer(&req)
+        .filter(|k| !s.policy.api_keys.is_empty() && key_matches(&s.policy.api_keys, k))
+        .map_or_else(|| LOCAL_ACCOUNT.to_owned(), account_of_key);
+    req.extensions_mut().insert(Caller(caller));
+    let response = match check_access(&s, &req, &route) {
+        Some(r) => r,
+        None => next.run(req).await,
+    };
     s.metrics.api_requests.get_or_create(&ApiLabels { route, status: response.status().as_u16() }).inc();
     response
 }
@@ -184,15 +195,9 @@ fn check_access(s: &ApiState, req: &Request, route: &str) -> Option<Response> {
         return None;
     }
     let mut who = ip.map(|i| i.to_string()).unwrap_or_default();
-    if !s.policy.api_keys.is_empty() {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match given {
-            Some(k) if key_matches(&s.policy.api_keys, k) => who = k.to_owned(),
+    if !s.policy.api_keys.is_empty() || !s.policy.admin_keys.is_empty() {
+        match bearer(req) {
+            Some(k) if key_matches(&s.policy.api_keys, k) || key_matches(&s.policy.admin_keys, k) => who = k.to_owned(),
             _ => {
                 return Some(error_response(
                     StatusCode::UNAUTHORIZED,
@@ -240,6 +245,14 @@ pub fn rate_check(
     Ok(())
 }
 
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Distinct clients (keys or addresses) the rate limiter tracks per minute.
 pub const MAX_RATE_CLIENTS: usize = 10_000;
 
@@ -254,6 +267,70 @@ pub fn key_matches(keys: &[String], given: &str) -> bool {
 fn internal_error(context: &str, e: &dyn std::fmt::Display) -> Response {
     tracing::warn!(error = %e, "{context}");
     error_response(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error; see the node's log")
+}
+
+/// The caller's account: balance, what is held for running tasks, recent charges.
+async fn account(State(s): State<Arc<ApiState>>, Extension(caller): Extension<Caller>) -> Response {
+    let Some(store) = &s.store else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no store");
+    };
+    match store.client_account(&caller.0) {
+        Ok(a) => {
+            let a = a.unwrap_or_default();
+            Json(json!({
+                "account": caller.0,
+                "local": caller.0 == LOCAL_ACCOUNT,
+                "balance": a.balance,
+                "held": a.held,
+                "recent_charges": a.recent.iter().map(|c| json!({
+                    "task": c.task.to_string(), "amount": c.amount, "kind": format!("{:?}", c.kind).to_lowercase(), "at_ms": c.at_ms,
+                })).collect::<Vec<_>>(),
+            }))
+            .into_response()
+        }
+        Err(e) => internal_error("reading an account", &e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DepositRequest {
+    amount: u64,
+}
+
+/// Credit an account (admin keys only): the one way credits enter the ledger.
+async fn deposit(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    req_headers: axum::http::HeaderMap,
+    body: Result<Json<DepositRequest>, JsonRejection>,
+) -> Response {
+    let given = req_headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if s.policy.admin_keys.is_empty() || !given.is_some_and(|k| key_matches(&s.policy.admin_keys, k)) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "depositing needs an admin key (api.admin_keys)",
+        );
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(r) => return json_rejection(r),
+    };
+    let Some(store) = &s.store else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no store");
+    };
+    match store.deposit(&name, req.amount, now_ms()) {
+        Ok(a) => Json(json!({"account": name, "balance": a.balance, "held": a.held})).into_response(),
+        Err(e @ (sampo_storage::LedgerError::Overflow | sampo_storage::LedgerError::BadAccountName)) => {
+            bad_request(&e.to_string())
+        }
+        Err(e) => internal_error("depositing", &e),
+    }
 }
 
 async fn health() -> &'static str {
@@ -471,6 +548,17 @@ struct Prepared {
     options: SampoOptions,
 }
 
+/// The account a request is charged to: its bearer key's, or the node's local account
+/// when the node has no API keys.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+/// The account name of a bearer key: a digest, so the key itself never shows.
+pub fn account_of_key(key: &str) -> String {
+    let h = blake3::hash(key.as_bytes());
+    format!("key-{}", &h.to_hex()[..16])
+}
+
 fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFields) -> Result<Prepared, Response> {
     let Some(m) = s.models.by_name(model).cloned() else {
         let known: Vec<&str> = s.models.0.iter().map(|m| m.name.as_str()).collect();
@@ -582,16 +670,23 @@ const LOCAL_FLOAT: u64 = 1 << 50;
 
 /// Hold a task's fee before it is announced: the members' pay comes out of it at the
 /// verdict (and the rest back), a disputed task gets it all back.
-fn hold_fee(store: &Store, spec: &TaskSpec) -> Result<(), Response> {
+fn hold_fee(store: &Store, account: &str, spec: &TaskSpec) -> Result<(), Response> {
     let now = now_ms();
     let internal = |e: &dyn std::fmt::Display| internal_error("holding a fee", e);
-    let balance = store.client_account(LOCAL_ACCOUNT).map_err(|e| internal(&e))?.map_or(0, |a| a.balance);
-    if balance < spec.fee.max(LOCAL_FLOAT / 2) {
-        let top_up = LOCAL_FLOAT.saturating_sub(balance).max(spec.fee);
-        store.deposit(LOCAL_ACCOUNT, top_up, now).map_err(|e| internal(&e))?;
+    if account == LOCAL_ACCOUNT {
+        let balance = store.client_account(LOCAL_ACCOUNT).map_err(|e| internal(&e))?.map_or(0, |a| a.balance);
+        if balance < spec.fee.max(LOCAL_FLOAT / 2) {
+            let top_up = LOCAL_FLOAT.saturating_sub(balance).max(spec.fee);
+            store.deposit(LOCAL_ACCOUNT, top_up, now).map_err(|e| internal(&e))?;
+        }
     }
-    match store.hold(LOCAL_ACCOUNT, &spec.id(), spec.fee, now) {
+    match store.hold(account, &spec.id(), spec.fee, now) {
         Ok(_) => Ok(()),
+        Err(sampo_storage::LedgerError::NoAccount(_)) => Err(error_response(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            &format!("the task's fee is {} credits; this account holds none yet", spec.fee),
+        )),
         Err(sampo_storage::LedgerError::InsufficientBalance { balance, needed }) => Err(error_response(
             StatusCode::PAYMENT_REQUIRED,
             "insufficient_quota",
@@ -601,12 +696,12 @@ fn hold_fee(store: &Store, spec: &TaskSpec) -> Result<(), Response> {
     }
 }
 
-async fn submit(s: &ApiState, p: &Prepared) -> Result<TaskId, Response> {
+async fn submit(s: &ApiState, p: &Prepared, caller: &Caller) -> Result<TaskId, Response> {
     let Some(rt) = &s.runtime else {
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
     };
     if let Some(store) = &s.store {
-        hold_fee(store, &p.spec)?;
+        hold_fee(store, &caller.0, &p.spec)?;
     }
     let submitted = rt.submit(p.spec.clone(), p.options.max_price).await;
     if submitted.is_err()
@@ -660,7 +755,11 @@ fn finish_reason(output: &[u32], max_tokens: u32) -> &'static str {
     if output.len() as u32 >= max_tokens { "length" } else { "stop" }
 }
 
-async fn chat_completions(State(s): State<Arc<ApiState>>, body: Result<Json<ChatRequest>, JsonRejection>) -> Response {
+async fn chat_completions(
+    State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<ChatRequest>, JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(r) => return json_rejection(r),
@@ -673,10 +772,14 @@ async fn chat_completions(State(s): State<Arc<ApiState>>, body: Result<Json<Chat
         Ok(p) => p,
         Err(r) => return r,
     };
-    respond(s, p, stream, true).await
+    respond(s, p, stream, true, caller).await
 }
 
-async fn completions(State(s): State<Arc<ApiState>>, body: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
+async fn completions(
+    State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<CompletionRequest>, JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(r) => return json_rejection(r),
@@ -686,10 +789,10 @@ async fn completions(State(s): State<Arc<ApiState>>, body: Result<Json<Completio
         Ok(p) => p,
         Err(r) => return r,
     };
-    respond(s, p, stream, false).await
+    respond(s, p, stream, false, caller).await
 }
 
-async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Response {
+async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller: Caller) -> Response {
     let t0 = Instant::now();
     let created = now_ms() / 1000;
     // Run the local inference first when streaming: a full queue is a 429 before any
@@ -724,7 +827,7 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool) -> Res
     } else {
         None
     };
-    let task = match submit(&s, &p).await {
+    let task = match submit(&s, &p, &caller).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -849,7 +952,11 @@ pub struct TaskRequest {
     pub generation: GenerationFields,
 }
 
-async fn create_task(State(s): State<Arc<ApiState>>, body: Result<Json<TaskRequest>, JsonRejection>) -> Response {
+async fn create_task(
+    State(s): State<Arc<ApiState>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<TaskRequest>, JsonRejection>,
+) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(r) => return json_rejection(r),
@@ -863,7 +970,7 @@ async fn create_task(State(s): State<Arc<ApiState>>, body: Result<Json<TaskReque
         Ok(p) => p,
         Err(r) => return r,
     };
-    match submit(&s, &p).await {
+    match submit(&s, &p, &caller).await {
         Ok(task) => (
             StatusCode::ACCEPTED,
             Json(json!({"task_id": task.to_string(), "status_url": format!("/v1/tasks/{task}"), "evidence_url": format!("/v1/tasks/{task}/evidence")})),

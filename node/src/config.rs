@@ -117,8 +117,11 @@ pub struct NetworkConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// Bearer keys; empty means no authentication.
+    /// Bearer keys; empty means no authentication (and one implicit local account).
+    /// Each key is charged to its own account (`GET /v1/account` shows it).
     pub api_keys: Vec<String>,
+    /// Keys that may also credit accounts (`POST /v1/accounts/{name}/deposit`).
+    pub admin_keys: Vec<String>,
     /// Client IPs or CIDR ranges allowed; empty means all.
     pub allow_ips: Vec<String>,
     pub max_body_bytes: usize,
@@ -220,6 +223,7 @@ impl Default for ApiConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4000)),
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
             allow_ips: Vec::new(),
             max_body_bytes: 1 << 20,
             rate_limit_per_minute: 0,
@@ -294,8 +298,11 @@ admission_keys = []
 [api]
 # OpenAI-compatible HTTP API, /metrics, /health and /ready.
 listen = "127.0.0.1:4000"
-# Bearer keys clients must present; empty = open.
+# Bearer keys clients must present, each charged to its own prepaid account; empty =
+# open, with one implicit local account (topped up by recorded deposits).
 api_keys = []
+# Keys that may credit accounts: POST /v1/accounts/{name}/deposit.
+admin_keys = []
 # Client IPs or CIDR ranges allowed; empty = all.
 allow_ips = []
 max_body_bytes = 1048576

@@ -97,10 +97,33 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Client accounts in the node's ledger (run while the node is stopped).
+    Accounts {
+        #[command(subcommand)]
+        action: AccountsAction,
+    },
     /// Inspect configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsAction {
+    /// Credit an account (the bearer key's account is `key-` + 16 hex digits of its
+    /// blake3 digest, as `GET /v1/account` shows; `local` when the node has no keys).
+    Deposit {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        name: String,
+        amount: u64,
+    },
+    /// Show an account's balance, holds and recent charges.
+    Show {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        name: String,
     },
 }
 
@@ -214,6 +237,24 @@ fn run() -> anyhow::Result<()> {
             cmd_verify::run(&file, json, model.as_deref().filter(|_| replay), threads)?
         }
         Command::Testnet(args) => cmd_testnet::run(args)?,
+        Command::Accounts { action: AccountsAction::Deposit { cfg, name, amount } } => {
+            let config = cfg.load(Vec::new())?;
+            let store = sampo_storage::Store::open(&config.db_path())
+                .with_context(|| format!("opening {} (is the node running?)", config.db_path().display()))?;
+            let a = store.deposit(&name, amount, sampo_node::runtime::now_ms())?;
+            let (sum, deposits) = store.ledger_audit()?;
+            println!("{name}: balance {} (held {}); ledger balances {sum} = deposits {deposits}", a.balance, a.held);
+        }
+        Command::Accounts { action: AccountsAction::Show { cfg, name } } => {
+            let config = cfg.load(Vec::new())?;
+            let store = sampo_storage::Store::open(&config.db_path())
+                .with_context(|| format!("opening {} (is the node running?)", config.db_path().display()))?;
+            let a = store.client_account(&name)?.unwrap_or_default();
+            println!("{name}: balance {}, held {}", a.balance, a.held);
+            for c in &a.recent {
+                println!("  {} {:?} {} at {}", c.task, c.kind, c.amount, c.at_ms);
+            }
+        }
         Command::Keys { action: KeysAction::Generate { cfg, force } } => {
             let config = cfg.load(Vec::new())?;
             let key = keys::generate(&config.key_path(), force)?;

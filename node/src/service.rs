@@ -247,6 +247,7 @@ pub async fn run_with(
 
     let policy = ApiPolicy {
         api_keys: cfg.api.api_keys.clone(),
+        admin_keys: cfg.api.admin_keys.clone(),
         allow_ips: cfg.api.allow_ips.iter().filter_map(|s| crate::config::parse_ip_range(s)).collect(),
         rate_limit_per_minute: cfg.api.rate_limit_per_minute,
         max_body_bytes: cfg.api.max_body_bytes,

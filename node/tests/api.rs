@@ -337,3 +337,73 @@ fn backend_cuda_without_a_usable_device_fails_with_a_reason() {
         assert!(err.contains("no CUDA driver") || err.contains("no device"), "the reason, not just a refusal: {err}");
     }
 }
+
+/// Client accounts: a bearer key's empty account gets 402 (as an `APIStatusError` from
+/// the official client); an admin key credits it; a task holds, then settles its fee,
+/// and the ledger's balances still equal its deposits.
+#[test]
+fn accounts_hold_and_settle_fees_and_an_empty_one_gets_402() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = synth_model(tmp.path());
+    let node = start_node(
+        Some(&model),
+        &format!("{SINGLE}[api]\napi_keys = [\"client-key\"]\nadmin_keys = [\"admin-key\"]\n"),
+    );
+    let auth = |k: &str| format!("Authorization: Bearer {k}");
+    let (code, acct) = curl(&["-H", &auth("client-key"), &format!("{}/v1/account", node.url)]);
+    assert_eq!(code, 200, "{acct}");
+    let acct: serde_json::Value = serde_json::from_str(&acct).expect("json");
+    assert_eq!(acct["balance"], 0);
+    let name = acct["account"].as_str().expect("name").to_owned();
+    assert!(name.starts_with("key-") && !name.contains("client-key"), "{name}");
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_quota.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!("{}/v1", node.url))
+        .arg("client-key")
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    let deposit = format!("{}/v1/accounts/{name}/deposit", node.url);
+    let body = r#"{"amount": 1000}"#;
+    let (code, _) = curl(&["-H", &auth("client-key"), "-H", "content-type: application/json", "-d", body, &deposit]);
+    assert_eq!(code, 403, "only an admin key deposits");
+    let (code, v) = curl(&["-H", &auth("admin-key"), "-H", "content-type: application/json", "-d", body, &deposit]);
+    assert_eq!(code, 200, "{v}");
+
+    let (_, models) = curl(&["-H", &auth("client-key"), &format!("{}/v1/models", node.url)]);
+    let models: serde_json::Value = serde_json::from_str(&models).expect("json");
+    let model_name = models["data"][0]["id"].as_str().expect("model").to_owned();
+    let chat = format!(
+        r#"{{"model":"{model_name}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":8,"temperature":0}}"#
+    );
+    let (code, v) = curl(&[
+        "-H",
+        &auth("client-key"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &chat,
+        &format!("{}/v1/chat/completions", node.url),
+    ]);
+    assert_eq!(code, 200, "{v}");
+    let (_, acct) = curl(&["-H", &auth("client-key"), &format!("{}/v1/account", node.url)]);
+    let acct: serde_json::Value = serde_json::from_str(&acct).expect("json");
+    let charges = acct["recent_charges"].as_array().cloned().unwrap_or_default();
+    let fee = charges.iter().find(|c| c["kind"] == "hold").and_then(|c| c["amount"].as_u64()).expect("a hold");
+    assert!(fee > 0, "{acct}");
+    // Settled: the fee paid out, nothing left held, the rest of the deposit still there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, a) = curl(&["-H", &auth("client-key"), &format!("{}/v1/account", node.url)]);
+        let a: serde_json::Value = serde_json::from_str(&a).expect("json");
+        if a["held"] == 0 {
+            assert_eq!(a["balance"].as_u64(), Some(1000 - fee), "{a}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled: {a}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
