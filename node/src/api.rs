@@ -325,7 +325,10 @@ async fn deposit(
         return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no store");
     };
     match store.deposit(&name, req.amount, now_ms()) {
-        Ok(a) => Json(json!({"account": name, "balance": a.balance, "held": a.held})).into_response(),
+        Ok(a) => {
+            s.metrics.deposits.inc_by(req.amount);
+            Json(json!({"account": name, "balance": a.balance, "held": a.held})).into_response()
+        }
         Err(e @ (sampo_storage::LedgerError::Overflow | sampo_storage::LedgerError::BadAccountName)) => {
             bad_request(&e.to_string())
         }
@@ -409,6 +412,8 @@ async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
     if let Value::Object(map) = &mut v {
         map.insert("device_status".into(), json!(device_status(&s)));
         map.insert("admission".into(), json!(crate::admission::mode(s.p2p.as_ref())));
+        let accounts = if s.policy.api_keys.is_empty() { "local" } else { "per_key" };
+        map.insert("accounts".into(), json!(accounts));
     }
     if let (Some(p2p), Value::Object(map)) = (&s.p2p, &mut v) {
         let addrs: Vec<String> = p2p.listen_addrs().await.unwrap_or_default().iter().map(|a| a.to_string()).collect();
@@ -633,7 +638,23 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
             ),
         ));
     }
-    let fee = (m.price_per_1k * u64::from(max_tokens)).div_ceil(1000) * u64::from(k);
+    // This node's price for every seat, checked: a fee is bounded, and never above what
+    // the client said it would pay per seat.
+    if let Some(max) = options.max_price
+        && m.price_per_1k > max
+    {
+        return Err(bad_request(&format!(
+            "this node's price is {} per 1k tokens, above sampo.max_price {max}",
+            m.price_per_1k
+        )));
+    }
+    let fee = m
+        .price_per_1k
+        .checked_mul(u64::from(max_tokens))
+        .map(|c| c.div_ceil(1000))
+        .and_then(|c| c.checked_mul(u64::from(k)))
+        .filter(|f| *f <= MAX_FEE)
+        .ok_or_else(|| bad_request(&format!("the task's fee would exceed {MAX_FEE} credits")))?;
     let client_entropy = match options.entropy.as_deref() {
         None => rand::random(),
         Some(h) => {
@@ -666,11 +687,13 @@ fn prepare(s: &ApiState, model: &str, prompt: Prompt, generation: GenerationFiel
 /// The account a node without client accounts charges: topped up to this balance, so
 /// local use never runs dry, and every credit still comes from a recorded deposit.
 pub const LOCAL_ACCOUNT: &str = "local";
+/// The largest fee one task may carry.
+pub const MAX_FEE: u64 = 1 << 48;
 const LOCAL_FLOAT: u64 = 1 << 50;
 
 /// Hold a task's fee before it is announced: the members' pay comes out of it at the
 /// verdict (and the rest back), a disputed task gets it all back.
-fn hold_fee(store: &Store, account: &str, spec: &TaskSpec) -> Result<(), Response> {
+fn hold_fee(store: &Store, metrics: &NodeMetrics, account: &str, spec: &TaskSpec) -> Result<(), Response> {
     let now = now_ms();
     let internal = |e: &dyn std::fmt::Display| internal_error("holding a fee", e);
     if account == LOCAL_ACCOUNT {
@@ -678,9 +701,14 @@ fn hold_fee(store: &Store, account: &str, spec: &TaskSpec) -> Result<(), Respons
         if balance < spec.fee.max(LOCAL_FLOAT / 2) {
             let top_up = LOCAL_FLOAT.saturating_sub(balance).max(spec.fee);
             store.deposit(LOCAL_ACCOUNT, top_up, now).map_err(|e| internal(&e))?;
+            metrics.deposits.inc_by(top_up);
         }
     }
     match store.hold(account, &spec.id(), spec.fee, now) {
+        Ok(sampo_storage::LedgerOutcome::Done) => {
+            metrics.fees_held.inc_by(spec.fee);
+            Ok(())
+        }
         Ok(_) => Ok(()),
         Err(sampo_storage::LedgerError::NoAccount(_)) => Err(error_response(
             StatusCode::PAYMENT_REQUIRED,
@@ -701,7 +729,7 @@ async fn submit(s: &ApiState, p: &Prepared, caller: &Caller) -> Result<TaskId, R
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
     };
     if let Some(store) = &s.store {
-        hold_fee(store, &caller.0, &p.spec)?;
+        hold_fee(store, &s.metrics, &caller.0, &p.spec)?;
     }
     let submitted = rt.submit(p.spec.clone(), p.options.max_price).await;
     if submitted.is_err()

@@ -70,6 +70,11 @@ pub struct NodeMetrics {
     pub coordinator_equivocations: Counter,
     pub pruned: Family<KindLabel, Counter>,
     pub left_out: Counter,
+    pub deposits: Counter,
+    pub fees_held: Counter,
+    pub fees_settled: Counter,
+    pub payouts: Counter,
+    pub fees_returned: Counter,
 }
 
 impl NodeMetrics {
@@ -113,6 +118,11 @@ impl NodeMetrics {
             coordinator_equivocations: Counter::default(),
             pruned: Family::default(),
             left_out: Counter::default(),
+            deposits: Counter::default(),
+            fees_held: Counter::default(),
+            fees_settled: Counter::default(),
+            payouts: Counter::default(),
+            fees_returned: Counter::default(),
         };
         let r = root.sub_registry_with_prefix("sampo");
         r.register("tasks", "Verdicts applied, by this node's role and the outcome", m.tasks.clone());
@@ -159,6 +169,15 @@ impl NodeMetrics {
             m.coordinator_equivocations.clone(),
         );
         r.register("pruned_records", "Records dropped by retention, by kind", m.pruned.clone());
+        r.register("ledger_deposits", "Credits deposited into client accounts", m.deposits.clone());
+        r.register("ledger_fees_held", "Task fees held from client accounts at submission", m.fees_held.clone());
+        r.register("ledger_fees_settled", "Held fees closed by a verdict or a refund", m.fees_settled.clone());
+        r.register("ledger_payouts", "Credits paid to agreeing members out of held fees", m.payouts.clone());
+        r.register(
+            "ledger_fees_returned",
+            "Held credits returned to clients (unspent or refunded)",
+            m.fees_returned.clone(),
+        );
         r.register(
             "left_out",
             "Announcements whose candidate list left this node out (recorded against their coordinator)",

@@ -646,14 +646,25 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             // The synced write happens off the loop (bounded), which hears back when done.
             let (store, rp, tx, slots) =
                 (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
+            let metrics = p.metrics.clone();
             tokio::spawn(
                 async move {
                     let Ok(_permit) = slots.acquire_owned().await else { return };
                     let vv = v.clone();
-                    let result = tokio::task::spawn_blocking(move || store.apply_verdict(&vv, &effects, now_ms(), &rp))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let result = tokio::task::spawn_blocking(move || {
+                        let held = store.hold_of(&vv.task()).ok().flatten().is_some();
+                        let r = store.apply_verdict(&vv, &effects, now_ms(), &rp);
+                        // A hold this verdict closed: what it paid out and returned.
+                        if held && let Ok(Some(c)) = store.closed_of(&vv.task()) {
+                            metrics.fees_settled.inc_by(c.paid.saturating_add(c.returned));
+                            metrics.payouts.inc_by(c.paid);
+                            metrics.fees_returned.inc_by(c.returned);
+                        }
+                        r
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
                     let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
                 }
                 .instrument(tracing::info_span!("apply-verdict")),

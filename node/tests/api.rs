@@ -406,4 +406,36 @@ fn accounts_hold_and_settle_fees_and_an_empty_one_gets_402() {
         assert!(std::time::Instant::now() < deadline, "never settled: {a}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The ledger in /metrics: what was deposited, held, and paid out of the hold.
+    let counter = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    loop {
+        let (_, text) = curl(&[&format!("{}/metrics", node.url)]);
+        if counter(&text, "sampo_ledger_payouts_total") >= 1.0 {
+            assert!(counter(&text, "sampo_ledger_deposits_total") >= 1000.0, "{text}");
+            assert!(counter(&text, "sampo_ledger_fees_held_total") >= fee as f64, "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ledger metrics: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, info) = curl(&["-H", &auth("client-key"), &format!("{}/v1/node", node.url)]);
+    assert!(info.contains("\"accounts\":\"per_key\""), "{info}");
+    // A price above what the client will pay per seat is refused before anything is held.
+    let dear = chat.replace("\"temperature\":0", "\"temperature\":0,\"sampo\":{\"max_price\":0}");
+    let (code, v) = curl(&[
+        "-H",
+        &auth("client-key"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &dear,
+        &format!("{}/v1/chat/completions", node.url),
+    ]);
+    assert_eq!(code, 400, "{v}");
 }
