@@ -976,7 +976,7 @@ impl Consensus {
             let Some(round) = self.coordinated.get(&task) else { continue };
             match round.phase {
                 Phase::Committing if now_ms >= round.ann.commit_deadline_ms => {
-                    self.commit_deadline(task, now_ms, candidates, &mut actions)
+                    self.commit_deadline(task, now_ms, &mut actions)
                 }
                 Phase::Revealing if now_ms >= round.ann.reveal_deadline_ms => self.finish(task, now_ms, &mut actions),
                 Phase::Escalating => self.escalate(task, now_ms, candidates, &mut actions),
@@ -995,7 +995,7 @@ impl Consensus {
         actions
     }
 
-    fn commit_deadline(&mut self, task: TaskId, now_ms: u64, candidates: &[Candidate], actions: &mut Vec<Action>) {
+    fn commit_deadline(&mut self, task: TaskId, now_ms: u64, actions: &mut Vec<Action>) {
         let Some(round) = self.coordinated.get_mut(&task) else { return };
         let size = round.size();
         let honest = round.honest_commits();
@@ -1011,7 +1011,6 @@ impl Consensus {
         let wanted = (size - honest).min(room);
         let subs = if wanted > 0 {
             // From the announced list, so that anyone can recompute the substitutes too.
-            let _ = candidates;
             next_from_list(
                 &round.ann.spec.committee_seed(),
                 round.ann.attempt,

@@ -400,3 +400,20 @@ fn in_time_members_after_an_early_close_are_excused() {
     }
     assert_honest_untouched(&net, &(0..7).collect::<Vec<_>>());
 }
+
+/// A fraud proof against an honest verdict convinces nobody: every node replays before
+/// acting, and a replay that upholds the output (or fails) concludes nothing against
+/// anyone.
+#[test]
+fn a_false_fraud_proof_bans_nobody() {
+    let mut net = SimNet::new(4, params(), |_| Behaviour::Honest);
+    let spec = net.spec(0, 3, 0);
+    let task = net.submit(0, spec.clone()).expect("submit");
+    net.run(60_000);
+    let v = net.nodes[0].applied.iter().find(|v| v.task() == task).expect("verdict").clone();
+    let expected = reference_output(&spec);
+    let upheld = judge(&v, &|o| Some(o == expected.as_slice()));
+    assert!(!upheld.overturned && upheld.liars.is_empty() && upheld.wrong.is_empty(), "{upheld:?}");
+    let failed = judge(&v, &|_| None);
+    assert!(!failed.overturned && failed.liars.is_empty() && failed.wrong.is_empty(), "{failed:?}");
+}

@@ -246,7 +246,11 @@ pub fn rate_check(
 }
 
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
+    bearer_of(req.headers())
+}
+
+fn bearer_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -305,12 +309,8 @@ async fn deposit(
     req_headers: axum::http::HeaderMap,
     body: Result<Json<DepositRequest>, JsonRejection>,
 ) -> Response {
-    let given = req_headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if s.policy.admin_keys.is_empty() || !given.is_some_and(|k| key_matches(&s.policy.admin_keys, k)) {
+    if s.policy.admin_keys.is_empty() || !bearer_of(&req_headers).is_some_and(|k| key_matches(&s.policy.admin_keys, k))
+    {
         return error_response(
             StatusCode::FORBIDDEN,
             "permission_error",
@@ -729,7 +729,11 @@ async fn submit(s: &ApiState, p: &Prepared, caller: &Caller) -> Result<TaskId, R
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
     };
     if let Some(store) = &s.store {
-        hold_fee(store, &s.metrics, &caller.0, &p.spec)?;
+        // Synced writes: off the async workers.
+        let (store, metrics, account, spec) = (store.clone(), s.metrics.clone(), caller.0.clone(), p.spec.clone());
+        tokio::task::spawn_blocking(move || hold_fee(&store, &metrics, &account, &spec))
+            .await
+            .map_err(|e| internal_error("holding a fee", &e))??;
     }
     let submitted = rt.submit(p.spec.clone(), p.options.max_price).await;
     if submitted.is_err()

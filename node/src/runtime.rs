@@ -159,6 +159,8 @@ pub enum LoopCmd {
     Replayed(Box<ReplayDone>),
     /// A verdict's write to the store finished.
     Applied(Box<AppliedDone>),
+    /// A fraud proof's verdict was looked up (off the loop).
+    ProofChecked(Box<(SignedEnvelope, ProofCheck)>),
     /// The verifier thread checked a gossiped verdict.
     VerdictChecked(Box<(Validation, Result<VerifiedVerdict, sampo_consensus::VerifyError>)>),
 }
@@ -293,7 +295,7 @@ pub async fn run(mut p: LoopParts) {
                     Ok(a) => {
                         p.p2p.report(validation, Acceptance::Accept);
                         if envelope.kind() == MessageKind::FraudProof {
-                            check_fraud_proof(&mut p, &envelope).await;
+                            check_fraud_proof(&p, &envelope);
                         }
                         a
                     }
@@ -356,6 +358,18 @@ pub async fn run(mut p: LoopParts) {
                             Vec::new()
                         }
                     }
+                }
+                Some(LoopCmd::ProofChecked(checked)) => {
+                    let (proof, check) = *checked;
+                    match check {
+                        ProofCheck::Applied(v) => schedule_replay(&mut p, *v, ReplayReason::FraudProof, Some(proof)),
+                        ProofCheck::VerdictNotYet => {
+                            if let Ok(f) = proof.open::<FraudProof>() {
+                                p.pending_proofs.park((f.task, f.attempt), proof, now_ms());
+                            }
+                        }
+                    }
+                    Vec::new()
                 }
                 Some(LoopCmd::Applied(done)) => {
                     after_apply(&mut p, me, *done).await;
@@ -647,12 +661,14 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             let (store, rp, tx, slots) =
                 (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
             let metrics = p.metrics.clone();
+            // Only a coordinator holds fees (at its API): nobody else reads the ledger here.
+            let coordinating = v.coordinator == me;
             tokio::spawn(
                 async move {
                     let Ok(_permit) = slots.acquire_owned().await else { return };
                     let vv = v.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        let held = store.hold_of(&vv.task()).ok().flatten().is_some();
+                        let held = coordinating && store.hold_of(&vv.task()).ok().flatten().is_some();
                         let r = store.apply_verdict(&vv, &effects, now_ms(), &rp);
                         // A hold this verdict closed: what it paid out and returned.
                         if held && let Ok(Some(c)) = store.closed_of(&vv.task()) {
@@ -744,7 +760,7 @@ async fn after_apply(p: &mut LoopParts, me: PeerId, done: AppliedDone) {
         schedule_replay(p, v.clone(), reason, None);
     }
     for proof in p.pending_proofs.take((v.task(), v.verdict.attempt), now_ms()) {
-        check_fraud_proof(p, &proof).await;
+        check_fraud_proof(p, &proof);
     }
     p.metrics
         .tasks
@@ -806,27 +822,40 @@ fn schedule_replay(p: &mut LoopParts, v: VerifiedVerdict, reason: ReplayReason, 
 }
 
 /// A fraud proof from the network: checked by this node's own replay before anything.
-async fn check_fraud_proof(p: &mut LoopParts, env: &SignedEnvelope) {
+fn check_fraud_proof(p: &LoopParts, env: &SignedEnvelope) {
     let Ok(proof) = env.open::<FraudProof>() else { return };
-    let store = p.store.clone();
+    let (store, tx, env) = (p.store.clone(), p.self_tx.clone(), env.clone());
     let (task, attempt) = (proof.task, proof.attempt);
     // The proof names a verdict, but what convinces is this node's replay of the verdict
     // *it* applied for that attempt (a coordinator that signed two must not split the
-    // network into halves that ignore each other's proofs). Checked off the loop.
-    let found = tokio::task::spawn_blocking(move || {
-        if store.replay_record(&task, attempt).ok().flatten().is_some() {
-            return (true, None);
+    // network into halves that ignore each other's proofs). The store reads and the
+    // verdict's signatures are checked off the loop, which hears back.
+    tokio::spawn(
+        async move {
+            let found = tokio::task::spawn_blocking(move || {
+                if store.replay_record(&task, attempt).ok().flatten().is_some() {
+                    return None;
+                }
+                match store.verdict_of(&task, attempt).ok().flatten() {
+                    None => Some(ProofCheck::VerdictNotYet),
+                    Some(r) => sampo_consensus::verify(&r.verdict).ok().map(|v| ProofCheck::Applied(Box::new(v))),
+                }
+            })
+            .await;
+            if let Ok(Some(check)) = found {
+                let _ = tx.send(LoopCmd::ProofChecked(Box::new((env, check)))).await;
+            }
         }
-        let v = store.verdict_of(&task, attempt).ok().flatten().map(|r| sampo_consensus::verify(&r.verdict));
-        (false, v)
-    })
-    .await;
-    match found {
-        Ok((false, Some(Ok(v)))) => schedule_replay(p, v, ReplayReason::FraudProof, Some(env.clone())),
-        // The verdict may still be on its way: keep the proof until it is applied.
-        Ok((false, None)) => p.pending_proofs.park((task, attempt), env.clone(), now_ms()),
-        _ => {}
-    }
+        .instrument(tracing::info_span!("fraud-proof")),
+    );
+}
+
+/// What the store holds for the attempt a fraud proof names.
+pub enum ProofCheck {
+    /// The verdict this node applied for it (verified again).
+    Applied(Box<VerifiedVerdict>),
+    /// Nothing yet: the verdict may still be on its way.
+    VerdictNotYet,
 }
 
 /// A replay finished: record what it settled; a refuted finalized output is overturned
@@ -880,11 +909,19 @@ async fn replayed(
     let store = p.store.clone();
     let rp = p.reputation.clone();
     let (vv, jj, pp) = (v.clone(), j.clone(), proof.clone());
-    let applied =
-        tokio::task::spawn_blocking(move || store.apply_replay(&vv, &jj, pp.as_ref(), position, now_ms(), &rp)).await;
-    if !matches!(applied, Ok(Ok(_))) {
-        warn!(task = %v.task(), "could not store a replay's conclusions");
-    }
+    // The synced write runs off the loop; nothing below waits for it.
+    tokio::spawn(
+        async move {
+            let task = vv.task();
+            let applied =
+                tokio::task::spawn_blocking(move || store.apply_replay(&vv, &jj, pp.as_ref(), position, now_ms(), &rp))
+                    .await;
+            if !matches!(applied, Ok(Ok(_))) {
+                warn!(%task, "could not store a replay's conclusions");
+            }
+        }
+        .instrument(tracing::info_span!("store-replay")),
+    );
     if j.overturned {
         warn!(task = %v.task(), liars = j.liars.len(), position, "finalized output refuted by replay: overturned");
         p.board.update_existing(v.task(), |s| s.status = "overturned".into());

@@ -438,4 +438,22 @@ fn accounts_hold_and_settle_fees_and_an_empty_one_gets_402() {
         &format!("{}/v1/chat/completions", node.url),
     ]);
     assert_eq!(code, 400, "{v}");
+    // Client entropy that is not 64 hex digits, and a deposit that would overflow.
+    let bad_entropy = chat.replace("\"temperature\":0", "\"temperature\":0,\"sampo\":{\"entropy\":\"zz\"}");
+    let (code, v) = curl(&[
+        "-H",
+        &auth("client-key"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &bad_entropy,
+        &format!("{}/v1/chat/completions", node.url),
+    ]);
+    assert_eq!(code, 400, "{v}");
+    let huge = format!(r#"{{"amount": {}}}"#, u64::MAX);
+    let (code, v) = curl(&["-H", &auth("admin-key"), "-H", "content-type: application/json", "-d", &huge, &deposit]);
+    assert_eq!(code, 400, "overflow is refused, the balance kept: {v}");
+    let (_, a) = curl(&["-H", &auth("client-key"), &format!("{}/v1/account", node.url)]);
+    let a: serde_json::Value = serde_json::from_str(&a).expect("json");
+    assert_eq!(a["balance"].as_u64(), Some(1000 - fee), "{a}");
 }
