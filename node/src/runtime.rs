@@ -909,7 +909,12 @@ async fn replayed(
     let store = p.store.clone();
     let rp = p.reputation.clone();
     let (vv, jj, pp) = (v.clone(), j.clone(), proof.clone());
-    // The synced write runs off the loop; nothing below waits for it.
+    if j.overturned {
+        warn!(task = %v.task(), liars = j.liars.len(), position, "finalized output refuted by replay: overturned");
+    }
+    // The synced write runs off the loop; the task shows as overturned once the record
+    // saying by whom and where is stored, never before.
+    let (board, overturned) = (p.board.clone(), j.overturned);
     tokio::spawn(
         async move {
             let task = vv.task();
@@ -918,14 +923,12 @@ async fn replayed(
                     .await;
             if !matches!(applied, Ok(Ok(_))) {
                 warn!(%task, "could not store a replay's conclusions");
+            } else if overturned {
+                board.update_existing(task, |s| s.status = "overturned".into());
             }
         }
         .instrument(tracing::info_span!("store-replay")),
     );
-    if j.overturned {
-        warn!(task = %v.task(), liars = j.liars.len(), position, "finalized output refuted by replay: overturned");
-        p.board.update_existing(v.task(), |s| s.status = "overturned".into());
-    }
     actions
 }
 
