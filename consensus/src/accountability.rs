@@ -30,15 +30,28 @@ pub struct Assessment {
     /// Members marked wrong only for disagreeing with the majority: nothing is recorded
     /// unless a replay by this node refutes their output.
     pub contested: Vec<PeerId>,
+    /// Agreed members whose agreement counts towards the end of their probation
+    /// (promise 5): the round was for a paying client (fee > 0) and coordinated by this
+    /// node, or by another node this node already counts as established; a member's
+    /// seat in a round it coordinated itself never counts.
+    pub vouched: Vec<PeerId>,
 }
 
-/// Assess a verdict as node `me`.
-pub fn assess(v: &VerifiedVerdict, me: &PeerId) -> Assessment {
+/// Assess a verdict as node `me`. `coordinator_established`: whether this node counts
+/// the verdict's coordinator as established (off probation, or trusted); only then do
+/// its rounds vouch for the members (a Sybil farm's own rounds vouch for nobody).
+pub fn assess(v: &VerifiedVerdict, me: &PeerId, coordinator_established: bool) -> Assessment {
     let first_hand = v.coordinator == *me;
+    let vouching = v.spec.fee > 0 && (first_hand || coordinator_established);
     let mut a = Assessment::default();
     for (peer, mark) in &v.verdict.marks {
         match mark {
-            Mark::Agreed => a.marks.push((*peer, Mark::Agreed)),
+            Mark::Agreed => {
+                a.marks.push((*peer, Mark::Agreed));
+                if vouching && *peer != v.coordinator {
+                    a.vouched.push(*peer);
+                }
+            }
             Mark::Absent if first_hand => a.marks.push((*peer, Mark::Absent)),
             Mark::Wrong if v.proven_liars.contains(peer) => {
                 a.marks.push((*peer, Mark::Wrong));

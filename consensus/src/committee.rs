@@ -4,6 +4,8 @@
 //! same view of the registry pick the same committee, and a node's chance of a seat is
 //! proportional to its weight (its reputation score).
 
+use serde::{Deserialize, Serialize};
+
 use crate::PeerId;
 use crate::ids::{ModelId, TaskId};
 
@@ -33,6 +35,10 @@ pub struct Candidate {
     pub score: f64,
     /// Banned nodes are never sampled.
     pub banned: bool,
+    /// New to this node (DESIGN.md, "Trust model", promise 5): a minority of seats at most.
+    pub probation: bool,
+    /// Network prefix group as this node saw the peer (/24, /48); 0 when not grouped.
+    pub group: u32,
 }
 
 /// Which candidates may sit on a committee for a task.
@@ -71,6 +77,31 @@ fn rendezvous_key(task: &TaskId, attempt: u8, peer: &PeerId, weight: f64) -> f64
     -libm::log(u) / weight
 }
 
+/// A candidate as an announcement lists it: what anyone needs to recompute the
+/// committee. `probation` and `group` are the coordinator's view (DESIGN.md, "Trust
+/// model", promise 5): at most a minority of seats go to nodes on probation, and at
+/// most one seat to each network prefix group (0: not grouped).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Listed {
+    pub peer: PeerId,
+    pub weight: f64,
+    pub probation: bool,
+    pub group: u32,
+}
+
+impl Listed {
+    /// An established, ungrouped candidate.
+    pub fn new(peer: PeerId, weight: f64) -> Self {
+        Self { peer, weight, probation: false, group: 0 }
+    }
+}
+
+/// Most seats of a committee of `size` that may go to nodes on probation: a minority,
+/// so nodes on probation alone never make a quorum.
+pub fn max_probation_seats(size: usize) -> usize {
+    size.saturating_sub(quorum(size))
+}
+
 /// Why an announced committee is not the one its candidate list gives.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CommitteeError {
@@ -84,34 +115,69 @@ pub enum CommitteeError {
     NotSampled(usize),
 }
 
-/// Check that `committee` is exactly the `committee.len()` best-ranked of `candidates`
+/// The candidates in rank order for `seed` and `attempt`.
+fn ranked<'a>(seed: &TaskId, attempt: u8, list: &'a [Listed]) -> Vec<&'a Listed> {
+    let mut keyed: Vec<(f64, &Listed)> =
+        list.iter().map(|c| (rendezvous_key(seed, attempt, &c.peer, c.weight), c)).collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.peer.to_bytes().cmp(&b.1.peer.to_bytes())));
+    keyed.into_iter().map(|(_, c)| c).collect()
+}
+
+/// The first `n` seats of a list: candidates in rank order, skipping one on probation
+/// once `probation_cap` of them are seated and one whose prefix group already has a
+/// seat. Prefix-consistent: the first `m < n` seats are `select(.., m, ..)`, so
+/// substitutes continue the same walk.
+pub fn select(seed: &TaskId, attempt: u8, list: &[Listed], n: usize, probation_cap: usize) -> Vec<PeerId> {
+    let mut seats = Vec::with_capacity(n.min(list.len()));
+    let mut on_probation = 0;
+    let mut groups = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for c in ranked(seed, attempt, list) {
+        if seats.len() >= n {
+            break;
+        }
+        if !seen.insert(c.peer)
+            || (c.probation && on_probation >= probation_cap)
+            || (c.group != 0 && groups.contains(&c.group))
+        {
+            continue;
+        }
+        on_probation += usize::from(c.probation);
+        if c.group != 0 {
+            groups.insert(c.group);
+        }
+        seats.push(c.peer);
+    }
+    seats
+}
+
+/// Check that `committee` is exactly the first `committee.len()` seats [`select`] gives
 /// for `seed` and `attempt` — the first seats and every substitute after them, in any
 /// order. The coordinator cannot choose members, only list candidates; a candidate
 /// left off the list sees that it was left out.
 pub fn check_committee(
     seed: &TaskId,
     attempt: u8,
-    candidates: &[(PeerId, f64)],
+    candidates: &[Listed],
+    probation_cap: usize,
     committee: &[PeerId],
 ) -> Result<(), CommitteeError> {
     if candidates.len() > crate::messages::MAX_CANDIDATES {
         return Err(CommitteeError::TooManyCandidates(candidates.len()));
     }
     let mut seen = std::collections::BTreeSet::new();
-    for (p, w) in candidates {
-        if !(w.is_finite() && *w > 0.0 && seen.insert(*p)) {
-            return Err(CommitteeError::BadCandidate(*p));
+    for c in candidates {
+        if !(c.weight.is_finite() && c.weight > 0.0 && seen.insert(c.peer)) {
+            return Err(CommitteeError::BadCandidate(c.peer));
         }
     }
     if let Some(m) = committee.iter().find(|m| !seen.contains(m)) {
         return Err(CommitteeError::NotACandidate(*m));
     }
-    let mut keyed: Vec<(f64, PeerId)> =
-        candidates.iter().map(|(p, w)| (rendezvous_key(seed, attempt, p, *w), *p)).collect();
-    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
-    let best: std::collections::BTreeSet<PeerId> = keyed.iter().take(committee.len()).map(|(_, p)| *p).collect();
+    let best: std::collections::BTreeSet<PeerId> =
+        select(seed, attempt, candidates, committee.len(), probation_cap).into_iter().collect();
     let given: std::collections::BTreeSet<PeerId> = committee.iter().copied().collect();
-    if best != given {
+    if best != given || given.len() != committee.len() {
         return Err(CommitteeError::NotSampled(committee.len()));
     }
     Ok(())
@@ -125,26 +191,32 @@ pub fn candidate_list(
     candidates: &[Candidate],
     eligibility: &Eligibility,
     max: usize,
-) -> Vec<(PeerId, f64)> {
-    let mut keyed: Vec<(f64, PeerId, f64)> = candidates
+) -> Vec<Listed> {
+    let mut keyed: Vec<(f64, Listed)> = candidates
         .iter()
         .filter(|c| eligibility.admits(c))
-        .map(|c| (rendezvous_key(seed, attempt, &c.peer, c.score), c.peer, c.score))
+        .map(|c| {
+            let l = Listed { peer: c.peer, weight: c.score, probation: c.probation, group: c.group };
+            (rendezvous_key(seed, attempt, &c.peer, c.score), l)
+        })
         .collect();
-    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
-    keyed.dedup_by(|a, b| a.1 == b.1);
-    keyed.into_iter().take(max).map(|(_, p, w)| (p, w)).collect()
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.peer.to_bytes().cmp(&b.1.peer.to_bytes())));
+    keyed.dedup_by(|a, b| a.1.peer == b.1.peer);
+    keyed.into_iter().take(max).map(|(_, l)| l).collect()
 }
 
-/// The next `n` of an announced candidate list not in `exclude`, in rank order.
-pub fn next_from_list(seed: &TaskId, attempt: u8, list: &[(PeerId, f64)], exclude: &[PeerId], n: usize) -> Vec<PeerId> {
-    let mut keyed: Vec<(f64, PeerId)> = list
-        .iter()
-        .filter(|(p, _)| !exclude.contains(p))
-        .map(|(p, w)| (rendezvous_key(seed, attempt, p, *w), *p))
-        .collect();
-    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.to_bytes().cmp(&b.1.to_bytes())));
-    keyed.into_iter().take(n).map(|(_, p)| p).collect()
+/// The next `n` seats of an announced list after the `seated` already chosen from it.
+pub fn next_from_list(
+    seed: &TaskId,
+    attempt: u8,
+    list: &[Listed],
+    seated: usize,
+    n: usize,
+    probation_cap: usize,
+) -> Vec<PeerId> {
+    let mut all = select(seed, attempt, list, seated.saturating_add(n), probation_cap);
+    all.drain(..seated.min(all.len()));
+    all
 }
 
 /// Pick up to `n` eligible candidates not in `exclude`, by weighted rendezvous hashing.
@@ -182,6 +254,8 @@ mod tests {
                 free_slots: 1,
                 score: 1.0,
                 banned: false,
+                probation: false,
+                group: 0,
             })
             .collect()
     }

@@ -12,7 +12,7 @@ use crate::PeerId;
 use crate::identity::{self, NodeKey};
 
 /// Version of the envelope format and the message set inside it.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest encoded envelope accepted from anyone (also the gossip size limit).
 pub const MAX_ENVELOPE_BYTES: usize = 1 << 20;
 /// Most envelopes one message may nest (a verdict's evidence: announcement, request,

@@ -20,8 +20,8 @@ pub mod verdict;
 pub use accountability::{Assessment, ReplayJudgement, assess, judge, needs_replay, outputs_to_replay, took_part};
 pub use admission::{AdmissionCertificate, AdmissionError};
 pub use committee::{
-    Candidate, CommitteeError, Eligibility, candidate_list, check_committee, committee_size, next_from_list, quorum,
-    sample,
+    Candidate, CommitteeError, Eligibility, Listed, candidate_list, check_committee, committee_size,
+    max_probation_seats, next_from_list, quorum, sample, select,
 };
 pub use envelope::{
     EnvelopeError, MAX_ENVELOPE_BYTES, MAX_NESTED_ENVELOPES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope,

@@ -201,7 +201,7 @@ pub struct TaskAnnouncement {
     /// The candidates (and weights) the committee was sampled from, at most
     /// [`MAX_CANDIDATES`]: anyone recomputes the committee from them
     /// ([`crate::committee::check_committee`]) and sees any choice or exclusion.
-    pub candidates: Vec<(PeerId, f64)>,
+    pub candidates: Vec<crate::committee::Listed>,
 }
 
 /// Most candidates an announcement lists (the best-ranked for the task's seed).
@@ -450,7 +450,7 @@ mod tests {
             committee: vec![key.peer_id()],
             commit_deadline_ms: 5,
             reveal_deadline_ms: 6,
-            candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
+            candidates: [key.peer_id()].iter().map(|p| crate::committee::Listed::new(*p, 1.0)).collect(),
         };
         let env = SignedEnvelope::seal(&key, &ann).expect("seal");
         let back = SignedEnvelope::from_bytes(&env.to_bytes()).expect("decode");

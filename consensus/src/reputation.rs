@@ -17,6 +17,22 @@ pub struct ReputationParams {
     /// A score below this bans the node.
     pub ban_threshold: f64,
     pub ban_ms: u64,
+    /// A node on probation (fewer than `probation_rounds` vouched agreements) weighs
+    /// this fraction of its score: a fresh key starts low, whatever it announces.
+    #[serde(default = "default_probation_weight")]
+    pub probation_weight: f64,
+    /// Agreements in rounds that another, established node coordinated for a paying
+    /// client (or this node coordinated) that end a peer's probation.
+    #[serde(default = "default_probation_rounds")]
+    pub probation_rounds: u64,
+}
+
+fn default_probation_weight() -> f64 {
+    0.1
+}
+
+fn default_probation_rounds() -> u64 {
+    20
 }
 
 impl Default for ReputationParams {
@@ -27,6 +43,8 @@ impl Default for ReputationParams {
             absent_weight: 1.0,
             ban_threshold: 0.2,
             ban_ms: 3600 * 1000,
+            probation_weight: default_probation_weight(),
+            probation_rounds: default_probation_rounds(),
         }
     }
 }
@@ -46,6 +64,10 @@ pub struct Reputation {
     /// Times this node, eligible and known, was left off the candidate list of a task
     /// the peer coordinated (first-hand; decays like the other counts).
     pub left_out: f64,
+    /// Agreements that count towards the end of probation (never decayed): only those
+    /// in rounds this node coordinated, or that an established node other than the
+    /// member coordinated for a paying client. A node's own rounds count for nothing.
+    pub vouched: u64,
 }
 
 impl Reputation {
@@ -76,6 +98,23 @@ impl Reputation {
         let mut r = self.clone();
         r.decay_to(now_ms, p);
         r.score(p)
+    }
+
+    /// Whether the peer is still on probation (DESIGN.md, "Trust model", promise 5).
+    pub fn on_probation(&self, p: &ReputationParams) -> bool {
+        self.vouched < p.probation_rounds
+    }
+
+    /// Sampling weight at `now`: the score, scaled down while on probation unless the
+    /// peer is `trusted` (configured, or certified by a closed network's admission key).
+    pub fn weight_at(&self, now_ms: u64, p: &ReputationParams, trusted: bool) -> f64 {
+        let score = self.score_at(now_ms, p);
+        if !trusted && self.on_probation(p) { score * p.probation_weight.clamp(1e-6, 1.0) } else { score }
+    }
+
+    /// One agreement that counts towards the end of probation.
+    pub fn record_vouched(&mut self) {
+        self.vouched = self.vouched.saturating_add(1);
     }
 
     pub fn is_banned(&self, now_ms: u64) -> bool {

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::committee::{
-    Candidate, CommitteeError, Eligibility, candidate_list, check_committee, committee_size, next_from_list, quorum,
+    Candidate, CommitteeError, Eligibility, Listed, candidate_list, check_committee, committee_size,
+    max_probation_seats, next_from_list, quorum, select,
 };
 use crate::envelope::{EnvelopeError, MessageKind, SignedEnvelope};
 use crate::identity::NodeKey;
@@ -414,7 +415,7 @@ impl Consensus {
         let size = committee_size(spec.k, 0);
         let seed = spec.committee_seed();
         let list = candidate_list(&seed, 0, candidates, &eligibility, crate::messages::MAX_CANDIDATES);
-        let committee = next_from_list(&seed, 0, &list, &[], size);
+        let committee = select(&seed, 0, &list, size, max_probation_seats(size));
         if committee.len() < quorum(size) {
             return Err(RoundError::NoCommittee { need: quorum(size), found: committee.len() });
         }
@@ -431,7 +432,7 @@ impl Consensus {
         &mut self,
         spec: TaskSpec,
         attempt: u8,
-        (committee, candidates): (Vec<PeerId>, Vec<(PeerId, f64)>),
+        (committee, candidates): (Vec<PeerId>, Vec<Listed>),
         eligibility: Eligibility,
         now_ms: u64,
         actions: &mut Vec<Action>,
@@ -546,7 +547,7 @@ impl Consensus {
         if !ann.committee.contains(&self.me) {
             if ann.spec.coordinator != self.me
                 && ann.candidates.len() < crate::messages::MAX_CANDIDATES
-                && !ann.candidates.iter().any(|(p, _)| *p == self.me)
+                && !ann.candidates.iter().any(|c| c.peer == self.me)
             {
                 let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
                 let offered_per_1k =
@@ -561,7 +562,13 @@ impl Consensus {
         }
         // Our seat must follow from the announced candidates, not from the coordinator's
         // choice.
-        check_committee(&ann.spec.committee_seed(), ann.attempt, &ann.candidates, &ann.committee)?;
+        check_committee(
+            &ann.spec.committee_seed(),
+            ann.attempt,
+            &ann.candidates,
+            max_probation_seats(committee_size(ann.spec.k, ann.attempt)),
+            &ann.committee,
+        )?;
         let task = ann.task_id();
         let key = (task, ann.attempt);
         if let Some(duty) = self.duties.get_mut(&key) {
@@ -1015,8 +1022,9 @@ impl Consensus {
                 &round.ann.spec.committee_seed(),
                 round.ann.attempt,
                 &round.ann.candidates,
-                &round.ann.committee,
+                round.ann.committee.len(),
                 wanted,
+                max_probation_seats(size),
             )
         } else {
             Vec::new()
@@ -1064,7 +1072,7 @@ impl Consensus {
         let size = committee_size(round.ann.spec.k, attempt);
         let seed = round.ann.spec.committee_seed();
         let list = candidate_list(&seed, attempt, candidates, &round.eligibility, crate::messages::MAX_CANDIDATES);
-        let committee = next_from_list(&seed, attempt, &list, &[], size);
+        let committee = select(&seed, attempt, &list, size, max_probation_seats(size));
         if committee.len() < quorum(size) {
             // No larger committee can be seated: the task fails as disputed.
             actions.push(Action::Finished { task, outcome: Outcome::Disputed });
@@ -1086,7 +1094,7 @@ impl Consensus {
             committee: victims.to_vec(),
             commit_deadline_ms: now_ms,
             reveal_deadline_ms: now_ms,
-            candidates: victims.iter().map(|p| (*p, 1.0)).collect(),
+            candidates: victims.iter().map(|p| Listed::new(*p, 1.0)).collect(),
         };
         let none = BTreeMap::new();
         let decision = decide(&Tally {

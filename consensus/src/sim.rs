@@ -56,6 +56,9 @@ pub struct SimNet {
     pub log: Vec<(usize, SignedEnvelope)>,
     /// Errors raised by receivers: (receiver, message kind, error).
     pub rejections: Vec<(usize, MessageKind, crate::round::RoundError)>,
+    /// Nodes every node counts as established from the start (the founders: the nodes
+    /// [`SimNet::new`] makes); nodes added later start on probation.
+    pub trusted: std::collections::BTreeSet<PeerId>,
 }
 
 /// The stand-in model: a deterministic function of the task, so honest nodes agree.
@@ -67,29 +70,47 @@ pub fn reference_output(spec: &TaskSpec) -> Vec<u32> {
         .collect()
 }
 
+impl SimNode {
+    fn new(i: usize, params: &RoundParams, behaviour: Behaviour) -> Self {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        let key = NodeKey::from_seed(seed);
+        let consensus = Consensus::new(key.clone(), params.clone()).with_behaviour(behaviour);
+        SimNode {
+            key,
+            consensus,
+            offline: false,
+            applied: Vec::new(),
+            finished: Vec::new(),
+            view: BTreeMap::new(),
+            stored: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            restarts: 0,
+        }
+    }
+}
+
 impl SimNet {
+    /// Add a node with a fresh key (on probation everywhere); returns its index.
+    pub fn add_node(&mut self, behaviour: Behaviour) -> usize {
+        let i = self.nodes.len();
+        let params = self.nodes.first().map(|n| n.consensus.params().clone()).unwrap_or_default();
+        self.nodes.push(SimNode::new(i, &params, behaviour));
+        i
+    }
+
+    /// Whether node `viewer` counts `peer` as established.
+    pub fn established(&self, viewer: usize, peer: &PeerId) -> bool {
+        self.trusted.contains(peer)
+            || self.nodes[viewer].view.get(peer).is_some_and(|r| !r.on_probation(&self.reputation_params))
+    }
+
     /// `n` nodes with keys from fixed seeds; node `i` behaves as `behaviour(i)`.
     pub fn new(n: usize, params: RoundParams, behaviour: impl Fn(usize) -> Behaviour) -> Self {
-        let nodes = (0..n)
-            .map(|i| {
-                let mut seed = [0u8; 32];
-                seed[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-                let key = NodeKey::from_seed(seed);
-                let consensus = Consensus::new(key.clone(), params.clone()).with_behaviour(behaviour(i));
-                SimNode {
-                    key,
-                    consensus,
-                    offline: false,
-                    applied: Vec::new(),
-                    finished: Vec::new(),
-                    view: BTreeMap::new(),
-                    stored: BTreeMap::new(),
-                    seen: BTreeMap::new(),
-                    restarts: 0,
-                }
-            })
-            .collect();
+        let nodes: Vec<SimNode> = (0..n).map(|i| SimNode::new(i, &params, behaviour(i))).collect();
+        let trusted = nodes.iter().map(|n| n.key.peer_id()).collect();
         Self {
+            trusted,
             nodes,
             now_ms: 1_000_000,
             model: ModelId(Hash32::of(b"sim-model")),
@@ -119,13 +140,16 @@ impl SimNet {
             .map(|n| {
                 let p = n.key.peer_id();
                 let rep = self.nodes[i].view.get(&p).cloned().unwrap_or_default();
+                let trusted = self.trusted.contains(&p);
                 Candidate {
                     peer: p,
                     models: vec![self.model],
                     price_per_1k: 0,
                     free_slots: 4,
-                    score: rep.score_at(self.now_ms, &self.reputation_params),
+                    score: rep.weight_at(self.now_ms, &self.reputation_params, trusted),
                     banned: rep.is_banned(self.now_ms),
+                    probation: !trusted && rep.on_probation(&self.reputation_params),
+                    group: 0,
                 }
             })
             .collect()
@@ -201,9 +225,10 @@ impl SimNet {
         let viewers: Vec<usize> = if self.verdicts_to_all { vec![i] } else { (0..self.nodes.len()).collect() };
         for j in viewers {
             let me = self.peer(j);
+            let established = self.established(j, &v.coordinator);
             let node = &mut self.nodes[j];
             let excused = node.consensus.excused(&v.task(), v.verdict.attempt);
-            apply_to_view(&mut node.view, &mut node.seen, &v, &me, &excused, now, p.clone());
+            apply_to_view(&mut node.view, &mut node.seen, &v, (&me, established), &excused, now, p.clone());
         }
         self.nodes[i].applied.push(v);
     }
@@ -291,7 +316,7 @@ pub fn apply_to_view(
     view: &mut BTreeMap<PeerId, Reputation>,
     seen: &mut BTreeMap<(TaskId, u8), Hash32>,
     v: &VerifiedVerdict,
-    me: &PeerId,
+    (me, coordinator_established): (&PeerId, bool),
     excused: &std::collections::BTreeSet<PeerId>,
     now: u64,
     p: ReputationParams,
@@ -309,13 +334,16 @@ pub fn apply_to_view(
             seen.insert((v.task(), v.verdict.attempt), id);
         }
     }
-    let mut a = crate::accountability::assess(v, me);
+    let mut a = crate::accountability::assess(v, me, coordinator_established);
     a.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
     for (peer, mark) in &a.marks {
         view.entry(*peer).or_default().record(*mark, now, p);
     }
     for peer in &a.bans {
         view.entry(*peer).or_default().record_equivocation(now, p);
+    }
+    for peer in &a.vouched {
+        view.entry(*peer).or_default().record_vouched();
     }
     if crate::accountability::needs_replay(v, &a, me, 1.0, 0.0) {
         let expected = reference_output(&v.spec);
@@ -387,6 +415,71 @@ pub fn reputation_simulation(nodes: usize, liars: usize, tasks: usize, k: u8, wi
                     .count(),
             });
             (seats, liar_seats, honest, wrong) = (0, 0, 0, 0);
+        }
+    }
+    out
+}
+
+/// One window of the Sybil-farm simulation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SybilWindow {
+    pub first_task: usize,
+    pub tasks: usize,
+    /// Seats held by Sybils / all seats, in this window.
+    pub sybil_seat_share: f64,
+    pub finalized_honest: usize,
+    pub finalized_wrong: usize,
+    /// Sybils off probation in the first honest node's view at the window's end.
+    pub sybils_established: usize,
+}
+
+/// `honest` founders and `sybils` fresh identities (on probation, colluding: they lie
+/// together whenever they hold a quorum of a committee), `tasks` tasks submitted at the
+/// honest nodes in turn, committees of `k`. Returns the Sybils' share of seats and the
+/// finalized outputs per window of `window` tasks.
+pub fn sybil_farm(honest: usize, sybils: usize, tasks: usize, k: u8, window: usize) -> Vec<SybilWindow> {
+    let params = RoundParams { commit_window_ms: 5_000, reveal_window_ms: 5_000, ..RoundParams::default() };
+    let mut net = SimNet::new(honest, params.clone(), |_| Behaviour::Honest);
+    net.verdicts_to_all = false;
+    let first = net.nodes.len();
+    for _ in 0..sybils {
+        net.add_node(Behaviour::Collude);
+    }
+    let farm: Vec<PeerId> = (first..net.nodes.len()).map(|i| net.peer(i)).collect();
+    for i in first..net.nodes.len() {
+        let key = net.nodes[i].key.clone();
+        net.nodes[i].consensus =
+            Consensus::new(key, params.clone()).with_behaviour(Behaviour::Collude).with_accomplices(farm.clone());
+    }
+    let mut out = Vec::new();
+    let (mut seats, mut sybil_seats, mut good, mut wrong) = (0usize, 0usize, 0usize, 0usize);
+    for t in 0..tasks {
+        let coordinator = t % honest;
+        let spec = net.spec(coordinator, k, 1);
+        let expected = reference_output(&spec);
+        if let Ok(task) = net.submit(coordinator, spec) {
+            net.run(120_000);
+            for v in net.verdicts(coordinator, &task) {
+                seats += v.committee.len();
+                sybil_seats += v.committee.iter().filter(|p| farm.contains(p)).count();
+            }
+            match net.outcome(coordinator, &task) {
+                Some(Outcome::Finalized { output }) if *output == expected => good += 1,
+                Some(Outcome::Finalized { .. }) => wrong += 1,
+                _ => {}
+            }
+        }
+        net.now_ms += 1000;
+        if (t + 1) % window == 0 {
+            out.push(SybilWindow {
+                first_task: t + 1 - window,
+                tasks: window,
+                sybil_seat_share: sybil_seats as f64 / seats.max(1) as f64,
+                finalized_honest: good,
+                finalized_wrong: wrong,
+                sybils_established: farm.iter().filter(|p| net.established(0, p)).count(),
+            });
+            (seats, sybil_seats, good, wrong) = (0, 0, 0, 0);
         }
     }
     out

@@ -227,7 +227,13 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
         let dup = ann.committee.iter().find(|p| !seen.insert(**p)).copied().unwrap_or(coordinator);
         return Err(VerifyError::DuplicateMember(dup));
     }
-    crate::committee::check_committee(&spec.committee_seed(), ann.attempt, &ann.candidates, &ann.committee)?;
+    crate::committee::check_committee(
+        &spec.committee_seed(),
+        ann.attempt,
+        &ann.candidates,
+        crate::committee::max_probation_seats(size),
+        &ann.committee,
+    )?;
 
     // One proof per member at most; more is padding that costs signature checks.
     for (part, n) in [("equivocations", ev.equivocations.len()), ("declines", ev.declines.len())] {

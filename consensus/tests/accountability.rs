@@ -113,7 +113,7 @@ fn a_restarted_member_answers_a_reannouncement_with_the_same_commit() {
         committee: vec![key.peer_id()],
         commit_deadline_ms: 100,
         reveal_deadline_ms: 200,
-        candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
+        candidates: [key.peer_id()].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
     };
     let commit_of = |actions: &[Action]| {
         actions.iter().find_map(|a| match a {
@@ -156,7 +156,7 @@ fn colluding_majority_is_overturned_by_replay() {
     assert_ne!(output, &reference_output(&spec), "the lie finalized");
     assert_eq!(v.verdict.marks.iter().find(|(p, _)| *p == net.peer(0)).map(|m| m.1), Some(Mark::Wrong));
     // The honest member's Wrong mark is contested, not applied on the majority's word.
-    let a = assess(&v, &net.peer(0));
+    let a = assess(&v, &net.peer(0), true);
     assert_eq!(a.contested, vec![net.peer(0)]);
     assert!(a.bans.is_empty());
     let expected = reference_output(&spec);
@@ -179,11 +179,11 @@ fn a_bystander_applies_no_absence_and_no_contested_wrong_mark() {
     net.settle();
     let forged = net.nodes[1].applied.iter().find(|v| v.verdict.evidence.commits.is_empty()).expect("forged").clone();
     for i in 1..6 {
-        let a = assess(&forged, &net.peer(i));
+        let a = assess(&forged, &net.peer(i), true);
         assert!(a.marks.is_empty() && a.bans.is_empty() && a.contested.is_empty(), "{a:?}");
     }
     // Only the coordinator itself records what it claims to have seen.
-    let own = assess(&forged, &net.peer(0));
+    let own = assess(&forged, &net.peer(0), true);
     assert!(own.marks.iter().all(|(_, m)| *m == Mark::Absent) && !own.marks.is_empty());
 }
 
@@ -210,7 +210,7 @@ fn hand_verdict(attempt: u8, k: u8) -> SignedEnvelope {
         committee: victims.clone(),
         commit_deadline_ms: 0,
         reveal_deadline_ms: 0,
-        candidates: victims.iter().map(|p| (*p, 1.0)).collect(),
+        candidates: victims.iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
     };
     let verdict = Verdict {
         task,

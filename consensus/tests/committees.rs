@@ -20,8 +20,8 @@ fn spec(coordinator: &NodeKey, nonce: u64, entropy: [u8; 32]) -> TaskSpec {
     }
 }
 
-fn peers(n: u8) -> Vec<(PeerId, f64)> {
-    (0..n).map(|i| (NodeKey::from_seed([i + 50; 32]).peer_id(), 1.0)).collect()
+fn peers(n: u8) -> Vec<Listed> {
+    (0..n).map(|i| Listed::new(NodeKey::from_seed([i + 50; 32]).peer_id(), 1.0)).collect()
 }
 
 #[test]
@@ -40,32 +40,32 @@ fn only_the_best_ranked_candidates_make_a_committee() {
     let s = spec(&c, 1, [3; 32]);
     let seed = s.committee_seed();
     let list = peers(20);
-    let honest = next_from_list(&seed, 0, &list, &[], 3);
-    assert_eq!(check_committee(&seed, 0, &list, &honest), Ok(()));
+    let honest = select(&seed, 0, &list, 3, 1);
+    assert_eq!(check_committee(&seed, 0, &list, 1, &honest), Ok(()));
     // Substitutes are the next best: the extended committee still checks.
     let mut extended = honest.clone();
-    extended.extend(next_from_list(&seed, 0, &list, &honest, 2));
-    assert_eq!(check_committee(&seed, 0, &list, &extended), Ok(()));
+    extended.extend(next_from_list(&seed, 0, &list, honest.len(), 2, 1));
+    assert_eq!(check_committee(&seed, 0, &list, 1, &extended), Ok(()));
     // A coordinator's own pick among the candidates, or someone not on the list, fails.
-    let worst = next_from_list(&seed, 0, &list, &honest, 17);
+    let worst = next_from_list(&seed, 0, &list, honest.len(), 17, 1);
     let chosen = vec![honest[0], honest[1], worst[16]];
-    assert!(matches!(check_committee(&seed, 0, &list, &chosen), Err(CommitteeError::NotSampled(3))));
+    assert!(matches!(check_committee(&seed, 0, &list, 1, &chosen), Err(CommitteeError::NotSampled(3))));
     let stranger = NodeKey::from_seed([200; 32]).peer_id();
     assert!(matches!(
-        check_committee(&seed, 0, &list, &[honest[0], honest[1], stranger]),
+        check_committee(&seed, 0, &list, 1, &[honest[0], honest[1], stranger]),
         Err(CommitteeError::NotACandidate(p)) if p == stranger
     ));
     let mut bad = list.clone();
-    bad[0].1 = f64::NAN;
-    assert!(matches!(check_committee(&seed, 0, &bad, &honest), Err(CommitteeError::BadCandidate(_))));
-    let too_many: Vec<(PeerId, f64)> = (0..(MAX_CANDIDATES as u32 + 1))
+    bad[0].weight = f64::NAN;
+    assert!(matches!(check_committee(&seed, 0, &bad, 1, &honest), Err(CommitteeError::BadCandidate(_))));
+    let too_many: Vec<Listed> = (0..(MAX_CANDIDATES as u32 + 1))
         .map(|i| {
             let mut k = [0u8; 32];
             k[..4].copy_from_slice(&i.to_le_bytes());
-            (NodeKey::from_seed(k).peer_id(), 1.0)
+            Listed::new(NodeKey::from_seed(k).peer_id(), 1.0)
         })
         .collect();
-    assert!(matches!(check_committee(&seed, 0, &too_many, &honest), Err(CommitteeError::TooManyCandidates(_))));
+    assert!(matches!(check_committee(&seed, 0, &too_many, 1, &honest), Err(CommitteeError::TooManyCandidates(_))));
 }
 
 /// A coordinator that seats members of its choosing is refused by those members (with
@@ -76,10 +76,10 @@ fn a_chosen_committee_is_refused_by_members_and_verifiers() {
     let s = spec(&coordinator, 1, [4; 32]);
     let seed = s.committee_seed();
     let keys: Vec<NodeKey> = (0..10u8).map(|i| NodeKey::from_seed([i + 50; 32])).collect();
-    let list: Vec<(PeerId, f64)> = keys.iter().map(|k| (k.peer_id(), 1.0)).collect();
-    let fair = next_from_list(&seed, 0, &list, &[], 3);
+    let list: Vec<Listed> = keys.iter().map(|k| Listed::new(k.peer_id(), 1.0)).collect();
+    let fair = select(&seed, 0, &list, 3, 1);
     // The coordinator's friends: the three worst-ranked candidates.
-    let mut ranked = next_from_list(&seed, 0, &list, &[], 10);
+    let mut ranked = select(&seed, 0, &list, 10, 1);
     let friends: Vec<PeerId> = ranked.split_off(7);
     assert!(friends.iter().all(|f| !fair.contains(f)));
     let ann = TaskAnnouncement {
@@ -142,8 +142,8 @@ fn a_node_left_off_the_list_notices() {
     let s = spec(&coordinator, 1, [5; 32]);
     let list = peers(5);
     let seed = s.committee_seed();
-    let committee = next_from_list(&seed, 0, &list, &[], 3);
-    let ann = |candidates: Vec<(PeerId, f64)>| TaskAnnouncement {
+    let committee = select(&seed, 0, &list, 3, 1);
+    let ann = |candidates: Vec<Listed>| TaskAnnouncement {
         spec: s.clone(),
         attempt: 0,
         revision: 0,
@@ -152,23 +152,23 @@ fn a_node_left_off_the_list_notices() {
         reveal_deadline_ms: 6_000,
         candidates,
     };
-    let left_out = |candidates: Vec<(PeerId, f64)>| {
+    let left_out = |candidates: Vec<Listed>| {
         let mut node = Consensus::new(me.clone(), RoundParams::default());
         let env = SignedEnvelope::seal(&coordinator, &ann(candidates)).expect("seal");
         node.handle(&env, 1_000).expect("handled").iter().any(|a| matches!(a, Action::LeftOut { .. }))
     };
     assert!(left_out(list.clone()), "not on a short list");
     let mut with_me = list.clone();
-    with_me.push((me.peer_id(), 1e-9));
+    with_me.push(Listed::new(me.peer_id(), 1e-9));
     assert!(!left_out(with_me), "listed, just outranked");
-    let full: Vec<(PeerId, f64)> = list
+    let full: Vec<Listed> = list
         .iter()
         .copied()
         .chain((0..(MAX_CANDIDATES as u32 - 5)).map(|i| {
             let mut k = [0u8; 32];
             k[..4].copy_from_slice(&i.to_le_bytes());
             k[31] = 0xAB;
-            (NodeKey::from_seed(k).peer_id(), 1e-9)
+            Listed::new(NodeKey::from_seed(k).peer_id(), 1e-9)
         }))
         .collect();
     assert!(!left_out(full), "a full list may outrank anyone");

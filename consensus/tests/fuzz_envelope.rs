@@ -342,7 +342,7 @@ fn generated() -> impl Strategy<Value = (u8, SignedEnvelope)> {
                 spec,
                 attempt,
                 revision,
-                candidates: committee.iter().map(|p| (*p, 1.0)).collect(),
+                candidates: committee.iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
                 committee,
                 commit_deadline_ms: c,
                 reveal_deadline_ms: r,

@@ -23,7 +23,7 @@ fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_
         committee: vec![*member],
         commit_deadline_ms: 5_000,
         reveal_deadline_ms,
-        candidates: [*member].iter().map(|p| (*p, 1.0)).collect(),
+        candidates: [*member].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
     };
     SignedEnvelope::seal(coordinator, &ann).expect("seal")
 }

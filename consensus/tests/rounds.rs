@@ -158,7 +158,7 @@ fn forged_announcement_is_rejected_with_a_penalty() {
         committee: vec![net.peer(2)],
         commit_deadline_ms: net.now_ms + 1000,
         reveal_deadline_ms: net.now_ms + 2000,
-        candidates: [net.peer(2)].iter().map(|p| (*p, 1.0)).collect(),
+        candidates: [net.peer(2)].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
     };
     let forged = SignedEnvelope::seal(&net.nodes[1].key, &ann).expect("seal");
     let now = net.now_ms;
@@ -288,7 +288,7 @@ fn flood_of_foreign_announcements_leaves_no_state() {
             committee: vec![net.peer(1)],
             commit_deadline_ms: now + 1000,
             reveal_deadline_ms: now + 2000,
-            candidates: [net.peer(1)].iter().map(|p| (*p, 1.0)).collect(),
+            candidates: [net.peer(1)].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
         };
         let env = SignedEnvelope::seal(&net.nodes[0].key, &ann).expect("seal");
         net.nodes[2].consensus.handle(&env, now).expect("valid, just not ours");

@@ -55,7 +55,7 @@ fn build(members: &[Member], k: u8) -> Built {
         committee: keys.iter().map(NodeKey::peer_id).collect(),
         commit_deadline_ms: 10,
         reveal_deadline_ms: 20,
-        candidates: keys.iter().map(|k| (k.peer_id(), 1.0)).collect(),
+        candidates: keys.iter().map(|k| sampo_consensus::Listed::new(k.peer_id(), 1.0)).collect(),
     };
     let honest_output = vec![5u32, 6, 7];
     let mut commits = Vec::new();
@@ -324,7 +324,7 @@ fn the_largest_possible_verdict_seals() {
                 let mut seed = [0u8; 32];
                 seed[..4].copy_from_slice(&i.to_le_bytes());
                 seed[31] = 0xC4;
-                (NodeKey::from_seed(seed).peer_id(), f64::MAX)
+                sampo_consensus::Listed::new(NodeKey::from_seed(seed).peer_id(), f64::MAX)
             })
             .collect(),
     };

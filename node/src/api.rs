@@ -46,6 +46,7 @@ pub struct ApiState {
     pub metrics: Arc<NodeMetrics>,
     pub policy: ApiPolicy,
     pub reputation: sampo_consensus::ReputationParams,
+    pub trust: Arc<crate::trust::Trust>,
     rate: Mutex<HashMap<String, (u64, u32)>>,
 }
 
@@ -85,6 +86,7 @@ impl ApiState {
             metrics,
             policy,
             reputation: Default::default(),
+            trust: Default::default(),
             rate: Mutex::new(HashMap::new()),
         }
     }
@@ -458,8 +460,13 @@ async fn peers(State(s): State<Arc<ApiState>>) -> Response {
                 "api_url": n.announcement.api_url,
                 "addrs": n.announcement.addrs,
                 "last_seen_ms_ago": now.saturating_sub(n.seen_ms),
+                "ip": n.ip.map(|ip| ip.to_string()),
                 "reputation": {
                     "score": rep.score_at(now, &s.reputation),
+                    "weight": s.trust.weight(&n.peer, &rep, now),
+                    "probation": !s.trust.established(&n.peer, &rep),
+                    "trusted": s.trust.is_trusted(&n.peer),
+                    "vouched": rep.vouched,
                     "agreed": rep.agreed, "wrong": rep.wrong, "absent": rep.absent,
                     "equivocations": rep.equivocations, "left_out": rep.left_out,
                     "banned": rep.is_banned(now),

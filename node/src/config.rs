@@ -111,6 +111,9 @@ pub struct NetworkConfig {
     /// This node's admission certificate (`sampo keys certify --out`); required when
     /// `admission_keys` is set.
     pub certificate: Option<PathBuf>,
+    /// IPs exempt from gossipsub's IP colocation penalty and from spreading committee
+    /// seats across network prefixes: a testnet's loopback, never by default.
+    pub colocation_whitelist: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +187,14 @@ pub struct ConsensusConfig {
     /// Replays (audits, contested marks, fraud-proof checks) at most per minute for one
     /// coordinator or prover, so that a flood of verdicts cannot buy this node's CPU.
     pub replays_per_minute: u32,
+    /// Sampling weight of a node on probation, as a fraction of its score.
+    pub probation_weight: f64,
+    /// Agreements in paid rounds coordinated by this node or another established node
+    /// that end a peer's probation.
+    pub probation_rounds: u64,
+    /// Peer ids this node counts as established from the start (an operator's own
+    /// fleet, a network's founders); in a closed network every admitted node is.
+    pub trusted_peers: Vec<String>,
 }
 
 impl Default for Config {
@@ -214,6 +225,7 @@ impl Default for NetworkConfig {
             allow_private_addresses: false,
             admission_keys: Vec::new(),
             certificate: None,
+            colocation_whitelist: Vec::new(),
         }
     }
 }
@@ -257,6 +269,9 @@ impl Default for ConsensusConfig {
             reputation_half_life_secs: 21_600,
             audit_rate: 0.05,
             replays_per_minute: 6,
+            probation_weight: 0.1,
+            probation_rounds: 20,
+            trusted_peers: Vec::new(),
         }
     }
 }
@@ -294,6 +309,9 @@ allow_private_addresses = false
 admission_keys = []
 # This node's certificate, from `sampo keys certify --out`; required with admission_keys.
 # certificate = "sampo-data/admission.cert"
+# IPs exempt from gossipsub's IP colocation penalty and from one-seat-per-/24 (/48)
+# committee spreading; only for a testnet on one host, e.g. ["127.0.0.1"].
+colocation_whitelist = []
 
 [api]
 # OpenAI-compatible HTTP API, /metrics, /health and /ready.
@@ -344,6 +362,13 @@ reputation_half_life_secs = 21600
 audit_rate = 0.05
 # Replays at most per minute for one coordinator (or fraud-proof sender).
 replays_per_minute = 6
+# New identities are on probation: they weigh probation_weight of their score and hold
+# a minority of any committee's seats, until probation_rounds agreements in paid rounds
+# that this node, or another established node, coordinated.
+probation_weight = 0.1
+probation_rounds = 20
+# Peer ids counted as established from the start (your own fleet, the founders).
+trusted_peers = []
 
 [storage]
 # Evidence, task records, stored commits and replay records older than this go.
@@ -457,6 +482,19 @@ impl Config {
             if let Err(reason) = sampo_consensus::admission::parse_issuer_key(k) {
                 return bad(&format!("network.admission_keys[{i}]"), reason);
             }
+        }
+        for (i, ip) in self.network.colocation_whitelist.iter().enumerate() {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return bad(&format!("network.colocation_whitelist[{i}]"), format!("`{ip}` is not an IP address"));
+            }
+        }
+        for (i, p) in self.consensus.trusted_peers.iter().enumerate() {
+            if p.parse::<sampo_consensus::PeerId>().is_err() {
+                return bad(&format!("consensus.trusted_peers[{i}]"), format!("`{p}` is not a peer id"));
+            }
+        }
+        if !(self.consensus.probation_weight > 0.0 && self.consensus.probation_weight <= 1.0) {
+            return bad("consensus.probation_weight", format!("{} must be in (0, 1]", self.consensus.probation_weight));
         }
         match &self.network.certificate {
             Some(p) if p.as_os_str().is_empty() => return bad("network.certificate", "must not be empty".into()),

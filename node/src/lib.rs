@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod models;
 pub mod runtime;
 pub mod service;
+pub mod trust;
 
 pub use config::Config;

@@ -212,6 +212,8 @@ pub struct LoopParts {
     pub board: Arc<TaskBoard>,
     pub metrics: Arc<NodeMetrics>,
     pub reputation: ReputationParams,
+    /// Probation, trusted peers, prefix groups.
+    pub trust: Arc<crate::trust::Trust>,
     pub announcement: NodeAnnouncement,
     pub announce_interval: Duration,
     pub max_tokens_per_task: u32,
@@ -243,8 +245,9 @@ fn gossip_topic(t: Topic) -> GossipTopic {
     }
 }
 
-/// The registry as candidates for a committee, weighted by our reputation store.
-pub fn candidates(p2p: &P2pHandle, store: &Store, rp: &ReputationParams) -> Vec<Candidate> {
+/// The registry as candidates for a committee, weighted by our reputation store, with
+/// probation and network prefix groups as this node sees them.
+pub fn candidates(p2p: &P2pHandle, store: &Store, trust: &crate::trust::Trust) -> Vec<Candidate> {
     let now = now_ms();
     p2p.live_nodes()
         .into_iter()
@@ -255,8 +258,10 @@ pub fn candidates(p2p: &P2pHandle, store: &Store, rp: &ReputationParams) -> Vec<
                 models: n.announcement.models.iter().map(|m| m.id).collect(),
                 price_per_1k: n.announcement.price_per_1k,
                 free_slots: n.announcement.free_slots,
-                score: rep.score_at(now, rp),
+                score: trust.weight(&n.peer, &rep, now),
                 banned: rep.is_banned(now),
+                probation: !trust.established(&n.peer, &rep),
+                group: trust.group(n.ip),
             }
         })
         .collect()
@@ -319,7 +324,7 @@ pub async fn run(mut p: LoopParts) {
             cmd = p.commands.recv() => match cmd {
                 None => break,
                 Some(LoopCmd::Submit { spec, max_price, reply }) => {
-                    let cands = candidates(&p.p2p, &p.store, &p.reputation);
+                    let cands = candidates(&p.p2p, &p.store, &p.trust);
                     match p.consensus.submit(*spec.clone(), max_price, &cands, now_ms()) {
                         Ok((task, actions)) => {
                             started.insert(task, Instant::now());
@@ -384,7 +389,7 @@ pub async fn run(mut p: LoopParts) {
                 p.metrics.queue_depth.set(p.executor.queued() as i64);
                 // Only coordinated rounds need candidates (substitutes, escalation): don't
                 // read every peer's reputation five times a second for nothing.
-                let cands = if p.consensus.load().0 > 0 { candidates(&p.p2p, &p.store, &p.reputation) } else { Vec::new() };
+                let cands = if p.consensus.load().0 > 0 { candidates(&p.p2p, &p.store, &p.trust) } else { Vec::new() };
                 p.consensus.tick(now_ms(), &cands)
             }
             _ = announce.tick() => {
@@ -392,6 +397,13 @@ pub async fn run(mut p: LoopParts) {
                 a.free_slots = p.executor.free_slots();
                 let _ = p.p2p.set_announcement(a).await;
                 refresh_reputation_gauges(&p.store, &p.reputation, &p.metrics);
+                // Established peers are never evicted from a full registry for a newcomer.
+                if let Ok(all) = p.store.reputations() {
+                    let trust = &p.trust;
+                    p.p2p.set_valued(
+                        all.into_iter().filter(|(peer, r)| trust.established(peer, r)).map(|(peer, _)| peer).collect(),
+                    );
+                }
                 Vec::new()
             }
         };
@@ -488,7 +500,7 @@ pub async fn flood_loop(
             committee: vec![key.peer_id()],
             commit_deadline_ms: 1,
             reveal_deadline_ms: 2,
-            candidates: [key.peer_id()].iter().map(|p| (*p, 1.0)).collect(),
+            candidates: [key.peer_id()].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
         };
         let Ok(announcement) = SignedEnvelope::seal(&key, &ann) else { continue };
         // Claims a finalized output that no reveal supports.
@@ -652,7 +664,8 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
         }
         Action::Apply(v) => {
             // Only what the trust model allows this node to conclude is applied now.
-            let mut assessment = assess(&v, &me);
+            let coordinator_rep = p.store.reputation(&v.coordinator).ok().flatten().unwrap_or_default();
+            let mut assessment = assess(&v, &me, p.trust.established(&v.coordinator, &coordinator_rep));
             // Members whose commit came in time, after this node closed the phase early.
             let excused = p.consensus.excused(&v.task(), v.verdict.attempt);
             assessment.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));

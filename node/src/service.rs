@@ -83,6 +83,8 @@ fn p2p_config(cfg: &Config, key: &sampo_consensus::NodeKey) -> Result<P2pConfig,
         node_validates: true,
         admission_keys,
         certificate,
+        // Validated with the config.
+        colocation_whitelist: cfg.network.colocation_whitelist.iter().filter_map(|ip| ip.parse().ok()).collect(),
         ..P2pConfig::default()
     })
 }
@@ -175,8 +177,19 @@ pub async fn run_with(
         half_life_ms: c.reputation_half_life_secs.saturating_mul(1000),
         ban_threshold: c.ban_threshold,
         ban_ms: c.ban_duration_secs.saturating_mul(1000),
+        probation_weight: c.probation_weight,
+        probation_rounds: c.probation_rounds,
         ..ReputationParams::default()
     };
+    let trust = Arc::new(crate::trust::Trust {
+        params: reputation.clone(),
+        // Validated with the config.
+        // A node counts itself as established: its own seat in its own rounds is its
+        // own business (its agreements there still vouch for nobody).
+        trusted: c.trusted_peers.iter().filter_map(|p| p.parse().ok()).chain([peer_id]).collect(),
+        closed: !cfg.network.admission_keys.is_empty(),
+        whitelist: cfg.network.colocation_whitelist.iter().filter_map(|ip| ip.parse().ok()).collect(),
+    });
     if cfg.testing.behaviour != Behaviour::Honest {
         warn!(behaviour = ?cfg.testing.behaviour, "THIS NODE MISBEHAVES ON PURPOSE (testing)");
     }
@@ -208,6 +221,7 @@ pub async fn run_with(
             board: board.clone(),
             metrics: metrics.clone(),
             reputation: reputation.clone(),
+            trust: trust.clone(),
             announcement,
             announce_interval: Duration::from_secs(cfg.network.announce_interval_secs),
             max_tokens_per_task: cfg.execution.max_tokens_per_task,
@@ -283,6 +297,7 @@ pub async fn run_with(
     state.p2p = Some(p2p.clone());
     state.executor = Some(executor.clone());
     state.reputation = reputation;
+    state.trust = trust;
     let state = Arc::new(state);
     let app = crate::api::router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
     // Tasks are named through their tracing span (tokio's task names need tokio_unstable).

@@ -81,7 +81,33 @@ pub fn is_global_addr(addr: &Multiaddr) -> bool {
 }
 
 /// The IP an address starts with, if any.
-fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+/// The network prefix a seat-spreading rule groups `ip` by (DESIGN.md, "Trust model",
+/// promise 5): its /24 (IPv4, IPv4-mapped included) or /48 (IPv6), as a nonzero tag;
+/// 0 (not grouped) for an address in `whitelist` (a testnet on one host).
+pub fn prefix_group(ip: IpAddr, whitelist: &[IpAddr]) -> u32 {
+    if whitelist.contains(&ip) {
+        return 0;
+    }
+    let mut h = blake3::Hasher::new();
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            h.update(b"6");
+            h.update(&v6.octets()[..6]);
+        }
+        IpAddr::V6(v6) => {
+            h.update(b"4");
+            h.update(&v6.to_ipv4_mapped().map(|v4| v4.octets()).unwrap_or_default()[..3]);
+        }
+        IpAddr::V4(v4) => {
+            h.update(b"4");
+            h.update(&v4.octets()[..3]);
+        }
+    }
+    let b = h.finalize();
+    u32::from_le_bytes([b.as_bytes()[0], b.as_bytes()[1], b.as_bytes()[2], b.as_bytes()[3]]).max(1)
+}
+
+pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
@@ -551,5 +577,17 @@ mod tests {
         assert_ne!(ip_key(a), ip_key(c));
         let mapped: IpAddr = "::ffff:1.2.3.4".parse().expect("v6");
         assert_eq!(ip_key(mapped), "1.2.3.4".parse::<IpAddr>().expect("v4"));
+    }
+
+    #[test]
+    fn prefix_groups_are_slash24_and_slash48() {
+        let g = |s: &str| super::prefix_group(s.parse().expect("ip"), &["127.0.0.1".parse().expect("ip")]);
+        assert_eq!(g("203.0.113.7"), g("203.0.113.200"));
+        assert_ne!(g("203.0.113.7"), g("203.0.114.7"));
+        assert_eq!(g("::ffff:203.0.113.9"), g("203.0.113.7"));
+        assert_eq!(g("2001:db8:aa:1::1"), g("2001:db8:aa:ffff::2"));
+        assert_ne!(g("2001:db8:aa::1"), g("2001:db8:ab::1"));
+        assert_eq!(g("127.0.0.1"), 0, "whitelisted: not grouped");
+        assert_ne!(g("127.0.0.2"), 0);
     }
 }

@@ -193,13 +193,17 @@ pub fn topic_params(weight: f64) -> gossipsub::TopicScoreParams {
     }
 }
 
-pub fn score_params() -> gossipsub::PeerScoreParams {
+/// Peer scoring. More than [`IP_COLOCATION_THRESHOLD`] peers behind one IP (one host
+/// minting identities) lose score by the square of the surplus; `whitelist` (a
+/// testnet's loopback, by configuration) is exempt.
+pub fn score_params(whitelist: std::collections::HashSet<std::net::IpAddr>) -> gossipsub::PeerScoreParams {
     let mut p = gossipsub::PeerScoreParams {
         decay_interval: DECAY_INTERVAL,
         decay_to_zero: 0.01,
         retain_score: Duration::from_secs(600),
-        // Loopback testnets put every node on one IP; colocation must not punish them.
-        ip_colocation_factor_weight: 0.0,
+        ip_colocation_factor_weight: IP_COLOCATION_WEIGHT,
+        ip_colocation_factor_threshold: IP_COLOCATION_THRESHOLD,
+        ip_colocation_factor_whitelist: whitelist,
         behaviour_penalty_weight: -10.0,
         behaviour_penalty_decay: decay_per_tick(PENALTY_HALF_LIFE),
         ..gossipsub::PeerScoreParams::default()
@@ -208,6 +212,12 @@ pub fn score_params() -> gossipsub::PeerScoreParams {
     p.topics.insert(rounds_topic().hash(), topic_params(1.0));
     p
 }
+
+/// Peers one IP may hold before the colocation penalty starts.
+pub const IP_COLOCATION_THRESHOLD: f64 = 3.0;
+/// Per squared surplus peer: four surplus identities on one IP fall below the gossip
+/// threshold, eight below the publish threshold.
+pub const IP_COLOCATION_WEIGHT: f64 = -1.0;
 
 pub fn score_thresholds() -> gossipsub::PeerScoreThresholds {
     gossipsub::PeerScoreThresholds {
@@ -278,7 +288,7 @@ mod tests {
 
     #[test]
     fn score_params_are_valid() {
-        assert!(score_params().validate().is_ok());
+        assert!(score_params(Default::default()).validate().is_ok());
         assert!(score_thresholds().validate().is_ok());
         assert!(topic_params(1.0).validate().is_ok());
     }

@@ -7,7 +7,7 @@ pub mod gossip;
 pub mod registry;
 pub mod service;
 
-pub use eclipse::{AddrPolicy, is_global_addr, is_global_ip};
+pub use eclipse::{AddrPolicy, is_global_addr, is_global_ip, prefix_group};
 pub use libp2p::Multiaddr;
 pub use libp2p::multiaddr::Protocol;
 pub use registry::{Admission, AdmissionStatus, LiveNode, Registry};

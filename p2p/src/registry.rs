@@ -1,12 +1,13 @@
 //! The live set of nodes, from their signed announcements. Pure: time is passed in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
 use sampo_consensus::{AdmissionError, ModelId, NodeAnnouncement, PeerId};
 use serde::Serialize;
 
-/// Entries beyond this many are not admitted (a flood of fresh identities can't grow
-/// memory without limit).
+/// Most entries held: a newcomer beyond this evicts the least valuable entry (a flood of
+/// fresh identities can't grow memory without limit, nor lock honest newcomers out).
 pub const MAX_REGISTRY_ENTRIES: usize = 10_000;
 /// An entry expires after this many announcement intervals without a new one.
 pub const MISSED_ANNOUNCEMENTS: u64 = 3;
@@ -17,6 +18,9 @@ pub struct LiveNode {
     pub announcement: NodeAnnouncement,
     /// Our clock when the latest announcement arrived.
     pub seen_ms: u64,
+    /// The address of our direct connection to the peer, if we have one: the IP as
+    /// this node saw it, not as the peer claims.
+    pub ip: Option<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -26,11 +30,22 @@ pub struct Registry {
     /// A closed network: an entry counts as live only while the certificate it was
     /// admitted with (checked before [`Registry::observe`]) is unexpired.
     closed: bool,
+    /// Remote IPs of connected peers.
+    ips: HashMap<PeerId, IpAddr>,
+    /// Peers the node values (established in its reputation view): never evicted for
+    /// a newcomer.
+    valued: HashSet<PeerId>,
 }
 
 impl Registry {
     pub fn new(interval_ms: u64) -> Self {
-        Self { interval_ms: interval_ms.max(1), entries: HashMap::new(), closed: false }
+        Self {
+            interval_ms: interval_ms.max(1),
+            entries: HashMap::new(),
+            closed: false,
+            ips: HashMap::new(),
+            valued: HashSet::new(),
+        }
     }
 
     /// A registry of a closed network: entries whose certificate has expired (or that
@@ -59,12 +74,47 @@ impl Registry {
         }
         if self.entries.len() >= MAX_REGISTRY_ENTRIES {
             self.expire(now_ms);
-            if self.entries.len() >= MAX_REGISTRY_ENTRIES {
+            if self.entries.len() >= MAX_REGISTRY_ENTRIES && !self.evict_one() {
                 return false;
             }
         }
-        self.entries.insert(peer, LiveNode { peer, announcement: ann, seen_ms: now_ms });
+        self.entries.insert(peer, LiveNode { peer, announcement: ann, seen_ms: now_ms, ip: None });
         true
+    }
+
+    /// Make room for a newcomer: drop the least valuable entry — not one the node values,
+    /// preferring peers without a direct connection, then the longest unheard. Returns
+    /// false when every entry is valued.
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .entries
+            .values()
+            .filter(|e| !self.valued.contains(&e.peer))
+            .min_by_key(|e| (self.ips.contains_key(&e.peer), e.seen_ms, e.peer))
+            .map(|e| e.peer);
+        match victim {
+            Some(p) => {
+                self.entries.remove(&p);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peers the node values (replaces the previous set; at most
+    /// [`MAX_REGISTRY_ENTRIES`] are kept).
+    pub fn set_valued(&mut self, peers: impl IntoIterator<Item = PeerId>) {
+        self.valued = peers.into_iter().take(MAX_REGISTRY_ENTRIES).collect();
+    }
+
+    /// A connection to `peer` from or to `ip` was established.
+    pub fn connected(&mut self, peer: PeerId, ip: IpAddr) {
+        self.ips.insert(peer, ip);
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn disconnected(&mut self, peer: &PeerId) {
+        self.ips.remove(peer);
     }
 
     /// Drop entries that missed three announcements; returns who left.
@@ -101,7 +151,7 @@ impl Registry {
             .entries
             .values()
             .filter(|e| now_ms.saturating_sub(e.seen_ms) <= ttl && self.admitted(e, now_ms))
-            .cloned()
+            .map(|e| LiveNode { ip: self.ips.get(&e.peer).copied(), ..e.clone() })
             .collect();
         v.sort_by_key(|e| e.peer);
         v
@@ -300,5 +350,42 @@ mod tests {
         assert_eq!(r.live(999).len(), 1);
         assert!(r.live(1000).is_empty());
         assert!(r.serving(&ModelId(Hash32::of(b"m")), 1000).is_empty());
+    }
+
+    fn key(i: u32) -> PeerId {
+        let mut seed = [0u8; 32];
+        seed[..4].copy_from_slice(&i.to_le_bytes());
+        seed[31] = 0x5b;
+        NodeKey::from_seed(seed).peer_id()
+    }
+
+    /// A flood of fresh identities fills the registry; an honest newcomer still gets in,
+    /// and the peers the node values stay.
+    #[test]
+    fn a_full_registry_evicts_instead_of_locking_newcomers_out() {
+        let mut r = Registry::new(1_000_000);
+        let valued: Vec<PeerId> = (0..10).map(key).collect();
+        let connected = key(10);
+        for (i, p) in valued.iter().chain([&connected]).enumerate() {
+            assert!(r.observe(*p, ann(0, 1, b"a"), i as u64));
+        }
+        r.set_valued(valued.clone());
+        r.connected(connected, "203.0.113.7".parse().expect("ip"));
+        for i in 11..MAX_REGISTRY_ENTRIES as u32 {
+            assert!(r.observe(key(i), ann(0, 1, b"a"), 100 + u64::from(i)));
+        }
+        assert_eq!(r.len(), MAX_REGISTRY_ENTRIES);
+        let newcomer = NodeKey::from_seed([9; 32]).peer_id();
+        assert!(r.observe(newcomer, ann(0, 1, b"a"), 1_000_000));
+        assert_eq!(r.len(), MAX_REGISTRY_ENTRIES);
+        assert!(r.get(&newcomer).is_some());
+        // The flood's oldest unconnected entry went, not a valued or connected peer.
+        assert!(r.get(&key(11)).is_none());
+        assert!(valued.iter().all(|p| r.get(p).is_some()));
+        assert!(r.get(&connected).is_some());
+        assert_eq!(
+            r.live(1_000_000).iter().find(|e| e.peer == connected).and_then(|e| e.ip),
+            Some("203.0.113.7".parse().expect("ip"))
+        );
     }
 }

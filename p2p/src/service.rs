@@ -2,6 +2,7 @@
 //! that sends commands, and receives [`P2pEvent`]s — never raw swarm events.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,6 +72,9 @@ pub struct P2pConfig {
     /// This node's certificate, attached to its announcements (required when
     /// `admission_keys` is set).
     pub certificate: Option<AdmissionCertificate>,
+    /// IPs exempt from gossipsub's IP colocation penalty and from seat spreading by
+    /// network prefix: a testnet's loopback (`127.0.0.1`), by configuration only.
+    pub colocation_whitelist: Vec<IpAddr>,
 }
 
 impl Default for P2pConfig {
@@ -90,6 +94,7 @@ impl Default for P2pConfig {
             allow_private_addresses: false,
             admission_keys: Vec::new(),
             certificate: None,
+            colocation_whitelist: Vec::new(),
         }
     }
 }
@@ -309,6 +314,13 @@ impl P2pHandle {
     }
 
     /// Live nodes (this one included once it has announced).
+    /// Tell the registry which peers the node values (never evicted for a newcomer).
+    pub fn set_valued(&self, peers: Vec<PeerId>) {
+        if let Ok(mut r) = self.registry.write() {
+            r.set_valued(peers);
+        }
+    }
+
     pub fn live_nodes(&self) -> Vec<LiveNode> {
         self.registry.read().map(|r| r.live(now_ms())).unwrap_or_default()
     }
@@ -381,7 +393,10 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
         .with_bandwidth_metrics(metrics)
         .with_behaviour(|key| {
             let mut gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_cfg)?;
-            gossipsub.with_peer_score(gossip::score_params(), gossip::score_thresholds())?;
+            gossipsub.with_peer_score(
+                gossip::score_params(cfg.colocation_whitelist.iter().copied().collect()),
+                gossip::score_thresholds(),
+            )?;
             let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
             kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
@@ -667,10 +682,20 @@ impl Actor {
                 info!(%address, "listening");
                 self.emit(P2pEvent::Listening(address));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
-                self.emit(P2pEvent::PeerConnected(peer_id));
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, endpoint, .. } => {
+                if let Some(ip) = crate::eclipse::ip_of(endpoint.get_remote_address())
+                    && let Ok(mut r) = self.registry.write()
+                {
+                    r.connected(peer_id, ip);
+                }
+                if num_established.get() == 1 {
+                    self.emit(P2pEvent::PeerConnected(peer_id));
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                if let Ok(mut r) = self.registry.write() {
+                    r.disconnected(&peer_id);
+                }
                 self.emit(P2pEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(ev)) => {

@@ -36,6 +36,8 @@ fn cfg(bootstrap: Option<&Multiaddr>, admission_keys: Vec<[u8; 32]>, cert: Optio
         announce_interval: Duration::from_millis(500),
         discovery_interval: Duration::from_millis(500),
         allow_private_addresses: true,
+        // Loopback is exempt from the IP colocation penalty by configuration.
+        colocation_whitelist: vec!["127.0.0.1".parse().expect("ip")],
         max_connections_per_ip: 256,
         admission_keys,
         certificate: cert,

@@ -89,7 +89,10 @@ fn message(kind: MessageKind, signer: u8, pad: usize, sent_ms: u64) -> Option<Si
                 committee: vec![peer(1), peer(2)],
                 commit_deadline_ms: sent_ms,
                 reveal_deadline_ms: sent_ms,
-                candidates: vec![(peer(1), 1.0), (peer(2), 1.0)],
+                candidates: vec![
+                    sampo_consensus::Listed::new(peer(1), 1.0),
+                    sampo_consensus::Listed::new(peer(2), 1.0),
+                ],
             },
         ),
         MessageKind::Commit => SignedEnvelope::seal(k, &Commit { task, attempt: 0, hash: Hash32::of(b"h") }),

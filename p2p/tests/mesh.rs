@@ -30,6 +30,8 @@ fn cfg(bootstrap: Option<&Multiaddr>) -> P2pConfig {
         discovery_interval: Duration::from_millis(500),
         // Every node is on 127.0.0.1.
         allow_private_addresses: true,
+        // Loopback is exempt from the IP colocation penalty by configuration.
+        colocation_whitelist: vec!["127.0.0.1".parse().expect("ip")],
         max_connections_per_ip: 256,
         ..P2pConfig::default()
     }
@@ -284,4 +286,30 @@ async fn libp2p_metrics_land_in_the_given_registry() {
     for family in ["libp2p_swarm_", "libp2p_bandwidth_", "libp2p_gossipsub_", "libp2p_kad_", "libp2p_identify_"] {
         assert!(text.contains(family), "{family} missing from:\n{text}");
     }
+}
+
+/// Many identities behind one IP lose gossip score (one host minting Sybils); the
+/// whitelist (a testnet's loopback, by configuration) exempts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_crowded_on_one_ip_lose_gossip_score() {
+    let crowded = |b: Option<&Multiaddr>| P2pConfig { colocation_whitelist: Vec::new(), ..cfg(b) };
+    let hub = start(key(0), crowded(None)).await;
+    let mut others = Vec::new();
+    for i in 1..=6u8 {
+        others.push(start(key(i), crowded(Some(&hub.addr))).await);
+    }
+    let h = hub.handle.clone();
+    let peer = others[0].key.peer_id();
+    until("a colocation penalty", async || h.peer_score(peer).await.ok().flatten().is_some_and(|s| s < 0.0)).await;
+    // The same crowd, whitelisted: no penalty.
+    let calm = start(key(20), cfg(None)).await;
+    let mut friends = Vec::new();
+    for i in 21..=26u8 {
+        friends.push(start(key(i), cfg(Some(&calm.addr))).await);
+    }
+    let c = calm.handle.clone();
+    let friend = friends[0].key.peer_id();
+    // The score is computed when asked (colocation included), so no wait for a heartbeat.
+    until("a score", async || c.peer_score(friend).await.ok().flatten().is_some()).await;
+    assert!(c.peer_score(friend).await.ok().flatten().is_some_and(|s| s >= 0.0));
 }

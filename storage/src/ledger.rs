@@ -59,11 +59,13 @@ pub struct Effects {
     pub marks: Vec<(PeerId, Mark)>,
     /// Peers banned on proof they signed themselves.
     pub bans: Vec<PeerId>,
+    /// Agreements that count towards the end of probation.
+    pub vouched: Vec<PeerId>,
 }
 
 impl From<&sampo_consensus::Assessment> for Effects {
     fn from(a: &sampo_consensus::Assessment) -> Self {
-        Self { marks: a.marks.clone(), bans: a.bans.clone() }
+        Self { marks: a.marks.clone(), bans: a.bans.clone(), vouched: a.vouched.clone() }
     }
 }
 
@@ -207,6 +209,11 @@ impl Store {
         for peer in &effects.bans {
             let mut rep = self.reputation_in(&reputations, peer)?;
             rep.record_equivocation(now_ms, params);
+            reputations.insert(*peer, rep);
+        }
+        for peer in &effects.vouched {
+            let mut rep = self.reputation_in(&reputations, peer)?;
+            rep.record_vouched();
             reputations.insert(*peer, rep);
         }
         for (peer, rep) in &reputations {

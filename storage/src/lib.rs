@@ -23,7 +23,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// 2: protocol v2 (trust model): envelopes of version 2, stored commits, replay
 /// records, overturned tasks. Version 1 stores are refused (no migration: they hold
 /// v1 envelopes that no v2 node accepts).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: reputation records carry `vouched` (probation); a version 2 store is migrated
+/// on open (every peer starts with no vouched agreements, so on probation).
+pub const SCHEMA_VERSION: u32 = 3;
 /// Key in [`Column::Meta`] that holds the schema version (u32, little endian).
 pub const SCHEMA_VERSION_KEY: &[u8] = b"schema_version";
 /// Largest record value we will decode (a bound on what a corrupt file can make us allocate).
@@ -156,6 +158,11 @@ impl Batch {
         self.ops.push((R::COLUMN, key.to_vec(), None));
         self
     }
+    /// Raw bytes under a key (the schema version).
+    fn put_raw(&mut self, column: Column, key: &[u8], value: &[u8]) -> &mut Self {
+        self.ops.push((column, key.to_vec(), Some(value.to_vec())));
+        self
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -211,7 +218,9 @@ impl Store {
                 if found > SCHEMA_VERSION {
                     return Err(StorageError::NewerSchema { path: path.to_owned(), found });
                 }
-                if found != SCHEMA_VERSION {
+                if found == 2 {
+                    store.migrate_v2_reputations()?;
+                } else if found != SCHEMA_VERSION {
                     return Err(StorageError::UnknownSchema { path: path.to_owned(), found });
                 }
             }
@@ -226,6 +235,44 @@ impl Store {
         })?;
         *store.reputations.write().unwrap_or_else(|e| e.into_inner()) = all;
         Ok(store)
+    }
+
+    /// Schema 2 → 3: reputation records gain `vouched` (0). One synced batch with the
+    /// new version, so a crash leaves either the old store or the migrated one.
+    fn migrate_v2_reputations(&self) -> Result<(), StorageError> {
+        #[derive(serde::Deserialize, serde::Serialize)]
+        struct V2 {
+            agreed: f64,
+            wrong: f64,
+            absent: f64,
+            equivocations: u32,
+            rounds: u64,
+            updated_ms: u64,
+            banned_until_ms: u64,
+            left_out: f64,
+        }
+        impl Record for V2 {
+            const COLUMN: Column = Column::Reputation;
+        }
+        let mut old = Vec::new();
+        self.scan::<V2>(|k, _, r| old.push((k.to_vec(), r)))?;
+        let mut batch = Batch::new();
+        for (k, r) in old {
+            let new = sampo_consensus::Reputation {
+                agreed: r.agreed,
+                wrong: r.wrong,
+                absent: r.absent,
+                equivocations: r.equivocations,
+                rounds: r.rounds,
+                updated_ms: r.updated_ms,
+                banned_until_ms: r.banned_until_ms,
+                left_out: r.left_out,
+                vouched: 0,
+            };
+            batch.put(&k, &new)?;
+        }
+        batch.put_raw(Column::Meta, SCHEMA_VERSION_KEY, &SCHEMA_VERSION.to_le_bytes());
+        self.commit(batch)
     }
 
     pub fn path(&self) -> &Path {
@@ -353,6 +400,48 @@ mod tests {
     struct Credit(i64);
     impl Record for Credit {
         const COLUMN: Column = Column::Ledger;
+    }
+
+    /// A schema 2 store (reputation without `vouched`) opens migrated: every record
+    /// kept, every peer on probation, the version written.
+    #[test]
+    fn a_schema_2_store_is_migrated_on_open() {
+        #[derive(Serialize, Deserialize)]
+        struct V2 {
+            agreed: f64,
+            wrong: f64,
+            absent: f64,
+            equivocations: u32,
+            rounds: u64,
+            updated_ms: u64,
+            banned_until_ms: u64,
+            left_out: f64,
+        }
+        impl Record for V2 {
+            const COLUMN: Column = Column::Reputation;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let peer = sampo_consensus::NodeKey::from_seed([3; 32]).peer_id();
+        {
+            let s = Store::open(dir.path()).expect("open");
+            let old = V2 {
+                agreed: 7.0,
+                wrong: 1.0,
+                absent: 0.0,
+                equivocations: 0,
+                rounds: 8,
+                updated_ms: 5,
+                banned_until_ms: 0,
+                left_out: 0.0,
+            };
+            s.put(&peer.to_bytes(), &old).expect("put");
+            s.db.put_cf(s.cf(Column::Meta).expect("cf"), SCHEMA_VERSION_KEY, 2u32.to_le_bytes()).expect("version");
+        }
+        let s = Store::open(dir.path()).expect("migrated");
+        assert_eq!(s.schema_version().expect("version"), SCHEMA_VERSION);
+        let r = s.reputation(&peer).expect("read").expect("kept");
+        assert_eq!((r.agreed, r.wrong, r.rounds, r.vouched), (7.0, 1.0, 8, 0));
+        assert!(r.on_probation(&sampo_consensus::ReputationParams::default()));
     }
 
     #[test]

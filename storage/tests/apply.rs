@@ -8,7 +8,7 @@ use sampo_storage::{Applied, Effects, Store, TaskStatus};
 
 /// The effects the trust model allows node `me` to draw from `v`.
 fn effects(v: &VerifiedVerdict, me: &PeerId) -> Effects {
-    Effects::from(&assess(v, me))
+    Effects::from(&assess(v, me, true))
 }
 
 /// A finalized verdict in which node 1 lied, and one in which node 2 equivocated.

@@ -27,7 +27,7 @@ fn old_records_go_by_local_time_and_evidence_stays_under_its_cap() {
     // Three verdicts applied at t = 1,000, three at t = 100,000.
     for (i, v) in vs.iter().enumerate() {
         let at = if i < 3 { 1_000 } else { 100_000 };
-        store.apply_verdict(v, &Effects::from(&assess(v, &me)), at, &p).expect("apply");
+        store.apply_verdict(v, &Effects::from(&assess(v, &me, true)), at, &p).expect("apply");
     }
     store.store_commit(&vs[0].task(), 0, &[1, 2], 1_000).expect("commit");
     store.store_commit(&vs[5].task(), 0, &[1, 2], 100_000).expect("commit");
@@ -57,7 +57,7 @@ fn neutral_reputations_are_dropped_and_the_mirror_follows() {
     {
         let store = Store::open(dir.path()).expect("open");
         let me = net.peer(0);
-        store.apply_verdict(&vs[0], &Effects::from(&assess(&vs[0], &me)), 1_000, &p).expect("apply");
+        store.apply_verdict(&vs[0], &Effects::from(&assess(&vs[0], &me, true)), 1_000, &p).expect("apply");
         let peers = store.reputations().expect("all");
         assert_eq!(peers.len(), 3, "three agreed members");
         // A banned peer stays, whatever its counts.

@@ -99,6 +99,8 @@ pub struct Testnet {
     pub nodes: Vec<NodeProc>,
     /// Peer ids of the colluders (when `cfg.collude`), made before they start.
     pub accomplices: Vec<String>,
+    /// Peer ids of the testnet's own nodes (flooders aside): trusted by every node.
+    pub founders: Vec<String>,
 }
 
 impl Drop for Testnet {
@@ -170,10 +172,12 @@ impl Testnet {
             return Err(TestnetError::Invalid("at least one node must be honest".into()));
         }
         std::fs::create_dir_all(&cfg.dir).map_err(io(cfg.dir.display().to_string()))?;
-        let mut net = Testnet { cfg, nodes: Vec::new(), accomplices: Vec::new() };
-        if net.cfg.collude {
-            // Colluders must know each other's peer ids before they start: make their keys.
-            for i in (net.cfg.nodes - net.cfg.byzantine)..net.cfg.nodes {
+        let mut net = Testnet { cfg, nodes: Vec::new(), accomplices: Vec::new(), founders: Vec::new() };
+        // Every node's key first: the testnet's nodes are one operator's fleet, so each
+        // counts the others as established (`consensus.trusted_peers`) from the start,
+        // and colluders must know each other's peer ids.
+        {
+            for i in 0..net.cfg.nodes {
                 let data = net.cfg.dir.join(format!("node{i}")).join("data");
                 let out = Command::new(&net.cfg.sampo)
                     .args(["keys", "generate", "--force", "--data-dir"])
@@ -187,7 +191,12 @@ impl Testnet {
                         String::from_utf8_lossy(&out.stderr)
                     )));
                 }
-                net.accomplices.push(peer);
+                if net.role(i) == "colluder" {
+                    net.accomplices.push(peer.clone());
+                }
+                if net.role(i) != "flooder" {
+                    net.founders.push(peer);
+                }
             }
         }
         for i in 0..net.cfg.nodes {
@@ -227,7 +236,7 @@ impl Testnet {
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\ncolocation_whitelist = [\"127.0.0.1\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\ntrusted_peers = {founders:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
@@ -235,6 +244,7 @@ impl Testnet {
             audit = self.cfg.audit_rate,
             accomplices = if role == "colluder" { self.accomplices.clone() } else { Vec::new() },
             flood = if role == "flooder" { self.cfg.flood_per_second } else { 0 },
+            founders = self.founders,
         );
         std::fs::write(&config, text).map_err(io(config.display().to_string()))?;
         self.launch(i, dir, config, role, bootstrap)
