@@ -527,6 +527,43 @@ pub async fn flood_loop(
 }
 
 /// Retention passes, off the event loop, until shutdown.
+/// Refund holds that no verdict closed within `max_age` (a round lost to a restart, a
+/// task that never reached a verdict), at start-up and then every `every`.
+pub async fn hold_sweep_loop(
+    store: Arc<Store>,
+    max_age: Duration,
+    every: Duration,
+    metrics: Arc<NodeMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        let age = max_age.as_millis() as u64;
+        let swept = tokio::task::spawn_blocking(move || {
+            s.refund_stale(now_ms(), age).map(|tasks| {
+                let returned: u64 =
+                    tasks.iter().filter_map(|t| s.closed_of(t).ok().flatten()).map(|c| c.returned).sum();
+                (tasks, returned)
+            })
+        });
+        match swept.await {
+            Ok(Ok((tasks, returned))) if !tasks.is_empty() => {
+                info!(count = tasks.len(), returned, "refunded holds of tasks that reached no verdict");
+                metrics.fees_settled.inc_by(returned);
+                metrics.fees_returned.inc_by(returned);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "hold sweep failed"),
+            Err(e) => warn!(error = %e, "hold sweep panicked"),
+        }
+    }
+}
+
 pub async fn prune_loop(
     store: Arc<Store>,
     retention: sampo_storage::Retention,

@@ -243,6 +243,20 @@ pub async fn run_with(
                 .instrument(info_span!("flood")),
         );
     }
+    // A task the API gave up on (verdict_timeout) gets its hold back once a verdict
+    // can no longer be on its way.
+    let verdict_timeout =
+        Duration::from_millis((c.commit_timeout_ms + c.reveal_timeout_ms) * (u64::from(c.max_escalations) + 2) + 5_000);
+    tokio::spawn(
+        runtime::hold_sweep_loop(
+            store.clone(),
+            verdict_timeout * 2,
+            Duration::from_secs(60),
+            metrics.clone(),
+            stop_rx.clone(),
+        )
+        .instrument(info_span!("hold-sweep")),
+    );
     let retention = sampo_storage::Retention {
         max_age_ms: cfg.storage.retention_days.saturating_mul(24 * 3600 * 1000),
         max_evidence_bytes: cfg.storage.max_evidence_mb.saturating_mul(1 << 20),
@@ -268,9 +282,7 @@ pub async fn run_with(
         default_k: c.k.min(255) as u8,
         max_escalations: c.max_escalations.min(8) as u8,
         max_tokens_per_task: cfg.execution.max_tokens_per_task,
-        verdict_timeout: Duration::from_millis(
-            (c.commit_timeout_ms + c.reveal_timeout_ms) * (u64::from(c.max_escalations) + 2) + 5_000,
-        ),
+        verdict_timeout,
     };
     let info = NodeInfo {
         peer_id: peer_id.to_string(),

@@ -269,6 +269,26 @@ impl Store {
         Ok(LedgerOutcome::Done)
     }
 
+    /// Refund every hold placed more than `max_age_ms` before `now_ms` that no verdict
+    /// closed: a task whose round was lost (a restart of its coordinator) or never
+    /// reached a verdict gives the client its credits back. Returns the tasks refunded.
+    pub fn refund_stale(&self, now_ms: u64, max_age_ms: u64) -> Result<Vec<TaskId>, LedgerError> {
+        let stale: Vec<TaskId> = self
+            .iter_prefix::<Hold>(HOLD_PREFIX)?
+            .into_iter()
+            .filter(|(k, h)| k.len() == HOLD_PREFIX.len() + 32 && h.at_ms.saturating_add(max_age_ms) <= now_ms)
+            .filter_map(|(k, _)| <[u8; 32]>::try_from(&k[k.len().saturating_sub(32)..]).ok())
+            .map(|id| TaskId(sampo_consensus::Hash32(id)))
+            .collect();
+        let mut refunded = Vec::new();
+        for task in stale {
+            if self.refund(&task, now_ms)? == LedgerOutcome::Done {
+                refunded.push(task);
+            }
+        }
+        Ok(refunded)
+    }
+
     /// Add to `batch` the settlement of `task`'s open hold (a refund when `account` is
     /// `None`). The caller holds `apply_lock` and has checked the task is not closed.
     pub(crate) fn plan_settle(

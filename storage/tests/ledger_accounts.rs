@@ -133,3 +133,22 @@ fn recent_charges_are_bounded_and_survive_reopen() {
     assert_eq!((a.balance, a.held), (960, 40));
     balanced(&s);
 }
+
+/// A task that reaches no verdict (its coordinator restarted, the round was lost) gets
+/// its hold back once it is old enough; a verdict after that pays nobody twice.
+#[test]
+fn holds_no_verdict_closed_are_refunded_when_stale() {
+    let (_d, s) = open();
+    s.deposit("alice", 100, 0).expect("deposit");
+    s.hold("alice", &task(1), 30, 1_000).expect("hold");
+    s.hold("alice", &task(2), 20, 5_000).expect("hold");
+    assert_eq!(s.refund_stale(1_500, 1_000).expect("sweep"), Vec::<TaskId>::new(), "too young");
+    assert_eq!(s.refund_stale(2_000, 1_000).expect("sweep"), vec![task(1)]);
+    let a = s.client_account("alice").expect("read").expect("acct");
+    assert_eq!((a.balance, a.held), (80, 20));
+    assert!(s.closed_of(&task(1)).expect("read").expect("closed").refunded);
+    assert_eq!(s.settle(&task(1), "alice", &[(peer(1), 30)], 30, 3_000).expect("late"), LedgerOutcome::AlreadyDone);
+    assert_eq!(s.credits(&peer(1)).expect("c").balance, 0);
+    assert_eq!(s.refund_stale(2_000, 1_000).expect("again"), Vec::<TaskId>::new());
+    balanced(&s);
+}
