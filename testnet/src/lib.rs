@@ -56,6 +56,10 @@ pub struct TestnetConfig {
     pub k: usize,
     pub commit_timeout_ms: u64,
     pub reveal_timeout_ms: u64,
+    /// `api.api_keys` of every node (empty: open, the implicit local account).
+    pub api_keys: Vec<String>,
+    /// `api.admin_keys` of every node.
+    pub admin_keys: Vec<String>,
 }
 
 impl TestnetConfig {
@@ -75,6 +79,8 @@ impl TestnetConfig {
             k: 3,
             commit_timeout_ms: 30_000,
             reveal_timeout_ms: 10_000,
+            api_keys: Vec::new(),
+            admin_keys: Vec::new(),
         }
     }
 }
@@ -114,6 +120,17 @@ impl Drop for Testnet {
 
 /// A minimal HTTP/1.1 client over std (no extra dependency): returns status and body.
 pub fn http(method: &str, url: &str, body: Option<&str>, timeout: Duration) -> Result<(u16, String), TestnetError> {
+    http_as(method, url, body, None, timeout)
+}
+
+/// [`http`] with `Authorization: Bearer <key>` when a key is given.
+pub fn http_as(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), TestnetError> {
     let err = |reason: String| TestnetError::Http { url: url.to_owned(), reason };
     let rest = url.strip_prefix("http://").ok_or_else(|| err("not an http:// URL".into()))?;
     let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
@@ -122,8 +139,9 @@ pub fn http(method: &str, url: &str, body: Option<&str>, timeout: Duration) -> R
     let body = body.unwrap_or("");
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len(),
+        auth = bearer.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default()
     )
     .map_err(|e| err(e.to_string()))?;
     let mut raw = Vec::new();
@@ -150,7 +168,12 @@ fn dechunk(mut s: &str) -> String {
 }
 
 pub fn get_json(url: &str) -> Result<Value, TestnetError> {
-    let (status, body) = http("GET", url, None, Duration::from_secs(10))?;
+    get_json_as(url, None)
+}
+
+/// [`get_json`] as the client with API key `key`.
+pub fn get_json_as(url: &str, key: Option<&str>) -> Result<Value, TestnetError> {
+    let (status, body) = http_as("GET", url, None, key, Duration::from_secs(10))?;
     serde_json::from_str(&body)
         .map_err(|e| TestnetError::Http { url: url.into(), reason: format!("{status}: {e}: {body}") })
 }
@@ -236,7 +259,7 @@ impl Testnet {
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\ncolocation_whitelist = [\"127.0.0.1\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\ntrusted_peers = {founders:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = 1\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\ncolocation_whitelist = [\"127.0.0.1\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\napi_keys = {api_keys:?}\nadmin_keys = {admin_keys:?}\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\ntrusted_peers = {founders:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
             data = dir.join("data").display(),
             k = self.cfg.k,
             c = self.cfg.commit_timeout_ms,
@@ -245,6 +268,8 @@ impl Testnet {
             accomplices = if role == "colluder" { self.accomplices.clone() } else { Vec::new() },
             flood = if role == "flooder" { self.cfg.flood_per_second } else { 0 },
             founders = self.founders,
+            api_keys = self.cfg.api_keys,
+            admin_keys = self.cfg.admin_keys,
         );
         std::fs::write(&config, text).map_err(io(config.display().to_string()))?;
         self.launch(i, dir, config, role, bootstrap)
@@ -290,7 +315,7 @@ impl Testnet {
         let peer_id = info["peer_id"].as_str().unwrap_or_default().to_owned();
         // The mesh listener comes up a moment after the API: wait for its address.
         let addr = loop {
-            let node = get_json(&format!("{api_url}/v1/node"))?;
+            let node = get_json_as(&format!("{api_url}/v1/node"), self.cfg.api_keys.first().map(String::as_str))?;
             let found = node["addresses"]
                 .as_array()
                 .and_then(|a| a.iter().filter_map(Value::as_str).find(|a| a.starts_with("/ip4/127.0.0.1/")))
@@ -316,10 +341,11 @@ impl Testnet {
         let deadline = Instant::now() + timeout;
         for n in &self.nodes {
             loop {
-                let seen = get_json(&format!("{}/v1/peers", n.api_url))
-                    .ok()
-                    .and_then(|v| v["peers"].as_array().map(Vec::len))
-                    .unwrap_or(0);
+                let seen =
+                    get_json_as(&format!("{}/v1/peers", n.api_url), self.cfg.api_keys.first().map(String::as_str))
+                        .ok()
+                        .and_then(|v| v["peers"].as_array().map(Vec::len))
+                        .unwrap_or(0);
                 if seen >= self.nodes.len() {
                     break;
                 }
@@ -393,7 +419,26 @@ impl Testnet {
 
     /// A verified chat completion through node `via`.
     pub fn chat(&self, via: usize, prompt: &str, max_tokens: u32, k: usize) -> Result<Value, TestnetError> {
-        let models = get_json(&format!("{}/v1/models", self.nodes[via].api_url))?;
+        let (status, v) = self.chat_as(via, None, prompt, max_tokens, k)?;
+        if status != 200 {
+            return Err(TestnetError::Http { url: self.nodes[via].api_url.clone(), reason: format!("{status}: {v}") });
+        }
+        Ok(v)
+    }
+
+    /// A chat as the client with API key `key` (None: no key); the status and the body,
+    /// whatever the status.
+    pub fn chat_as(
+        &self,
+        via: usize,
+        key: Option<&str>,
+        prompt: &str,
+        max_tokens: u32,
+        k: usize,
+    ) -> Result<(u16, Value), TestnetError> {
+        let (_, models) =
+            http_as("GET", &format!("{}/v1/models", self.nodes[via].api_url), None, key, Duration::from_secs(10))?;
+        let models: Value = serde_json::from_str(&models).unwrap_or(Value::Null);
         let model = models["data"][0]["id"].as_str().unwrap_or_default().to_owned();
         let body = serde_json::json!({
             "model": model,
@@ -403,13 +448,10 @@ impl Testnet {
             "sampo": {"k": k},
         });
         let url = format!("{}/v1/chat/completions", self.nodes[via].api_url);
-        let (status, text) = http("POST", &url, Some(&body.to_string()), Duration::from_secs(300))?;
+        let (status, text) = http_as("POST", &url, Some(&body.to_string()), key, Duration::from_secs(300))?;
         let v: Value = serde_json::from_str(&text)
-            .map_err(|e| TestnetError::Http { url: url.clone(), reason: format!("{e}: {text}") })?;
-        if status != 200 {
-            return Err(TestnetError::Http { url, reason: format!("{status}: {text}") });
-        }
-        Ok(v)
+            .map_err(|e| TestnetError::Http { url: url.clone(), reason: format!("{status}: {e}: {text}") })?;
+        Ok((status, v))
     }
 }
 

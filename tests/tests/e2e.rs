@@ -447,3 +447,83 @@ fn prometheus_scrapes_every_node() {
         panic!("prometheus did not see all three nodes up with sampo_ series: {e}");
     }
 }
+
+/// Credits on a testnet with API keys: a client deposits 1,000, runs tasks, and its
+/// balance and the members' credits move by exactly the payouts the verdicts state;
+/// nothing is minted; an account without credits gets 402.
+#[test]
+fn balances_move_by_exactly_the_verdicts_payouts() {
+    use sampo_testnet::http_as;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut cfg = TestnetConfig::new(4, synthetic(tmp.path()), tmp.path().join("net"), sampo_bin());
+    cfg.api_keys = vec!["client-alpha-key".into(), "client-empty-key".into()];
+    cfg.admin_keys = vec!["admin-secret-key".into()];
+    let net = Testnet::start(cfg).expect("testnet");
+    let api = net.nodes[0].api_url.clone();
+    let t = Duration::from_secs(10);
+    let json = |r: (u16, String)| -> (u16, Value) { (r.0, serde_json::from_str(&r.1).unwrap_or(Value::Null)) };
+
+    let (status, me) =
+        json(http_as("GET", &format!("{api}/v1/account"), None, Some("client-alpha-key"), t).expect("acct"));
+    assert_eq!(status, 200, "{me}");
+    let name = me["account"].as_str().expect("name").to_owned();
+    assert_eq!(me["balance"], 0);
+    // Only an admin key deposits.
+    let deposit = |key: &str| {
+        json(
+            http_as("POST", &format!("{api}/v1/accounts/{name}/deposit"), Some(r#"{"amount":1000}"#), Some(key), t)
+                .expect("deposit"),
+        )
+    };
+    assert_eq!(deposit("client-alpha-key").0, 403);
+    let (status, d) = deposit("admin-secret-key");
+    assert_eq!((status, d["balance"].as_u64()), (200, Some(1000)), "{d}");
+
+    let credits = || -> std::collections::BTreeMap<String, u64> {
+        let (_, v) =
+            json(http_as("GET", &format!("{api}/v1/peers"), None, Some("client-alpha-key"), t).expect("peers"));
+        v["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["peer_id"].as_str().unwrap_or("").to_owned(), p["credits"].as_u64().unwrap_or(0)))
+            .collect()
+    };
+    let before = credits();
+    let mut paid: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for i in 0..3 {
+        let (status, v) = net.chat_as(0, Some("client-alpha-key"), &format!("count to {i}"), 8, 3).expect("chat");
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["sampo"]["verdict"], "finalized", "{v}");
+        // What the verdict states, from its signed evidence.
+        let url = format!("{api}{}", v["sampo"]["evidence_url"].as_str().expect("url"));
+        let (_, bundle) = http_as("GET", &url, None, Some("client-alpha-key"), t).expect("evidence");
+        let file = tmp.path().join(format!("bundle{i}.json"));
+        std::fs::write(&file, &bundle).expect("write");
+        let out = Command::new(sampo_bin()).args(["verify", "--json"]).arg(&file).output().expect("verify");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+        let payouts = report["payouts"].as_object().expect("payouts");
+        assert!(!payouts.is_empty());
+        for (peer, c) in payouts {
+            *paid.entry(peer.clone()).or_default() += c.as_u64().expect("amount");
+        }
+    }
+    let total_paid: u64 = paid.values().sum();
+    assert!(total_paid > 0);
+    let (_, me) = json(http_as("GET", &format!("{api}/v1/account"), None, Some("client-alpha-key"), t).expect("acct"));
+    assert_eq!(me["held"], 0, "{me}");
+    assert_eq!(me["balance"].as_u64(), Some(1000 - total_paid), "{me}");
+    let after = credits();
+    for (peer, c) in &paid {
+        let was = before.get(peer).copied().unwrap_or(0);
+        assert_eq!(after.get(peer).copied().unwrap_or(0), was + c, "{peer}");
+    }
+    let others: u64 = after.iter().filter(|(p, _)| !paid.contains_key(*p)).map(|(_, c)| c).sum();
+    assert_eq!(others, before.iter().filter(|(p, _)| !paid.contains_key(*p)).map(|(_, c)| c).sum::<u64>());
+
+    // An account with nothing in it: 402, OpenAI-style, and nothing held.
+    let (status, v) = net.chat_as(0, Some("client-empty-key"), "hello", 8, 3).expect("chat");
+    assert_eq!(status, 402, "{v}");
+    assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+}
