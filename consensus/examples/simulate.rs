@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use sampo_consensus::sim::{SimNet, reputation_simulation};
+use sampo_consensus::sim::{SimNet, reputation_simulation, sybil_farm};
 use sampo_consensus::{Behaviour, RoundParams};
 
 fn main() {
@@ -25,6 +25,25 @@ fn main() {
             w.finalized_honest,
             w.finalized_wrong,
             w.liars_banned_at_end
+        );
+    }
+
+    // A Sybil farm: 30 % of identities are fresh keys (on probation) that lie together
+    // whenever they hold a quorum; tasks are submitted at the honest nodes.
+    let (honest, sybils) = (nodes * 7 / 10, nodes - nodes * 7 / 10);
+    println!();
+    println!("Sybil farm: {honest} honest nodes, {sybils} fresh colluding keys, {tasks} tasks, k = {k}");
+    println!("| tasks | Sybils' seat share | finalized honest | finalized wrong | Sybils off probation |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for w in sybil_farm(honest, sybils, tasks, k as u8, 100) {
+        println!(
+            "| {}–{} | {:.1} % | {} | {} | {} |",
+            w.first_task + 1,
+            w.first_task + w.tasks,
+            100.0 * w.sybil_seat_share,
+            w.finalized_honest,
+            w.finalized_wrong,
+            w.sybils_established
         );
     }
 

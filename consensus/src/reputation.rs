@@ -32,7 +32,9 @@ fn default_probation_weight() -> f64 {
 }
 
 fn default_probation_rounds() -> u64 {
-    20
+    // Graduating costs real work: a hundred agreed seats in others' paid rounds (a
+    // newcomer at probation weight gets only a few percent of seats meanwhile).
+    100
 }
 
 impl Default for ReputationParams {

@@ -270,7 +270,7 @@ impl Default for ConsensusConfig {
             audit_rate: 0.05,
             replays_per_minute: 6,
             probation_weight: 0.1,
-            probation_rounds: 20,
+            probation_rounds: 100,
             trusted_peers: Vec::new(),
         }
     }
@@ -366,7 +366,7 @@ replays_per_minute = 6
 # a minority of any committee's seats, until probation_rounds agreements in paid rounds
 # that this node, or another established node, coordinated.
 probation_weight = 0.1
-probation_rounds = 20
+probation_rounds = 100
 # Peer ids counted as established from the start (your own fleet, the founders).
 trusted_peers = []
 
