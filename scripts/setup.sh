@@ -24,4 +24,5 @@ python3 -c "import nvidia, os, sys; sys.exit(0 if any(os.path.exists(os.path.joi
   echo "setup: installing nvidia-cuda-nvrtc==13.0.88 (NVRTC for the kernel compile check)" >&2
   python3 -m pip install -q nvidia-cuda-nvrtc==13.0.88
 }
-"$root/scripts/fetch-model.sh" >/dev/null
+"$root/scripts/fetch-model.sh" smollm2 >/dev/null
+"$root/scripts/fetch-model.sh" gemma3 >/dev/null
