@@ -284,3 +284,69 @@ pub(super) fn parse_byte_token(s: &str) -> Option<u8> {
 pub(super) fn unescape(s: &str) -> Vec<u8> {
     s.replace('▁', " ").into_bytes()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Tokenizer;
+    use crate::gguf::GgufFile;
+    use crate::synth::{SynthSpec, synthesize};
+
+    fn synthetic() -> Tokenizer {
+        let f = GgufFile::from_bytes(synthesize(&SynthSpec::gemma3())).expect("gguf");
+        Tokenizer::from_gguf(&f).expect("tokenizer")
+    }
+
+    /// llama.cpp's merge loop without the heap: rescan for the best pair each time.
+    fn rescan(t: &Tokenizer, piece: &str) -> Vec<u32> {
+        let spm = t.spm.as_ref().expect("spm");
+        let mut syms: Vec<String> = piece.chars().map(String::from).collect();
+        loop {
+            let mut best: Option<(f32, usize)> = None;
+            for i in 0..syms.len().saturating_sub(1) {
+                if let Some(&id) = t.ids.get(&format!("{}{}", syms[i], syms[i + 1])) {
+                    let score = spm.scores[id as usize];
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, i));
+                    }
+                }
+            }
+            let Some((_, i)) = best else { break };
+            let right = syms.remove(i + 1);
+            syms[i].push_str(&right);
+        }
+        let mut out = Vec::new();
+        for s in syms {
+            match t.ids.get(&s) {
+                Some(&id) => out.push(id),
+                None => out.extend(s.bytes().map(|b| spm.byte_token(&t.ids, b))),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn merges_by_score_with_byte_fallback_and_user_defined_splits() {
+        let t = synthetic();
+        let id = |s: &str| t.token_id(s).expect("token");
+        assert_eq!(t.encode("the", false), vec![id("t"), id("he")]);
+        assert_eq!(t.encode(" the", false), vec![id("▁the")]);
+        // `\n` and a double space are user-defined: split out even without parse_special.
+        assert_eq!(t.encode("a\n  b", false), vec![id("a"), id("\n"), id("  "), id("b")]);
+        assert_eq!(t.encode("é", false), vec![id("<0xC3>"), id("<0xA9>")]);
+        assert_eq!(t.encode("<bos>x", true), vec![id("<bos>"), id("x")]);
+        assert_eq!(t.decode(&t.encode("<bos>x", false)).expect("decode"), "<bos>x");
+        assert_eq!(t.encode_prompt("x"), vec![id("<bos>"), id("x")]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn heap_merge_equals_rescan(s in "[ the anro\u{e9}\u{4e2d}]{0,60}") {
+            let t = synthetic();
+            let escaped = s.replace(' ', "▁");
+            let mut heap = Vec::new();
+            t.spm.as_ref().expect("spm").merge(&t.ids, &escaped, &mut heap);
+            proptest::prop_assert_eq!(heap, rescan(&t, &escaped));
+            proptest::prop_assert_eq!(t.decode(&t.encode(&s, true)).expect("decode"), s);
+        }
+    }
+}
