@@ -46,7 +46,8 @@ fn tokenizer_special_tokens_and_byte_fallback() {
     assert!(!plain.contains(&sot) && !plain.contains(&eot) && plain.contains(&nl));
     assert_eq!(t.decode(&plain).expect("decode"), text);
     // Inside a protected range a control string stays text.
-    let shielded = t.encode_protected(text, &[0..text.len()]);
+    let whole = std::ops::Range { start: 0, end: text.len() };
+    let shielded = t.encode_protected(text, std::slice::from_ref(&whole));
     assert_eq!(shielded, plain);
     // A character with no token of its own falls back to its UTF-8 bytes.
     let rare = "\u{10FFFD}";

@@ -124,7 +124,7 @@ impl Spm {
             // Two tokens with one string: the lower id (llama.cpp leaves the order open).
             g.ids.entry(s.as_bytes().into()).or_insert((i as u32, parse_only));
         }
-        groups.sort_by(|a, b| b.len.cmp(&a.len));
+        groups.sort_by_key(|g| std::cmp::Reverse(g.len));
         Ok(Self { scores, byte_ids, unk, add_space_prefix, groups })
     }
 
