@@ -7,7 +7,8 @@
 
 use rayon::prelude::*;
 
-use crate::math::{dot_f32, rms_norm, silu, softmax};
+use crate::arch::{Activation, RopePairs};
+use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{Q8Act, QK, RowPrep, act_scales, dequantize_row, dot_row, dot_rows, quantize_act, scales_stride};
 
@@ -156,18 +157,35 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     );
 }
 
-/// Rotate pairs `(x[2i], x[2i+1])` of each head by the table's angle for `pos`.
-fn rope(model: &Model, x: &mut [f32], n_heads: usize, pos: usize) {
+/// Rotate the pairs of each head's first `rope_dim` dimensions — `(x[2i], x[2i+1])`
+/// or `(x[i], x[i + rope_dim/2])`, as the architecture pairs them — by the angles of
+/// `pos` in the layer's table: `(x0·c − x1·s, x0·s + x1·c)`.
+fn rope(model: &Model, local: bool, x: &mut [f32], n_heads: usize, pos: usize) {
     let hd = model.hp.head_dim;
     let half = model.hp.rope_dim / 2;
-    let table = &model.rope[pos * half..(pos + 1) * half];
+    let table = if local { &model.rope_local } else { &model.rope };
+    let table = &table[pos * half..(pos + 1) * half];
     for h in 0..n_heads {
         let v = &mut x[h * hd..(h + 1) * hd];
         for (i, &(c, s)) in table.iter().enumerate() {
-            let (x0, x1) = (v[2 * i], v[2 * i + 1]);
-            v[2 * i] = x0 * c - x1 * s;
-            v[2 * i + 1] = x0 * s + x1 * c;
+            let (a, b) = match model.spec.rope_pairs {
+                RopePairs::Adjacent => (2 * i, 2 * i + 1),
+                RopePairs::Halves => (i, i + half),
+            };
+            let (x0, x1) = (v[a], v[b]);
+            v[a] = x0 * c - x1 * s;
+            v[b] = x0 * s + x1 * c;
         }
+    }
+}
+
+/// RMSNorm of each `w.len()`-wide piece of `x` in place (rows of the residual width,
+/// or heads for QK-norm).
+fn norm_each(x: &mut [f32], w: &[f32], eps: f32, tmp: &mut Vec<f32>) {
+    for piece in x.chunks_exact_mut(w.len()) {
+        tmp.clear();
+        tmp.extend_from_slice(piece);
+        rms_norm(tmp, w, eps, piece);
     }
 }
 
@@ -222,7 +240,7 @@ enum Head {
 
 fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Result<Vec<Vec<f32>>, ModelError> {
     let hp = &model.hp;
-    let (d, kvd, hd) = (hp.n_embd, hp.kv_dim(), hp.head_dim);
+    let (d, kvd, hd, qd) = (hp.n_embd, hp.kv_dim(), hp.head_dim, hp.q_dim());
     let bytes = model.bytes();
     let rows = plan_rows(model, batch)?;
     if batch.iter().any(|it| it.seq.device.is_some()) {
@@ -233,12 +251,18 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
     for (r, &(_, _, t)) in rows.iter().enumerate() {
         dequantize_row(model.token_embd.ty, model.token_embd.row(bytes, t as usize), &mut x[r * d..(r + 1) * d]);
     }
+    if let Some(scale) = hp.embd_scale {
+        for xi in &mut x {
+            *xi *= scale;
+        }
+    }
+    let mut tmp = Vec::new();
     let mut xn = vec![0.0f32; n * d];
     let (mut q, mut k, mut v, mut o, mut g, mut u, mut down) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut attn = vec![0.0f32; n * d];
+    let mut attn = vec![0.0f32; n * qd];
     let group = hp.n_head / hp.n_head_kv;
-    let scale = 1.0f32 / (hd as f32).sqrt();
+    let scale = hp.attn_scale;
     for (li, layer) in model.layers.iter().enumerate() {
         for r in 0..n {
             rms_norm(&x[r * d..(r + 1) * d], &layer.attn_norm, hp.rms_eps, &mut xn[r * d..(r + 1) * d]);
@@ -246,15 +270,20 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         let act = Act::new(std::mem::take(&mut xn), d);
         matmul_many(bytes, &act, &mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)]);
         xn = act.f;
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            norm_each(&mut q, qn, hp.rms_eps, &mut tmp);
+            norm_each(&mut k, kn, hp.rms_eps, &mut tmp);
+        }
         for (r, &(i, pos, _)) in rows.iter().enumerate() {
-            rope(model, &mut q[r * d..(r + 1) * d], hp.n_head, pos);
-            rope(model, &mut k[r * kvd..(r + 1) * kvd], hp.n_head_kv, pos);
+            rope(model, layer.local, &mut q[r * qd..(r + 1) * qd], hp.n_head, pos);
+            rope(model, layer.local, &mut k[r * kvd..(r + 1) * kvd], hp.n_head_kv, pos);
             let seq = &mut *batch[i].seq;
             debug_assert_eq!(seq.k[li].len(), pos * kvd);
             seq.k[li].extend_from_slice(&k[r * kvd..(r + 1) * kvd]);
             seq.v[li].extend_from_slice(&v[r * kvd..(r + 1) * kvd]);
         }
-        // Attention: one task per (row, head).
+        // Attention: one task per (row, head), over the positions the layer sees.
+        let window = if layer.local { hp.sliding_window } else { usize::MAX };
         let caches: Vec<(&[f32], &[f32])> = batch.iter().map(|it| (&it.seq.k[li][..], &it.seq.v[li][..])).collect();
         let attn_ptr = OutPtr(attn.as_mut_ptr());
         (0..n * hp.n_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
@@ -262,26 +291,30 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             let (i, pos, _) = rows[r];
             let (kc, vc) = caches[i];
             let kh = h / group;
-            let qh = &q[r * d + h * hd..r * d + (h + 1) * hd];
+            let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+            let first = (pos + 1).saturating_sub(window);
             scores.clear();
-            for t in 0..=pos {
+            for t in first..=pos {
                 let kt = &kc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
                 scores.push(dot_f32(qh, kt) * scale);
             }
             softmax(scores);
-            // SAFETY: each (r, h) task owns attn[r*d + h*hd ..][..hd].
-            let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * d + h * hd), hd) };
+            // SAFETY: each (r, h) task owns attn[r*qd + h*hd ..][..hd].
+            let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * qd + h * hd), hd) };
             out.fill(0.0);
-            for (t, &p) in scores.iter().enumerate() {
+            for (t, &p) in (first..=pos).zip(scores.iter()) {
                 let vt = &vc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
                 for (acc, &vv) in out.iter_mut().zip(vt) {
                     *acc += p * vv;
                 }
             }
         });
-        let act = Act::new(std::mem::take(&mut attn), d);
+        let act = Act::new(std::mem::take(&mut attn), qd);
         matmul_many(bytes, &act, &mut [(&layer.wo, &mut o)]);
         attn = act.f;
+        if let Some(w) = &layer.post_attn_norm {
+            norm_each(&mut o, w, hp.rms_eps, &mut tmp);
+        }
         for (xi, oi) in x.iter_mut().zip(&o) {
             *xi += oi;
         }
@@ -291,12 +324,16 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         let act = Act::new(std::mem::take(&mut xn), d);
         matmul_many(bytes, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
         xn = act.f;
-        for (gi, ui) in g.iter_mut().zip(&u) {
-            *gi = silu(*gi) * ui;
+        match model.spec.activation {
+            Activation::Silu => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = silu(*gi) * ui),
+            Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = gelu_tanh(*gi) * ui),
         }
         let act = Act::new(std::mem::take(&mut g), hp.n_ff);
         matmul_many(bytes, &act, &mut [(&layer.w_down, &mut down)]);
         g = act.f;
+        if let Some(w) = &layer.post_ffn_norm {
+            norm_each(&mut down, w, hp.rms_eps, &mut tmp);
+        }
         for (xi, di) in x.iter_mut().zip(&down) {
             *xi += di;
         }

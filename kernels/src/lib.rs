@@ -1,11 +1,13 @@
-//! sampo's model runtime: GGUF loading, the tokenizer, the Llama-family forward pass,
-//! sampling, and the compute backends behind one trait. Knows nothing of networks.
+//! sampo's model runtime: GGUF loading, the tokenizers, the forward pass of each
+//! architecture in [`arch`] (Llama family, Gemma 3), sampling, and the compute
+//! backends behind one trait. Knows nothing of networks.
 //!
 //! The determinism contract (`DESIGN.md`): for the same model file, prompt and
 //! sampling parameters, every backend produces the same tokens, bit for bit, whatever
 //! the thread count, batch composition or load. The canonical arithmetic is written
 //! down in [`math`] and [`quant`]; backends must follow it exactly.
 
+pub mod arch;
 pub mod chat;
 pub mod cpu;
 pub mod cuda;
@@ -204,13 +206,15 @@ impl Engine {
         &self.model.tokenizer
     }
 
-    /// Render chat messages with the model's template and tokenize (specials parsed).
+    /// Render chat messages with the model's template (the file's, else its
+    /// architecture's built-in) and tokenize (specials parsed), with `bos` first when
+    /// the file asks for it.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, KernelError> {
         let t = &self.model.tokenizer;
         let name =
             |id: Option<u32>| id.and_then(|i| t.token_bytes(i).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
         let text = chat::render(
-            t.chat_template.as_deref(),
+            Some(t.chat_template.as_deref().unwrap_or(self.model.spec.default_chat_template)),
             messages,
             true,
             &name(t.bos).unwrap_or_default(),
@@ -224,7 +228,7 @@ impl Engine {
             return Err(KernelError::SpecialInMessage(i));
         }
         let protected: Vec<std::ops::Range<usize>> = ranges.into_iter().flatten().collect();
-        Ok(t.encode_protected(&text, &protected))
+        Ok(t.with_bos(t.encode_protected(&text, &protected)))
     }
 
     /// Logits after feeding `tokens` to a fresh sequence.

@@ -123,6 +123,22 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+// GELU (tanh approximation) constants, as f32 bit patterns so the CUDA header can
+// write the very same values: 0.044715 and 2·sqrt(2/π) = 1.5957691216…
+const GELU_A: f32 = f32::from_bits(0x3D37_2713);
+const GELU_K: f32 = f32::from_bits(0x3FCC_422A);
+
+/// Deterministic GELU, tanh approximation:
+/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, computed as the identical
+/// `x / (1 + exp(-t))` with `t = GELU_K · (x + GELU_A · ((x·x)·x))` (since
+/// `(1 + tanh(u))/2 = 1/(1 + e^(-2u))`), each operation rounded once, in this order,
+/// with [`exp`] — no tanh from a platform libm.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let t = GELU_K * (x + GELU_A * ((x * x) * x));
+    x / (1.0 + exp(-t))
+}
+
 /// Softmax in place: `p_t = exp(s_t - max) / Σ exp(s_u - max)` with the canonical sum.
 pub fn softmax(s: &mut [f32]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -193,6 +209,29 @@ mod tests {
             let want = x as f64 / (1.0 + (-x as f64).exp());
             assert!((silu(x) as f64 - want).abs() <= 1e-6 * want.abs().max(1.0));
         }
+    }
+
+    #[test]
+    fn gelu_constants_are_the_documented_values() {
+        assert_eq!(GELU_A, 0.044715f32);
+        assert_eq!(GELU_K, (2.0 * (2.0 / std::f64::consts::PI).sqrt()) as f32);
+    }
+
+    #[test]
+    fn gelu_tanh_matches_definition() {
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let xd = x as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd * xd * xd);
+            let want = 0.5 * xd * (1.0 + u.tanh());
+            let got = gelu_tanh(x) as f64;
+            assert!((got - want).abs() <= 2e-6 * want.abs().max(1e-3), "gelu({x}) = {got}, want {want}");
+            x += 0.0173;
+        }
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert_eq!(gelu_tanh(1e30), 1e30);
+        assert_eq!(gelu_tanh(-1e30), 0.0);
+        assert!(gelu_tanh(f32::NAN).is_nan());
     }
 
     #[test]

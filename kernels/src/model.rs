@@ -1,9 +1,11 @@
-//! A Llama-family model loaded from GGUF: hyper-parameters, weight views into the
-//! memory map (never copied), the tokenizer and the host-computed RoPE table.
+//! A model loaded from GGUF: its architecture's description (`arch`),
+//! hyper-parameters, weight views into the memory map (never copied), the tokenizer
+//! and the host-computed RoPE tables.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::arch::{ArchSpec, EmbedScale};
 use crate::gguf::{GgmlType, GgufError, GgufFile, TensorInfo};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -13,7 +15,7 @@ pub enum ModelError {
     Gguf(#[from] GgufError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("unsupported architecture `{0}` (supported: llama)")]
+    #[error("unsupported architecture `{0}` (supported: {supported})", supported = crate::arch::supported())]
     UnsupportedArch(String),
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
     Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
@@ -42,15 +44,32 @@ pub struct Hparams {
     pub n_ff: usize,
     pub n_ctx: usize,
     pub n_vocab: usize,
+    /// Per head, of queries, keys and values alike (`attention.key_length`; else
+    /// `n_embd / n_head`).
     pub head_dim: usize,
     pub rope_dim: usize,
+    /// RoPE base of the global layers (`rope.freq_base`).
     pub rope_base: f32,
     pub rms_eps: f32,
+    /// Positions a local layer sees, the current one included; 0 when no layer is local.
+    pub sliding_window: usize,
+    /// RoPE base of the local layers, when there are any.
+    pub rope_base_local: Option<f32>,
+    /// Scores are `(q · k) · attn_scale`, with `attn_scale = 1 / sqrt(head_dim)`.
+    pub attn_scale: f32,
+    /// Token embeddings are multiplied by this before the first layer, when set.
+    pub embd_scale: Option<f32>,
 }
 
 impl Hparams {
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+
+    /// Width of the queries and of the attention output: `n_head · head_dim` (Gemma 3
+    /// 270M: 4 · 256 = 1024 for a 640-wide residual stream).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
     }
 }
 
@@ -99,18 +118,34 @@ pub struct Layer {
     pub w_gate: Matrix,
     pub w_up: Matrix,
     pub w_down: Matrix,
+    /// Per-head RMSNorm weights of queries and keys (`head_dim` each), for
+    /// architectures with QK-norm.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// RMSNorm of the attention output and of the FFN output before their residual
+    /// adds, for architectures with post-norms.
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
+    /// Sliding-window layer: attends to the last `hp.sliding_window` positions and
+    /// rotates with `Model::rope_local`.
+    pub local: bool,
 }
 
 pub struct Model {
     pub file: Arc<GgufFile>,
+    /// The architecture's description, which the forward pass follows.
+    pub spec: &'static ArchSpec,
     pub hp: Hparams,
     pub tokenizer: Tokenizer,
     pub token_embd: Matrix,
     pub output: Matrix,
     pub output_norm: Vec<f32>,
     pub layers: Vec<Layer>,
-    /// `rope[p * rope_dim/2 + i] = (cos, sin)` of `p · base^(-2i/rope_dim)`.
+    /// `rope[p * rope_dim/2 + i] = (cos, sin)` of `p · base^(-2i/rope_dim)`, with the
+    /// global layers' base.
     pub rope: Vec<(f32, f32)>,
+    /// The same with the local layers' base; empty when no layer is local.
+    pub rope_local: Vec<(f32, f32)>,
     /// blake3 of the whole file: the model id.
     pub file_hash: [u8; 32],
 }
@@ -135,9 +170,7 @@ impl Model {
 
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {
         let arch = file.get_str("general.architecture")?.to_owned();
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArch(arch));
-        }
+        let spec = crate::arch::lookup(&arch).ok_or_else(|| ModelError::UnsupportedArch(arch.clone()))?;
         let k = |s: &str| format!("{arch}.{s}");
         let n_embd = u(&file, &k("embedding_length"))?;
         let n_layer = u(&file, &k("block_count"))?;
@@ -148,8 +181,8 @@ impl Model {
         };
         let n_ff = u(&file, &k("feed_forward_length"))?;
         let n_ctx = u(&file, &k("context_length"))?;
-        let rope_base = file.get_f32(&k("rope.freq_base")).unwrap_or(10_000.0);
-        let rms_eps = file.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5);
+        let rope_base = file.get_f32(&k("rope.freq_base")).unwrap_or(spec.default_rope_base);
+        let rms_eps = file.get_f32(&k("attention.layer_norm_rms_epsilon")).unwrap_or(spec.default_rms_eps);
         let bad = |m: String| Err(ModelError::Hparams(m));
         if n_embd == 0 || n_layer == 0 || n_head == 0 || n_head_kv == 0 || n_ff == 0 || n_ctx == 0 {
             return bad("a dimension is zero".into());
@@ -157,10 +190,21 @@ impl Model {
         if n_embd > 1 << 16 || n_ff > 1 << 18 || n_layer > 1024 || n_head > 1024 {
             return bad("dimensions are implausibly large".into());
         }
-        if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
-            return bad(format!("{n_embd} dims, {n_head} heads, {n_head_kv} kv heads do not divide"));
+        if n_head % n_head_kv != 0 {
+            return bad(format!("{n_head} heads, {n_head_kv} kv heads do not divide"));
         }
-        let head_dim = n_embd / n_head;
+        // Gemma's heads are wider than n_embd / n_head; the file then says how wide.
+        let head_dim = match file.get(&k("attention.key_length")) {
+            Some(_) => u(&file, &k("attention.key_length"))?,
+            None if n_embd % n_head == 0 => n_embd / n_head,
+            None => return bad(format!("{n_embd} dims do not divide into {n_head} heads")),
+        };
+        if file.get(&k("attention.value_length")).is_some() && u(&file, &k("attention.value_length"))? != head_dim {
+            return bad("value length differs from key length".into());
+        }
+        if head_dim == 0 || head_dim > 1 << 12 {
+            return bad(format!("head dim {head_dim}"));
+        }
         let rope_dim = match file.get(&k("rope.dimension_count")) {
             Some(_) => u(&file, &k("rope.dimension_count"))?,
             None => head_dim,
@@ -169,6 +213,16 @@ impl Model {
             return bad(format!("head dim {head_dim}, rope dim {rope_dim}"));
         }
         let n_ctx = n_ctx.min(1 << 17);
+        let (sliding_window, rope_base_local) = match spec.layers {
+            crate::arch::LayerPattern::AllGlobal => (0, None),
+            crate::arch::LayerPattern::LocalThenGlobal { local_rope_base, .. } => {
+                let w = u(&file, &k("attention.sliding_window"))?;
+                if w == 0 {
+                    return bad("sliding window of 0 positions".into());
+                }
+                (w, Some(local_rope_base))
+            }
+        };
         let embd =
             file.tensor("token_embd.weight").ok_or_else(|| GgufError::MissingTensor("token_embd.weight".into()))?;
         let n_vocab = *embd.dims.get(1).unwrap_or(&0) as usize;
@@ -190,6 +244,13 @@ impl Model {
             rope_dim,
             rope_base,
             rms_eps,
+            sliding_window,
+            rope_base_local,
+            attn_scale: 1.0f32 / (head_dim as f32).sqrt(),
+            embd_scale: match spec.embed_scale {
+                EmbedScale::None => None,
+                EmbedScale::SqrtEmbd => Some((n_embd as f32).sqrt()),
+            },
         };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
             let t = file.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
@@ -217,7 +278,9 @@ impl Model {
             crate::quant::dequantize_row(t.ty, file.tensor_data(t), &mut out);
             Ok(out)
         };
-        let kvd = hp.kv_dim();
+        let (kvd, qd) = (hp.kv_dim(), hp.q_dim());
+        // A tensor the architecture has: required, with its shape.
+        let opt_vec = |has: bool, name: &str, n: usize| if has { vec(name, n).map(Some) } else { Ok(None) };
         let token_embd = mat("token_embd.weight", n_vocab, n_embd)?;
         let output = match file.tensor("output.weight") {
             Some(_) => mat("output.weight", n_vocab, n_embd)?,
@@ -229,19 +292,37 @@ impl Model {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
                 attn_norm: vec(&p("attn_norm"), n_embd)?,
-                wq: mat(&p("attn_q"), n_embd, n_embd)?,
+                wq: mat(&p("attn_q"), qd, n_embd)?,
                 wk: mat(&p("attn_k"), kvd, n_embd)?,
                 wv: mat(&p("attn_v"), kvd, n_embd)?,
-                wo: mat(&p("attn_output"), n_embd, n_embd)?,
+                wo: mat(&p("attn_output"), n_embd, qd)?,
                 ffn_norm: vec(&p("ffn_norm"), n_embd)?,
                 w_gate: mat(&p("ffn_gate"), n_ff, n_embd)?,
                 w_up: mat(&p("ffn_up"), n_ff, n_embd)?,
                 w_down: mat(&p("ffn_down"), n_embd, n_ff)?,
+                q_norm: opt_vec(spec.qk_norm, &p("attn_q_norm"), head_dim)?,
+                k_norm: opt_vec(spec.qk_norm, &p("attn_k_norm"), head_dim)?,
+                post_attn_norm: opt_vec(spec.post_norms, &p("post_attention_norm"), n_embd)?,
+                post_ffn_norm: opt_vec(spec.post_norms, &p("post_ffw_norm"), n_embd)?,
+                local: spec.layers.is_local(i),
             });
         }
         let rope = rope_table(n_ctx, rope_dim, rope_base);
+        let rope_local = rope_base_local.map_or_else(Vec::new, |b| rope_table(n_ctx, rope_dim, b));
         let file_hash = *blake3::hash(file.bytes()).as_bytes();
-        Ok(Self { file: Arc::new(file), hp, tokenizer, token_embd, output, output_norm, layers, rope, file_hash })
+        Ok(Self {
+            file: Arc::new(file),
+            spec,
+            hp,
+            tokenizer,
+            token_embd,
+            output,
+            output_norm,
+            layers,
+            rope,
+            rope_local,
+            file_hash,
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {

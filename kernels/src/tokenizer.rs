@@ -1,6 +1,8 @@
-//! GPT-2-style byte-level BPE built from a GGUF file's `tokenizer.ggml.*` metadata.
+//! Tokenizers built from a GGUF file's `tokenizer.ggml.*` metadata: GPT-2-style
+//! byte-level BPE (`tokenizer.ggml.model = "gpt2"`, below) and SentencePiece
+//! (`"llama"`, in [`spm`]).
 //!
-//! Pre-tokenization follows llama.cpp's `smollm` rules: first every numeric character
+//! BPE pre-tokenization follows llama.cpp's `smollm` rules: first every numeric character
 //! is split off on its own (`\p{N}`), then each piece is split by the GPT-2 pattern
 //! `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
 //! Special tokens (control and user-defined types) found in the text are emitted as
@@ -13,16 +15,21 @@ use unicode_general_category::{GeneralCategory, get_general_category};
 
 use crate::gguf::{GgufError, GgufFile};
 
+mod spm;
+
 /// llama.cpp token types.
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
+pub const TOKEN_TYPE_UNKNOWN: i32 = 2;
 pub const TOKEN_TYPE_CONTROL: i32 = 3;
 pub const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+pub const TOKEN_TYPE_UNUSED: i32 = 5;
+pub const TOKEN_TYPE_BYTE: i32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unsupported tokenizer model `{0}` (supported: gpt2)")]
+    #[error("unsupported tokenizer model `{0}` (supported: gpt2, llama)")]
     UnsupportedModel(String),
     #[error("tokenizer metadata: {0}")]
     Invalid(String),
@@ -39,8 +46,13 @@ pub struct Tokenizer {
     merges: HashMap<(u32, u32), (u32, u32)>,
     byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
-    /// Special tokens, longest first, for matching in text.
+    /// Special tokens, longest first, for matching in text (SentencePiece: those that
+    /// only `parse_special` makes special, control and unknown tokens).
     specials: Vec<(String, u32)>,
+    /// SentencePiece's own state; `None` for BPE.
+    spm: Option<Box<spm::Spm>>,
+    /// Whether a prompt starts with `bos` (`tokenizer.ggml.add_bos_token`).
+    pub add_bos: bool,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub eot: Vec<u32>,
@@ -252,7 +264,7 @@ mod stats {
 impl Tokenizer {
     pub fn from_gguf(f: &GgufFile) -> Result<Self, TokenizerError> {
         let model = f.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::UnsupportedModel(model.to_owned()));
         }
         let tokens: Vec<String> = f
@@ -285,11 +297,34 @@ impl Tokenizer {
             None => Vec::new(),
         };
         let id = |key: &str| f.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
-        let mut t = Self::new(tokens, types, &merges)?;
+        let flag = |key: &str| match f.get(key) {
+            Some(crate::gguf::MetaValue::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let is_spm = model == "llama";
+        let mut t = if is_spm {
+            let scores: Vec<f32> = f
+                .get_array("tokenizer.ggml.scores")?
+                .iter()
+                .map(|v| match v {
+                    crate::gguf::MetaValue::F32(x) => Some(*x),
+                    _ => None,
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| TokenizerError::Invalid("tokenizer.ggml.scores holds a non-f32".into()))?;
+            let unk = id("tokenizer.ggml.unknown_token_id").filter(|&i| (i as usize) < tokens.len());
+            // llama.cpp's defaults for SentencePiece when the file does not say.
+            let space_prefix = flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            Self::new_spm(tokens, types, scores, unk, space_prefix)?
+        } else {
+            Self::new(tokens, types, &merges)?
+        };
+        t.add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(is_spm);
         t.bos = id("tokenizer.ggml.bos_token_id").filter(|&i| (i as usize) < t.tokens.len());
         t.eos = id("tokenizer.ggml.eos_token_id").filter(|&i| (i as usize) < t.tokens.len());
         t.eot = t.eos.into_iter().collect();
-        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        // End-of-turn tokens that also end generation, as llama.cpp's EOG set.
+        for name in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
             if let Some(&i) = t.ids.get(name)
                 && !t.eot.contains(&i)
             {
@@ -336,12 +371,89 @@ impl Tokenizer {
             byte_to_char,
             char_to_byte,
             specials,
+            spm: None,
+            add_bos: false,
             bos: None,
             eos: None,
             eot: Vec::new(),
             chat_template: None,
             max_token_bytes,
         })
+    }
+
+    /// A SentencePiece tokenizer: `scores` rank merges (higher first), `<0xXX>` byte
+    /// tokens are the fallback, `add_space_prefix` puts a space before the text.
+    pub fn new_spm(
+        tokens: Vec<String>,
+        types: Vec<i32>,
+        scores: Vec<f32>,
+        unk: Option<u32>,
+        add_space_prefix: bool,
+    ) -> Result<Self, TokenizerError> {
+        if tokens.is_empty() || tokens.len() > u32::MAX as usize / 2 {
+            return Err(TokenizerError::Invalid(format!("vocabulary of {} tokens", tokens.len())));
+        }
+        if types.len() != tokens.len() {
+            return Err(TokenizerError::Invalid(format!("{} token types for {} tokens", types.len(), tokens.len())));
+        }
+        let spm = spm::Spm::new(&tokens, &types, scores, unk, add_space_prefix)?;
+        // Later ids win for repeated strings, as in llama.cpp's map (and `new`).
+        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, s)| (s.clone(), i as u32)).collect();
+        let mut specials: Vec<(String, u32)> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (s, t))| (**t == TOKEN_TYPE_CONTROL || **t == TOKEN_TYPE_UNKNOWN) && !s.is_empty())
+            .map(|(i, (s, _))| (s.clone(), i as u32))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        // A token's text is never shorter than the bytes it stands for (`▁` and
+        // `<0xXX>` are longer), so the longest text bounds them; plus a space prefix.
+        let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1) + 1;
+        Ok(Self {
+            tokens,
+            types,
+            ids,
+            merges: HashMap::new(),
+            byte_to_char: ['\0'; 256],
+            char_to_byte: HashMap::new(),
+            specials,
+            spm: Some(Box::new(spm)),
+            add_bos: false,
+            bos: None,
+            eos: None,
+            eot: Vec::new(),
+            chat_template: None,
+            max_token_bytes,
+        })
+    }
+
+    /// Encode a prompt as the model expects it: `bos` first when the file asks for it
+    /// (`add_bos`), then `text` with special tokens parsed.
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut out: Vec<u32> = self.bos.filter(|_| self.add_bos).into_iter().collect();
+        out.extend(self.encode(text, true));
+        out
+    }
+
+    /// `tokens` with `bos` in front when the file asks for it and it is not there yet.
+    pub fn with_bos(&self, mut tokens: Vec<u32>) -> Vec<u32> {
+        if let Some(b) = self.bos.filter(|_| self.add_bos)
+            && tokens.first() != Some(&b)
+        {
+            tokens.insert(0, b);
+        }
+        tokens
+    }
+
+    /// Whether this is a SentencePiece tokenizer.
+    pub fn is_spm(&self) -> bool {
+        self.spm.is_some()
+    }
+
+    /// Whether SentencePiece puts a space before the text (`add_space_prefix`).
+    pub fn add_space_prefix(&self) -> bool {
+        self.spm.as_ref().is_some_and(|s| s.add_space_prefix())
     }
 
     /// The fewest tokens `bytes` bytes of text can encode to.
@@ -368,6 +480,11 @@ impl Tokenizer {
 
     /// Encode `text`; special-token strings in it are parsed when `parse_special`.
     pub fn encode(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        if let Some(spm) = &self.spm {
+            let mut out = Vec::new();
+            spm.encode(&self.ids, text, parse_special, &[], &mut out);
+            return out;
+        }
         if !parse_special {
             let mut out = Vec::new();
             self.encode_plain(text, &mut out);
@@ -382,6 +499,10 @@ impl Tokenizer {
     /// and inside the ranges is tokenized as one, so nothing else changes.
     pub fn encode_protected(&self, text: &str, protected: &[std::ops::Range<usize>]) -> Vec<u32> {
         let mut out = Vec::new();
+        if let Some(spm) = &self.spm {
+            spm.encode(&self.ids, text, true, protected, &mut out);
+            return out;
+        }
         let shielded = |p: usize, len: usize| protected.iter().any(|r| p < r.end && r.start < p + len);
         // Where each special next occurs at or after `pos` (None: nowhere). Kept across
         // matches so that a text full of specials is scanned about once per special;
@@ -495,8 +616,18 @@ impl Tokenizer {
     /// The raw bytes a token stands for (special tokens: their text).
     pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>, TokenizerError> {
         let s = self.tokens.get(id as usize).ok_or(TokenizerError::UnknownId(id))?;
-        if self.types[id as usize] == TOKEN_TYPE_CONTROL || self.types[id as usize] == TOKEN_TYPE_USER_DEFINED {
+        let ty = self.types[id as usize];
+        if ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED {
             return Ok(s.as_bytes().to_vec());
+        }
+        if self.spm.is_some() {
+            // As llama.cpp's `token_to_piece` for SentencePiece.
+            return Ok(match ty {
+                TOKEN_TYPE_BYTE => spm::parse_byte_token(s).map_or_else(|| s.as_bytes().to_vec(), |b| vec![b]),
+                TOKEN_TYPE_UNKNOWN => s.as_bytes().to_vec(),
+                TOKEN_TYPE_UNUSED => Vec::new(),
+                _ => spm::unescape(s),
+            });
         }
         Ok(s.chars()
             .flat_map(|c| match self.char_to_byte.get(&c) {

@@ -12,6 +12,12 @@ fn synth_model() -> Arc<Model> {
     Arc::new(Model::from_gguf(GgufFile::from_bytes(synthesize(&SynthSpec::default())).expect("gguf")).expect("model"))
 }
 
+/// The synthetic Gemma 3: local layers with a window of 8, so prompts of a few
+/// dozen tokens slide it.
+fn synth_gemma3() -> Arc<Model> {
+    Arc::new(Model::from_gguf(GgufFile::from_bytes(synthesize(&SynthSpec::gemma3())).expect("gguf")).expect("model"))
+}
+
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -36,6 +42,16 @@ fn logits_identical_across_thread_counts_synthetic() {
 }
 
 #[test]
+fn logits_identical_across_thread_counts_gemma3() {
+    let m = synth_gemma3();
+    let p = m.tokenizer.encode_prompt("the quick brown fox jumps over the lazy dog, and then the other one");
+    assert!(p.len() > 3 * m.hp.sliding_window, "the prompt slides the window");
+    check_threads(&m, &p);
+    let m = common::gemma3_f32_model();
+    check_threads(&m, &m.tokenizer.encode_prompt("The capital of France is"));
+}
+
+#[test]
 fn logits_identical_across_thread_counts_real_model() {
     let m = common::real_model();
     let p = m.tokenizer.encode("The capital of France is", false);
@@ -46,29 +62,75 @@ fn logits_identical_across_thread_counts_real_model() {
 /// prefill and decode steps, must be the same bits.
 #[test]
 fn logits_identical_across_batch_compositions() {
-    for m in [synth_model(), common::real_model()] {
-        let e = engine(&m, 2);
-        let prompts: Vec<Vec<u32>> = ["Hello world!", "Once upon a time", "12345 678901 3.14159"]
-            .iter()
-            .map(|t| m.tokenizer.encode(t, false))
-            .collect();
+    check_batch_compositions(&[synth_model(), common::real_model()]);
+}
+
+#[test]
+fn logits_identical_across_batch_compositions_gemma3() {
+    check_batch_compositions(&[synth_gemma3(), common::gemma3_f32_model()]);
+}
+
+fn check_batch_compositions(models: &[Arc<Model>]) {
+    for m in models {
+        let e = engine(m, 2);
+        let prompts: Vec<Vec<u32>> =
+            ["Hello world!", "Once upon a time, in a land far away, there lived", "12345 678901 3.14159"]
+                .iter()
+                .map(|t| m.tokenizer.encode_prompt(t))
+                .collect();
         let alone: Vec<Vec<f32>> = prompts.iter().map(|p| e.logits(p).expect("alone")).collect();
         // All three in one prefill batch.
-        let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::new(&m)).collect();
+        let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::new(m)).collect();
         let mut batch: Vec<BatchItem<'_>> =
             seqs.iter_mut().zip(&prompts).map(|(seq, p)| BatchItem { seq, tokens: p }).collect();
-        let together = e.backend().forward(&m, &mut batch).expect("batch");
+        let together = e.backend().forward(m, &mut batch).expect("batch");
         for (a, t) in alone.iter().zip(&together) {
             assert_eq!(bits(a), bits(t), "batch of 3 vs alone");
         }
         // Prefill token by token (decode path, batch of one row) vs whole prompt.
-        let mut seq = Sequence::new(&m);
+        let mut seq = Sequence::new(m);
         let mut last = Vec::new();
         for &t in &prompts[1] {
-            last = e.backend().forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &[t] }]).expect("step").remove(0);
+            last = e.backend().forward(m, &mut [BatchItem { seq: &mut seq, tokens: &[t] }]).expect("step").remove(0);
         }
         assert_eq!(bits(&last), bits(&alone[1]), "incremental vs whole prompt");
+        // Prefill in two chunks, the second inside a batch with another sequence.
+        let (head, tail) = prompts[1].split_at(prompts[1].len() / 2);
+        let mut seq = Sequence::new(m);
+        e.backend().forward(m, &mut [BatchItem { seq: &mut seq, tokens: head }]).expect("first chunk");
+        let mut other = Sequence::new(m);
+        let out = e
+            .backend()
+            .forward(
+                m,
+                &mut [BatchItem { seq: &mut other, tokens: &prompts[0] }, BatchItem { seq: &mut seq, tokens: tail }],
+            )
+            .expect("second chunk");
+        assert_eq!(bits(&out[1]), bits(&alone[1]), "chunked prefill in a batch vs whole prompt");
+        // Every row of a teacher-forced pass equals the decode step at its position.
+        let all = e.backend().forward_all(m, &mut Sequence::new(m), &prompts[1]).expect("forward_all");
+        assert_eq!(bits(all.last().expect("rows")), bits(&alone[1]), "forward_all vs whole prompt");
     }
+}
+
+/// Gemma 3's local layers see the last `sliding_window` positions only: a prompt
+/// within the window gives the same logits whatever the window, a longer one does not.
+#[test]
+fn gemma3_sliding_window_limits_local_layers() {
+    let with_window = |w: usize| {
+        let spec = SynthSpec {
+            arch: sampo_kernels::synth::SynthArch::Gemma3 { head_dim: 32, sliding_window: w },
+            ..SynthSpec::gemma3()
+        };
+        let m = Arc::new(Model::from_gguf(GgufFile::from_bytes(synthesize(&spec)).expect("gguf")).expect("model"));
+        engine(&m, 2)
+    };
+    let (narrow, wide) = (with_window(8), with_window(1024));
+    let short = narrow.tokenizer().encode_prompt("the ant");
+    let long = narrow.tokenizer().encode_prompt("the ant and the heron went on and on, then the tern");
+    assert!(short.len() <= 8 && long.len() > 8);
+    assert_eq!(bits(&narrow.logits(&short).expect("narrow")), bits(&wide.logits(&short).expect("wide")));
+    assert_ne!(bits(&narrow.logits(&long).expect("narrow")), bits(&wide.logits(&long).expect("wide")));
 }
 
 #[test]

@@ -202,6 +202,9 @@ impl<D: Device> CudaBackend<D> {
 
     fn upload_model(&self, model: &Model) -> Result<ModelState<D>, CudaError> {
         let hp = &model.hp;
+        if !model.spec.on_cuda {
+            return Err(CudaError::UnsupportedArch(model.spec.name));
+        }
         // Each warp of the fused norm/quantize kernels owns whole blocks of 32.
         if !hp.n_embd.is_multiple_of(32) || !hp.n_ff.is_multiple_of(32) {
             return Err(CudaError::UnsupportedShape(format!("n_embd {} and n_ff {}", hp.n_embd, hp.n_ff)));

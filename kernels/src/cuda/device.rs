@@ -109,6 +109,8 @@ pub enum CudaError {
     ForeignSequence,
     #[error("the CUDA backend needs widths that are multiples of 32; this model has {0}")]
     UnsupportedShape(String),
+    #[error("the CUDA backend does not run the `{0}` architecture yet; use the CPU backend")]
+    UnsupportedArch(&'static str),
     #[error("known-answer self-test failed: {0}")]
     SelfTest(String),
 }

@@ -39,8 +39,70 @@ pub fn real_model() -> Arc<Model> {
 }
 
 pub fn reference() -> serde_json::Value {
-    let p = repo_root().join("kernels/tests/data/smollm2-llamacpp.json");
+    read_reference("smollm2-llamacpp.json")
+}
+
+fn read_reference(name: &str) -> serde_json::Value {
+    let p = repo_root().join("kernels/tests/data").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("reference file")).expect("reference json")
+}
+
+/// The Gemma 3 270M file llama.cpp's reference outputs were made with.
+pub const GEMMA3_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
+pub fn gemma3_reference() -> serde_json::Value {
+    read_reference("gemma3-270m-llamacpp.json")
+}
+
+/// Path of the real Gemma 3 file (`SAMPO_MODEL_DIR`, else `models/`); never skips.
+pub fn gemma3_path() -> PathBuf {
+    let dir = std::env::var_os("SAMPO_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
+    let path = dir.join(GEMMA3_FILE);
+    assert!(path.exists(), "the Gemma 3 tests need {} (SAMPO_MODEL_DIR)", path.display());
+    path
+}
+
+/// The same model with every tensor type sampo cannot read yet dequantized to F32
+/// (`scripts/dequantize-gguf.py`): `SAMPO_GEMMA3_F32`, else `/tmp/gemma3-270m-f32.gguf`.
+/// Never skips: the message says how to make it.
+pub fn gemma3_f32_path() -> PathBuf {
+    let path = std::env::var_os("SAMPO_GEMMA3_F32")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/gemma3-270m-f32.gguf"));
+    assert!(
+        path.exists(),
+        "missing {}: make it with `scripts/dequantize-gguf.py {} {}` (pip install gguf numpy)",
+        path.display(),
+        gemma3_path().display(),
+        path.display()
+    );
+    path
+}
+
+/// Gemma 3 270M with its weights as they are in the file, dequantized to F32 where
+/// sampo cannot read the file's types yet.
+pub fn gemma3_f32_model() -> Arc<Model> {
+    static M: OnceLock<Arc<Model>> = OnceLock::new();
+    M.get_or_init(|| Arc::new(Model::load(&gemma3_f32_path()).expect("load the F32 Gemma 3 copy"))).clone()
+}
+
+/// The Gemma 3 tokenizer: from the real file, or from the F32 copy's (identical)
+/// metadata while the reader refuses the real file's tensor types.
+pub fn gemma3_tokenizer() -> Arc<sampo_kernels::Tokenizer> {
+    use sampo_kernels::gguf::{GgufError, GgufFile};
+    static T: OnceLock<Arc<sampo_kernels::Tokenizer>> = OnceLock::new();
+    T.get_or_init(|| {
+        let file = match GgufFile::open(&gemma3_path()) {
+            Ok(f) => f,
+            Err(GgufError::UnsupportedTensorType { .. }) => {
+                eprintln!("the reader refuses {GEMMA3_FILE}'s tensor types; tokenizer from the F32 copy");
+                GgufFile::open(&gemma3_f32_path()).expect("open the F32 copy")
+            }
+            Err(e) => panic!("open {GEMMA3_FILE}: {e}"),
+        };
+        Arc::new(sampo_kernels::Tokenizer::from_gguf(&file).expect("Gemma 3 tokenizer"))
+    })
+    .clone()
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
