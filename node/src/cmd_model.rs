@@ -189,7 +189,7 @@ fn run_model(a: RunArgs) -> anyhow::Result<()> {
     let prompt = if a.chat {
         engine.chat_prompt(&[ChatMessage { role: "user".into(), content: a.prompt.clone() }])?
     } else {
-        m.tokenizer.encode(&a.prompt, true)
+        m.tokenizer.encode_prompt(&a.prompt)
     };
     let p = SamplingParams {
         temperature: a.temperature,

@@ -44,6 +44,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
     pub backend: String,
     pub device: String,
@@ -53,6 +58,8 @@ pub struct DeviceLabels {
 pub struct NodeMetrics {
     pub tasks: Family<TaskLabels, Counter>,
     pub round_seconds: Histogram,
+    /// Where a round's time goes, phase by phase.
+    pub round_phase_seconds: Family<PhaseLabel, Histogram>,
     pub inference_tokens: Counter,
     pub decode_tokens_per_second: Histogram,
     pub time_to_first_token_seconds: Histogram,
@@ -97,10 +104,15 @@ impl NodeMetrics {
         self.device_memory_free_bytes.set(status.map_or(0, |d| clamp(d.memory_free_bytes)));
     }
 
+    pub fn observe_phase(&self, phase: &'static str, since: std::time::Instant) {
+        self.round_phase_seconds.get_or_create(&PhaseLabel { phase }).observe(since.elapsed().as_secs_f64());
+    }
+
     pub fn register(root: &mut Registry) -> Self {
         let m = Self {
             tasks: Family::default(),
             round_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 12)),
+            round_phase_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
             inference_tokens: Counter::default(),
             decode_tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             time_to_first_token_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
@@ -131,6 +143,12 @@ impl NodeMetrics {
             "Time from announcing a task to its final verdict (coordinator)",
             Unit::Seconds,
             m.round_seconds.clone(),
+        );
+        r.register_with_unit(
+            "round_phase_duration",
+            "Phases of a round: commits (announcement to reveal request) and reveals (to the verdict) at the coordinator; at members announcement (submission to seat, one clock), seat_prepare (stored-commit check, tokenizing), inference (queue and run), commit_store (the synced write before a commit is sent); apply (a verdict's synced write) everywhere",
+            Unit::Seconds,
+            m.round_phase_seconds.clone(),
         );
         r.register("inference_tokens", "Tokens generated", m.inference_tokens.clone());
         r.register(

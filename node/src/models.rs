@@ -46,7 +46,8 @@ impl LoadedModel {
     /// The prompt tokens of a task, exactly as every committee member computes them.
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, KernelError> {
         match prompt {
-            Prompt::Text(t) => Ok(self.engine.tokenizer().encode(t, true)),
+            // BOS first when the file asks for it (Gemma), as llama.cpp does.
+            Prompt::Text(t) => Ok(self.engine.tokenizer().encode_prompt(t)),
             Prompt::Chat(msgs) => {
                 let msgs: Vec<ChatMessage> =
                     msgs.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();

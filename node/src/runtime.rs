@@ -275,6 +275,7 @@ pub async fn run(mut p: LoopParts) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut announce = tokio::time::interval(p.announce_interval);
     let mut started: HashMap<TaskId, Instant> = HashMap::new();
+    let mut phase_clock: HashMap<TaskId, Instant> = HashMap::new();
     let verify_tx = match spawn_verifier(p.self_tx.clone()) {
         Ok(tx) => tx,
         Err(e) => {
@@ -328,6 +329,7 @@ pub async fn run(mut p: LoopParts) {
                     match p.consensus.submit(*spec.clone(), max_price, &cands, now_ms()) {
                         Ok((task, actions)) => {
                             started.insert(task, Instant::now());
+                            phase_clock.insert(task, Instant::now());
                             let view = p.consensus.view(&task);
                             p.board.update(task, |s| {
                                 s.model = spec.model.to_string();
@@ -419,12 +421,14 @@ pub async fn run(mut p: LoopParts) {
                         if envelope.open::<Commit>().is_ok_and(|c| c.task == task && c.attempt == attempt))
                 });
                 let commit = at.map(|i| actions.remove(i));
-                let (store, p2p) = (p.store.clone(), p.p2p.clone());
+                let (store, p2p, metrics) = (p.store.clone(), p.p2p.clone(), p.metrics.clone());
                 tokio::spawn(
                     async move {
+                        let t0 = Instant::now();
                         let stored =
                             tokio::task::spawn_blocking(move || store.store_commit(&task, attempt, &tokens, now_ms()))
                                 .await;
+                        metrics.observe_phase("commit_store", t0);
                         if !matches!(stored, Ok(Ok(()))) {
                             warn!(%task, "could not store a commit; not publishing it");
                             return;
@@ -437,7 +441,7 @@ pub async fn run(mut p: LoopParts) {
                 );
                 continue;
             }
-            act(&mut p, action, me, &mut started).await;
+            act(&mut p, action, me, (&mut started, &mut phase_clock)).await;
         }
     }
     info!("event loop stopped");
@@ -616,9 +620,34 @@ fn refresh_reputation_gauges(store: &Store, rp: &ReputationParams, m: &NodeMetri
     m.banned_peers.set(banned);
 }
 
-async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMap<TaskId, Instant>) {
+/// The task a coordinator's reveal request is about.
+fn envelope_task(env: &SignedEnvelope) -> Option<TaskId> {
+    env.open::<sampo_consensus::RevealRequest>().ok().map(|r| r.task)
+}
+
+async fn act(
+    p: &mut LoopParts,
+    action: Action,
+    me: PeerId,
+    (started, phase_clock): (&mut HashMap<TaskId, Instant>, &mut HashMap<TaskId, Instant>),
+) {
     match action {
-        Action::Publish { topic, envelope } => publish(&p.p2p, topic, envelope).await,
+        Action::Publish { topic, envelope } => {
+            // A coordinator's phase boundaries: the reveal request closes the commits, the
+            // verdict the reveals.
+            let phase = match envelope.kind() {
+                MessageKind::RevealRequest => Some("commits"),
+                _ => None,
+            };
+            if let Some(phase) = phase
+                && let Some(task) = envelope_task(&envelope)
+                && let Some(clock) = phase_clock.get_mut(&task)
+            {
+                p.metrics.observe_phase(phase, *clock);
+                *clock = Instant::now();
+            }
+            publish(&p.p2p, topic, envelope).await
+        }
         // Stored by the loop before the commit it precedes is published.
         Action::StoreCommit { .. } => {}
         Action::Execute { task, attempt, spec, .. } => {
@@ -631,6 +660,13 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             let (store, tx, executor, metrics) =
                 (p.store.clone(), p.self_tx.clone(), p.executor.clone(), p.metrics.clone());
             let max_tokens_per_task = p.max_tokens_per_task;
+            let seated = Instant::now();
+            // One host's clock: the announcement's way from the coordinator's submission
+            // to this seat (across hosts, this includes their clock skew).
+            p.metrics
+                .round_phase_seconds
+                .get_or_create(&crate::metrics::PhaseLabel { phase: "announcement" })
+                .observe(now_ms().saturating_sub(spec.created_ms) as f64 / 1000.0);
             tokio::spawn(
                 async move {
                     let back = |cmd| async { tx.send(cmd).await.is_ok() };
@@ -676,6 +712,8 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                         stream: None,
                         done,
                     };
+                    metrics.observe_phase("seat_prepare", seated);
+                    let queued = Instant::now();
                     if let Err(e) = executor.submit(job) {
                         metrics.queue_rejections.inc();
                         warn!(%task, error = %e, "declining a seat");
@@ -694,6 +732,7 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                         Ok(Err(e)) => Err(e),
                         Err(_) => Err("executor dropped the job".into()),
                     };
+                    metrics.observe_phase("inference", queued);
                     back(LoopCmd::Executed { task, attempt, tokens }).await;
                 }
                 .instrument(tracing::info_span!("seat", %task, attempt)),
@@ -719,7 +758,9 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
                     let vv = v.clone();
                     let result = tokio::task::spawn_blocking(move || {
                         let held = coordinating && store.hold_of(&vv.task()).ok().flatten().is_some();
+                        let t0 = Instant::now();
                         let r = store.apply_verdict(&vv, &effects, now_ms(), &rp);
+                        metrics.observe_phase("apply", t0);
                         // A hold this verdict closed: what it paid out and returned.
                         if held && let Ok(Some(c)) = store.closed_of(&vv.task()) {
                             metrics.fees_settled.inc_by(c.paid.saturating_add(c.returned));
@@ -764,6 +805,10 @@ async fn act(p: &mut LoopParts, action: Action, me: PeerId, started: &mut HashMa
             );
         }
         Action::Finished { task, outcome } => {
+            // The verdict follows in the same batch of actions.
+            if let Some(clock) = phase_clock.remove(&task) {
+                p.metrics.observe_phase("reveals", clock);
+            }
             if let Some(t0) = started.remove(&task) {
                 p.metrics.round_seconds.observe(t0.elapsed().as_secs_f64());
             }

@@ -20,6 +20,35 @@ fn latencies(net: &Testnet, k: usize, tasks: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Mean of each `sampo_round_phase_duration_seconds{phase}` over every node's /metrics.
+fn phase_means(net: &Testnet) -> Vec<(String, f64, u64)> {
+    let mut sums: std::collections::BTreeMap<String, (f64, u64)> = std::collections::BTreeMap::new();
+    for n in &net.nodes {
+        let Ok((_, text)) =
+            sampo_testnet::http("GET", &format!("{}/metrics", n.api_url), None, Duration::from_secs(10))
+        else {
+            continue;
+        };
+        for line in text.lines() {
+            for (suffix, is_sum) in [("_sum{", true), ("_count{", false)] {
+                let Some(rest) = line.strip_prefix(&format!("sampo_round_phase_duration_seconds{suffix}")) else {
+                    continue;
+                };
+                let Some((labels, value)) = rest.split_once("} ") else { continue };
+                let phase = labels.trim_start_matches("phase=\"").trim_end_matches('"').to_owned();
+                let v: f64 = value.trim().parse().unwrap_or(0.0);
+                let e = sums.entry(phase).or_default();
+                if is_sum {
+                    e.0 += v;
+                } else {
+                    e.1 += v as u64;
+                }
+            }
+        }
+    }
+    sums.into_iter().map(|(p, (s, c))| (p, s / c.max(1) as f64, c)).collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let sampo = PathBuf::from(args.get(1).expect("usage: testnet_bench <sampo binary> [nodes] [tasks]"));
@@ -40,6 +69,7 @@ fn main() {
     let net = Testnet::start(TestnetConfig::new(nodes, model, dir.join("net"), sampo)).expect("testnet");
     let ready = t0.elapsed().as_secs_f64();
     let verified = latencies(&net, 3, tasks);
+    let phases = phase_means(&net);
 
     // Saturation: 8 clients, each submitting to its own coordinator, for 20 s.
     let done = Arc::new(AtomicUsize::new(0));
@@ -79,6 +109,12 @@ fn main() {
         percentile(&verified, 0.5),
         percentile(&verified, 0.99)
     );
+    println!("where a verified round's time goes (means over all nodes, sequential tasks):");
+    println!("| phase | mean | count |");
+    println!("| --- | ---: | ---: |");
+    for (phase, mean, count) in phases {
+        println!("| {phase} | {:.2} ms | {count} |", mean * 1000.0);
+    }
     println!("saturation: {tps:.1} verified tasks/s (8 clients, 20 s, k = 3, 16 tokens each)");
     println!(
         "memory: {mean_rss:.0} MiB RSS per node on average (min {:.0}, max {:.0})",
