@@ -16,11 +16,14 @@ pub struct SynthSpec {
     pub n_head_kv: usize,
     pub n_ff: usize,
     pub n_ctx: usize,
+    /// Every matrix (embedding included) in this type; `None`: the default mix of
+    /// Q8_0, Q4_1 and Q4_0. A K-quant needs `n_embd` and `n_ff` multiples of 256.
+    pub weights: Option<GgmlType>,
 }
 
 impl Default for SynthSpec {
     fn default() -> Self {
-        Self { seed: 1, n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, n_ctx: 1024 }
+        Self { seed: 1, n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, n_ctx: 1024, weights: None }
     }
 }
 
@@ -84,6 +87,7 @@ pub fn synthesize(spec: &SynthSpec) -> Vec<u8> {
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
         .meta("tokenizer.chat_template", s(crate::chat::CHATML));
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let ty = spec.weights.unwrap_or(ty);
         let scale = 1.0 / (cols as f32).sqrt() * 1.7;
         let vals: Vec<f32> = (0..rows * cols).map(|_| rng.next() * scale).collect();
         w.tensor(name, &[cols as u64, rows as u64], ty, quantize_row(ty, &vals));

@@ -83,7 +83,8 @@ fn allocation_budget(n: usize) -> usize {
 fn seed() -> &'static Seed {
     static SEED: OnceLock<Seed> = OnceLock::new();
     SEED.get_or_init(|| {
-        let spec = SynthSpec { seed: 7, n_embd: 32, n_layer: 1, n_head: 2, n_head_kv: 1, n_ff: 32, n_ctx: 64 };
+        let spec =
+            SynthSpec { seed: 7, n_embd: 32, n_layer: 1, n_head: 2, n_head_kv: 1, n_ff: 32, n_ctx: 64, weights: None };
         let bytes = synthesize(&spec);
         let fields = header_fields(&bytes);
         let header_end = fields.iter().map(|f| f.at + f.width).max().unwrap_or(0);
