@@ -94,15 +94,177 @@ __device__ __forceinline__ float sampo_f16_at(const unsigned char* p) {
 // GGML block types (the GGUF type codes).
 #define SAMPO_Q4_0 2
 #define SAMPO_Q4_1 3
+#define SAMPO_Q5_0 6
+#define SAMPO_Q5_1 7
 #define SAMPO_Q8_0 8
+#define SAMPO_Q2_K 10
+#define SAMPO_Q3_K 11
+#define SAMPO_Q4_K 12
+#define SAMPO_Q5_K 13
+#define SAMPO_Q6_K 14
+
+__device__ __forceinline__ bool sampo_is_k(int ty) { return ty >= SAMPO_Q2_K && ty <= SAMPO_Q6_K; }
 
 __device__ __forceinline__ int sampo_block_bytes(int ty) {
-    return ty == SAMPO_Q8_0 ? 34 : (ty == SAMPO_Q4_1 ? 20 : 18);
+    switch (ty) {
+        case SAMPO_Q4_0: return 18;
+        case SAMPO_Q4_1: return 20;
+        case SAMPO_Q5_0: return 22;
+        case SAMPO_Q5_1: return 24;
+        case SAMPO_Q8_0: return 34;
+        case SAMPO_Q2_K: return 84;
+        case SAMPO_Q3_K: return 110;
+        case SAMPO_Q4_K: return 144;
+        case SAMPO_Q5_K: return 176;
+        default: return 210;  // Q6_K
+    }
+}
+
+// Bytes of a row of `cols` elements of a block type.
+__device__ __forceinline__ size_t sampo_row_bytes(int ty, int cols) {
+    return (size_t)(cols / (sampo_is_k(ty) ? 256 : SAMPO_QK)) * sampo_block_bytes(ty);
 }
 
 #define SAMPO_F32 0
 #define SAMPO_F16 1
 #define SAMPO_BF16 30
+
+// One 32-element chunk of a quantized row, decoded as quant.rs chunk::decode does:
+// quants q (element 4k + b in byte b of q[k], signed), the integer scales of its two
+// halves of 16 (sc0, sc1; 1 where the type has none), Q2_K's integer minimums (m0,
+// m1), and the f32 factors dw, mw.
+struct SampoChunk {
+    int q[8];
+    int sc0, sc1, m0, m1;
+    float dw, mw;
+};
+
+// How the chunk's integer sums become its term (quant.rs chunk::Form).
+#define SAMPO_FORM_PLAIN 0
+#define SAMPO_FORM_MIN 1
+#define SAMPO_FORM_SUBMIN 2
+
+__device__ __forceinline__ int sampo_form(int ty) {
+    if (ty == SAMPO_Q4_1 || ty == SAMPO_Q5_1 || ty == SAMPO_Q4_K || ty == SAMPO_Q5_K) return SAMPO_FORM_MIN;
+    if (ty == SAMPO_Q2_K) return SAMPO_FORM_SUBMIN;
+    return SAMPO_FORM_PLAIN;
+}
+
+// Q4_K/Q5_K scale and minimum j of the 12 packed bytes s (quant.rs k_scale_min).
+__device__ __forceinline__ void sampo_k_scale_min(const unsigned char* s, int j, int* sc, int* m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Q3_K scale i (0..16) of the 12 packed bytes s, minus 32 (quant.rs q3k_scales).
+__device__ __forceinline__ int sampo_q3k_scale(const unsigned char* s, int i) {
+    const int lo = (s[i % 8] >> (4 * (i / 8))) & 0xf;
+    const int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
+// Decode chunk c (elements 32c .. 32c + 32) of a row of block type ty.
+__device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* row, int c, SampoChunk* ch) {
+    int v[SAMPO_QK];
+    ch->sc0 = 1;
+    ch->sc1 = 1;
+    ch->m0 = 0;
+    ch->m1 = 0;
+    ch->mw = 0.0f;
+    if (!sampo_is_k(ty)) {
+        const unsigned char* b = row + (size_t)c * sampo_block_bytes(ty);
+        ch->dw = sampo_f16_at(b);
+        if (ty == SAMPO_Q8_0) {
+            for (int i = 0; i < SAMPO_QK; ++i) v[i] = (signed char)b[2 + i];
+        } else if (ty == SAMPO_Q4_0 || ty == SAMPO_Q4_1) {
+            const unsigned char* q = b + (ty == SAMPO_Q4_1 ? 4 : 2);
+            if (ty == SAMPO_Q4_1) ch->mw = sampo_f16_at(b + 2);
+            for (int i = 0; i < 16; ++i) {
+                v[i] = (q[i] & 15) - (ty == SAMPO_Q4_0 ? 8 : 0);
+                v[i + 16] = (q[i] >> 4) - (ty == SAMPO_Q4_0 ? 8 : 0);
+            }
+        } else {  // Q5_0, Q5_1: d [, m], 32 high bits, 16 bytes of nibbles
+            const int at = ty == SAMPO_Q5_1 ? 4 : 2;
+            if (ty == SAMPO_Q5_1) ch->mw = sampo_f16_at(b + 2);
+            const unsigned int qh = (unsigned int)b[at] | ((unsigned int)b[at + 1] << 8) |
+                                    ((unsigned int)b[at + 2] << 16) | ((unsigned int)b[at + 3] << 24);
+            const unsigned char* q = b + at + 4;
+            const int off = ty == SAMPO_Q5_0 ? 16 : 0;
+            for (int i = 0; i < 16; ++i) {
+                v[i] = ((q[i] & 15) | (((qh >> i) & 1) << 4)) - off;
+                v[i + 16] = ((q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - off;
+            }
+        }
+    } else {
+        const unsigned char* b = row + (size_t)(c / 8) * sampo_block_bytes(ty);
+        const int j = c % 8, h = j / 4, s = j % 4;
+        if (ty == SAMPO_Q2_K) {
+            ch->dw = sampo_f16_at(b + 80);
+            ch->mw = sampo_f16_at(b + 82);
+            for (int l = 0; l < SAMPO_QK; ++l) v[l] = (b[16 + 32 * h + l] >> (2 * s)) & 3;
+            ch->sc0 = b[2 * j] & 15;
+            ch->sc1 = b[2 * j + 1] & 15;
+            ch->m0 = b[2 * j] >> 4;
+            ch->m1 = b[2 * j + 1] >> 4;
+        } else if (ty == SAMPO_Q3_K) {
+            ch->dw = sampo_f16_at(b + 108);
+            for (int l = 0; l < SAMPO_QK; ++l) {
+                v[l] = ((b[32 + 32 * h + l] >> (2 * s)) & 3) - (((b[l] >> j) & 1) ? 0 : 4);
+            }
+            ch->sc0 = sampo_q3k_scale(b + 96, 2 * j);
+            ch->sc1 = sampo_q3k_scale(b + 96, 2 * j + 1);
+        } else if (ty == SAMPO_Q4_K || ty == SAMPO_Q5_K) {
+            int sc, m;
+            sampo_k_scale_min(b + 4, j, &sc, &m);
+            // Exact products (11-bit significand times 6-bit integer); mw negated.
+            ch->dw = __fmul_rn(sampo_f16_at(b), (float)sc);
+            ch->mw = -__fmul_rn(sampo_f16_at(b + 2), (float)m);
+            const int qs = ty == SAMPO_Q5_K ? 48 : 16;
+            for (int l = 0; l < SAMPO_QK; ++l) {
+                int q = (b[qs + 32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
+                if (ty == SAMPO_Q5_K) q |= ((b[16 + l] >> j) & 1) << 4;
+                v[l] = q;
+            }
+        } else {  // Q6_K
+            ch->dw = sampo_f16_at(b + 208);
+            for (int l = 0; l < SAMPO_QK; ++l) {
+                const int lo = (b[64 * h + 32 * (s % 2) + l] >> (4 * (s / 2))) & 15;
+                const int hi = (b[128 + 32 * h + l] >> (2 * s)) & 3;
+                v[l] = (lo | (hi << 4)) - 32;
+            }
+            ch->sc0 = (signed char)b[192 + 2 * j];
+            ch->sc1 = (signed char)b[192 + 2 * j + 1];
+        }
+    }
+    for (int k = 0; k < 8; ++k) {
+        ch->q[k] = (int)((unsigned int)(v[4 * k] & 0xff) | ((unsigned int)(v[4 * k + 1] & 0xff) << 8) |
+                         ((unsigned int)(v[4 * k + 2] & 0xff) << 16) | ((unsigned int)(v[4 * k + 3] & 0xff) << 24));
+    }
+}
+
+// The chunk's canonical term against activation quants xq (8 ints of 4) with scale dx
+// and sum sx (quant.rs Chunk::term): S = sc0 * sum_lo(q x) + sc1 * sum_hi(q x), exact;
+// t = (dw * dx) * S [+ mw * sx | - (mw * dx) * M, M = m0 * sum_lo(x) + m1 * sum_hi(x)].
+__device__ __forceinline__ float sampo_chunk_term(int form, const SampoChunk* ch, const int* xq, float dx, float sx) {
+    int s0 = 0, s1 = 0;
+    for (int k = 0; k < 4; ++k) s0 = __dp4a(ch->q[k], xq[k], s0);
+    for (int k = 4; k < 8; ++k) s1 = __dp4a(ch->q[k], xq[k], s1);
+    const float t = __fmul_rn(__fmul_rn(ch->dw, dx), __int2float_rn(ch->sc0 * s0 + ch->sc1 * s1));
+    if (form == SAMPO_FORM_MIN) return __fadd_rn(t, __fmul_rn(ch->mw, sx));
+    if (form == SAMPO_FORM_SUBMIN) {
+        int x0 = 0, x1 = 0;
+        for (int k = 0; k < 4; ++k) x0 = __dp4a(0x01010101, xq[k], x0);
+        for (int k = 4; k < 8; ++k) x1 = __dp4a(0x01010101, xq[k], x1);
+        const float m = __int2float_rn(ch->m0 * x0 + ch->m1 * x1);
+        return __fsub_rn(t, __fmul_rn(__fmul_rn(ch->mw, dx), m));
+    }
+    return t;
+}
 
 // Element i of a row of type ty, as quant.rs dequantize_row computes it.
 __device__ __forceinline__ float sampo_dequant(int ty, const unsigned char* row, int i) {
@@ -116,14 +278,17 @@ __device__ __forceinline__ float sampo_dequant(int ty, const unsigned char* row,
         const unsigned char* p = row + 2 * (size_t)i;
         return __uint_as_float(((unsigned int)p[0] << 16) | ((unsigned int)p[1] << 24));
     }
+    // (dw * sc_h) * q, plus mw (Min) or minus mw * m_h (SubMin), h the half of 16.
+    SampoChunk ch;
+    sampo_decode_chunk(ty, row, i / SAMPO_QK, &ch);
     const int j = i % SAMPO_QK;
-    const unsigned char* blk = row + (size_t)(i / SAMPO_QK) * sampo_block_bytes(ty);
-    const float d = sampo_f16_at(blk);
-    if (ty == SAMPO_Q8_0) return __fmul_rn(d, (float)(signed char)blk[2 + j]);
-    const unsigned char* q = blk + (ty == SAMPO_Q4_1 ? 4 : 2);
-    const int v = j < 16 ? (q[j] & 15) : (q[j - 16] >> 4);
-    if (ty == SAMPO_Q4_1) return __fadd_rn(__fmul_rn(d, (float)v), sampo_f16_at(blk + 2));
-    return __fmul_rn(d, __fsub_rn((float)v, 8.0f));
+    const int q = (signed char)(ch.q[j / 4] >> (8 * (j % 4)));
+    const bool hi = j >= 16;
+    const float v = __fmul_rn(__fmul_rn(ch.dw, (float)(hi ? ch.sc1 : ch.sc0)), (float)q);
+    const int form = sampo_form(ty);
+    if (form == SAMPO_FORM_MIN) return __fadd_rn(v, ch.mw);
+    if (form == SAMPO_FORM_SUBMIN) return __fsub_rn(v, __fmul_rn(ch.mw, (float)(hi ? ch.m1 : ch.m0)));
+    return v;
 }
 
 // Row r's KV cache at position t of `layer`: ptrs[r] is laid out [layer][cap[r]][kvd].

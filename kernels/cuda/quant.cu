@@ -17,10 +17,11 @@ extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char
 // out[r, row] = canonical dot of weight row `row` with activation row `r`, for up to
 // three matrices of one type that share the input (q/k/v, gate/up): one launch, their
 // rows one after another in the grid (rows1 = 0 / rows2 = 0 for fewer). One warp per
-// weight row and group of SAMPO_MM_ROWS activation rows; lane l takes blocks l, l + 32,
-// ... in increasing order (the integer dot is exact, any order), then the butterfly.
-// Block term: (dw * dx) * isum, plus mw * sx for Q4_1. Blocks are 2-byte aligned
-// (18, 20 and 34 bytes), so the quants are read as 16-bit halves.
+// weight row and group of SAMPO_MM_ROWS activation rows; lane l takes chunks of 32
+// l, l + 32, ... in increasing order (the integer dot is exact, any order), then the
+// butterfly. Q4_0/Q4_1/Q8_0 have a direct path: block term (dw * dx) * isum, plus
+// mw * sx for Q4_1; blocks are 2-byte aligned (18, 20 and 34 bytes), so the quants are
+// read as 16-bit halves. Every other type goes through sampo_decode_chunk.
 extern "C" __global__ void matmul_q(const unsigned char* __restrict__ w0, float* __restrict__ out0, int rows0,
                                     const unsigned char* __restrict__ w1, float* __restrict__ out1, int rows1,
                                     const unsigned char* __restrict__ w2, float* __restrict__ out2, int rows2,
@@ -46,11 +47,32 @@ extern "C" __global__ void matmul_q(const unsigned char* __restrict__ w0, float*
     }
     if (row >= rows) return;
     const int nb = cols / SAMPO_QK;
+    float l[SAMPO_MM_ROWS];
+    for (int k = 0; k < SAMPO_MM_ROWS; ++k) l[k] = 0.0f;
+    if (ty != SAMPO_Q4_0 && ty != SAMPO_Q4_1 && ty != SAMPO_Q8_0) {
+        // Q5_0, Q5_1 and the K-quants: each chunk of 32 decoded once (common.cuh), then
+        // its canonical term for every activation row; chunk b is lane b % 32's.
+        const unsigned char* wrow = w + (size_t)row * sampo_row_bytes(ty, cols);
+        const int form = sampo_form(ty);
+        for (int b = lane; b < nb; b += SAMPO_LANES) {
+            SampoChunk ch;
+            sampo_decode_chunk(ty, wrow, b, &ch);
+            for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
+                const int r = r0 + k;
+                if (r >= n_act) break;
+                const size_t ab = (size_t)r * nb + b;
+                l[k] = __fadd_rn(l[k], sampo_chunk_term(form, &ch, (const int*)(qs + ab * SAMPO_QK), xd[ab], xs[ab]));
+            }
+        }
+        for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
+            const float v = sampo_butterfly(l[k]);
+            if (lane == 0 && r0 + k < n_act) out[(size_t)(r0 + k) * rows + row] = v;
+        }
+        return;
+    }
     const int bb = sampo_block_bytes(ty);
     const int nw = ty == SAMPO_Q8_0 ? 8 : 4;
     const unsigned char* wrow = w + (size_t)row * nb * bb;
-    float l[SAMPO_MM_ROWS];
-    for (int k = 0; k < SAMPO_MM_ROWS; ++k) l[k] = 0.0f;
     for (int b = lane; b < nb; b += SAMPO_LANES) {
         const unsigned char* wb = wrow + (size_t)b * bb;
         const unsigned short* w16 = (const unsigned short*)(wb + (ty == SAMPO_Q4_1 ? 4 : 2));

@@ -124,7 +124,7 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
         || (Vec::new(), RowPrep::default(), Vec::new()),
         |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
             let w = mats[j];
-            if w.ty.block_len() == QK && n >= BATCHED_MIN_ROWS {
+            if w.ty.is_quantized() && n >= BATCHED_MIN_ROWS {
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);
                     tile.resize(r1 - r0, 0.0);
@@ -142,7 +142,7 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
             for o in lo..hi {
                 let row = w.row(bytes, o);
                 for r in 0..n {
-                    let v = if w.ty.block_len() == QK {
+                    let v = if w.ty.is_quantized() {
                         dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
                     } else {
                         scratch.resize(w.cols, 0.0);

@@ -19,6 +19,12 @@ pub enum ModelError {
     UnsupportedArch(String),
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
     Shape { name: String, found: Vec<u64>, expected: Vec<u64> },
+    #[error(
+        "tensor `{name}` has type {}, which sampo cannot run (it runs {})",
+        .ty.describe(),
+        crate::gguf::SUPPORTED_TYPES.map(|t| t.name()).join(", ")
+    )]
+    UnsupportedType { name: String, ty: GgmlType },
     #[error("tensor `{name}` has type {ty}, which cannot be used as {role}")]
     TensorType { name: String, ty: GgmlType, role: &'static str },
     #[error("invalid hyper-parameter: {0}")]
@@ -160,9 +166,6 @@ fn u(f: &GgufFile, key: &str) -> Result<usize, ModelError> {
     Ok(f.get_u64(key)? as usize)
 }
 
-const MATMUL_TYPES: [GgmlType; 6] =
-    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F32, GgmlType::F16, GgmlType::BF16];
-
 impl Model {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         Self::from_gguf(GgufFile::open(path)?)
@@ -254,8 +257,8 @@ impl Model {
         };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix, ModelError> {
             let t = file.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
-            if !MATMUL_TYPES.contains(&t.ty) {
-                return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a matrix" });
+            if !t.ty.is_supported() {
+                return Err(ModelError::UnsupportedType { name: name.into(), ty: t.ty });
             }
             if t.ty.block_len() > 1 && !cols.is_multiple_of(32) {
                 return Err(ModelError::TensorType {
@@ -270,6 +273,9 @@ impl Model {
             let t = file.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.into()))?;
             if t.dims != [n as u64] {
                 return Err(ModelError::Shape { name: name.into(), found: t.dims.clone(), expected: vec![n as u64] });
+            }
+            if !t.ty.is_supported() {
+                return Err(ModelError::UnsupportedType { name: name.into(), ty: t.ty });
             }
             if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
                 return Err(ModelError::TensorType { name: name.into(), ty: t.ty, role: "a norm weight" });

@@ -20,6 +20,9 @@ pub struct SynthSpec {
     pub n_ff: usize,
     pub n_ctx: usize,
     pub arch: SynthArch,
+    /// Every matrix (embedding included) in this type; `None`: the default mix of
+    /// Q8_0, Q4_1 and Q4_0. A K-quant needs `n_embd` and `n_ff` multiples of 256.
+    pub weights: Option<GgmlType>,
 }
 
 /// Which architecture (and tokenizer) the synthetic model has.
@@ -45,6 +48,7 @@ impl Default for SynthSpec {
             n_ff: 128,
             n_ctx: 1024,
             arch: SynthArch::Llama,
+            weights: None,
         }
     }
 }
@@ -129,6 +133,7 @@ fn synthesize_llama(spec: &SynthSpec) -> Vec<u8> {
         .meta("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
         .meta("tokenizer.chat_template", s(crate::chat::CHATML));
     let mut mat = |w: &mut GgufWriter, name: &str, rows: usize, cols: usize, ty: GgmlType| {
+        let ty = spec.weights.unwrap_or(ty);
         let scale = 1.0 / (cols as f32).sqrt() * 1.7;
         let vals: Vec<f32> = (0..rows * cols).map(|_| rng.next() * scale).collect();
         w.tensor(name, &[cols as u64, rows as u64], ty, quantize_row(ty, &vals));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use sampo_kernels::cuda::emu::{EmuDevice, Fault};
 use sampo_kernels::cuda::{CudaBackend, CudaError, Kernel, known_answer_test};
-use sampo_kernels::gguf::GgufFile;
+use sampo_kernels::gguf::{GgmlType, GgufFile};
 use sampo_kernels::synth::{SynthSpec, synthesize};
 use sampo_kernels::{Backend, BatchItem, CpuBackend, Engine, Model, ModelError, SamplingParams, Sequence};
 
@@ -162,7 +162,6 @@ fn bad_input_is_a_typed_error_and_sequences_stay_on_their_backend() {
 #[test]
 fn float_weights_and_embeddings_follow_the_cpu() {
     use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of, bytes_of_mut};
-    use sampo_kernels::gguf::GgmlType;
     use sampo_kernels::math::dot_f32;
     use sampo_kernels::quant::{dequantize_row, quantize_row};
     let dev = EmuDevice::new();
@@ -256,4 +255,164 @@ fn real_model_on_the_emulator_is_the_cpu_bits() {
         }
     }
     eprintln!("real model on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Every block type with the byte offsets of its f16 fields.
+const BLOCK_TYPES: [(GgmlType, &[usize]); 10] = [
+    (GgmlType::Q4_0, &[0]),
+    (GgmlType::Q4_1, &[0, 2]),
+    (GgmlType::Q5_0, &[0]),
+    (GgmlType::Q5_1, &[0, 2]),
+    (GgmlType::Q8_0, &[0]),
+    (GgmlType::Q2_K, &[80, 82]),
+    (GgmlType::Q3_K, &[108]),
+    (GgmlType::Q4_K, &[0, 2]),
+    (GgmlType::Q5_K, &[0, 2]),
+    (GgmlType::Q6_K, &[208]),
+];
+
+/// `n` blocks of pseudo-random bytes whose f16 fields cycle through extreme finite
+/// values (zero, ±max, smallest normal, subnormals) and ordinary ones; with `all_max`
+/// every quant byte is 0xff.
+fn raw_blocks(ty: GgmlType, f16s: &[usize], n: usize, seed: u64, all_max: bool) -> Vec<u8> {
+    const F16: [u16; 10] = [0x0000, 0x8000, 0x7bff, 0xfbff, 0x0400, 0x0001, 0x03ff, 0x3c00, 0x2e66, 0xb266];
+    let bb = ty.block_bytes();
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out: Vec<u8> = (0..n * bb)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            if all_max { 0xff } else { s as u8 }
+        })
+        .collect();
+    for b in 0..n {
+        for (k, &o) in f16s.iter().enumerate() {
+            let h = F16[(b * 3 + k + seed as usize) % F16.len()];
+            out[b * bb + o..b * bb + o + 2].copy_from_slice(&h.to_le_bytes());
+        }
+    }
+    out
+}
+
+#[test]
+fn quantized_matmul_and_embedding_of_every_block_type_are_the_cpu_bits() {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of, bytes_of_mut};
+    use sampo_kernels::quant::{dequantize_row, dot_row, quantize_act};
+    let dev = EmuDevice::new();
+    let buf = |bytes: &[u8]| {
+        let b = dev.alloc(bytes.len().max(1)).expect("alloc");
+        dev.upload(dev.addr(&b), bytes).expect("upload");
+        b
+    };
+    // 5 activation rows: one whole group of 4 and a partial one; 7 weight rows.
+    let (rows, n_act) = (7usize, 5usize);
+    for (ty, f16s) in BLOCK_TYPES {
+        // Odd widths: 3 super-blocks (24 chunks) or 13 blocks; then 40 chunks, more than a warp.
+        for (cols, all_max) in [(3 * 256, false), (13 * 32, false), (5 * 256, true), (40 * 32, false)] {
+            if cols % ty.block_len() != 0 {
+                continue;
+            }
+            let row_bytes = (cols / ty.block_len()) * ty.block_bytes();
+            let w = raw_blocks(ty, f16s, rows * cols / ty.block_len(), cols as u64, all_max);
+            let x: Vec<f32> = (0..n_act * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let mut xq = Vec::new();
+            quantize_act(&x, &mut xq);
+            // An extreme activation block.
+            xq[1].qs = [-127; 32];
+            let nb = cols / 32;
+            let qs: Vec<u8> = xq.iter().flat_map(|b| b.qs.map(|v| v as u8)).collect();
+            let (xd, xs): (Vec<f32>, Vec<f32>) = xq.iter().map(|b| (b.d, b.s)).unzip();
+            let (wb, qb, db, sb) = (buf(&w), buf(&qs), buf(bytes_of(&xd)), buf(bytes_of(&xs)));
+            let out = dev.alloc(n_act * rows * 4).expect("alloc");
+            let z = || [Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)];
+            let mut args = vec![Arg::Ptr(dev.addr(&wb)), Arg::Ptr(dev.addr(&out)), Arg::I32(rows as i32)];
+            args.extend(z());
+            args.extend(z());
+            args.extend([
+                Arg::I32(ty.to_u32() as i32),
+                Arg::I32(cols as i32),
+                Arg::Ptr(dev.addr(&qb)),
+                Arg::Ptr(dev.addr(&db)),
+                Arg::Ptr(dev.addr(&sb)),
+                Arg::I32(n_act as i32),
+            ]);
+            dev.launch(Kernel::MatmulQ, Shape::new((2, 2), 128), &args).expect("matmul_q");
+            let mut got = vec![0f32; n_act * rows];
+            dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
+            for r in 0..n_act {
+                for o in 0..rows {
+                    let want = dot_row(ty, &w[o * row_bytes..(o + 1) * row_bytes], &xq[r * nb..(r + 1) * nb]);
+                    assert_eq!(
+                        got[r * rows + o].to_bits(),
+                        want.to_bits(),
+                        "{ty} cols {cols}: row {o}, activation {r}"
+                    );
+                }
+            }
+            // Embedding rows 6 and 2.
+            let toks = buf(bytes_of(&[6u32, 2]));
+            let emb = dev.alloc(2 * cols * 4).expect("alloc");
+            dev.launch(
+                Kernel::Embed,
+                Shape::new((cols.div_ceil(128) as u32, 2), 128),
+                &[
+                    Arg::Ptr(dev.addr(&wb)),
+                    Arg::I32(ty.to_u32() as i32),
+                    Arg::I32(row_bytes as i32),
+                    Arg::Ptr(dev.addr(&toks)),
+                    Arg::Ptr(dev.addr(&emb)),
+                    Arg::I32(cols as i32),
+                    Arg::I32(2),
+                ],
+            )
+            .expect("embed");
+            let mut got = vec![0f32; 2 * cols];
+            dev.download(dev.addr(&emb), bytes_of_mut(&mut got)).expect("download");
+            for (k, r) in [6usize, 2].into_iter().enumerate() {
+                let mut want = vec![0f32; cols];
+                dequantize_row(ty, &w[r * row_bytes..(r + 1) * row_bytes], &mut want);
+                assert_eq!(bits(&got[k * cols..(k + 1) * cols]), bits(&want), "{ty} cols {cols}: embedding row {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn models_of_every_new_type_run_the_cpu_bits_on_the_emulator() {
+    // A whole forward pass (prefill of two sequences, then a batched decode step) with
+    // every matrix, the embedding included, in one of the new types.
+    let cpu = CpuBackend::new(2).expect("cpu");
+    for ty in
+        [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K]
+    {
+        let spec = SynthSpec {
+            n_embd: 256,
+            n_ff: 512,
+            n_layer: 1,
+            n_ctx: 64,
+            weights: Some(ty),
+            seed: u64::from(ty.to_u32()),
+            ..SynthSpec::default()
+        };
+        let m = Model::from_gguf(GgufFile::from_bytes(synthesize(&spec)).expect("gguf")).expect("model");
+        let gpu = CudaBackend::new(EmuDevice::new());
+        let (mut c, mut g) = ([Sequence::new(&m), Sequence::new(&m)], [Sequence::new(&m), Sequence::new(&m)]);
+        for step in 0..2u64 {
+            let toks: Vec<Vec<u32>> =
+                if step == 0 { vec![tokens(&m, 6, 1), tokens(&m, 3, 2)] } else { vec![vec![5], vec![9]] };
+            let [c0, c1] = &mut c;
+            let [g0, g1] = &mut g;
+            let want = cpu
+                .forward(&m, &mut [BatchItem { seq: c0, tokens: &toks[0] }, BatchItem { seq: c1, tokens: &toks[1] }])
+                .expect("cpu");
+            let got = gpu
+                .forward(&m, &mut [BatchItem { seq: g0, tokens: &toks[0] }, BatchItem { seq: g1, tokens: &toks[1] }])
+                .expect("emulated cuda");
+            for k in 0..2 {
+                assert_eq!(bits(&got[k]), bits(&want[k]), "{ty}: step {step}, sequence {k}");
+                assert!(want[k].iter().all(|v| v.is_finite()), "{ty}: finite logits");
+            }
+        }
+    }
 }

@@ -47,7 +47,7 @@ fn logits_identical_across_thread_counts_gemma3() {
     let p = m.tokenizer.encode_prompt("the quick brown fox jumps over the lazy dog, and then the other one");
     assert!(p.len() > 3 * m.hp.sliding_window, "the prompt slides the window");
     check_threads(&m, &p);
-    let m = common::gemma3_f32_model();
+    let m = common::gemma3_model();
     check_threads(&m, &m.tokenizer.encode_prompt("The capital of France is"));
 }
 
@@ -67,7 +67,7 @@ fn logits_identical_across_batch_compositions() {
 
 #[test]
 fn logits_identical_across_batch_compositions_gemma3() {
-    check_batch_compositions(&[synth_gemma3(), common::gemma3_f32_model()]);
+    check_batch_compositions(&[synth_gemma3(), common::gemma3_model()]);
 }
 
 fn check_batch_compositions(models: &[Arc<Model>]) {

@@ -1,15 +1,13 @@
 //! Gemma 3 270M against llama.cpp's reference outputs: the SentencePiece tokenizer
 //! exactly, the chat template, and greedy continuations.
 //!
-//! The architecture runs on the F32 copy of the file (`scripts/dequantize-gguf.py`:
-//! the same weights, in a type sampo reads) and on the real Q4_K_M file, which needs
-//! the Q5_0/Q4_K/Q6_K readers.
+//! On the real Q4_K_M file (`scripts/fetch-model.sh gemma3`).
 
 mod common;
 
 use std::sync::Arc;
 
-use common::{gemma3_f32_model, gemma3_reference, gemma3_tokenizer, ids};
+use common::{gemma3_model, gemma3_reference, gemma3_tokenizer, ids};
 use sampo_kernels::{ChatMessage, CpuBackend, Engine, Model, SamplingParams};
 
 #[test]
@@ -63,7 +61,7 @@ fn tokenizer_special_tokens_and_byte_fallback() {
 
 #[test]
 fn chat_prompt_uses_the_builtin_gemma_template() {
-    let m = gemma3_f32_model();
+    let m = gemma3_model();
     assert!(m.tokenizer.chat_template.is_none(), "this file carries no template");
     let e = Engine::new(m.clone(), Arc::new(CpuBackend::new(1).expect("pool")));
     let msgs = [ChatMessage { role: "user".into(), content: "Hi <end_of_turn>".into() }];
@@ -119,18 +117,10 @@ fn greedy_against_llama_cpp(m: &Arc<Model>) -> Vec<String> {
     report
 }
 
-#[test]
-fn greedy_continuations_agree_with_llama_cpp_f32_copy() {
-    let m = gemma3_f32_model();
-    let report = greedy_against_llama_cpp(&m);
-    println!("{}", report.join("\n"));
-}
-
-/// The real Q4_K_M file: needs sampo to read Q5_0, Q4_K and Q6_K.
+/// The Q4_K_M file llama.cpp's reference was made with.
 #[test]
 fn greedy_continuations_agree_with_llama_cpp_q4_k_m() {
-    let m = Arc::new(Model::load(&common::gemma3_path()).expect("load the Q4_K_M Gemma 3 (needs Q5_0/Q4_K/Q6_K)"));
-    assert_eq!(m.tokenizer.encode("Hello world!", true), gemma3_tokenizer().encode("Hello world!", true));
+    let m = gemma3_model();
     let report = greedy_against_llama_cpp(&m);
     println!("{}", report.join("\n"));
 }

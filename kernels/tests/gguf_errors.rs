@@ -54,20 +54,39 @@ fn bad_magic_and_version() {
     assert!(matches!(GgufFile::from_bytes(bytes), Err(GgufError::UnsupportedVersion(9))));
 }
 
-#[test]
-fn unsupported_tensor_type_names_tensor_and_type() {
+/// The synthetic model with one tensor's type number replaced (its bytes kept).
+fn synth_with_type(tensor: &str, ty: GgmlType) -> Vec<u8> {
+    let f = GgufFile::from_bytes(synth()).expect("parse");
     let mut w = GgufWriter::new();
-    w.meta("general.architecture", MetaValue::String("llama".into()));
-    w.tensor("weird.weight", &[32], GgmlType::F32, vec![0; 128]);
-    let mut bytes = w.to_bytes();
-    // Patch the type id (u32 after the dims) to 14 (Q6_K): find it right after name + n_dims + dim.
-    let pos = bytes.windows(12).position(|win| win == b"weird.weight").expect("name") + 12 + 4 + 8;
-    bytes[pos..pos + 4].copy_from_slice(&14u32.to_le_bytes());
-    let err = GgufFile::from_bytes(bytes).expect_err("unsupported");
-    assert!(
-        matches!(&err, GgufError::UnsupportedTensorType { tensor, type_id: 14 } if tensor == "weird.weight"),
-        "{err}"
-    );
+    for (k, v) in &f.metadata {
+        w.meta(k, v.clone());
+    }
+    for t in &f.tensors {
+        let tt = if t.name == tensor { ty } else { t.ty };
+        w.tensor(&t.name, &t.dims, tt, f.tensor_data(t).to_vec());
+    }
+    w.to_bytes()
+}
+
+#[test]
+fn unsupported_tensor_types_are_read_and_refused_at_load_by_name() {
+    // IQ4_NL has Q4_0's block size, so only the type number differs: the file reads,
+    // the tensor keeps its type, and loading names tensor and type.
+    let name = "blk.1.attn_v.weight";
+    let f = GgufFile::from_bytes(synth()).expect("parse");
+    assert_eq!(f.tensor(name).expect("tensor").ty.block_bytes(), GgmlType::IQ4_NL.block_bytes());
+    let f = GgufFile::from_bytes(synth_with_type(name, GgmlType::IQ4_NL)).expect("an unsupported type still parses");
+    assert_eq!(f.tensor(name).expect("tensor").ty, GgmlType::IQ4_NL);
+    let err = Model::from_gguf(f).expect_err("unsupported");
+    assert!(matches!(&err, ModelError::UnsupportedType { name: n, ty: GgmlType::IQ4_NL } if n == name), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("IQ4_NL (type 20)") && msg.contains(name) && msg.contains("Q6_K"), "{msg}");
+    // A number ggml never assigned: kept raw, no size known, refused by number.
+    let f = GgufFile::from_bytes(synth_with_type(name, GgmlType::from_u32(77))).expect("an unknown type still parses");
+    let t = f.tensor(name).expect("tensor");
+    assert_eq!((t.ty, t.n_bytes), (GgmlType::Unknown(77), 0));
+    let err = Model::from_gguf(f).expect_err("unknown");
+    assert!(err.to_string().contains("unknown type 77"), "{err}");
 }
 
 #[test]

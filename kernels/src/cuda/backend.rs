@@ -328,7 +328,7 @@ impl<D: Device> CudaBackend<D> {
         let mut i = 0;
         while i < jobs.len() {
             let (m, out) = jobs[i];
-            if m.ty.block_len() != 32 {
+            if !m.ty.is_quantized() {
                 self.launch(
                     Kernel::MatmulF,
                     Shape::new((blocks(m.rows, 4), n as u32), TPB),

@@ -6,7 +6,7 @@ mod types;
 mod writer;
 
 pub use reader::{GgufError, GgufFile, TensorInfo, parse_header};
-pub use types::{GgmlType, MetaValue, ValueType};
+pub use types::{GgmlType, MetaValue, SUPPORTED_TYPES, ValueType};
 pub use writer::GgufWriter;
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";

@@ -23,8 +23,6 @@ pub enum GgufError {
     Truncated { what: String, offset: u64, needed: u64, len: u64 },
     #[error("invalid {what} at offset {offset}: {reason}")]
     Invalid { what: String, offset: u64, reason: String },
-    #[error("tensor `{tensor}` has unsupported type {type_id}")]
-    UnsupportedTensorType { tensor: String, type_id: u32 },
     #[error("tensor `{tensor}` ({ty}, {elements} elements): {reason}")]
     BadTensor { tensor: String, ty: GgmlType, elements: u64, reason: String },
     #[error("missing metadata key `{0}`")]
@@ -41,8 +39,11 @@ pub struct TensorInfo {
     pub name: String,
     /// Dimensions, innermost first (GGUF order): `dims[0]` is the row length.
     pub dims: Vec<u64>,
+    /// The type as the file names it, supported or not (see [`GgmlType::is_supported`]).
     pub ty: GgmlType,
     pub offset: u64,
+    /// Bytes of data; 0 for a type whose layout is unknown ([`GgmlType::Unknown`]),
+    /// whose extent cannot be checked (nor used).
     pub n_bytes: u64,
 }
 
@@ -325,9 +326,9 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         for _ in 0..n_dims {
             dims.push(c.u64(&name)?);
         }
-        let type_id = c.u32(&name)?;
-        let ty = GgmlType::from_u32(type_id)
-            .ok_or_else(|| GgufError::UnsupportedTensorType { tensor: name.clone(), type_id })?;
+        // Any type number is kept: a file sampo cannot run is still described (`sampo
+        // model inspect`), and loading it fails naming the type (`ModelError`).
+        let ty = GgmlType::from_u32(c.u32(&name)?);
         let rel = c.u64(&name)?;
         raw.push((name, dims, ty, rel));
     }
@@ -340,6 +341,19 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         let bad =
             |reason: String| GgufError::BadTensor { tensor: name.clone(), ty, elements: elements.unwrap_or(0), reason };
         let elements = elements.ok_or_else(|| bad("element count overflows".into()))?;
+        if ty.layout().is_none() {
+            if rel % alignment != 0 {
+                return Err(bad(format!("data offset {rel} is not aligned to {alignment}")));
+            }
+            let offset = data_offset.checked_add(rel).filter(|&o| o <= len).ok_or_else(|| GgufError::Truncated {
+                what: format!("data of tensor `{name}`"),
+                offset: data_offset.saturating_add(rel),
+                needed: 0,
+                len,
+            })?;
+            tensors.push(TensorInfo { name, dims, ty, offset, n_bytes: 0 });
+            continue;
+        }
         if dims[0] % ty.block_len() as u64 != 0 {
             return Err(bad(format!("row length {} is not a multiple of the block size {}", dims[0], ty.block_len())));
         }

@@ -54,52 +54,33 @@ pub fn gemma3_reference() -> serde_json::Value {
     read_reference("gemma3-270m-llamacpp.json")
 }
 
-/// Path of the real Gemma 3 file (`SAMPO_MODEL_DIR`, else `models/`); never skips.
+/// Path of the real Gemma 3 file (`SAMPO_MODEL_DIR`, else `models/`), fetched with
+/// `scripts/fetch-model.sh gemma3` when missing; never skips.
 pub fn gemma3_path() -> PathBuf {
     let dir = std::env::var_os("SAMPO_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("models"));
     let path = dir.join(GEMMA3_FILE);
-    assert!(path.exists(), "the Gemma 3 tests need {} (SAMPO_MODEL_DIR)", path.display());
+    if !path.exists() {
+        let status = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
+            .arg("gemma3")
+            .env("SAMPO_MODEL_DIR", &dir)
+            .status()
+            .expect("run scripts/fetch-model.sh gemma3");
+        assert!(status.success(), "scripts/fetch-model.sh gemma3 failed; the Gemma 3 tests need {}", path.display());
+    }
     path
 }
 
-/// The same model with every tensor type sampo cannot read yet dequantized to F32
-/// (`scripts/dequantize-gguf.py`): `SAMPO_GEMMA3_F32`, else `/tmp/gemma3-270m-f32.gguf`.
-/// Never skips: the message says how to make it.
-pub fn gemma3_f32_path() -> PathBuf {
-    let path = std::env::var_os("SAMPO_GEMMA3_F32")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/gemma3-270m-f32.gguf"));
-    assert!(
-        path.exists(),
-        "missing {}: make it with `scripts/dequantize-gguf.py {} {}` (pip install gguf numpy)",
-        path.display(),
-        gemma3_path().display(),
-        path.display()
-    );
-    path
-}
-
-/// Gemma 3 270M with its weights as they are in the file, dequantized to F32 where
-/// sampo cannot read the file's types yet.
-pub fn gemma3_f32_model() -> Arc<Model> {
+/// Gemma 3 270M Q4_K_M, loaded once.
+pub fn gemma3_model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
-    M.get_or_init(|| Arc::new(Model::load(&gemma3_f32_path()).expect("load the F32 Gemma 3 copy"))).clone()
+    M.get_or_init(|| Arc::new(Model::load(&gemma3_path()).expect("load Gemma 3 270M Q4_K_M"))).clone()
 }
 
-/// The Gemma 3 tokenizer: from the real file, or from the F32 copy's (identical)
-/// metadata while the reader refuses the real file's tensor types.
+/// The Gemma 3 tokenizer, from the real file.
 pub fn gemma3_tokenizer() -> Arc<sampo_kernels::Tokenizer> {
-    use sampo_kernels::gguf::{GgufError, GgufFile};
     static T: OnceLock<Arc<sampo_kernels::Tokenizer>> = OnceLock::new();
     T.get_or_init(|| {
-        let file = match GgufFile::open(&gemma3_path()) {
-            Ok(f) => f,
-            Err(GgufError::UnsupportedTensorType { .. }) => {
-                eprintln!("the reader refuses {GEMMA3_FILE}'s tensor types; tokenizer from the F32 copy");
-                GgufFile::open(&gemma3_f32_path()).expect("open the F32 copy")
-            }
-            Err(e) => panic!("open {GEMMA3_FILE}: {e}"),
-        };
+        let file = sampo_kernels::gguf::GgufFile::open(&gemma3_path()).expect("open Gemma 3");
         Arc::new(sampo_kernels::Tokenizer::from_gguf(&file).expect("Gemma 3 tokenizer"))
     })
     .clone()

@@ -1,0 +1,240 @@
+//! Quantized blocks and their dot products.
+//!
+//! Activations are quantized per block of 32 to 8 bits (`Q8Act`), for every weight
+//! type alike. A weight row is read as *chunks* of 32 elements, chunk `c` against
+//! activation block `c`: a block of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, or one of the eight
+//! 32-element chunks of a K-quant super-block of 256. Each chunk decodes ([`chunk`])
+//! into integer quants `q_i`, integer scales `sc_0`, `sc_1` for its two halves of 16
+//! (1 where the format has one scale for the chunk), and f32 factors `dw`, `mw`. Its dot
+//! with the activation quants `x_i` is an exact integer sum (any order, any SIMD width:
+//! integers don't round; every bound is below 2^24, so its conversion is exact too):
+//!
+//! `S = sc_0 · Σ_{i<16} q_i x_i + sc_1 · Σ_{i≥16} q_i x_i`,
+//! `M = m_0 · Σ_{i<16} x_i + m_1 · Σ_{i≥16} x_i` (Q2_K only)
+//!
+//! and gives one f32 term, each operation rounded once in this order:
+//!
+//! - Q4_0, Q5_0, Q8_0, Q3_K, Q6_K: `t = (dw · dx) · S`
+//! - Q4_1, Q5_1, Q4_K, Q5_K:       `t = (dw · dx) · S + mw · sx`   (`sx = dx · Σ x_i`, from `Q8Act`)
+//! - Q2_K:                         `t = (dw · dx) · S − (mw · dx) · M`
+//!
+//! where `dw` is the block's f16 scale `d` widened exactly to f32 — for Q4_K/Q5_K the
+//! product `d · sc_j` of the super-block scale and the chunk's 6-bit scale, which is
+//! exact in f32 — and `mw` is Q4_1/Q5_1's f16 minimum `m`, Q4_K/Q5_K's `−(dmin · m_j)`
+//! (exact, negated) or Q2_K's `dmin`. Q3_K/Q6_K/Q2_K keep their 16-element scales in
+//! the integer sum. The row's result is the canonical sum (`math`) of its chunk terms:
+//! chunk `c` goes to lane `c % 32`.
+//!
+//! Activation quantization of a block `x[0..32]`: `amax = max |x_i|`, `dx = amax / 127`,
+//! `inv = dx == 0 ? 0 : 1 / dx`, `q_i = round_half_away(x_i · inv)`, `sx = dx · Σ q_i`.
+//!
+//! Dequantization (embeddings): element `i` of a chunk is `(dw · sc_h) · q_i`, plus `mw`
+//! (Q4_1, Q5_1, Q4_K, Q5_K) or minus `mw · m_h` (Q2_K), `h = i / 16`: llama.cpp's values.
+
+use crate::gguf::GgmlType;
+use crate::math::{LANES, butterfly};
+
+pub const QK: usize = 32;
+
+/// One activation block quantized to 8 bits.
+#[derive(Clone, Copy, Debug)]
+#[repr(C, align(16))]
+pub struct Q8Act {
+    pub qs: [i8; QK],
+    pub d: f32,
+    /// `d · Σ qs`.
+    pub s: f32,
+}
+
+impl Default for Q8Act {
+    fn default() -> Self {
+        Self { qs: [0; QK], d: 0.0, s: 0.0 }
+    }
+}
+
+/// Quantize `x` (length a multiple of 32) into `out`.
+pub fn quantize_act(x: &[f32], out: &mut Vec<Q8Act>) {
+    out.clear();
+    for chunk in x.chunks_exact(QK) {
+        let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let mut b = Q8Act { d, ..Default::default() };
+        let mut sum = 0i32;
+        for (q, &v) in b.qs.iter_mut().zip(chunk) {
+            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            *q = r;
+            sum += i32::from(r);
+        }
+        b.s = d * sum as f32;
+        out.push(b);
+    }
+}
+
+/// Exact f16 → f32 widening (same result as F16C's `vcvtph2ps`).
+#[inline]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalize.
+            let shift = man.leading_zeros() - 21;
+            let man = (man << shift) & 0x3ff;
+            sign | ((113 - shift) << 23) | (man << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]))
+}
+
+/// Canonical dot of a quantized weight row with quantized activations (portable
+/// reference): chunk `c`'s term goes to lane `c % 32`, then the butterfly.
+pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    let form = chunk::form(ty);
+    let mut l = [0.0f32; LANES];
+    for (c, xc) in x.iter().enumerate() {
+        l[c % LANES] += chunk::decode(ty, row, c).term(form, xc);
+    }
+    butterfly(&mut l)
+}
+
+/// Canonical dot, SIMD where the CPU has it. Bit-identical to [`dot_row_scalar`].
+#[inline]
+pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 is present; `row` holds `x.len()` blocks (checked by the caller's shapes).
+        return unsafe { x86::dot_row_avx2(ty, row, x) };
+    }
+    dot_row_scalar(ty, row, x)
+}
+
+/// Blocks per SIMD group: the padding unit of [`RowPrep`] and [`act_scales`].
+const GROUP: usize = 8;
+
+/// Entries per row of [`act_scales`]' output: `nb` rounded up to whole groups of 8.
+pub fn scales_stride(nb: usize) -> usize {
+    nb.div_ceil(GROUP) * GROUP
+}
+
+/// Each activation row's block scales `d` and sums `s` (`x` holds rows of `nb`
+/// blocks), every row padded with zeros to whole groups of 8 blocks: the layout
+/// [`dot_rows`] loads with one instruction per group.
+pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
+    let stride = scales_stride(nb);
+    let rows = x.len().checked_div(nb).unwrap_or(0);
+    d.clear();
+    s.clear();
+    d.resize(rows * stride, 0.0);
+    s.resize(rows * stride, 0.0);
+    for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+        for (b, xb) in xr.iter().enumerate() {
+            d[r * stride + b] = xb.d;
+            s[r * stride + b] = xb.s;
+        }
+    }
+}
+
+/// One quantized weight row unpacked for [`dot_rows`]: each block's 32 weights as
+/// bytes in activation order (their magnitudes too, for signed types), its scale and
+/// minimum widened to f32, padded with zero blocks to whole groups of 8. Done once per
+/// weight row, it saves every activation row the nibble unpacking and f16 widening.
+#[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub struct RowPrep {
+    w: Vec<[u8; QK]>,
+    abs: Vec<[u8; QK]>,
+    dw: Vec<f32>,
+    mw: Vec<f32>,
+    /// Q3_K/Q6_K: each chunk's pair multipliers (`sc_0` ×8, `sc_1` ×8, as i16).
+    sc: Vec<[i16; 16]>,
+}
+
+/// Canonical dots of one quantized weight row with several activation rows:
+/// `out[r] = dot_row(ty, row, x[r*nb..(r+1)*nb])` bit for bit, where `nb = x.len() /
+/// out.len()`; `xd`/`xs` come from [`act_scales`] for the same rows. The weight row is
+/// unpacked once for all rows (batched prefill and replay).
+pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &mut RowPrep, out: &mut [f32]) {
+    let n = out.len();
+    if n == 0 {
+        return;
+    }
+    let nb = x.len() / n;
+    // Q2_K (rare) has a second integer sum per chunk; it takes the one-row path.
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && ty != GgmlType::Q2_K {
+        let stride = scales_stride(nb);
+        let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
+        assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
+        assert!(xd.len() >= n * stride && xs.len() >= n * stride, "activation scales for {n} rows");
+        // SAFETY: AVX2 and F16C are present; the lengths read are asserted above.
+        unsafe {
+            x86::prepare_row_avx2(ty, row, nb, prep);
+            x86::dot_rows_avx2(ty, x, xd, xs, prep, out);
+        }
+        return;
+    }
+    let _ = (xd, xs, prep);
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_row(ty, row, &x[r * nb..(r + 1) * nb]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
+}
+
+/// Dequantize one row of `n` elements to f32 (embedding lookup, tests).
+pub fn dequantize_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        ty if ty.is_quantized() => {
+            let form = chunk::form(ty);
+            for (c, o) in out.chunks_exact_mut(QK).enumerate() {
+                let ch = chunk::decode(ty, row, c);
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = ch.value(form, i);
+                }
+            }
+        }
+        // Unsupported types never reach here: `Model` refuses them at load.
+        _ => {}
+    }
+}
+
+mod chunk;
+mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use quantize::quantize_row;
+
+#[cfg(test)]
+mod tests;

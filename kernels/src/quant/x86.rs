@@ -1,0 +1,538 @@
+//! AVX2 dot products, bit-identical to the portable ones in [`super::chunk`].
+
+use std::arch::x86_64::*;
+
+use super::chunk::{self, Form};
+use super::*;
+
+/// Types whose quants may be negative: their dots use the sign trick
+/// (`|w| · (x · sign(w))`), since `maddubs` takes its first operand unsigned.
+fn signed(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
+/// Types with a scale per 16 elements inside the integer sum (`sc_0`, `sc_1`).
+fn scaled(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
+/// Sum of products of 32 unsigned weights (< 128) with 32 signed activations, as 8 i32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn udot8(w: __m256i, x: __m256i) -> __m256i {
+    // maddubs pairs: |2·127·127| < 2^15, so no saturation for our formats.
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// Signed weights: |w| · (x · sign(w)).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sdot8(w: __m256i, x: __m256i) -> __m256i {
+    udot8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+}
+
+/// The exact integer dot of one block at `w` (its first byte), as 8 partial i32.
+///
+/// # Safety
+/// `w` points at a whole block of type `ty`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_partials(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+    // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
+    unsafe {
+        let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        match ty {
+            GgmlType::Q4_1 => udot8(nibbles16(w.add(4)), xv),
+            GgmlType::Q4_0 => sdot8(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8)), xv),
+            GgmlType::Q5_0 => sdot8(_mm256_sub_epi8(fives(w.add(2)), _mm256_set1_epi8(16)), xv),
+            GgmlType::Q5_1 => udot8(fives(w.add(4)), xv),
+            _ => sdot8(_mm256_loadu_si256(w.add(2) as *const __m256i), xv),
+        }
+    }
+}
+
+/// The 32 unsigned 5-bit quants of a Q5_0/Q5_1 block whose 4 high-bit bytes are at `p`
+/// (16 bytes of nibbles follow).
+///
+/// # Safety
+/// `p` points at 20 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fives(p: *const u8) -> __m256i {
+    // SAFETY: caller's contract.
+    let (qh, lo) = unsafe { (std::ptr::read_unaligned(p as *const u32), nibbles16(p.add(4))) };
+    _mm256_or_si256(lo, _mm256_and_si256(bits32(qh), _mm256_set1_epi8(0x10)))
+}
+
+/// Byte `i` is 0xff where bit `i` of `h` is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bits32(h: u32) -> __m256i {
+    // Byte i takes byte i / 8 of h (each 128-bit lane shuffles within itself; every
+    // 32-bit group of the broadcast holds all of h), then tests its bit i % 8.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let v = _mm256_shuffle_epi8(_mm256_set1_epi32(h as i32), spread);
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit)
+}
+
+/// One K-quant super-block decoded for SIMD: its eight chunks' quants as bytes in
+/// element order, the i16 multipliers of each chunk's pair sums (`sc_0` in the low
+/// 128 bits, `sc_1` in the high; ones where the type has none), Q2_K's minimums alike,
+/// and the chunks' f32 factors `dw`, `mw` (see [`chunk::Chunk`]).
+struct KGroup {
+    q: [__m256i; 8],
+    sc: [__m256i; 8],
+    mins: [__m256i; 8],
+    dw: __m256,
+    mw: __m256,
+}
+
+/// The pair multipliers of chunk `j` from 16 i8 per-16 scales: scale `2j` for the
+/// chunk's first 16 elements, `2j + 1` for the rest.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pair_scales(s: __m128i, j: usize) -> __m256i {
+    let (a, b) = (2 * j as i64, 2 * j as i64 + 1);
+    let pick = _mm_set_epi64x(b * 0x0101_0101_0101_0101, a * 0x0101_0101_0101_0101);
+    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s, pick))
+}
+
+/// `v >> n` in each 16-bit lane, `n` not a constant.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn srl16(v: __m256i, n: usize) -> __m256i {
+    _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
+}
+
+/// Decode the super-block at `b` (see [`chunk::decode`] for the layouts).
+///
+/// # Safety
+/// `b` points at a whole block of `ty`, a K-quant.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn kgroup(ty: GgmlType, b: *const u8) -> KGroup {
+    // SAFETY: every offset read lies inside the block (caller's contract).
+    unsafe {
+        let ld = |o: usize| _mm256_loadu_si256(b.add(o) as *const __m256i);
+        let f16 = |o: usize| f16_to_f32(u16::from_le_bytes([*b.add(o), *b.add(o + 1)]));
+        let m4 = _mm256_set1_epi8(15);
+        let ones = _mm256_set1_epi16(1);
+        let mut g = KGroup {
+            q: [_mm256_setzero_si256(); 8],
+            sc: [ones; 8],
+            mins: [ones; 8],
+            dw: _mm256_setzero_ps(),
+            mw: _mm256_setzero_ps(),
+        };
+        match ty {
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                // The 12 packed 6-bit scales and minimums (chunk::k_scale_min), 8 bytes each.
+                let u = [0, 4, 8].map(|o| std::ptr::read_unaligned(b.add(4 + o) as *const u32));
+                let sc_hi = (u[2] & 0x0f0f_0f0f) | (((u[0] >> 6) & 0x0303_0303) << 4);
+                let m_hi = ((u[2] >> 4) & 0x0f0f_0f0f) | (((u[1] >> 6) & 0x0303_0303) << 4);
+                let sc = u64::from(u[0] & 0x3f3f_3f3f) | (u64::from(sc_hi) << 32);
+                let m = u64::from(u[1] & 0x3f3f_3f3f) | (u64::from(m_hi) << 32);
+                let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+                // Exact products (11-bit significand times 6-bit integer).
+                g.dw = _mm256_mul_ps(_mm256_set1_ps(f16(0)), widen(sc));
+                g.mw = _mm256_xor_ps(_mm256_mul_ps(_mm256_set1_ps(f16(2)), widen(m)), _mm256_set1_ps(-0.0));
+                let qs = if ty == GgmlType::Q5_K { 48 } else { 16 };
+                let hb = ld(16);
+                for c in 0..4 {
+                    let v = ld(qs + 32 * c);
+                    g.q[2 * c] = _mm256_and_si256(v, m4);
+                    g.q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                if ty == GgmlType::Q5_K {
+                    for (j, q) in g.q.iter_mut().enumerate() {
+                        let h = _mm256_and_si256(srl16(hb, j), _mm256_set1_epi8(1));
+                        *q = _mm256_or_si256(*q, _mm256_slli_epi16(h, 4));
+                    }
+                }
+            }
+            GgmlType::Q6_K => {
+                g.dw = _mm256_set1_ps(f16(208));
+                let s = _mm_loadu_si128(b.add(192) as *const __m128i);
+                let m2 = _mm256_set1_epi8(3);
+                for h in 0..2 {
+                    let (l0, l1, hb) = (ld(64 * h), ld(64 * h + 32), ld(128 + 32 * h));
+                    let lows = [
+                        _mm256_and_si256(l0, m4),
+                        _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                    ];
+                    for (sft, lo) in lows.into_iter().enumerate() {
+                        let hi = _mm256_slli_epi16(_mm256_and_si256(srl16(hb, 2 * sft), m2), 4);
+                        g.q[4 * h + sft] = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+                    }
+                }
+                for (j, sc) in g.sc.iter_mut().enumerate() {
+                    *sc = pair_scales(s, j);
+                }
+            }
+            GgmlType::Q3_K => {
+                g.dw = _mm256_set1_ps(f16(108));
+                let hm = ld(0);
+                let one = _mm256_set1_epi8(1);
+                for h in 0..2 {
+                    let v = ld(32 + 32 * h);
+                    for sft in 0..4 {
+                        let j = 4 * h + sft;
+                        let lo = _mm256_and_si256(srl16(v, 2 * sft), _mm256_set1_epi8(3));
+                        // A clear high bit means −4.
+                        let neg = _mm256_xor_si256(_mm256_and_si256(srl16(hm, j), one), one);
+                        g.q[j] = _mm256_sub_epi8(lo, _mm256_slli_epi16(neg, 2));
+                    }
+                }
+                let sc = chunk::q3k_scales(std::slice::from_raw_parts(b.add(96), 12));
+                let s = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+                for (j, v) in g.sc.iter_mut().enumerate() {
+                    *v = pair_scales(s, j);
+                }
+            }
+            GgmlType::Q2_K => {
+                g.dw = _mm256_set1_ps(f16(80));
+                g.mw = _mm256_set1_ps(f16(82));
+                let raw = _mm_loadu_si128(b as *const __m128i);
+                let sc = _mm_and_si128(raw, _mm_set1_epi8(15));
+                let m = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(15));
+                for h in 0..2 {
+                    let v = ld(16 + 32 * h);
+                    for sft in 0..4 {
+                        g.q[4 * h + sft] = _mm256_and_si256(srl16(v, 2 * sft), _mm256_set1_epi8(3));
+                    }
+                }
+                for j in 0..8 {
+                    g.sc[j] = pair_scales(sc, j);
+                    g.mins[j] = pair_scales(m, j);
+                }
+            }
+            _ => {}
+        }
+        g
+    }
+}
+
+/// The 8 terms of one decoded super-block against its 8 activation blocks, in the
+/// canonical operation order of [`chunk::Chunk::term`].
+#[inline]
+#[target_feature(enable = "avx2")]
+fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act]) -> __m256 {
+    let sgn = signed(ty);
+    let mut p = [_mm256_setzero_si256(); 8];
+    let mut pm = [_mm256_setzero_si256(); 8];
+    for j in 0..8 {
+        // SAFETY: Q8Act::qs is 32 bytes.
+        let xv = unsafe { _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i) };
+        let pairs = if sgn {
+            _mm256_maddubs_epi16(_mm256_sign_epi8(g.q[j], g.q[j]), _mm256_sign_epi8(xv, g.q[j]))
+        } else {
+            _mm256_maddubs_epi16(g.q[j], xv)
+        };
+        p[j] = _mm256_madd_epi16(pairs, g.sc[j]);
+        if ty == GgmlType::Q2_K {
+            pm[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), g.mins[j]);
+        }
+    }
+    let s = _mm256_cvtepi32_ps(hsum8(&p));
+    let dx = _mm256_set_ps(x[7].d, x[6].d, x[5].d, x[4].d, x[3].d, x[2].d, x[1].d, x[0].d);
+    let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
+    match chunk::form(ty) {
+        Form::Plain => t,
+        Form::Min => {
+            let sx = _mm256_set_ps(x[7].s, x[6].s, x[5].s, x[4].s, x[3].s, x[2].s, x[1].s, x[0].s);
+            _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx))
+        }
+        Form::SubMin => {
+            let m = _mm256_cvtepi32_ps(hsum8(&pm));
+            _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
+        }
+    }
+}
+
+const KTYPES: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+
+/// [`dot_row_avx2`] for a K-quant: super-block `g` is group `g` of 8 chunks.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    // One copy per type, so that the decoding's branches on the type fold away.
+    // SAFETY: same contract.
+    unsafe {
+        match ty {
+            GgmlType::Q2_K => dot_row_k::<0>(row, x),
+            GgmlType::Q3_K => dot_row_k::<1>(row, x),
+            GgmlType::Q4_K => dot_row_k::<2>(row, x),
+            GgmlType::Q5_K => dot_row_k::<3>(row, x),
+            _ => dot_row_k::<4>(row, x),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act]) -> f32 {
+    let ty = KTYPES[T];
+    let bb = ty.block_bytes();
+    let groups = x.len() / 8;
+    assert!(x.len().is_multiple_of(8) && row.len() >= groups * bb, "row of {} bytes for {} chunks", row.len(), x.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for g in 0..groups {
+        // SAFETY: super-block g lies inside the row (asserted above).
+        let dec = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
+        acc[g % 4] = _mm256_add_ps(acc[g % 4], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8]));
+    }
+    let mut l = [0.0f32; LANES];
+    for (k, r) in acc.iter().enumerate() {
+        // SAFETY: 8 floats at lane 8k of a 32-float array.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+    }
+    butterfly(&mut l)
+}
+
+/// # Safety
+/// `p` points at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles16(p: *const u8) -> __m256i {
+    // SAFETY: caller's contract.
+    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let lo = _mm_and_si128(v, _mm_set1_epi8(15));
+    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15));
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Horizontal sums of 8 vectors: lane k of the result is the sum of `p[k]`'s lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum8(p: &[__m256i; 8]) -> __m256i {
+    let s01 = _mm256_hadd_epi32(p[0], p[1]);
+    let s23 = _mm256_hadd_epi32(p[2], p[3]);
+    let s45 = _mm256_hadd_epi32(p[4], p[5]);
+    let s67 = _mm256_hadd_epi32(p[6], p[7]);
+    let s0123 = _mm256_hadd_epi32(s01, s23);
+    let s4567 = _mm256_hadd_epi32(s45, s67);
+    let lo = _mm256_permute2x128_si256(s0123, s4567, 0x20);
+    let hi = _mm256_permute2x128_si256(s0123, s4567, 0x31);
+    _mm256_add_epi32(lo, hi)
+}
+
+/// Eight blocks at a time: their exact integer sums become one vector, and the
+/// per-block f32 terms are computed lane-wise in the canonical operation order.
+/// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    if ty.is_k_quant() {
+        // SAFETY: same contract.
+        return unsafe { dot_row_kquant(ty, row, x) };
+    }
+    let form = chunk::form(ty);
+    let bb = ty.block_bytes();
+    let nb = x.len();
+    assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
+    let base = row.as_ptr();
+    let rd16 = |off: usize| -> i16 {
+        // SAFETY: off + 2 <= nb * bb <= row.len() (asserted above).
+        unsafe { std::ptr::read_unaligned(base.add(off) as *const i16) }
+    };
+    // The f16 at byte `o` of 8 consecutive blocks, widened in one F16C instruction.
+    let f16x8 = |o: usize| {
+        _mm256_cvtph_ps(_mm_set_epi16(
+            rd16(o + 7 * bb),
+            rd16(o + 6 * bb),
+            rd16(o + 5 * bb),
+            rd16(o + 4 * bb),
+            rd16(o + 3 * bb),
+            rd16(o + 2 * bb),
+            rd16(o + bb),
+            rd16(o),
+        ))
+    };
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let groups = nb / 8;
+    for g in 0..groups {
+        let b0 = g * 8;
+        let mut p = [_mm256_setzero_si256(); 8];
+        for (k, pk) in p.iter_mut().enumerate() {
+            // SAFETY: block b0 + k < nb lies inside the row.
+            *pk = unsafe { block_partials(ty, base.add((b0 + k) * bb), &x[b0 + k]) };
+        }
+        let isum = _mm256_cvtepi32_ps(hsum8(&p));
+        let o = b0 * bb;
+        let dw = f16x8(o);
+        let xs = &x[b0..b0 + 8];
+        let dx = _mm256_set_ps(xs[7].d, xs[6].d, xs[5].d, xs[4].d, xs[3].d, xs[2].d, xs[1].d, xs[0].d);
+        let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+        if form == Form::Min {
+            let mw = f16x8(o + 2);
+            let sx = _mm256_set_ps(xs[7].s, xs[6].s, xs[5].s, xs[4].s, xs[3].s, xs[2].s, xs[1].s, xs[0].s);
+            t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+        }
+        acc[g % 4] = _mm256_add_ps(acc[g % 4], t);
+    }
+    let mut l = [0.0f32; LANES];
+    for (k, r) in acc.iter().enumerate() {
+        // SAFETY: 8 floats at lane 8k of a 32-float array.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+    }
+    // Remaining blocks, in order, into their lanes (the portable arithmetic is the same).
+    for b in groups * 8..nb {
+        l[b % LANES] += chunk::decode(ty, row, b).term(form, &x[b]);
+    }
+    butterfly(&mut l)
+}
+
+/// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
+///
+/// # Safety
+/// `row` holds `nb` blocks of type `ty` (a 32-element quantized type).
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn prepare_row_avx2(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+    let stride = scales_stride(nb);
+    let bb = ty.block_bytes();
+    prep.w.resize(stride, [0; QK]);
+    prep.abs.resize(stride, [0; QK]);
+    prep.dw.resize(stride, 0.0);
+    prep.mw.resize(stride, 0.0);
+    if scaled(ty) {
+        prep.sc.resize(stride, [0; 16]);
+    }
+    // Padding is never summed (the partial group's lanes are blended out); zeroing it
+    // keeps stale blocks of a longer row from lingering.
+    for b in nb..stride {
+        (prep.w[b], prep.abs[b], prep.dw[b], prep.mw[b]) = ([0; QK], [0; QK], 0.0, 0.0);
+    }
+    let store = |w: &mut [u8; QK], v: __m256i| {
+        // SAFETY: the destination is 32 bytes.
+        unsafe { _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, v) }
+    };
+    if ty.is_k_quant() {
+        for g in 0..nb / 8 {
+            // SAFETY: super-block g lies inside the row (caller's contract).
+            let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
+            // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
+            unsafe {
+                _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
+                _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
+            }
+            for j in 0..8 {
+                store(&mut prep.w[8 * g + j], k.q[j]);
+                store(&mut prep.abs[8 * g + j], _mm256_sign_epi8(k.q[j], k.q[j]));
+                if scaled(ty) {
+                    // SAFETY: 16 i16 are 32 bytes.
+                    unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
+                }
+            }
+        }
+        return;
+    }
+    let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+    for b in 0..nb {
+        let blk = &row[b * bb..(b + 1) * bb];
+        prep.dw[b] = widen(u16::from_le_bytes([blk[0], blk[1]]));
+        // SAFETY: the block holds the bytes read (caller's contract).
+        let w = unsafe {
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                    prep.mw[b] = widen(u16::from_le_bytes([blk[2], blk[3]]));
+                    if ty == GgmlType::Q4_1 { nibbles16(blk.as_ptr().add(4)) } else { fives(blk.as_ptr().add(4)) }
+                }
+                GgmlType::Q4_0 => _mm256_sub_epi8(nibbles16(blk.as_ptr().add(2)), _mm256_set1_epi8(8)),
+                GgmlType::Q5_0 => _mm256_sub_epi8(fives(blk.as_ptr().add(2)), _mm256_set1_epi8(16)),
+                _ => _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
+            }
+        };
+        store(&mut prep.w[b], w);
+        store(&mut prep.abs[b], _mm256_sign_epi8(w, w));
+    }
+}
+
+/// [`butterfly`] of 32 lanes held in 4 registers (lane `8k + i` in lane `i` of
+/// register `k`): the same additions of the same pairs, several at a time.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn butterfly4(a: [__m256; 4]) -> f32 {
+    let s16a = _mm256_add_ps(a[0], a[2]); // off 16, lanes 0..8
+    let s16b = _mm256_add_ps(a[1], a[3]); // off 16, lanes 8..16
+    let s8 = _mm256_add_ps(s16a, s16b); // off 8
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1)); // off 4
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // off 2 (lanes 0, 1)
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // off 1
+}
+
+/// [`dot_row_avx2`]'s arithmetic for several activation rows against one prepared
+/// weight row: the same integer sums, the same f32 operations per block in the same
+/// order, the same lanes. The last, partial group is computed like a whole one and
+/// only its own lanes are updated (a blend, not an add of zeros: no bit may change).
+///
+/// # Safety
+/// `prep` was filled for `nb = x.len() / out.len()` blocks; `xd`, `xs` hold
+/// `out.len()` rows of `nb` rounded up to a multiple of 8.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dot_rows_avx2(ty: GgmlType, x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &RowPrep, out: &mut [f32]) {
+    let n = out.len();
+    let nb = x.len() / n;
+    let stride = scales_stride(nb);
+    let groups = stride / GROUP;
+    let rem = nb % GROUP;
+    let (sgn, scl, form) = (signed(ty), scaled(ty), chunk::form(ty));
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let partial = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rem as i32), lane));
+    let wp = prep.w.as_ptr() as *const __m256i;
+    let ap = prep.abs.as_ptr() as *const __m256i;
+    let sp = prep.sc.as_ptr() as *const __m256i;
+    // The exact integer dot of block b as 8 partial i32.
+    let block = |b: usize, xb: &Q8Act| {
+        // SAFETY: b < nb <= prep's padded length; each entry is 32 bytes.
+        unsafe {
+            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let pairs = if sgn {
+                let w = _mm256_loadu_si256(wp.add(b));
+                _mm256_maddubs_epi16(_mm256_loadu_si256(ap.add(b)), _mm256_sign_epi8(xv, w))
+            } else {
+                _mm256_maddubs_epi16(_mm256_loadu_si256(wp.add(b)), xv)
+            };
+            let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
+            _mm256_madd_epi16(pairs, sc)
+        }
+    };
+    for (r, o) in out.iter_mut().enumerate() {
+        let xr = &x[r * nb..(r + 1) * nb];
+        let (xd, xs) = (&xd[r * stride..(r + 1) * stride], &xs[r * stride..(r + 1) * stride]);
+        // Group g goes to register g % 4; rotating the four after each group keeps
+        // them in registers: the next one to take a group is always `acc[0]`.
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for g in 0..groups {
+            let b0 = g * GROUP;
+            let cnt = (nb - b0).min(GROUP);
+            let mut p = [_mm256_setzero_si256(); 8];
+            if cnt == GROUP {
+                for (k, pk) in p.iter_mut().enumerate() {
+                    *pk = block(b0 + k, &xr[b0 + k]);
+                }
+            } else {
+                for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                    *pk = block(b0 + k, &xr[b0 + k]);
+                }
+            }
+            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            // SAFETY: b0 + 8 <= stride, the padded length of every array read.
+            let (dw, dx) = unsafe { (_mm256_loadu_ps(prep.dw.as_ptr().add(b0)), _mm256_loadu_ps(xd.as_ptr().add(b0))) };
+            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+            if form == Form::Min {
+                // SAFETY: as above.
+                let (mw, sx) =
+                    unsafe { (_mm256_loadu_ps(prep.mw.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0))) };
+                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+            }
+            let sum = _mm256_add_ps(acc[0], t);
+            let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, partial) };
+            acc = [acc[1], acc[2], acc[3], next];
+        }
+        // Undo the rotation: register k must hold the groups with g % 4 == k.
+        let k = groups % 4;
+        *o = butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]]);
+    }
+}
