@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use sampo_kernels::gguf::GgufFile;
+use sampo_kernels::gguf::{GgmlType, GgufFile};
 use sampo_kernels::synth::{SynthSpec, synthesize};
 use sampo_kernels::{BatchItem, ChatMessage, CpuBackend, Engine, Model, SamplingParams, Sequence};
 
@@ -133,40 +133,87 @@ pub(crate) fn run(cmd: ModelCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Describe any GGUF file: its architecture and tensor types, whether sampo can run it
+/// and, if not, what is missing by name. Loading the model is tried last, so a file
+/// sampo cannot run is still described.
 fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
     let f = GgufFile::open(file)?;
-    let mut by_type: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    let arch = f.get_str("general.architecture").map(str::to_owned).ok();
+    let mut by_type: std::collections::BTreeMap<GgmlType, (usize, u64, u64)> = Default::default();
     for t in &f.tensors {
-        let e = by_type.entry(t.ty.name()).or_default();
+        let e = by_type.entry(t.ty).or_default();
         e.0 += 1;
         e.1 += t.n_elements();
         e.2 += t.n_bytes;
     }
-    let m = Model::from_gguf(f)?;
+    let unsupported: Vec<String> = by_type.keys().filter(|t| !t.is_supported()).map(|t| t.describe()).collect();
+    let tensors: Vec<serde_json::Value> = f
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "type_id": t.ty.to_u32(), "dims": t.dims, "bytes": t.n_bytes}))
+        .collect();
+    let loaded = Model::from_gguf(f);
+    let m = loaded.as_ref().ok();
+    let load_error = loaded.as_ref().err().map(|e| e.to_string());
     if json {
         let types: serde_json::Map<String, serde_json::Value> = by_type
             .iter()
-            .map(|(k, (n, el, b))| (k.to_string(), serde_json::json!({"tensors": n, "elements": el, "bytes": b})))
+            .map(|(t, (n, el, b))| {
+                let v = serde_json::json!({"type_id": t.to_u32(), "tensors": n, "elements": el, "bytes": b, "supported": t.is_supported()});
+                (t.to_string(), v)
+            })
             .collect();
         let v = serde_json::json!({
-            "model_id": m.model_id_hex(),
-            "hparams": m.hp,
+            "architecture": arch,
             "tensor_types": types,
-            "tensors": m.file.tensors.iter().map(|t| serde_json::json!({"name": t.name, "type": t.ty.name(), "dims": t.dims, "bytes": t.n_bytes})).collect::<Vec<_>>(),
-            "vocab": m.tokenizer.vocab_size(),
-            "chat_template": m.tokenizer.chat_template.is_some(),
+            "unsupported_types": unsupported,
+            "runnable": m.is_some(),
+            "load_error": load_error,
+            "model_id": m.map(|m| m.model_id_hex()),
+            "hparams": m.map(|m| &m.hp),
+            "tensors": tensors,
+            "vocab": m.map(|m| m.tokenizer.vocab_size()),
+            "chat_template": m.map(|m| m.tokenizer.chat_template.is_some()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let h = &m.hp;
     println!("file:          {}", file.display());
+    match m {
+        Some(m) => {
+            let h = &m.hp;
+            println!(
+                "architecture:  {} ({} layers, {} dims, {} heads / {} kv heads, head dim {})",
+                h.arch, h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim
+            );
+        }
+        None => println!("architecture:  {}", arch.as_deref().unwrap_or("(none given)")),
+    }
+    println!("tensors:");
+    for (ty, (n, el, bytes)) in &by_type {
+        let support = if ty.is_supported() { "supported" } else { "NOT supported" };
+        let size = if ty.layout().is_some() {
+            format!("{:>10.2} MiB", *bytes as f64 / (1 << 20) as f64)
+        } else {
+            format!("{:>14}", "size unknown")
+        };
+        println!("  {:<20} {n:>4} tensors {el:>12} elements {size}  {support}", ty.describe());
+    }
+    let Some(m) = m else {
+        let mut why = Vec::new();
+        if !unsupported.is_empty() {
+            why.push(format!("tensor types {} are not supported", unsupported.join(", ")));
+        }
+        if let Some(e) = &load_error {
+            why.push(e.clone());
+        }
+        println!("runs on sampo: no — {}", why.join("; "));
+        return Ok(());
+    };
+    let h = &m.hp;
+    println!("runs on sampo: yes");
     println!("model id:      {}", m.model_id_hex());
     println!("name:          {}", h.name);
-    println!(
-        "architecture:  {} ({} layers, {} dims, {} heads / {} kv heads, head dim {})",
-        h.arch, h.n_layer, h.n_embd, h.n_head, h.n_head_kv, h.head_dim
-    );
     println!("feed-forward:  {}", h.n_ff);
     println!("context:       {}", h.n_ctx);
     println!(
@@ -175,10 +222,6 @@ fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
         if m.tokenizer.chat_template.is_some() { "yes" } else { "no" }
     );
     println!("rope:          base {}, {} dims; rms eps {}", h.rope_base, h.rope_dim, h.rms_eps);
-    println!("tensors:");
-    for (ty, (n, el, bytes)) in &by_type {
-        println!("  {ty:<5} {n:>4} tensors {el:>12} elements {:>10.2} MiB", *bytes as f64 / (1 << 20) as f64);
-    }
     println!("weights read per token: {:.1} MB", m.weight_bytes() as f64 / 1e6);
     Ok(())
 }

@@ -22,6 +22,52 @@ fn synth_is_deterministic_and_inspectable() {
     assert_eq!(v["hparams"]["n_layer"], 2);
 }
 
+/// The synthetic model with one tensor's type number and the architecture replaced.
+fn retyped(dir: &std::path::Path, ty: sampo_kernels::gguf::GgmlType, arch: &str) -> std::path::PathBuf {
+    use sampo_kernels::gguf::{GgufFile, GgufWriter, MetaValue};
+    let f = GgufFile::open(&synth(dir)).expect("parse");
+    let mut w = GgufWriter::new();
+    for (k, v) in &f.metadata {
+        let v = if k == "general.architecture" { MetaValue::String(arch.into()) } else { v.clone() };
+        w.meta(k, v);
+    }
+    for t in &f.tensors {
+        // attn_v is Q4_0, whose block size IQ4_NL shares: only the type number changes.
+        let tt = if t.name == "blk.0.attn_v.weight" { ty } else { t.ty };
+        w.tensor(&t.name, &t.dims, tt, f.tensor_data(t).to_vec());
+    }
+    let p = dir.join(format!("{arch}-{ty}.gguf"));
+    std::fs::write(&p, w.to_bytes()).expect("write");
+    p
+}
+
+#[test]
+fn inspect_describes_files_sampo_cannot_run() {
+    use sampo_kernels::gguf::GgmlType;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = retyped(dir.path(), GgmlType::IQ4_NL, "llama");
+    let out = sampo().args(["model", "inspect"]).arg(&p).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["Q4_1 (type 3)", "IQ4_NL (type 20)", "NOT supported", "runs on sampo: no", "blk.0.attn_v.weight"] {
+        assert!(text.contains(want), "inspect lacks {want}: {text}");
+    }
+    let out = sampo().args(["model", "inspect", "--json"]).arg(&p).output().expect("run");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["runnable"], false);
+    assert_eq!(v["unsupported_types"][0], "IQ4_NL (type 20)");
+    assert_eq!(v["tensor_types"]["IQ4_NL"]["supported"], false);
+    assert_eq!(v["tensor_types"]["Q4_1"]["supported"], true);
+    // An architecture sampo does not run: said by name, every type still listed.
+    let p = retyped(dir.path(), GgmlType::Q4_0, "gemma3");
+    let out = sampo().args(["model", "inspect"]).arg(&p).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for want in ["architecture:  gemma3", "Q4_0 (type 2)", "runs on sampo: no", "`gemma3`"] {
+        assert!(text.contains(want), "inspect lacks {want}: {text}");
+    }
+}
+
 #[test]
 fn tokenize_and_run_json() {
     let dir = tempfile::tempdir().expect("tempdir");
