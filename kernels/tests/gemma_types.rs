@@ -1,27 +1,16 @@
 //! The real Gemma 3 270M Q4_K_M file (F32, Q5_0, Q8_0, Q4_K, Q6_K): it reads, every
 //! quantized tensor dequantizes to finite, plausible values, and a tensor of each type
-//! dequantizes to exactly gguf-py's values. Needs `gemma-3-270m-q4_k_m.gguf` in
-//! `SAMPO_MODEL_DIR` (default `models/`); nothing fetches it yet, so without it this
-//! test says so and checks nothing.
+//! dequantizes to exactly gguf-py's values (`scripts/fetch-model.sh gemma3` fetches it).
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use sampo_kernels::gguf::{GgmlType, GgufFile};
 use sampo_kernels::quant::dequantize_row;
 
-const FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-
-fn open() -> Option<GgufFile> {
-    let dir = std::env::var_os("SAMPO_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
-    let path = dir.join(FILE);
-    if !path.exists() {
-        eprintln!("SKIPPED: {} not found (set SAMPO_MODEL_DIR)", path.display());
-        return None;
-    }
-    Some(GgufFile::open(&path).expect("the Gemma file reads"))
+fn open() -> GgufFile {
+    GgufFile::open(&common::gemma3_path()).expect("the Gemma file reads")
 }
 
 fn dequantize(f: &GgufFile, name: &str) -> Vec<f32> {
@@ -33,7 +22,7 @@ fn dequantize(f: &GgufFile, name: &str) -> Vec<f32> {
 
 #[test]
 fn gemma_tensors_dequantize_as_gguf_py_does() {
-    let Some(f) = open() else { return };
+    let f = open();
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for t in &f.tensors {
         *counts.entry(t.ty.name().to_owned()).or_default() += 1;
