@@ -36,6 +36,15 @@ fn real_model() -> PathBuf {
     p
 }
 
+fn gemma3_model() -> PathBuf {
+    let dir = std::env::var("SAMPO_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"));
+    let p = dir.join("gemma-3-270m-q4_k_m.gguf");
+    assert!(p.exists(), "{} missing: run scripts/fetch-model.sh gemma3", p.display());
+    p
+}
+
 fn marks(v: &Value) -> Vec<(String, String)> {
     v["sampo"]["marks"]
         .as_array()
@@ -526,4 +535,19 @@ fn balances_move_by_exactly_the_verdicts_payouts() {
     let (status, v) = net.chat_as(0, Some("client-empty-key"), "hello", 8, 3).expect("chat");
     assert_eq!(status, 402, "{v}");
     assert_eq!(v["error"]["type"], "insufficient_quota", "{v}");
+}
+
+/// Gemma 3 (Q4_K_M, SentencePiece, sliding-window layers) served by a committee: every
+/// member produces the same bits, so the verdict finalizes.
+#[test]
+fn a_gemma3_committee_reaches_a_verdict() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = TestnetConfig::new(4, gemma3_model(), tmp.path().join("net"), sampo_bin());
+    let net = Testnet::start(cfg).expect("testnet");
+    let v = net.chat(0, "What is the capital of France?", 12, 3).expect("chat");
+    assert_eq!(v["sampo"]["verdict"], "finalized", "{v}");
+    let m = marks(&v);
+    assert_eq!(m.len(), 3, "a committee of three");
+    assert!(m.iter().all(|(_, mark)| mark == "agreed"), "{m:?}");
+    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
 }
