@@ -66,6 +66,16 @@ __device__ __forceinline__ float sampo_silu(float x) {
     return __fdiv_rn(x, __fadd_rn(1.0f, sampo_exp(-x)));
 }
 
+// GELU, tanh approximation, in math.rs gelu_tanh's canonical form:
+// t = K * (x + A * ((x * x) * x)), gelu = x / (1 + exp(-t)), A = 0.044715,
+// K = 2 * sqrt(2 / pi), both written as math.rs's f32 bit patterns.
+__device__ __forceinline__ float sampo_gelu(float x) {
+    const float a = __int_as_float(0x3D372713);
+    const float k = __int_as_float(0x3FCC422A);
+    const float t = __fmul_rn(k, __fadd_rn(x, __fmul_rn(a, __fmul_rn(__fmul_rn(x, x), x))));
+    return __fdiv_rn(x, __fadd_rn(1.0f, sampo_exp(-t)));
+}
+
 // Exact f16 -> f32 widening, as quant.rs f16_to_f32.
 __device__ __forceinline__ float sampo_f16(unsigned short h) {
     const unsigned int sign = ((unsigned int)(h & 0x8000u)) << 16;

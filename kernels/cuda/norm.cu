@@ -34,6 +34,30 @@ extern "C" __global__ void add_norm_quant(float* __restrict__ x, const float* __
     }
 }
 
+// RMSNorm in place of each row of `n` floats, one warp per row, with add_norm_quant's
+// arithmetic (canonical sum of squares, y_i = (x_i * scale) * w_i): the QK-norm of each
+// head (rows of head_dim) and the post-norms of a block's output (rows of n_embd).
+extern "C" __global__ void rms_norm_rows(float* __restrict__ x, const float* __restrict__ w, int n, int rows,
+                                         float eps) {
+    const int r = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
+    const int lane = threadIdx.x % SAMPO_LANES;
+    if (r >= rows) return;
+    float* xr = x + (size_t)r * n;
+    float l = 0.0f;
+    for (int i = lane; i < n; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(xr[i], xr[i]));
+    const float ss = sampo_butterfly(l);
+    const float mean = __fdiv_rn(ss, (float)n);
+    const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+    // Each lane rewrites only the elements it summed.
+    for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+}
+
+// x *= s, elementwise (the embedding scale).
+extern "C" __global__ void scale_inplace(float* __restrict__ x, float s, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = __fmul_rn(x[i], s);
+}
+
 // x += y, elementwise.
 extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;

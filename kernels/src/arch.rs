@@ -106,7 +106,7 @@ pub const GEMMA3: ArchSpec = ArchSpec {
     default_rope_base: 1_000_000.0,
     default_rms_eps: 1e-6,
     default_chat_template: crate::chat::GEMMA,
-    on_cuda: false,
+    on_cuda: true,
 };
 
 /// Every architecture sampo runs.

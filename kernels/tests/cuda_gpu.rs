@@ -84,3 +84,26 @@ fn known_answer_self_test_passes_and_reports_the_device() {
     let got = gpu.forward(&m, &mut [BatchItem { seq: &mut b, tokens: &prompt }]).expect("gpu");
     assert_eq!(bits(&got[0]), bits(&want[0]));
 }
+
+#[test]
+fn gemma3_gives_the_cpu_bits_past_the_sliding_window() {
+    let Some(gpu) = gpu() else { return };
+    let m = common::gemma3_model();
+    let ka = known_answer_test(&*gpu, &m).expect("Gemma 3 self-test");
+    eprintln!("Gemma 3 known answer {ka:?}");
+    // Past the local layers' 512-position window, over several passes of 256 rows.
+    let text = "The printing press changed how books were made. ".repeat(70);
+    let prompt = m.tokenizer.encode(&text, true);
+    assert!(prompt.len() > m.hp.sliding_window + 256, "{} tokens", prompt.len());
+    let (mut a, mut b) = (Sequence::new(&m), Sequence::new(&m));
+    let cpu = CpuBackend::new(0).expect("cpu");
+    let want = cpu.forward(&m, &mut [BatchItem { seq: &mut a, tokens: &prompt }]).expect("cpu");
+    let got = gpu.forward(&m, &mut [BatchItem { seq: &mut b, tokens: &prompt }]).expect("gpu");
+    assert_eq!(bits(&got[0]), bits(&want[0]));
+    // Decode steps after it (graph capture, then replay).
+    for t in [236761u32, 1018, 506] {
+        let want = cpu.forward(&m, &mut [BatchItem { seq: &mut a, tokens: &[t] }]).expect("cpu");
+        let got = gpu.forward(&m, &mut [BatchItem { seq: &mut b, tokens: &[t] }]).expect("gpu");
+        assert_eq!(bits(&got[0]), bits(&want[0]), "decode at position {}", b.pos);
+    }
+}

@@ -279,7 +279,9 @@ const Entry kKernels[] = {
     entry("gather_rows", gather_rows),
     entry("rope_store", rope_store),
     entry("attention", attention),
-    entry("swiglu_quant", swiglu_quant),
+    entry("glu_quant", glu_quant),
+    entry("rms_norm_rows", rms_norm_rows),
+    entry("scale_inplace", scale_inplace),
 };
 
 }  // namespace

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::device::{Arg, CudaError, Device, Kernel, Shape, bytes_of, bytes_of_mut};
+use crate::arch::{Activation, RopePairs};
 use crate::cpu::{BatchItem, Sequence, plan_rows};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model, ModelError};
@@ -38,6 +39,14 @@ struct Mat<D: Device> {
 struct LayerW<D: Device> {
     attn_norm: D::Buffer,
     ffn_norm: D::Buffer,
+    /// Per-head RMSNorm weights of Q and K (QK-norm), when the architecture has them.
+    q_norm: Option<D::Buffer>,
+    k_norm: Option<D::Buffer>,
+    /// RMSNorm of the attention and FFN outputs before their residual adds.
+    post_attn_norm: Option<D::Buffer>,
+    post_ffn_norm: Option<D::Buffer>,
+    /// Attends through the sliding window, rotating with the local RoPE table.
+    local: bool,
     wq: Mat<D>,
     wk: Mat<D>,
     wv: Mat<D>,
@@ -49,10 +58,30 @@ struct LayerW<D: Device> {
 
 struct Weights<D: Device> {
     embed: Mat<D>,
-    output: Mat<D>,
+    /// The output head; `None` when it is tied to the embedding (one upload serves both).
+    output: Option<Mat<D>>,
     output_norm: D::Buffer,
     rope: D::Buffer,
+    /// The local layers' RoPE table, when some layers are local.
+    rope_local: Option<D::Buffer>,
     layers: Vec<LayerW<D>>,
+    /// The architecture's choices, as the kernels take them.
+    plan: Plan,
+}
+
+/// What the architecture table decides for the kernels, read once at upload.
+struct Plan {
+    /// `glu_quant`'s activation: 0 SiLU, 1 GELU (ffn.cu).
+    act: i32,
+    /// `rope_store` pairs `(i, i + rope_dim/2)` instead of `(2i, 2i+1)`.
+    neox: bool,
+    embd_scale: Option<f32>,
+}
+
+impl<D: Device> Weights<D> {
+    fn output(&self) -> &Mat<D> {
+        self.output.as_ref().unwrap_or(&self.embed)
+    }
 }
 
 /// Activations for up to MAX_ROWS rows, allocated once per model so that captured
@@ -205,11 +234,13 @@ impl<D: Device> CudaBackend<D> {
         if !model.spec.on_cuda {
             return Err(CudaError::UnsupportedArch(model.spec.name));
         }
+        let (d, kvd, ff, qd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.q_dim());
         // Each warp of the fused norm/quantize kernels owns whole blocks of 32.
-        if !hp.n_embd.is_multiple_of(32) || !hp.n_ff.is_multiple_of(32) {
-            return Err(CudaError::UnsupportedShape(format!("n_embd {} and n_ff {}", hp.n_embd, hp.n_ff)));
+        if !d.is_multiple_of(32) || !ff.is_multiple_of(32) || !qd.is_multiple_of(32) {
+            return Err(CudaError::UnsupportedShape(format!("n_embd {d}, n_ff {ff} and q_dim {qd}")));
         }
-        let rope: Vec<f32> = model.rope.iter().flat_map(|&(c, s)| [c, s]).collect();
+        let flat = |t: &[(f32, f32)]| -> Vec<f32> { t.iter().flat_map(|&(c, s)| [c, s]).collect() };
+        let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|v| self.buf_f32(v)).transpose();
         let mut layers = Vec::with_capacity(hp.n_layer);
         for l in &model.layers {
             layers.push(LayerW {
@@ -222,27 +253,45 @@ impl<D: Device> CudaBackend<D> {
                 gate: self.mat(model, &l.w_gate)?,
                 up: self.mat(model, &l.w_up)?,
                 down: self.mat(model, &l.w_down)?,
+                q_norm: opt(&l.q_norm)?,
+                k_norm: opt(&l.k_norm)?,
+                post_attn_norm: opt(&l.post_attn_norm)?,
+                post_ffn_norm: opt(&l.post_ffn_norm)?,
+                local: l.local,
             });
         }
+        if layers.iter().any(|l| l.local) && model.rope_local.is_empty() {
+            return Err(CudaError::UnsupportedShape("local layers without a local RoPE table".into()));
+        }
+        let (e, o) = (&model.token_embd, &model.output);
+        let tied = (o.offset, o.ty, o.rows, o.cols) == (e.offset, e.ty, e.rows, e.cols);
         let w = Weights {
-            embed: self.mat(model, &model.token_embd)?,
-            output: self.mat(model, &model.output)?,
+            embed: self.mat(model, e)?,
+            output: if tied { None } else { Some(self.mat(model, o)?) },
             output_norm: self.buf_f32(&model.output_norm)?,
-            rope: self.buf_f32(&rope)?,
+            rope: self.buf_f32(&flat(&model.rope))?,
+            rope_local: if model.rope_local.is_empty() { None } else { Some(self.buf_f32(&flat(&model.rope_local))?) },
             layers,
+            plan: Plan {
+                act: match model.spec.activation {
+                    Activation::Silu => 0,
+                    Activation::GeluTanh => 1,
+                },
+                neox: model.spec.rope_pairs == RopePairs::Halves,
+                embd_scale: hp.embd_scale,
+            },
         };
-        let (d, kvd, ff) = (hp.n_embd, hp.kv_dim(), hp.n_ff);
         let r = self.max_rows;
-        let wide = d.max(ff);
+        let wide = d.max(ff).max(qd);
         let f = |n: usize| self.dev.alloc(n * 4);
         let s = Scratch {
             staging: self.dev.alloc(STAGING.bytes)?,
             x: f(r * d)?,
             xn: f(r * d)?,
-            q: f(r * d)?,
+            q: f(r * qd)?,
             k: f(r * kvd)?,
             v: f(r * kvd)?,
-            attn: f(r * d)?,
+            attn: f(r * qd)?,
             o: f(r * d)?,
             g: f(r * ff)?,
             u: f(r * ff)?,
@@ -412,7 +461,17 @@ impl<D: Device> CudaBackend<D> {
         )
     }
 
-    /// Queue the whole pass for `n` staged rows, `n_last` of which want logits.
+    /// RMSNorm in place of `rows` rows of `cols` floats (QK-norm per head, post-norms).
+    fn norm_rows(&self, x: &D::Buffer, w: &D::Buffer, cols: usize, rows: usize, eps: f32) -> Result<(), CudaError> {
+        self.launch(
+            Kernel::RmsNormRows,
+            Shape::new((blocks(rows, 4), 1), TPB),
+            &[self.a(x), self.a(w), Arg::I32(cols as i32), Arg::I32(rows as i32), Arg::F32(eps)],
+        )
+    }
+
+    /// Queue the whole pass for `n` staged rows, `n_last` of which want logits. What
+    /// differs between architectures comes from the uploaded weights and their plan.
     fn encode(
         &self,
         hp: &crate::Hparams,
@@ -421,12 +480,12 @@ impl<D: Device> CudaBackend<D> {
         n: usize,
         n_last: usize,
     ) -> Result<(), CudaError> {
-        let (d, kvd, ff, hd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.head_dim);
+        let (d, kvd, ff, hd, qd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.head_dim, hp.q_dim());
         let half = hp.rope_dim / 2;
         let st = self.dev.addr(&s.staging);
         let at = |off: usize| Arg::Ptr(st + off as u64);
         let ni = Arg::I32(n as i32);
-        let scale = 1.0f32 / (hd as f32).sqrt();
+        let eps = hp.rms_eps;
         self.launch(
             Kernel::Embed,
             Shape::new((blocks(d, TPB as usize), n as u32), TPB),
@@ -440,11 +499,26 @@ impl<D: Device> CudaBackend<D> {
                 ni,
             ],
         )?;
+        if let Some(scale) = w.plan.embd_scale {
+            self.launch(
+                Kernel::ScaleInplace,
+                Shape::new((blocks(n * d, 256), 1), 256),
+                &[self.a(&s.x), Arg::F32(scale), Arg::I32((n * d) as i32)],
+            )?;
+        }
         for (li, l) in w.layers.iter().enumerate() {
             // The previous layer's FFN output joins the residual stream here.
             let prev = (li > 0).then_some(&s.down);
-            self.add_norm_quant(s, &s.x, prev, &l.attn_norm, d, n, hp.rms_eps)?;
+            self.add_norm_quant(s, &s.x, prev, &l.attn_norm, d, n, eps)?;
             self.matmul(s, &[(&l.wq, &s.q), (&l.wk, &s.k), (&l.wv, &s.v)], &s.xn, n)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                self.norm_rows(&s.q, qn, hd, n * hp.n_head, eps)?;
+                self.norm_rows(&s.k, kn, hd, n * hp.n_head_kv, eps)?;
+            }
+            let (table, window) = match (l.local, &w.rope_local) {
+                (true, Some(t)) => (t, hp.sliding_window),
+                _ => (&w.rope, 0),
+            };
             self.launch(
                 Kernel::RopeStore,
                 Shape::new((blocks(hp.n_head * half + kvd / 2 + kvd, TPB as usize), n as u32), TPB),
@@ -452,7 +526,7 @@ impl<D: Device> CudaBackend<D> {
                     self.a(&s.q),
                     self.a(&s.k),
                     self.a(&s.v),
-                    self.a(&w.rope),
+                    self.a(table),
                     at(STAGING.pos),
                     at(STAGING.kptr),
                     at(STAGING.vptr),
@@ -462,6 +536,7 @@ impl<D: Device> CudaBackend<D> {
                     Arg::I32(hp.n_head_kv as i32),
                     Arg::I32(hd as i32),
                     Arg::I32(half as i32),
+                    Arg::I32(i32::from(w.plan.neox)),
                     ni,
                 ],
             )?;
@@ -481,16 +556,21 @@ impl<D: Device> CudaBackend<D> {
                     Arg::I32(hp.n_head_kv as i32),
                     Arg::I32(hd as i32),
                     Arg::I32(hp.n_ctx as i32),
-                    Arg::F32(scale),
+                    Arg::F32(hp.attn_scale),
+                    // 0: every position so far (a window wider than i32 means the same).
+                    Arg::I32(i32::try_from(window).unwrap_or(0)),
                 ],
             )?;
-            self.quantize(s, &s.attn, d, n)?;
+            self.quantize(s, &s.attn, qd, n)?;
             self.matmul(s, &[(&l.wo, &s.o)], &s.attn, n)?;
-            self.add_norm_quant(s, &s.x, Some(&s.o), &l.ffn_norm, d, n, hp.rms_eps)?;
+            if let Some(pn) = &l.post_attn_norm {
+                self.norm_rows(&s.o, pn, d, n, eps)?;
+            }
+            self.add_norm_quant(s, &s.x, Some(&s.o), &l.ffn_norm, d, n, eps)?;
             self.matmul(s, &[(&l.gate, &s.g), (&l.up, &s.u)], &s.xn, n)?;
             let nb = n * ff / 32;
             self.launch(
-                Kernel::SwigluQuant,
+                Kernel::GluQuant,
                 Shape::new((blocks(nb, 4), 1), TPB),
                 &[
                     self.a(&s.g),
@@ -499,9 +579,13 @@ impl<D: Device> CudaBackend<D> {
                     self.a(&s.act_d),
                     self.a(&s.act_s),
                     Arg::I32(nb as i32),
+                    Arg::I32(w.plan.act),
                 ],
             )?;
             self.matmul(s, &[(&l.down, &s.down)], &s.g, n)?;
+            if let Some(pn) = &l.post_ffn_norm {
+                self.norm_rows(&s.down, pn, d, n, eps)?;
+            }
         }
         if !w.layers.is_empty() {
             self.add(&s.x, &s.down, n * d)?;
@@ -514,8 +598,8 @@ impl<D: Device> CudaBackend<D> {
             Shape::new((blocks(d, TPB as usize), n_last as u32), TPB),
             &[self.a(&s.x), at(STAGING.idx), self.a(&s.h), Arg::I32(d as i32), Arg::I32(n_last as i32)],
         )?;
-        self.add_norm_quant(s, &s.h, None, &w.output_norm, d, n_last, hp.rms_eps)?;
-        self.matmul(s, &[(&w.output, &s.logits)], &s.xn, n_last)
+        self.add_norm_quant(s, &s.h, None, &w.output_norm, d, n_last, eps)?;
+        self.matmul(s, &[(w.output(), &s.logits)], &s.xn, n_last)
     }
 
     fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {

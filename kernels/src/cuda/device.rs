@@ -15,11 +15,13 @@ pub enum Kernel {
     GatherRows,
     RopeStore,
     Attention,
-    SwigluQuant,
+    GluQuant,
+    RmsNormRows,
+    ScaleInplace,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::QuantizeAct,
         Kernel::MatmulQ,
         Kernel::MatmulF,
@@ -29,7 +31,9 @@ impl Kernel {
         Kernel::GatherRows,
         Kernel::RopeStore,
         Kernel::Attention,
-        Kernel::SwigluQuant,
+        Kernel::GluQuant,
+        Kernel::RmsNormRows,
+        Kernel::ScaleInplace,
     ];
 
     /// The `extern "C"` name in the source.
@@ -44,7 +48,9 @@ impl Kernel {
             Kernel::GatherRows => "gather_rows",
             Kernel::RopeStore => "rope_store",
             Kernel::Attention => "attention",
-            Kernel::SwigluQuant => "swiglu_quant",
+            Kernel::GluQuant => "glu_quant",
+            Kernel::RmsNormRows => "rms_norm_rows",
+            Kernel::ScaleInplace => "scale_inplace",
         }
     }
 
@@ -52,10 +58,14 @@ impl Kernel {
     pub fn file(self) -> &'static str {
         match self {
             Kernel::QuantizeAct | Kernel::MatmulQ | Kernel::MatmulF | Kernel::Embed => "quant.cu",
-            Kernel::AddNormQuant | Kernel::AddInplace | Kernel::GatherRows => "norm.cu",
+            Kernel::AddNormQuant
+            | Kernel::AddInplace
+            | Kernel::GatherRows
+            | Kernel::RmsNormRows
+            | Kernel::ScaleInplace => "norm.cu",
             Kernel::RopeStore => "rope.cu",
             Kernel::Attention => "attention.cu",
-            Kernel::SwigluQuant => "ffn.cu",
+            Kernel::GluQuant => "ffn.cu",
         }
     }
 }
