@@ -97,6 +97,9 @@ pub struct NetworkConfig {
     /// Seconds between this node's capacity announcements.
     pub announce_interval_secs: u64,
     pub max_connections: u32,
+    /// Peers this node dials on its own from discovery, at most (a gossip mesh needs
+    /// ~12); inbound connections may add up to `max_connections`.
+    pub target_connections: u32,
     /// Most connections to or from one IP address (IPv6: one /64); loopback included.
     pub max_connections_per_ip: u32,
     /// Connection slots kept for this node's own dials: inbound connections get at most
@@ -220,6 +223,7 @@ impl Default for NetworkConfig {
             bootstrap: Vec::new(),
             announce_interval_secs: 5,
             max_connections: 256,
+            target_connections: 24,
             max_connections_per_ip: 8,
             reserved_outbound: 16,
             allow_private_addresses: false,
@@ -295,6 +299,9 @@ bootstrap = []
 # Seconds between capacity announcements; a peer is forgotten after three missed.
 announce_interval_secs = 5
 max_connections = 256
+# Peers dialled on this node's own initiative from what discovery finds (a gossip mesh
+# needs ~12); discovery still learns every peer.
+target_connections = 24
 # Most connections to or from one IP address (IPv6: one /64), loopback included.
 max_connections_per_ip = 8
 # Of max_connections, slots only this node's own dials may use: inbound connections
@@ -462,6 +469,15 @@ impl Config {
         }
         if self.network.announce_interval_secs == 0 {
             return bad("network.announce_interval_secs", "must be at least 1".into());
+        }
+        if self.network.target_connections == 0 || self.network.target_connections > self.network.max_connections {
+            return bad(
+                "network.target_connections",
+                format!(
+                    "{} must be in 1..=max_connections ({})",
+                    self.network.target_connections, self.network.max_connections
+                ),
+            );
         }
         if self.network.max_connections == 0 {
             return bad("network.max_connections", "must be at least 1".into());

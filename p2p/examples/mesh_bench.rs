@@ -29,6 +29,9 @@ async fn start(
         // Every node is on 127.0.0.1.
         allow_private_addresses: true,
         max_connections_per_ip: u32::MAX,
+        colocation_whitelist: vec!["127.0.0.1".parse().expect("ip")],
+        // MESH_TARGET overrides the dial target (to compare with dialing everyone).
+        target_connections: std::env::var("MESH_TARGET").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
         ..P2pConfig::default()
     };
     let mut metrics = Registry::default();
@@ -71,8 +74,10 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 async fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() { vec![10, 25, 50] } else { sizes };
-    println!("| nodes | full discovery | gossip p50 | gossip p99 | messages × receivers |");
-    println!("| ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| nodes | full discovery | gossip p50 | gossip p99 | messages × receivers | connections per node (mean / max) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     for n in sizes {
         let arrivals: Arrivals = Arc::default();
         let t0 = Instant::now();
@@ -87,7 +92,16 @@ async fn main() {
             if nodes.iter().all(|h| h.live_nodes().len() == n) {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(300), "discovery did not complete");
+            if t0.elapsed() > Duration::from_secs(60) {
+                let seen: Vec<usize> = nodes.iter().map(|h| h.live_nodes().len()).collect();
+                let mut mesh = Vec::new();
+                let mut conns = Vec::new();
+                for h in &nodes {
+                    mesh.push(h.mesh_peers(GossipTopic::Nodes).await.map_or(0, |p| p.len()));
+                    conns.push(h.connected_peers().await.map_or(0, |p| p.len()));
+                }
+                panic!("discovery did not complete in 60 s: registry sizes {seen:?}, nodes-topic mesh sizes {mesh:?}, connections {conns:?}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let discovery = t0.elapsed();
@@ -121,13 +135,19 @@ async fn main() {
             }
         }
         lat.sort_by(f64::total_cmp);
+        let mut conns = Vec::new();
+        for h in &nodes {
+            conns.push(h.connected_peers().await.map_or(0, |p| p.len()));
+        }
         println!(
-            "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {} / {} |",
+            "| {n} | {:.1} s | {:.1} ms | {:.1} ms | {} / {} | {:.1} / {} |",
             discovery.as_secs_f64(),
             pct(&lat, 0.5),
             pct(&lat, 0.99),
             lat.len(),
-            messages * (n - 1)
+            messages * (n - 1),
+            conns.iter().sum::<usize>() as f64 / n as f64,
+            conns.iter().max().unwrap_or(&0)
         );
         for h in &nodes {
             h.shutdown().await;

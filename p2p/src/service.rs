@@ -43,6 +43,11 @@ pub struct P2pConfig {
     /// Full addresses including `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
     pub max_connections: u32,
+    /// Peers this node dials on its own from what discovery finds, at most: enough for a
+    /// gossipsub mesh (~12) and spare, far fewer than a large network's size, so that a
+    /// network of N nodes costs ~N·target handshakes instead of N². Discovery still
+    /// learns every peer (Kademlia); the registry learns them from gossip.
+    pub target_connections: u32,
     pub announce_interval: Duration,
     /// How often a random Kademlia walk looks for peers we don't know yet.
     pub discovery_interval: Duration,
@@ -83,6 +88,7 @@ impl Default for P2pConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/4001".parse().unwrap_or_else(|_| Multiaddr::empty())],
             bootstrap: Vec::new(),
             max_connections: 256,
+            target_connections: 24,
             announce_interval: Duration::from_secs(5),
             discovery_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
@@ -717,7 +723,8 @@ impl Actor {
                 if let kad::Event::RoutingUpdated { peer, .. } = ev
                     && self.cfg.dial_discovered
                     && !self.swarm.is_connected(&peer)
-                    && (self.swarm.network_info().num_peers() as u32) < self.cfg.max_connections
+                    && (self.swarm.network_info().num_peers() as u32)
+                        < self.cfg.target_connections.min(self.cfg.max_connections)
                 {
                     // Discovery is only useful if it turns into gossip neighbours.
                     let _ = self.swarm.dial(peer);
