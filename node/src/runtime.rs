@@ -729,7 +729,7 @@ async fn act(
                             metrics.observe_generation(&g);
                             Ok(g.tokens)
                         }
-                        Ok(Err(e)) => Err(e),
+                        Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("executor dropped the job".into()),
                     };
                     metrics.observe_phase("inference", queued);
