@@ -273,6 +273,23 @@ fn the_official_openai_client_works() {
     assert!(stdout.contains("non-streaming ok") && stdout.contains("streaming ok"), "{stdout}");
 }
 
+/// Concurrent clients share one batch: each gets the answer it gets alone, and a
+/// request sent while a long stream decodes joins the batch instead of waiting for it.
+#[test]
+fn concurrent_openai_clients_share_a_batch_and_get_their_own_answers() {
+    let node = start_node(Some(&real_model()), &format!("{SINGLE}[execution]\nmax_concurrent = 8\n"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_concurrent.py");
+    let out = Command::new("python3").arg(&script).arg(format!("{}/v1", node.url)).arg("6").output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        log_of(node.dir.path())
+    );
+    assert!(stdout.contains("concurrent ok") && stdout.contains("mid-batch ok"), "{stdout}");
+}
+
 #[test]
 fn a_client_that_disconnects_mid_stream_stops_its_inference() {
     let node = start_node(Some(&real_model()), &format!("{SINGLE}[execution]\nmax_tokens_per_task = 4096\n"));
