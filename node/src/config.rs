@@ -157,8 +157,8 @@ pub struct ExecutionConfig {
     pub threads: usize,
     /// Sequences in flight at once, decoded together as one batch per step.
     pub max_concurrent: usize,
-    /// Prompt tokens that newcomers may add to one batch step while other sequences
-    /// decode (a long prompt is prefilled in chunks so that streams keep flowing).
+    /// Prompt tokens that newcomers may add to one batch step (a long prompt is
+    /// prefilled in chunks so that running streams keep flowing).
     pub prefill_chunk_tokens: usize,
     /// Bounded execution queue length.
     pub queue_capacity: usize,
@@ -345,8 +345,8 @@ backend = "auto"
 threads = 0
 # Sequences in flight, decoded together as one batch per step.
 max_concurrent = 8
-# Prompt tokens a newcomer adds to one step while others decode (long prompts are
-# prefilled in chunks so that running streams keep flowing).
+# Prompt tokens newcomers add to one batch step (long prompts are prefilled in
+# chunks so that running streams keep flowing; a GPU node can raise it).
 prefill_chunk_tokens = 64
 queue_capacity = 64
 max_tokens_per_task = 512

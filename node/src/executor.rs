@@ -102,7 +102,7 @@ pub struct ExecutorConfig {
     /// Longest a streaming client may leave a token unread before it is dropped and
     /// its inference cancelled.
     pub stream_timeout: Duration,
-    /// Prompt rows that newcomers may add to one step while others decode.
+    /// Prompt rows that newcomers may add to one step (a long prompt goes in chunks).
     pub prefill_chunk: usize,
 }
 

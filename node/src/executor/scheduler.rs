@@ -9,10 +9,13 @@
 //! whatever else shares the pass (`DESIGN.md`), so each sequence's tokens are the bits
 //! it would get alone; only the time it takes depends on its neighbours.
 //!
-//! Prefill is chunked while anyone decodes: the newcomers of one step share a budget of
-//! `prefill_chunk` prompt rows, so a decoding stream waits at most one chunk's worth of
-//! rows for its next token, however long a newcomer's prompt is. With nobody decoding,
-//! a prompt goes in whole (one weight pass, nobody to starve).
+//! Prefill is chunked: the newcomers of one step share a budget of `prefill_chunk`
+//! prompt rows, so a decoding stream waits at most one chunk's worth of rows for its
+//! next token, and a request arriving during a long prefill waits at most one chunk
+//! to start, however long the prompt. A chunk is not a loss on the CPU, whose
+//! multi-row products take up to 64 rows per weight pass anyway; what it costs is one
+//! output-head row per chunk (the logits after a chunk that does not end the prompt
+//! are thrown away). A GPU node, whose passes grow cheaper with more rows, raises it.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -189,7 +192,9 @@ impl Executor {
             self.running.store(active.len() + calls.len(), Ordering::Relaxed);
             // Other work on the inference threads (a replay) runs between steps.
             for call in calls {
-                call();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).is_err() {
+                    tracing::error!("work on the inference threads panicked");
+                }
             }
             self.step(&mut active);
             self.running.store(active.len(), Ordering::Relaxed);
@@ -238,8 +243,7 @@ impl Executor {
             }
         }
         // Plan: every decoder feeds its last token; newcomers share the prefill budget.
-        let decoding = active.iter().filter(|a| a.finish.is_none() && !a.prefilling() && a.logits.is_none()).count();
-        let mut budget = if decoding > 0 { self.prefill_chunk } else { usize::MAX };
+        let mut budget = self.prefill_chunk;
         for a in active.iter_mut() {
             a.rows = 0;
             if a.finish.is_some() || a.logits.is_some() {
@@ -286,10 +290,13 @@ impl Executor {
                         BatchItem { seq: &mut a.seq, tokens }
                     })
                     .collect();
-                engine.backend().forward(&engine.model, &mut batch)
+                // A bug in a kernel fails the sequences of this pass, not the executor.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.backend().forward(&engine.model, &mut batch)
+                }))
             };
             match result {
-                Ok(logits) if logits.len() == members.len() => {
+                Ok(Ok(logits)) if logits.len() == members.len() => {
                     for (&i, l) in members.iter().zip(logits) {
                         let a = &mut active[i];
                         if a.prefilling() {
@@ -304,8 +311,9 @@ impl Executor {
                 }
                 other => {
                     let reason = match other {
-                        Err(e) => e.to_string(),
-                        Ok(l) => format!("the backend returned {} logits for {} sequences", l.len(), members.len()),
+                        Ok(Err(e)) => e.to_string(),
+                        Ok(Ok(l)) => format!("the backend returned {} logits for {} sequences", l.len(), members.len()),
+                        Err(_) => "the forward pass panicked".to_owned(),
                     };
                     tracing::error!(error = %reason, sequences = members.len(), "a batched forward pass failed");
                     broken.extend(members.iter().map(|&i| (i, reason.clone())));
