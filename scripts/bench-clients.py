@@ -9,8 +9,9 @@ warms it up. Each round then runs, for every N in turn (alternating, so that a n
 machine hurts every N alike): N client threads, each sending --requests chat
 completions back to back with the official `openai` package (greedy, --max-tokens,
 each client its own prompt); the figure is all completion tokens over the wall time
-of the whole burst. Then `sampo bench --streams N` for the same N. Prints the median
-of the rounds.
+of the whole burst. Then `sampo bench --streams N` for the same N, right after. Prints
+the median of the rounds, and the medians of the per-round ratios (each ratio's two
+figures were measured back to back, so they suffer the same load).
 
 Non-streaming by default: with k = 1 a streamed request is decoded twice on its own
 coordinator (the local stream and the committee seat), which --stream shows."""
@@ -123,9 +124,12 @@ with tempfile.TemporaryDirectory() as d:
 med = statistics.median
 mode = "streaming" if a.stream else "non-streaming"
 print(f"\n{mode}, {a.requests} requests per client, max_tokens {a.max_tokens}, median of {a.rounds} rounds")
-print("| clients | API aggregate tok/s | sampo bench --streams N decode tok/s | API / bench | vs 1 client |")
-print("| ---: | ---: | ---: | ---: | ---: |")
-one = med(api[clients[0]])
+print(f"| clients | API aggregate tok/s | sampo bench --streams N decode tok/s | API / bench | API vs {clients[0]} client(s) "
+      f"| bench vs --streams {clients[0]} |")
+print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+base = clients[0]
 for n in clients:
-    print(f"| {n} | {med(api[n]):.1f} | {med(bare[n]):.1f} | {med(api[n]) / med(bare[n]):.2f} | "
-          f"{med(api[n]) / one:.2f} |")
+    vs_bench = med([x / y for x, y in zip(api[n], bare[n])])
+    vs_one = med([x / y for x, y in zip(api[n], api[base])])
+    bare_vs_one = med([x / y for x, y in zip(bare[n], bare[base])])
+    print(f"| {n} | {med(api[n]):.1f} | {med(bare[n]):.1f} | {vs_bench:.2f} | {vs_one:.2f} | {bare_vs_one:.2f} |")
