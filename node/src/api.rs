@@ -840,7 +840,7 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
         let Some(ex) = &s.executor else {
             return error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "no executor");
         };
-        // Room for every token the request may produce: the worker never waits for a
+        // Room for every token the request may produce: the batch never waits for a
         // slow reader (the executor's write timeout is only a backstop).
         let (tx, rx) = mpsc::channel::<TokenPiece>(p.spec.params.max_tokens as usize + 1);
         let (done, done_rx) = oneshot::channel();

@@ -158,7 +158,11 @@ pub struct ExecutionConfig {
     pub backend: BackendChoice,
     /// Inference worker threads; 0 means one per core.
     pub threads: usize,
+    /// Sequences in flight at once, decoded together as one batch per step.
     pub max_concurrent: usize,
+    /// Prompt tokens that newcomers may add to one batch step (a long prompt is
+    /// prefilled in chunks so that running streams keep flowing).
+    pub prefill_chunk_tokens: usize,
     /// Bounded execution queue length.
     pub queue_capacity: usize,
     pub max_tokens_per_task: u32,
@@ -252,7 +256,8 @@ impl Default for ExecutionConfig {
         Self {
             backend: BackendChoice::Auto,
             threads: 0,
-            max_concurrent: 1,
+            max_concurrent: 8,
+            prefill_chunk_tokens: crate::executor::PREFILL_CHUNK,
             queue_capacity: 64,
             max_tokens_per_task: 512,
             stream_write_timeout_ms: 10_000,
@@ -345,7 +350,11 @@ rate_limit_per_minute = 0
 backend = "auto"
 # Inference threads; 0 = one per core.
 threads = 0
-max_concurrent = 1
+# Sequences in flight, decoded together as one batch per step.
+max_concurrent = 8
+# Prompt tokens newcomers add to one batch step (long prompts are prefilled in
+# chunks so that running streams keep flowing; a GPU node can raise it).
+prefill_chunk_tokens = 64
 queue_capacity = 64
 max_tokens_per_task = 512
 # A streaming client that leaves a token unread this long is dropped.
@@ -543,6 +552,9 @@ impl Config {
         let e = &self.execution;
         if e.max_concurrent == 0 {
             return bad("execution.max_concurrent", "must be at least 1".into());
+        }
+        if e.prefill_chunk_tokens == 0 {
+            return bad("execution.prefill_chunk_tokens", "must be at least 1".into());
         }
         if e.queue_capacity == 0 {
             return bad("execution.queue_capacity", "must be at least 1".into());

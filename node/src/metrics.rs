@@ -64,6 +64,8 @@ pub struct NodeMetrics {
     pub decode_tokens_per_second: Histogram,
     pub time_to_first_token_seconds: Histogram,
     pub queue_depth: Gauge,
+    /// Sequences in flight: the executor's current batch.
+    pub inference_sequences: Gauge,
     pub queue_rejections: Counter,
     pub reputation_peers: Family<ScoreBucket, Gauge>,
     pub banned_peers: Gauge,
@@ -117,6 +119,7 @@ impl NodeMetrics {
             decode_tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             time_to_first_token_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             queue_depth: Gauge::default(),
+            inference_sequences: Gauge::default(),
             queue_rejections: Counter::default(),
             reputation_peers: Family::default(),
             banned_peers: Gauge::default(),
@@ -163,6 +166,11 @@ impl NodeMetrics {
             m.time_to_first_token_seconds.clone(),
         );
         r.register("queue_depth", "Inference jobs waiting", m.queue_depth.clone());
+        r.register(
+            "inference_sequences",
+            "Sequences in flight, decoded together as one batch per step",
+            m.inference_sequences.clone(),
+        );
         r.register("queue_rejections", "Jobs and seats refused because the queue was full", m.queue_rejections.clone());
         r.register("reputation_peers", "Known peers by reputation score bucket", m.reputation_peers.clone());
         r.register("banned_peers", "Peers currently banned", m.banned_peers.clone());

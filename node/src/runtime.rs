@@ -389,6 +389,7 @@ pub async fn run(mut p: LoopParts) {
             },
             _ = tick.tick() => {
                 p.metrics.queue_depth.set(p.executor.queued() as i64);
+                p.metrics.inference_sequences.set(p.executor.running() as i64);
                 // Only coordinated rounds need candidates (substitutes, escalation): don't
                 // read every peer's reputation five times a second for nothing.
                 let cands = if p.consensus.load().0 > 0 { candidates(&p.p2p, &p.store, &p.trust) } else { Vec::new() };
@@ -729,7 +730,7 @@ async fn act(
                             metrics.observe_generation(&g);
                             Ok(g.tokens)
                         }
-                        Ok(Err(e)) => Err(e),
+                        Ok(Err(e)) => Err(e.to_string()),
                         Err(_) => Err("executor dropped the job".into()),
                     };
                     metrics.observe_phase("inference", queued);

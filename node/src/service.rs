@@ -16,7 +16,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::api::{ApiPolicy, ApiState, ModelInfo, NodeInfo};
 use crate::config::Config;
-use crate::executor::Executor;
+use crate::executor::{Executor, ExecutorConfig};
 use crate::keys;
 use crate::metrics::NodeMetrics;
 use crate::models::{LoadedModel, Models};
@@ -162,11 +162,12 @@ pub async fn run_with(
         .map_err(|e| NodeError::P2p(e.to_string()))?;
     let registry = Arc::new(std::sync::Mutex::new(registry));
 
-    let executor = Executor::start_with(
-        cfg.execution.max_concurrent,
-        cfg.execution.queue_capacity,
-        Duration::from_millis(cfg.execution.stream_write_timeout_ms),
-    )
+    let executor = Executor::start(ExecutorConfig {
+        max_concurrent: cfg.execution.max_concurrent,
+        queue_capacity: cfg.execution.queue_capacity,
+        stream_timeout: Duration::from_millis(cfg.execution.stream_write_timeout_ms),
+        prefill_chunk: cfg.execution.prefill_chunk_tokens,
+    })
     .map_err(|e| NodeError::Model(format!("starting inference threads: {e}")))?;
     let c = &cfg.consensus;
     let round_params = RoundParams {

@@ -235,6 +235,7 @@ fn metrics_pass_promtool() {
         "sampo_tasks_total",
         "sampo_api_requests_total",
         "sampo_inference_tokens_total",
+        "sampo_inference_sequences",
         "libp2p_swarm_",
         "sampo_round_duration_seconds",
         "sampo_device_info{backend=\"cpu\"",
@@ -271,6 +272,22 @@ fn the_official_openai_client_works() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("non-streaming ok") && stdout.contains("streaming ok"), "{stdout}");
+}
+
+/// Concurrent clients share one batch: each gets the answer it gets alone, and a
+/// request sent while a long stream decodes joins the batch instead of waiting for it
+/// (prompts of 30-odd tokens in chunks of 16: chunked prefill on the real model).
+#[test]
+fn concurrent_openai_clients_share_a_batch_and_get_their_own_answers() {
+    let node = start_node(
+        Some(&real_model()),
+        &format!("{SINGLE}[execution]\nmax_concurrent = 8\nprefill_chunk_tokens = 16\n"),
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_concurrent.py");
+    let out = Command::new("python3").arg(&script).arg(format!("{}/v1", node.url)).arg("6").output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), log_of(node.dir.path()));
+    assert!(stdout.contains("concurrent ok") && stdout.contains("mid-batch ok"), "{stdout}");
 }
 
 #[test]
