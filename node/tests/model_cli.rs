@@ -59,11 +59,11 @@ fn inspect_describes_files_sampo_cannot_run() {
     assert_eq!(v["tensor_types"]["IQ4_NL"]["supported"], false);
     assert_eq!(v["tensor_types"]["Q4_1"]["supported"], true);
     // An architecture sampo does not run: said by name, every type still listed.
-    let p = retyped(dir.path(), GgmlType::Q4_0, "gemma3");
+    let p = retyped(dir.path(), GgmlType::Q4_0, "mamba");
     let out = sampo().args(["model", "inspect"]).arg(&p).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for want in ["architecture:  gemma3", "Q4_0 (type 2)", "runs on sampo: no", "`gemma3`"] {
+    for want in ["architecture:  mamba", "Q4_0 (type 2)", "runs on sampo: no", "`mamba`"] {
         assert!(text.contains(want), "inspect lacks {want}: {text}");
     }
 }
