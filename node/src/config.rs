@@ -479,14 +479,9 @@ impl Config {
         if self.network.announce_interval_secs == 0 {
             return bad("network.announce_interval_secs", "must be at least 1".into());
         }
-        if self.network.target_connections == 0 || self.network.target_connections > self.network.max_connections {
-            return bad(
-                "network.target_connections",
-                format!(
-                    "{} must be in 1..=max_connections ({})",
-                    self.network.target_connections, self.network.max_connections
-                ),
-            );
+        // Above max_connections it is simply capped by it.
+        if self.network.target_connections == 0 {
+            return bad("network.target_connections", "must be at least 1".into());
         }
         if self.network.max_connections == 0 {
             return bad("network.max_connections", "must be at least 1".into());

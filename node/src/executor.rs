@@ -441,25 +441,33 @@ mod tests {
             streamed(&engine, vec![1], SamplingParams { max_tokens: 3000, ..SamplingParams::default() });
         ex.submit(j).expect("submit");
         assert!(first_tokens.blocking_recv().is_some(), "the batch is full");
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut waiters = Vec::new();
+        // Streams of one slot: a job cannot finish before this thread reads it, so the
+        // job in the only slot stays there while the others' streams are checked (no
+        // race with how fast waiting threads are scheduled).
+        let mut streams = std::collections::HashMap::new();
         for (name, priority) in [("low", 1), ("high", 9), ("mid", 5), ("high2", 9)] {
-            let (j, rx) =
+            let (tx, tokens) = mpsc::channel(1);
+            let (mut j, done) =
                 job(&engine, priority, vec![2, 3], SamplingParams { max_tokens: 2, ..SamplingParams::default() });
+            j.stream = Some(tx);
             ex.submit(j).expect("submit");
-            let order = order.clone();
-            waiters.push(std::thread::spawn(move || {
-                let _ = finished(rx);
-                order.lock().expect("lock").push(name);
-            }));
+            streams.insert(name, (tokens, done));
         }
         assert_eq!(ex.queued(), 4, "all wait for the only slot");
         drop(first_tokens);
         assert_eq!(finished(first_done).finish, FinishReason::Cancelled);
-        for w in waiters {
-            w.join().expect("waiter");
+        let expected = ["high", "high2", "mid", "low"];
+        for (i, name) in expected.iter().enumerate() {
+            let (tokens, _) = streams.get_mut(name).expect("stream");
+            assert!(tokens.blocking_recv().is_some(), "{name} runs");
+            for later in &expected[i + 1..] {
+                let (t, _) = streams.get_mut(later).expect("stream");
+                assert!(t.try_recv().is_err(), "{later} ran before {name}");
+            }
+            let (mut tokens, done) = streams.remove(name).expect("stream");
+            while tokens.blocking_recv().is_some() {}
+            assert_eq!(finished(done).tokens.len(), 2, "{name}");
         }
-        assert_eq!(*order.lock().expect("lock"), ["high", "high2", "mid", "low"]);
         ex.shutdown(Duration::from_secs(5));
     }
 

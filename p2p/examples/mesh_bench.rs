@@ -100,7 +100,9 @@ async fn main() {
                     mesh.push(h.mesh_peers(GossipTopic::Nodes).await.map_or(0, |p| p.len()));
                     conns.push(h.connected_peers().await.map_or(0, |p| p.len()));
                 }
-                panic!("discovery did not complete in 60 s: registry sizes {seen:?}, nodes-topic mesh sizes {mesh:?}, connections {conns:?}");
+                panic!(
+                    "discovery did not complete in 60 s: registry sizes {seen:?}, nodes-topic mesh sizes {mesh:?}, connections {conns:?}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
