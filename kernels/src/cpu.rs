@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
-use crate::quant::{Q8Act, QK, RowPrep, act_scales, dequantize_row, dot_row, dot_rows, quantize_act, scales_stride};
+use crate::quant::{
+    Q8Act, QK, RowPrep, act_scales, dequantize_row, dot_row_scaled, dot_rows, quantize_act, scales_stride,
+};
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
 /// backend) and how many tokens it holds.
@@ -64,9 +66,7 @@ impl Act {
         let mut q = Vec::new();
         quantize_act(&f, &mut q);
         let (mut d, mut s) = (Vec::new(), Vec::new());
-        if f.len() / cols >= BATCHED_MIN_ROWS {
-            act_scales(&q, cols / QK, &mut d, &mut s);
-        }
+        act_scales(&q, cols / QK, &mut d, &mut s);
         Self { f, q, d, s, cols }
     }
     fn rows(&self) -> usize {
@@ -143,7 +143,8 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                 let row = w.row(bytes, o);
                 for r in 0..n {
                     let v = if w.ty.is_quantized() {
-                        dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
+                        let (xd, xs) = (&x.d[r * stride..(r + 1) * stride], &x.s[r * stride..(r + 1) * stride]);
+                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs)
                     } else {
                         scratch.resize(w.cols, 0.0);
                         dequantize_row(w.ty, row, scratch);

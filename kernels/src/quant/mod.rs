@@ -108,13 +108,25 @@ pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 }
 
 /// Canonical dot, SIMD where the CPU has it. Bit-identical to [`dot_row_scalar`].
-#[inline]
+/// A convenience: it lays out the activation scales on every call; a hot loop calls
+/// [`dot_row_scaled`] with [`act_scales`]' layout made once.
 pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    let (mut d, mut s) = (Vec::new(), Vec::new());
+    act_scales(x, x.len(), &mut d, &mut s);
+    dot_row_scaled(ty, row, x, &d, &s)
+}
+
+/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] (one
+/// row of `x.len()` blocks): SIMD loads them whole instead of gathering them per group.
+#[inline]
+pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: AVX2 is present; `row` holds `x.len()` blocks (checked by the caller's shapes).
-        return unsafe { x86::dot_row_avx2(ty, row, x) };
+        // SAFETY: AVX2 is present; `row` holds `x.len()` blocks (checked by the caller's
+        // shapes, asserted by the kernels along with the scales' length).
+        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs) };
     }
+    let _ = (xd, xs);
     dot_row_scalar(ty, row, x)
 }
 
@@ -183,9 +195,11 @@ pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], p
         }
         return;
     }
-    let _ = (xd, xs, prep);
+    let _ = prep;
+    let stride = scales_stride(nb);
     for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_row(ty, row, &x[r * nb..(r + 1) * nb]);
+        let (d, s) = (&xd[r * stride..(r + 1) * stride], &xs[r * stride..(r + 1) * stride]);
+        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s);
     }
 }
 

@@ -430,3 +430,33 @@ fn quantize_row_round_trips_every_new_type_closely() {
         assert!(err < bound, "{ty}: max error {err}");
     }
 }
+
+#[test]
+fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
+    // Every row length from 1 to 41 chunks (all remainders of the group of 8, one to
+    // five groups and more than the 4 accumulators), 1 to 9 activation rows.
+    for ty in BLOCK_TYPES {
+        let per = ty.block_len() / QK;
+        for blocks in 1..=41usize.div_ceil(per) {
+            let row = random_blocks(ty, blocks, blocks as u64 + 70, blocks % 5 == 0);
+            let nb = blocks * per;
+            for rows in 1..=9usize {
+                let xq = acts(nb * QK * rows, (rows + blocks) as u32);
+                let (mut d, mut s) = (Vec::new(), Vec::new());
+                act_scales(&xq, nb, &mut d, &mut s);
+                let stride = scales_stride(nb);
+                let mut out = vec![0.0; rows];
+                dot_rows(ty, &row, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+                for (r, o) in out.iter().enumerate() {
+                    let x = &xq[r * nb..(r + 1) * nb];
+                    let want = dot_row_scalar(ty, &row, x);
+                    let one =
+                        dot_row_scaled(ty, &row, x, &d[r * stride..(r + 1) * stride], &s[r * stride..(r + 1) * stride]);
+                    assert_eq!(one.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row");
+                    assert_eq!(dot_row(ty, &row, x).to_bits(), want.to_bits(), "{ty} {nb} chunks, dot_row");
+                    assert_eq!(o.to_bits(), want.to_bits(), "{ty} {nb} chunks, {rows} rows, row {r}");
+                }
+            }
+        }
+    }
+}

@@ -221,7 +221,7 @@ unsafe fn kgroup(ty: GgmlType, b: *const u8) -> KGroup {
 /// canonical operation order of [`chunk::Chunk::term`].
 #[inline]
 #[target_feature(enable = "avx2")]
-fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act]) -> __m256 {
+fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
     let sgn = signed(ty);
     let mut p = [_mm256_setzero_si256(); 8];
     let mut pm = [_mm256_setzero_si256(); 8];
@@ -239,14 +239,10 @@ fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act]) -> __m256 {
         }
     }
     let s = _mm256_cvtepi32_ps(hsum8(&p));
-    let dx = _mm256_set_ps(x[7].d, x[6].d, x[5].d, x[4].d, x[3].d, x[2].d, x[1].d, x[0].d);
     let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
     match chunk::form(ty) {
         Form::Plain => t,
-        Form::Min => {
-            let sx = _mm256_set_ps(x[7].s, x[6].s, x[5].s, x[4].s, x[3].s, x[2].s, x[1].s, x[0].s);
-            _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx))
-        }
+        Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
         Form::SubMin => {
             let m = _mm256_cvtepi32_ps(hsum8(&pm));
             _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
@@ -258,38 +254,43 @@ const KTYPES: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, G
 
 /// [`dot_row_avx2`] for a K-quant: super-block `g` is group `g` of 8 chunks.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     // One copy per type, so that the decoding's branches on the type fold away.
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q2_K => dot_row_k::<0>(row, x),
-            GgmlType::Q3_K => dot_row_k::<1>(row, x),
-            GgmlType::Q4_K => dot_row_k::<2>(row, x),
-            GgmlType::Q5_K => dot_row_k::<3>(row, x),
-            _ => dot_row_k::<4>(row, x),
+            GgmlType::Q2_K => dot_row_k::<0>(row, x, xd, xs),
+            GgmlType::Q3_K => dot_row_k::<1>(row, x, xd, xs),
+            GgmlType::Q4_K => dot_row_k::<2>(row, x, xd, xs),
+            GgmlType::Q5_K => dot_row_k::<3>(row, x, xd, xs),
+            _ => dot_row_k::<4>(row, x, xd, xs),
         }
     }
 }
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act]) -> f32 {
+unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     let ty = KTYPES[T];
     let bb = ty.block_bytes();
     let groups = x.len() / 8;
     assert!(x.len().is_multiple_of(8) && row.len() >= groups * bb, "row of {} bytes for {} chunks", row.len(), x.len());
+    assert!(xd.len() >= x.len() && xs.len() >= x.len(), "activation scales for {} blocks", x.len());
     let mut acc = [_mm256_setzero_ps(); 4];
     for g in 0..groups {
-        // SAFETY: super-block g lies inside the row (asserted above).
-        let dec = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
-        acc[g % 4] = _mm256_add_ps(acc[g % 4], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8]));
+        // SAFETY: super-block g lies inside the row, scales 8g..8g + 8 inside xd, xs
+        // (asserted above).
+        let (dec, dx, sx) = unsafe {
+            (
+                kgroup(ty, row.as_ptr().add(g * bb)),
+                _mm256_loadu_ps(xd.as_ptr().add(8 * g)),
+                _mm256_loadu_ps(xs.as_ptr().add(8 * g)),
+            )
+        };
+        // Rotating the four keeps them in registers (see `dot_rows_t`).
+        acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8], dx, sx))];
     }
-    let mut l = [0.0f32; LANES];
-    for (k, r) in acc.iter().enumerate() {
-        // SAFETY: 8 floats at lane 8k of a 32-float array.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
-    }
-    butterfly(&mut l)
+    let k = groups % 4;
+    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// # Safety
@@ -323,18 +324,18 @@ fn hsum8(p: &[__m256i; 8]) -> __m256i {
 /// per-block f32 terms are computed lane-wise in the canonical operation order.
 /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     // One copy per type, so that the branches on the type fold away (a shared copy
     // cost 20 % of decode on SmolLM2's Q4_1).
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => dot_row_b::<0>(row, x),
-            GgmlType::Q4_1 => dot_row_b::<1>(row, x),
-            GgmlType::Q5_0 => dot_row_b::<2>(row, x),
-            GgmlType::Q5_1 => dot_row_b::<3>(row, x),
-            GgmlType::Q8_0 => dot_row_b::<4>(row, x),
-            _ => dot_row_kquant(ty, row, x),
+            GgmlType::Q4_0 => dot_row_b::<0>(row, x, xd, xs),
+            GgmlType::Q4_1 => dot_row_b::<1>(row, x, xd, xs),
+            GgmlType::Q5_0 => dot_row_b::<2>(row, x, xd, xs),
+            GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
+            GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
+            _ => dot_row_kquant(ty, row, x, xd, xs),
         }
     }
 }
@@ -343,73 +344,64 @@ pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 
 const BTYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act]) -> f32 {
+unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     let ty = BTYPES[T];
     let form = chunk::form(ty);
     let bb = ty.block_bytes();
     let nb = x.len();
+    let groups = nb.div_ceil(GROUP);
     assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
+    assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
     let base = row.as_ptr();
-    let rd16 = |off: usize| -> i16 {
-        // SAFETY: off + 2 <= nb * bb <= row.len() (asserted above).
-        unsafe { std::ptr::read_unaligned(base.add(off) as *const i16) }
-    };
-    // The f16 at byte `o` of 8 consecutive blocks, widened in one F16C instruction.
-    let f16x8 = |o: usize| {
-        _mm256_cvtph_ps(_mm_set_epi16(
-            rd16(o + 7 * bb),
-            rd16(o + 6 * bb),
-            rd16(o + 5 * bb),
-            rd16(o + 4 * bb),
-            rd16(o + 3 * bb),
-            rd16(o + 2 * bb),
-            rd16(o + bb),
-            rd16(o),
-        ))
-    };
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
+    // a minimum, `m` (the others' quants there are ignored).
+    let offs = _mm256_mullo_epi32(lane, _mm256_set1_epi32(bb as i32));
+    // Per 128-bit half: the four low f16 (`d`) first, then the four high (`m`).
+    let split = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+    );
+    // Group g goes to register g % 4; rotating the four after each group keeps them in
+    // registers: the next one to take a group is always `acc[0]`.
     let mut acc = [_mm256_setzero_ps(); 4];
-    let groups = nb / 8;
     for g in 0..groups {
-        let b0 = g * 8;
+        let b0 = g * GROUP;
+        let cnt = (nb - b0).min(GROUP);
         let mut p = [_mm256_setzero_si256(); 8];
-        for (k, pk) in p.iter_mut().enumerate() {
-            // SAFETY: block b0 + k < nb lies inside the row.
-            *pk = unsafe { block_partials(ty, base.add((b0 + k) * bb), &x[b0 + k]) };
-        }
+        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lane);
+        // SAFETY: blocks b0 .. b0 + cnt lie inside the row; the gather reads only the
+        // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
+        let (raw, dx, sx) = unsafe {
+            let at = base.add(b0 * bb);
+            if cnt == GROUP {
+                for (k, pk) in p.iter_mut().enumerate() {
+                    *pk = block_partials(ty, at.add(k * bb), &x[b0 + k]);
+                }
+            } else {
+                for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                    *pk = block_partials(ty, at.add(k * bb), &x[b0 + k]);
+                }
+            }
+            let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
+            (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
+        };
         let isum = _mm256_cvtepi32_ps(hsum8(&p));
-        let o = b0 * bb;
-        let dw = f16x8(o);
-        let xs = &x[b0..b0 + 8];
-        let dx = _mm256_set_ps(xs[7].d, xs[6].d, xs[5].d, xs[4].d, xs[3].d, xs[2].d, xs[1].d, xs[0].d);
+        // Low 128 bits: the eight `d`; high: the eight `m`.
+        let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
+        let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
         let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
         if form == Form::Min {
-            let mw = f16x8(o + 2);
-            let sx = _mm256_set_ps(xs[7].s, xs[6].s, xs[5].s, xs[4].s, xs[3].s, xs[2].s, xs[1].s, xs[0].s);
+            let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
             t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
         }
-        acc[g % 4] = _mm256_add_ps(acc[g % 4], t);
+        let sum = _mm256_add_ps(acc[0], t);
+        // A partial group updates only its own lanes (a blend, not an add of zeros).
+        let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, _mm256_castsi256_ps(live)) };
+        acc = [acc[1], acc[2], acc[3], next];
     }
-    let mut l = [0.0f32; LANES];
-    for (k, r) in acc.iter().enumerate() {
-        // SAFETY: 8 floats at lane 8k of a 32-float array.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
-    }
-    // Remaining blocks, in order, into their lanes: the SIMD integer sum, then the same
-    // f32 term as above (the scalar decode here cost 2x on 576-wide rows, 2 blocks in 18).
-    for b in groups * 8..nb {
-        // SAFETY: block b < nb lies inside the row.
-        let p = unsafe { block_partials(ty, base.add(b * bb), &x[b]) };
-        let mut v = [0i32; 8];
-        // SAFETY: 8 i32 into an 8-element array.
-        unsafe { _mm256_storeu_si256(v.as_mut_ptr() as *mut __m256i, p) };
-        let s: i32 = v.iter().sum();
-        let mut t = (f16_at(row, b * bb) * x[b].d) * s as f32;
-        if form == Form::Min {
-            t += f16_at(row, b * bb + 2) * x[b].s;
-        }
-        l[b % LANES] += t;
-    }
-    butterfly(&mut l)
+    // Undo the rotation: register k must hold the groups with g % 4 == k.
+    let k = groups % 4;
+    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
