@@ -54,21 +54,35 @@ impl Default for Q8Act {
 
 /// Quantize `x` (length a multiple of 32) into `out`.
 pub fn quantize_act(x: &[f32], out: &mut Vec<Q8Act>) {
-    out.clear();
-    for chunk in x.chunks_exact(QK) {
-        let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let mut b = Q8Act { d, ..Default::default() };
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            *q = r;
-            sum += i32::from(r);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        out.clear();
+        out.reserve(x.len() / QK);
+        for chunk in x.chunks_exact(QK) {
+            // SAFETY: AVX2 is present; the chunk is 32 values.
+            let b = unsafe { x86::quantize_block_avx2(chunk) };
+            out.push(b.unwrap_or_else(|| quantize_block(chunk)));
         }
-        b.s = d * sum as f32;
-        out.push(b);
+        return;
     }
+    out.clear();
+    out.extend(x.chunks_exact(QK).map(quantize_block));
+}
+
+/// [`quantize_act`] of one block of 32 (the reference; SIMD gives the same bits).
+fn quantize_block(chunk: &[f32]) -> Q8Act {
+    let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut b = Q8Act { d, ..Default::default() };
+    let mut sum = 0i32;
+    for (q, &v) in b.qs.iter_mut().zip(chunk) {
+        let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *q = r;
+        sum += i32::from(r);
+    }
+    b.s = d * sum as f32;
+    b
 }
 
 /// Exact f16 → f32 widening (same result as F16C's `vcvtph2ps`).

@@ -460,3 +460,30 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
         }
     }
 }
+
+#[test]
+fn simd_activation_quantization_is_the_reference_bits() {
+    let mut blocks: Vec<Vec<f32>> =
+        (0..200u32).map(|s| vals(QK, s).iter().map(|v| v * (s as f32 + 0.5)).collect()).collect();
+    // Exact halves after scaling (amax 127 makes inv 1), ties both ways, zeros, -0.0,
+    // subnormals, huge values, infinities and NaN.
+    let mut halves: Vec<f32> = (0..QK).map(|i| i as f32 - 15.5).collect();
+    halves[0] = 127.0;
+    blocks.push(halves.clone());
+    blocks.push(halves.iter().map(|v| -v).collect());
+    blocks.push(vec![0.0; QK]);
+    blocks.push(vec![-0.0; QK]);
+    blocks.push((0..QK).map(|i| f32::from_bits(i as u32 + 1)).collect());
+    blocks.push((0..QK).map(|i| f32::MAX / (i as f32 + 1.0)).collect());
+    blocks.push((0..QK).map(|i| if i == 3 { f32::INFINITY } else { i as f32 }).collect());
+    blocks.push((0..QK).map(|i| if i == 9 { f32::NAN } else { -(i as f32) }).collect());
+    blocks.push((0..QK).map(|i| (i as f32 - 16.0) * 1.0e-39).collect());
+    blocks.push((0..QK).map(|i| 0.49999997 * if i % 2 == 0 { 1.0 } else { -1.0 } + (i / 31) as f32 * 126.0).collect());
+    for b in &blocks {
+        let mut got = Vec::new();
+        quantize_act(b, &mut got);
+        let want = quantize_block(b);
+        assert_eq!(got[0].qs, want.qs, "{b:?}");
+        assert_eq!((got[0].d.to_bits(), got[0].s.to_bits()), (want.d.to_bits(), want.s.to_bits()), "{b:?}");
+    }
+}

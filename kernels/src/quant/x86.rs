@@ -591,3 +591,63 @@ unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], xd: &[f32], xs: &[f32], prep: 
         *o = butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]]);
     }
 }
+
+/// [`super::quantize_block`] in SIMD, the same operations lane-wise: `amax` by
+/// `max` (exact, in any order), `d = amax / 127`, `inv = 1 / d` (0 when `d` is 0),
+/// `round_half_away(v · inv)` as truncation plus one away from zero where the exact
+/// remainder is at least one half, clamped to ±127. `None` where a value is NaN or
+/// infinite or `1 / d` overflows: those blocks take the reference path (its saturating
+/// casts decide them).
+///
+/// # Safety
+/// `x` holds 32 values.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_block_avx2(x: &[f32]) -> Option<Q8Act> {
+    debug_assert_eq!(x.len(), QK);
+    // SAFETY: 32 values (caller's contract).
+    let v = unsafe { [0, 8, 16, 24].map(|o| _mm256_loadu_ps(x.as_ptr().add(o))) };
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|a| _mm256_andnot_ps(sign, a));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    // Finite everywhere: |v| <= f32::MAX, false for NaN.
+    let fin = abs.map(|a| _mm256_cmp_ps::<_CMP_LE_OQ>(a, _mm256_set1_ps(f32::MAX)));
+    let all = _mm256_and_ps(_mm256_and_ps(fin[0], fin[1]), _mm256_and_ps(fin[2], fin[3]));
+    if _mm256_movemask_ps(all) != 0xff {
+        return None;
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    if !inv.is_finite() {
+        // A subnormal scale: `0 · inf` would be NaN in a lane.
+        return None;
+    }
+    let invv = _mm256_set1_ps(inv);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let lim = _mm256_set1_ps(127.0);
+    let q = v.map(|a| {
+        let y = _mm256_mul_ps(a, invv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+        let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), _mm256_or_ps(one, _mm256_and_ps(sign, y)));
+        let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, away), _mm256_set1_ps(-127.0)), lim);
+        _mm256_cvtps_epi32(r)
+    });
+    // i32 -> i8 in element order: the packs interleave 128-bit halves, the permute undoes it.
+    let p16a = _mm256_packs_epi32(q[0], q[1]);
+    let p16b = _mm256_packs_epi32(q[2], q[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let s32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256::<1>(s32));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2)));
+    let mut b = Q8Act { d, ..Default::default() };
+    // SAFETY: 32 bytes into the 32-byte array.
+    unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, ordered) };
+    b.s = d * sum as f32;
+    Some(b)
+}
