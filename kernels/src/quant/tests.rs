@@ -37,10 +37,9 @@ fn batched_dots_match_scalar_bits_for_every_type_and_tail() {
                 quantize_act(&vals(n * rows, 6), &mut xq);
                 // A zero block: exercises +0.0 terms in the lanes.
                 xq[0] = Q8Act::default();
-                let (mut d, mut s) = (Vec::new(), Vec::new());
-                act_scales(&xq, nb, &mut d, &mut s);
+                let sc = ActScales::new(&xq, nb);
                 let mut out = vec![0.0; rows];
-                dot_rows(ty, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+                dot_rows(ty, &w, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
                 for (r, o) in out.iter().enumerate() {
                     let want = dot_row_scalar(ty, &w, &xq[r * nb..(r + 1) * nb]);
                     assert_eq!(o.to_bits(), want.to_bits(), "{ty} nb={nb} rows={rows} row {r}");
@@ -54,10 +53,9 @@ fn batched_dots_match_scalar_bits_for_every_type_and_tail() {
     w[36] = 0x80;
     let mut xq = Vec::new();
     quantize_act(&[vec![-1.0; 32], vec![1.0; 32]].concat(), &mut xq);
-    let (mut d, mut s) = (Vec::new(), Vec::new());
-    act_scales(&xq, 2, &mut d, &mut s);
+    let sc = ActScales::new(&xq, 2);
     let mut out = [0.0];
-    dot_rows(GgmlType::Q8_0, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+    dot_rows(GgmlType::Q8_0, &w, &xq, sc.rows(0, 1), &mut RowPrep::default(), &mut out);
     assert_eq!(out[0].to_bits(), dot_row_scalar(GgmlType::Q8_0, &w, &xq).to_bits());
 }
 
@@ -396,11 +394,10 @@ fn batched_dots_are_the_one_row_bits_for_every_block_type() {
             let nb = blocks * ty.block_len() / QK;
             for rows in 1..=9usize {
                 let xq = acts(nb * QK * rows, rows as u32);
-                let (mut d, mut s) = (Vec::new(), Vec::new());
-                act_scales(&xq, nb, &mut d, &mut s);
+                let sc = ActScales::new(&xq, nb);
                 let mut out = vec![0.0; rows];
                 let mut prep = RowPrep::default();
-                dot_rows(ty, &row, &xq, &d, &s, &mut prep, &mut out);
+                dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut prep, &mut out);
                 for (r, o) in out.iter().enumerate() {
                     let want = dot_row_scalar(ty, &row, &xq[r * nb..(r + 1) * nb]);
                     assert_eq!(o.to_bits(), want.to_bits(), "{ty} {blocks} blocks, {rows} rows, row {r}");
@@ -442,11 +439,11 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
             let nb = blocks * per;
             for rows in 1..=9usize {
                 let xq = acts(nb * QK * rows, (rows + blocks) as u32);
-                let (mut d, mut s) = (Vec::new(), Vec::new());
-                act_scales(&xq, nb, &mut d, &mut s);
+                let sc = ActScales::new(&xq, nb);
+                let (d, s) = (&sc.d, &sc.s);
                 let stride = scales_stride(nb);
                 let mut out = vec![0.0; rows];
-                dot_rows(ty, &row, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+                dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
                 for (r, o) in out.iter().enumerate() {
                     let x = &xq[r * nb..(r + 1) * nb];
                     let want = dot_row_scalar(ty, &row, x);

@@ -483,29 +483,38 @@ fn butterfly4(a: [__m256; 4]) -> f32 {
 }
 
 /// [`dot_row_avx2`]'s arithmetic for several activation rows against one prepared
-/// weight row: the same integer sums, the same f32 operations per block in the same
-/// order, the same lanes. The last, partial group is computed like a whole one and
-/// only its own lanes are updated (a blend, not an add of zeros: no bit may change).
+/// weight row, 8 rows at a time with one row per lane: the same exact integer sums
+/// (transposed by [`hsum8`] so that a block's 8 rows share one vector), the same f32
+/// operations per block in the same order, block `b` into lane accumulator `b % 32`,
+/// and the butterfly run lane-wise over the 32 accumulators.
 ///
 /// # Safety
-/// `prep` was filled for `nb = x.len() / out.len()` blocks; `xd`, `xs` hold
-/// `out.len()` rows of `nb` rounded up to a multiple of 8.
+/// `prep` was filled for `nb` blocks; `x` holds `out.len()` rows of `nb` blocks; `dt`,
+/// `st` hold `out.len()` rounded up to 8 rows of transposed scales ([`ActScales`]).
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot_rows_avx2(ty: GgmlType, x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &RowPrep, out: &mut [f32]) {
+pub(super) unsafe fn dot_rows_avx2(
+    ty: GgmlType,
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+) {
     // One copy per type, as for one row.
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => dot_rows_t::<0>(x, xd, xs, prep, out),
-            GgmlType::Q4_1 => dot_rows_t::<1>(x, xd, xs, prep, out),
-            GgmlType::Q5_0 => dot_rows_t::<2>(x, xd, xs, prep, out),
-            GgmlType::Q5_1 => dot_rows_t::<3>(x, xd, xs, prep, out),
-            GgmlType::Q8_0 => dot_rows_t::<4>(x, xd, xs, prep, out),
-            GgmlType::Q3_K => dot_rows_t::<5>(x, xd, xs, prep, out),
-            GgmlType::Q4_K => dot_rows_t::<6>(x, xd, xs, prep, out),
-            GgmlType::Q5_K => dot_rows_t::<7>(x, xd, xs, prep, out),
-            GgmlType::Q6_K => dot_rows_t::<8>(x, xd, xs, prep, out),
-            _ => dot_rows_t::<9>(x, xd, xs, prep, out),
+            GgmlType::Q4_0 => dot_rows_t::<0>(x, nb, dt, st, prep, out),
+            GgmlType::Q4_1 => dot_rows_t::<1>(x, nb, dt, st, prep, out),
+            GgmlType::Q5_0 => dot_rows_t::<2>(x, nb, dt, st, prep, out),
+            GgmlType::Q5_1 => dot_rows_t::<3>(x, nb, dt, st, prep, out),
+            GgmlType::Q8_0 => dot_rows_t::<4>(x, nb, dt, st, prep, out),
+            GgmlType::Q3_K => dot_rows_t::<5>(x, nb, dt, st, prep, out),
+            GgmlType::Q4_K => dot_rows_t::<6>(x, nb, dt, st, prep, out),
+            GgmlType::Q5_K => dot_rows_t::<7>(x, nb, dt, st, prep, out),
+            GgmlType::Q6_K => dot_rows_t::<8>(x, nb, dt, st, prep, out),
+            _ => dot_rows_t::<9>(x, nb, dt, st, prep, out),
         }
     }
 }
@@ -525,70 +534,68 @@ const RTYPES: [GgmlType; 10] = [
 ];
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &RowPrep, out: &mut [f32]) {
+unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], nb: usize, dt: &[f32], st: &[f32], prep: &RowPrep, out: &mut [f32]) {
     let ty = RTYPES[T];
-    let n = out.len();
-    let nb = x.len() / n;
-    let stride = scales_stride(nb);
-    let groups = stride / GROUP;
-    let rem = nb % GROUP;
     let (sgn, scl, form) = (signed(ty), scaled(ty), chunk::form(ty));
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let partial = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rem as i32), lane));
     let wp = prep.w.as_ptr() as *const __m256i;
     let ap = prep.abs.as_ptr() as *const __m256i;
     let sp = prep.sc.as_ptr() as *const __m256i;
-    // The exact integer dot of block b as 8 partial i32.
-    let block = |b: usize, xb: &Q8Act| {
-        // SAFETY: b < nb <= prep's padded length; each entry is 32 bytes.
-        unsafe {
-            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let pairs = if sgn {
+    let xp = x.as_ptr();
+    for (pass, o8) in out.chunks_mut(ROWS).enumerate() {
+        let cnt = o8.len();
+        // Lane accumulators of the 8 rows: `acc[j]` holds lane j of each row.
+        let mut acc = [_mm256_setzero_ps(); LANES];
+        let x0 = pass * ROWS * nb;
+        let t0 = pass * nb * ROWS;
+        for b in 0..nb {
+            // SAFETY: b < nb <= prep's padded length; rows pass·8 + k < out.len() hold
+            // nb blocks each; the scales of block b of this pass are 8 floats at t0 + 8b.
+            unsafe {
                 let w = _mm256_loadu_si256(wp.add(b));
-                _mm256_maddubs_epi16(_mm256_loadu_si256(ap.add(b)), _mm256_sign_epi8(xv, w))
-            } else {
-                _mm256_maddubs_epi16(_mm256_loadu_si256(wp.add(b)), xv)
-            };
-            let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
-            _mm256_madd_epi16(pairs, sc)
-        }
-    };
-    for (r, o) in out.iter_mut().enumerate() {
-        let xr = &x[r * nb..(r + 1) * nb];
-        let (xd, xs) = (&xd[r * stride..(r + 1) * stride], &xs[r * stride..(r + 1) * stride]);
-        // Group g goes to register g % 4; rotating the four after each group keeps
-        // them in registers: the next one to take a group is always `acc[0]`.
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for g in 0..groups {
-            let b0 = g * GROUP;
-            let cnt = (nb - b0).min(GROUP);
-            let mut p = [_mm256_setzero_si256(); 8];
-            if cnt == GROUP {
-                for (k, pk) in p.iter_mut().enumerate() {
-                    *pk = block(b0 + k, &xr[b0 + k]);
+                let a = if sgn { _mm256_loadu_si256(ap.add(b)) } else { w };
+                let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
+                let block = |k: usize| {
+                    let xv = _mm256_loadu_si256((*xp.add(x0 + k * nb + b)).qs.as_ptr() as *const __m256i);
+                    let pairs = if sgn {
+                        _mm256_maddubs_epi16(a, _mm256_sign_epi8(xv, w))
+                    } else {
+                        _mm256_maddubs_epi16(w, xv)
+                    };
+                    _mm256_madd_epi16(pairs, sc)
+                };
+                let mut p = [_mm256_setzero_si256(); ROWS];
+                if cnt == ROWS {
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        *pk = block(k);
+                    }
+                } else {
+                    for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                        *pk = block(k);
+                    }
                 }
-            } else {
-                for (k, pk) in p.iter_mut().enumerate().take(cnt) {
-                    *pk = block(b0 + k, &xr[b0 + k]);
+                let isum = _mm256_cvtepi32_ps(hsum8(&p));
+                let dx = _mm256_loadu_ps(dt.as_ptr().add(t0 + ROWS * b));
+                let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(*prep.dw.get_unchecked(b)), dx), isum);
+                if form == Form::Min {
+                    let sx = _mm256_loadu_ps(st.as_ptr().add(t0 + ROWS * b));
+                    t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(*prep.mw.get_unchecked(b)), sx));
                 }
+                let l = &mut acc[b % LANES];
+                *l = _mm256_add_ps(*l, t);
             }
-            let isum = _mm256_cvtepi32_ps(hsum8(&p));
-            // SAFETY: b0 + 8 <= stride, the padded length of every array read.
-            let (dw, dx) = unsafe { (_mm256_loadu_ps(prep.dw.as_ptr().add(b0)), _mm256_loadu_ps(xd.as_ptr().add(b0))) };
-            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
-            if form == Form::Min {
-                // SAFETY: as above.
-                let (mw, sx) =
-                    unsafe { (_mm256_loadu_ps(prep.mw.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0))) };
-                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
-            }
-            let sum = _mm256_add_ps(acc[0], t);
-            let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, partial) };
-            acc = [acc[1], acc[2], acc[3], next];
         }
-        // Undo the rotation: register k must hold the groups with g % 4 == k.
-        let k = groups % 4;
-        *o = butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]]);
+        // The butterfly, lane-wise: the same additions of the same pairs for each row.
+        let mut off = LANES / 2;
+        while off > 0 {
+            for j in 0..off {
+                acc[j] = _mm256_add_ps(acc[j], acc[j + off]);
+            }
+            off /= 2;
+        }
+        let mut r = [0.0f32; ROWS];
+        // SAFETY: 8 floats into an 8-float array.
+        unsafe { _mm256_storeu_ps(r.as_mut_ptr(), acc[0]) };
+        o8.copy_from_slice(&r[..cnt]);
     }
 }
 
