@@ -250,6 +250,24 @@ pub struct RowPrep {
 /// f32 terms are computed lane-wise in the canonical operation order, and block `b`'s
 /// terms go to lane accumulator `b % 32` of all 8 rows at once.
 pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], sc: ActScalesRef<'_>, prep: &mut RowPrep, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = has_vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    dot_rows_with(ty, row, x, sc, prep, out, vnni);
+}
+
+/// [`dot_rows`], with AVX-512 VNNI's integer dot or without (tests run both; `vnni`
+/// only where the CPU has it).
+fn dot_rows_with(
+    ty: GgmlType,
+    row: &[u8],
+    x: &[Q8Act],
+    sc: ActScalesRef<'_>,
+    prep: &mut RowPrep,
+    out: &mut [f32],
+    vnni: bool,
+) {
     let n = out.len();
     if n == 0 {
         return;
@@ -267,11 +285,11 @@ pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], sc: ActScalesRef<'_>, pre
         // SAFETY: AVX2 and F16C are present; the lengths read are asserted above.
         unsafe {
             x86::prepare_row_avx2(ty, row, nb, prep);
-            x86::dot_rows_avx2(ty, x, nb, sc.dt, sc.st, prep, out);
+            x86::dot_rows_avx2(ty, x, nb, sc.dt, sc.st, prep, out, vnni && has_vnni());
         }
         return;
     }
-    let _ = prep;
+    let _ = (prep, vnni);
     for (r, o) in out.iter_mut().enumerate() {
         let (d, s) = (&sc.d[r * stride..(r + 1) * stride], &sc.s[r * stride..(r + 1) * stride]);
         *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s);
@@ -284,6 +302,19 @@ fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
+}
+
+/// AVX-512 VNNI with 256-bit vectors (VL): `vpdpbusd` for the integer dots.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
 }
 
 /// Dequantize one row of `n` elements to f32 (embedding lookup, tests).

@@ -444,6 +444,10 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                 let stride = scales_stride(nb);
                 let mut out = vec![0.0; rows];
                 dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
+                // Without VNNI too, where the CPU has it (the same bits either way).
+                let mut plain = vec![0.0; rows];
+                dot_rows_with(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut plain, false);
+                assert_eq!(bits(&out), bits(&plain), "{ty} {nb} chunks, {rows} rows, without VNNI");
                 for (r, o) in out.iter().enumerate() {
                     let x = &xq[r * nb..(r + 1) * nb];
                     let want = dot_row_scalar(ty, &row, x);

@@ -486,11 +486,15 @@ fn butterfly4(a: [__m256; 4]) -> f32 {
 /// weight row, 8 rows at a time with one row per lane: the same exact integer sums
 /// (transposed by [`hsum8`] so that a block's 8 rows share one vector), the same f32
 /// operations per block in the same order, block `b` into lane accumulator `b % 32`,
-/// and the butterfly run lane-wise over the 32 accumulators.
+/// and the butterfly run lane-wise over the 32 accumulators. With `vnni` (AVX-512 VNNI
+/// with VL, checked by the caller) the integer dot of 4 byte pairs is one `vpdpbusd`
+/// instead of `maddubs` + `madd`: exact either way, the same partial sums.
 ///
 /// # Safety
 /// `prep` was filled for `nb` blocks; `x` holds `out.len()` rows of `nb` blocks; `dt`,
-/// `st` hold `out.len()` rounded up to 8 rows of transposed scales ([`ActScales`]).
+/// `st` hold `out.len()` rounded up to 8 rows of transposed scales ([`ActScales`]);
+/// with `vnni`, the CPU has AVX-512 VNNI and VL.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dot_rows_avx2(
     ty: GgmlType,
@@ -500,23 +504,27 @@ pub(super) unsafe fn dot_rows_avx2(
     st: &[f32],
     prep: &RowPrep,
     out: &mut [f32],
+    vnni: bool,
 ) {
-    // One copy per type, as for one row.
-    // SAFETY: same contract.
-    unsafe {
-        match ty {
-            GgmlType::Q4_0 => dot_rows_t::<0>(x, nb, dt, st, prep, out),
-            GgmlType::Q4_1 => dot_rows_t::<1>(x, nb, dt, st, prep, out),
-            GgmlType::Q5_0 => dot_rows_t::<2>(x, nb, dt, st, prep, out),
-            GgmlType::Q5_1 => dot_rows_t::<3>(x, nb, dt, st, prep, out),
-            GgmlType::Q8_0 => dot_rows_t::<4>(x, nb, dt, st, prep, out),
-            GgmlType::Q3_K => dot_rows_t::<5>(x, nb, dt, st, prep, out),
-            GgmlType::Q4_K => dot_rows_t::<6>(x, nb, dt, st, prep, out),
-            GgmlType::Q5_K => dot_rows_t::<7>(x, nb, dt, st, prep, out),
-            GgmlType::Q6_K => dot_rows_t::<8>(x, nb, dt, st, prep, out),
-            _ => dot_rows_t::<9>(x, nb, dt, st, prep, out),
-        }
+    macro_rules! by_type {
+        ($f:ident) => {
+            match ty {
+                GgmlType::Q4_0 => $f::<0>(x, nb, dt, st, prep, out),
+                GgmlType::Q4_1 => $f::<1>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_0 => $f::<2>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_1 => $f::<3>(x, nb, dt, st, prep, out),
+                GgmlType::Q8_0 => $f::<4>(x, nb, dt, st, prep, out),
+                GgmlType::Q3_K => $f::<5>(x, nb, dt, st, prep, out),
+                GgmlType::Q4_K => $f::<6>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_K => $f::<7>(x, nb, dt, st, prep, out),
+                GgmlType::Q6_K => $f::<8>(x, nb, dt, st, prep, out),
+                _ => $f::<9>(x, nb, dt, st, prep, out),
+            }
+        };
     }
+    // One copy per type and instruction set, as for one row.
+    // SAFETY: same contract.
+    unsafe { if vnni { by_type!(dot_rows_vnni) } else { by_type!(dot_rows_t) } }
 }
 
 /// The types [`dot_rows_t`] is instantiated for (the last one: any other).
@@ -535,33 +543,78 @@ const RTYPES: [GgmlType; 10] = [
 
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], nb: usize, dt: &[f32], st: &[f32], prep: &RowPrep, out: &mut [f32]) {
+    // SAFETY: same contract.
+    unsafe { dot_rows_body::<T, false>(x, nb, dt, st, prep, out) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_rows_vnni<const T: usize>(
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+) {
+    // SAFETY: same contract.
+    unsafe { dot_rows_body::<T, true>(x, nb, dt, st, prep, out) }
+}
+
+/// The 8 i32 partial sums of 32 byte products `u_i · s_i` (`u` unsigned, `s` signed,
+/// no pair above 2^15 in magnitude), 4 consecutive products per lane. Inlined into
+/// callers that have the instructions it uses (AVX2; with `V`, AVX-512 VNNI and VL).
+///
+/// # Safety
+/// The CPU has those instructions.
+#[inline(always)]
+unsafe fn dot4<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: caller's contract.
+    unsafe {
+        if V {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+}
+
+/// The body of [`dot_rows_t`] and [`dot_rows_vnni`], inlined into each.
+///
+/// # Safety
+/// As [`dot_rows_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_rows_body<const T: usize, const V: bool>(
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+) {
     let ty = RTYPES[T];
     let (sgn, scl, form) = (signed(ty), scaled(ty), chunk::form(ty));
     let wp = prep.w.as_ptr() as *const __m256i;
     let ap = prep.abs.as_ptr() as *const __m256i;
     let sp = prep.sc.as_ptr() as *const __m256i;
     let xp = x.as_ptr();
-    for (pass, o8) in out.chunks_mut(ROWS).enumerate() {
-        let cnt = o8.len();
-        // Lane accumulators of the 8 rows: `acc[j]` holds lane j of each row.
-        let mut acc = [_mm256_setzero_ps(); LANES];
-        let x0 = pass * ROWS * nb;
-        let t0 = pass * nb * ROWS;
-        for b in 0..nb {
-            // SAFETY: b < nb <= prep's padded length; rows pass·8 + k < out.len() hold
-            // nb blocks each; the scales of block b of this pass are 8 floats at t0 + 8b.
-            unsafe {
+    // SAFETY: b < nb <= prep's padded length; rows pass·8 + k < out.len() hold nb
+    // blocks each; the scales of block b of a pass are 8 floats at t0 + 8b (caller's
+    // contract); the instructions are enabled by the caller.
+    unsafe {
+        for (pass, o8) in out.chunks_mut(ROWS).enumerate() {
+            let cnt = o8.len();
+            // Lane accumulators of the 8 rows: `acc[j]` holds lane j of each row.
+            let mut acc = [_mm256_setzero_ps(); LANES];
+            let x0 = pass * ROWS * nb;
+            let t0 = pass * nb * ROWS;
+            for b in 0..nb {
                 let w = _mm256_loadu_si256(wp.add(b));
                 let a = if sgn { _mm256_loadu_si256(ap.add(b)) } else { w };
                 let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
                 let block = |k: usize| {
                     let xv = _mm256_loadu_si256((*xp.add(x0 + k * nb + b)).qs.as_ptr() as *const __m256i);
-                    let pairs = if sgn {
-                        _mm256_maddubs_epi16(a, _mm256_sign_epi8(xv, w))
-                    } else {
-                        _mm256_maddubs_epi16(w, xv)
-                    };
-                    _mm256_madd_epi16(pairs, sc)
+                    let xs = if sgn { _mm256_sign_epi8(xv, w) } else { xv };
+                    if scl { _mm256_madd_epi16(_mm256_maddubs_epi16(a, xs), sc) } else { dot4::<V>(a, xs) }
                 };
                 let mut p = [_mm256_setzero_si256(); ROWS];
                 if cnt == ROWS {
@@ -583,19 +636,18 @@ unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], nb: usize, dt: &[f32], st: &[f
                 let l = &mut acc[b % LANES];
                 *l = _mm256_add_ps(*l, t);
             }
-        }
-        // The butterfly, lane-wise: the same additions of the same pairs for each row.
-        let mut off = LANES / 2;
-        while off > 0 {
-            for j in 0..off {
-                acc[j] = _mm256_add_ps(acc[j], acc[j + off]);
+            // The butterfly, lane-wise: the same additions of the same pairs for each row.
+            let mut off = LANES / 2;
+            while off > 0 {
+                for j in 0..off {
+                    acc[j] = _mm256_add_ps(acc[j], acc[j + off]);
+                }
+                off /= 2;
             }
-            off /= 2;
+            let mut r = [0.0f32; ROWS];
+            _mm256_storeu_ps(r.as_mut_ptr(), acc[0]);
+            o8.copy_from_slice(&r[..cnt]);
         }
-        let mut r = [0.0f32; ROWS];
-        // SAFETY: 8 floats into an 8-float array.
-        unsafe { _mm256_storeu_ps(r.as_mut_ptr(), acc[0]) };
-        o8.copy_from_slice(&r[..cnt]);
     }
 }
 
