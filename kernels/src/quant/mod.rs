@@ -135,12 +135,24 @@ pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 #[inline]
 pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    let vnni = has_vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    dot_row_with(ty, row, x, xd, xs, vnni)
+}
+
+/// [`dot_row_scaled`], with AVX-512 VNNI's integer dot or without (tests run both;
+/// `vnni` only where the CPU has it).
+#[inline]
+fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: AVX2 is present; `row` holds `x.len()` blocks (checked by the caller's
-        // shapes, asserted by the kernels along with the scales' length).
-        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs) };
+        // SAFETY: AVX2 is present (and VNNI where asked); `row` holds `x.len()` blocks
+        // (checked by the caller's shapes, asserted by the kernels along with the
+        // scales' length).
+        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, vnni && has_vnni()) };
     }
-    let _ = (xd, xs);
+    let _ = (xd, xs, vnni);
     dot_row_scalar(ty, row, x)
 }
 

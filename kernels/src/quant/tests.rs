@@ -454,6 +454,15 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                     let one =
                         dot_row_scaled(ty, &row, x, &d[r * stride..(r + 1) * stride], &s[r * stride..(r + 1) * stride]);
                     assert_eq!(one.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row");
+                    let plain = dot_row_with(
+                        ty,
+                        &row,
+                        x,
+                        &d[r * stride..(r + 1) * stride],
+                        &s[r * stride..(r + 1) * stride],
+                        false,
+                    );
+                    assert_eq!(plain.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row without VNNI");
                     assert_eq!(dot_row(ty, &row, x).to_bits(), want.to_bits(), "{ty} {nb} chunks, dot_row");
                     assert_eq!(o.to_bits(), want.to_bits(), "{ty} {nb} chunks, {rows} rows, row {r}");
                 }

@@ -16,37 +16,25 @@ fn scaled(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }
 
-/// Sum of products of 32 unsigned weights (< 128) with 32 signed activations, as 8 i32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn udot8(w: __m256i, x: __m256i) -> __m256i {
-    // maddubs pairs: |2·127·127| < 2^15, so no saturation for our formats.
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
-/// Signed weights: |w| · (x · sign(w)).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn sdot8(w: __m256i, x: __m256i) -> __m256i {
-    udot8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-}
-
-/// The exact integer dot of one block at `w` (its first byte), as 8 partial i32.
+/// The exact integer dot of one block at `w` (its first byte), as 8 partial i32; with
+/// `V`, by AVX-512 VNNI (the same partial sums).
 ///
 /// # Safety
-/// `w` points at a whole block of type `ty`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn block_partials(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+/// `w` points at a whole block of type `ty`; the caller enables AVX2 and, with `V`,
+/// AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn block_partials<const V: bool>(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
     // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
     unsafe {
         let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        // Signed weights: |w| · (x · sign(w)).
+        let sdot = |q: __m256i| dot4::<V>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
         match ty {
-            GgmlType::Q4_1 => udot8(nibbles16(w.add(4)), xv),
-            GgmlType::Q4_0 => sdot8(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8)), xv),
-            GgmlType::Q5_0 => sdot8(_mm256_sub_epi8(fives(w.add(2)), _mm256_set1_epi8(16)), xv),
-            GgmlType::Q5_1 => udot8(fives(w.add(4)), xv),
-            _ => sdot8(_mm256_loadu_si256(w.add(2) as *const __m256i), xv),
+            GgmlType::Q4_1 => dot4::<V>(nibbles16(w.add(4)), xv),
+            GgmlType::Q4_0 => sdot(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8))),
+            GgmlType::Q5_0 => sdot(_mm256_sub_epi8(fives(w.add(2)), _mm256_set1_epi8(16))),
+            GgmlType::Q5_1 => dot4::<V>(fives(w.add(4)), xv),
+            _ => sdot(_mm256_loadu_si256(w.add(2) as *const __m256i)),
         }
     }
 }
@@ -324,16 +312,21 @@ fn hsum8(p: &[__m256i; 8]) -> __m256i {
 /// per-block f32 terms are computed lane-wise in the canonical operation order.
 /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
     // One copy per type, so that the branches on the type fold away (a shared copy
     // cost 20 % of decode on SmolLM2's Q4_1).
     // SAFETY: same contract.
     unsafe {
         match ty {
+            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs),
             GgmlType::Q4_0 => dot_row_b::<0>(row, x, xd, xs),
+            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs),
             GgmlType::Q4_1 => dot_row_b::<1>(row, x, xd, xs),
+            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs),
             GgmlType::Q5_0 => dot_row_b::<2>(row, x, xd, xs),
+            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs),
             GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
+            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs),
             GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
             _ => dot_row_kquant(ty, row, x, xd, xs),
         }
@@ -345,63 +338,82 @@ const BTYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, G
 
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
-    let ty = BTYPES[T];
-    let form = chunk::form(ty);
-    let bb = ty.block_bytes();
-    let nb = x.len();
-    let groups = nb.div_ceil(GROUP);
-    assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
-    assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
-    let base = row.as_ptr();
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
-    // a minimum, `m` (the others' quants there are ignored).
-    let offs = _mm256_mullo_epi32(lane, _mm256_set1_epi32(bb as i32));
-    // Per 128-bit half: the four low f16 (`d`) first, then the four high (`m`).
-    let split = _mm256_setr_epi8(
-        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-    );
-    // Group g goes to register g % 4; rotating the four after each group keeps them in
-    // registers: the next one to take a group is always `acc[0]`.
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for g in 0..groups {
-        let b0 = g * GROUP;
-        let cnt = (nb - b0).min(GROUP);
-        let mut p = [_mm256_setzero_si256(); 8];
-        let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lane);
-        // SAFETY: blocks b0 .. b0 + cnt lie inside the row; the gather reads only the
-        // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
-        let (raw, dx, sx) = unsafe {
-            let at = base.add(b0 * bb);
-            if cnt == GROUP {
-                for (k, pk) in p.iter_mut().enumerate() {
-                    *pk = block_partials(ty, at.add(k * bb), &x[b0 + k]);
+    // SAFETY: same contract.
+    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs) }
+}
+
+/// The body of [`dot_row_b`] and [`dot_row_bv`], inlined into each.
+///
+/// # Safety
+/// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: the instructions are enabled by the caller; the reads are justified below.
+    unsafe {
+        let ty = BTYPES[T];
+        let form = chunk::form(ty);
+        let bb = ty.block_bytes();
+        let nb = x.len();
+        let groups = nb.div_ceil(GROUP);
+        assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
+        assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
+        let base = row.as_ptr();
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
+        // a minimum, `m` (the others' quants there are ignored).
+        let offs = _mm256_mullo_epi32(lane, _mm256_set1_epi32(bb as i32));
+        // Per 128-bit half: the four low f16 (`d`) first, then the four high (`m`).
+        let split = _mm256_setr_epi8(
+            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+        );
+        // Group g goes to register g % 4; rotating the four after each group keeps them in
+        // registers: the next one to take a group is always `acc[0]`.
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for g in 0..groups {
+            let b0 = g * GROUP;
+            let cnt = (nb - b0).min(GROUP);
+            let mut p = [_mm256_setzero_si256(); 8];
+            let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lane);
+            // SAFETY: blocks b0 .. b0 + cnt lie inside the row; the gather reads only the
+            // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
+            let (raw, dx, sx) = {
+                let at = base.add(b0 * bb);
+                if cnt == GROUP {
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
+                    }
+                } else {
+                    for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                        *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
+                    }
                 }
-            } else {
-                for (k, pk) in p.iter_mut().enumerate().take(cnt) {
-                    *pk = block_partials(ty, at.add(k * bb), &x[b0 + k]);
-                }
+                let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
+                (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
+            };
+            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            // Low 128 bits: the eight `d`; high: the eight `m`.
+            let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
+            let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+            if form == Form::Min {
+                let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
+                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
             }
-            let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
-            (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
-        };
-        let isum = _mm256_cvtepi32_ps(hsum8(&p));
-        // Low 128 bits: the eight `d`; high: the eight `m`.
-        let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
-        let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-        let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
-        if form == Form::Min {
-            let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
-            t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+            let sum = _mm256_add_ps(acc[0], t);
+            // A partial group updates only its own lanes (a blend, not an add of zeros).
+            let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, _mm256_castsi256_ps(live)) };
+            acc = [acc[1], acc[2], acc[3], next];
         }
-        let sum = _mm256_add_ps(acc[0], t);
-        // A partial group updates only its own lanes (a blend, not an add of zeros).
-        let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, _mm256_castsi256_ps(live)) };
-        acc = [acc[1], acc[2], acc[3], next];
+        // Undo the rotation: register k must hold the groups with g % 4 == k.
+        let k = groups % 4;
+        butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
     }
-    // Undo the rotation: register k must hold the groups with g % 4 == k.
-    let k = groups % 4;
-    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
