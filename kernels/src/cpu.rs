@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
-use crate::quant::{Q8Act, QK, RowPrep, act_scales, dequantize_row, dot_row, dot_rows, quantize_act, scales_stride};
+use crate::quant::{
+    ActScales, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, quantize_act, scales_stride,
+};
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
 /// backend) and how many tokens it holds.
@@ -54,8 +56,7 @@ impl Sequence {
 struct Act {
     f: Vec<f32>,
     q: Vec<Q8Act>,
-    d: Vec<f32>,
-    s: Vec<f32>,
+    sc: ActScales,
     cols: usize,
 }
 
@@ -63,11 +64,8 @@ impl Act {
     fn new(f: Vec<f32>, cols: usize) -> Self {
         let mut q = Vec::new();
         quantize_act(&f, &mut q);
-        let (mut d, mut s) = (Vec::new(), Vec::new());
-        if f.len() / cols >= BATCHED_MIN_ROWS {
-            act_scales(&q, cols / QK, &mut d, &mut s);
-        }
-        Self { f, q, d, s, cols }
+        let sc = ActScales::new(&q, cols / QK);
+        Self { f, q, sc, cols }
     }
     fn rows(&self) -> usize {
         self.f.len() / self.cols
@@ -128,9 +126,9 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);
                     tile.resize(r1 - r0, 0.0);
-                    let (xd, xs) = (&x.d[r0 * stride..r1 * stride], &x.s[r0 * stride..r1 * stride]);
+                    let sc = x.sc.rows(r0, r1);
                     for o in lo..hi {
-                        dot_rows(w.ty, w.row(bytes, o), &x.q[r0 * nb..r1 * nb], xd, xs, prep, tile);
+                        dot_rows(w.ty, w.row(bytes, o), &x.q[r0 * nb..r1 * nb], sc, prep, tile);
                         for (r, &v) in (r0..r1).zip(tile.iter()) {
                             // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
                             unsafe { *ptr.get().add(r * w.rows + o) = v };
@@ -143,7 +141,8 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                 let row = w.row(bytes, o);
                 for r in 0..n {
                     let v = if w.ty.is_quantized() {
-                        dot_row(w.ty, row, &x.q[r * nb..(r + 1) * nb])
+                        let (xd, xs) = (&x.sc.d[r * stride..(r + 1) * stride], &x.sc.s[r * stride..(r + 1) * stride]);
+                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs)
                     } else {
                         scratch.resize(w.cols, 0.0);
                         dequantize_row(w.ty, row, scratch);

@@ -168,7 +168,7 @@ fn u(f: &GgufFile, key: &str) -> Result<usize, ModelError> {
 
 impl Model {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        Self::from_gguf(GgufFile::open(path)?)
+        Self::from_gguf(GgufFile::open(path)?.into_resident())
     }
 
     pub fn from_gguf(file: GgufFile) -> Result<Self, ModelError> {

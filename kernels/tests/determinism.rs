@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use sampo_kernels::synth::{SynthSpec, synthesize};
-use sampo_kernels::{BatchItem, CpuBackend, Engine, Model, SamplingParams, Sequence, gguf::GgufFile};
+use sampo_kernels::{Backend, BatchItem, CpuBackend, Engine, Model, SamplingParams, Sequence, gguf::GgufFile};
 
 fn synth_model() -> Arc<Model> {
     Arc::new(Model::from_gguf(GgufFile::from_bytes(synthesize(&SynthSpec::default())).expect("gguf")).expect("model"))
@@ -169,4 +169,55 @@ fn token_streams_identical_across_runs_batches_and_load() {
     let c = e.generate(&prompt, &sampled, &mut |_, _| true).expect("under load").tokens;
     load.join().expect("load thread");
     assert_eq!(a, c, "under load");
+}
+
+/// blake3 of the logits' bits, as hex.
+fn hash_bits(rows: &[Vec<f32>]) -> String {
+    let mut h = blake3::Hasher::new();
+    for v in rows.iter().flatten() {
+        h.update(&v.to_bits().to_le_bytes());
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// The CPU's bits themselves, pinned: the real models' logits after a prefill of the
+/// prompt (multi-row kernels) and after each step of feeding it one token at a time
+/// (one-row kernels), at 1 and 3 threads, hashed. The values were recorded before the
+/// CPU speed work; a faster kernel must give these same bits (the CUDA kernels follow
+/// the same canonical orders, so a change here would split CPU from CUDA nodes too).
+#[test]
+fn real_model_logits_bits_are_pinned() {
+    let cases = [
+        (
+            common::real_model(),
+            "23a383869eac2818e8bfcf9638cc367d4b6beb526e02c57186df5e2e61e722f9",
+            "78a978740c4afee09cd1d66a3044bac3938afed0739c8bc458322ec9b510bdc2",
+        ),
+        (
+            common::gemma3_model(),
+            "1dc178efaa80ed6bf4aadce9d9c11d17d926d4488d9d0536c7cde489c372bf5c",
+            "26b732dab0b28205e1a26adad42cb10b94b854ed6e8dc4d77ac98e7b684a03c4",
+        ),
+    ];
+    for (m, want_prefill, want_decode) in cases {
+        let p = m.tokenizer.encode_prompt("The capital of France is");
+        for threads in [1, 3] {
+            let be = CpuBackend::new(threads).expect("pool");
+            let mut seq = Sequence::new(&m);
+            let prefill = be.forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &p }]).expect("prefill");
+            let mut seq = Sequence::new(&m);
+            let steps: Vec<Vec<f32>> = p
+                .iter()
+                .map(|t| {
+                    let mut out = be
+                        .forward(&m, &mut [BatchItem { seq: &mut seq, tokens: std::slice::from_ref(t) }])
+                        .expect("decode step");
+                    out.pop().expect("logits")
+                })
+                .collect();
+            assert_eq!(bits(&prefill[0]), bits(steps.last().expect("steps")), "prefill vs decode");
+            let (hp, hd) = (hash_bits(&prefill), hash_bits(&steps));
+            assert_eq!((hp.as_str(), hd.as_str()), (want_prefill, want_decode), "{} threads", threads);
+        }
+    }
 }

@@ -201,6 +201,32 @@ impl GgufFile {
         Self::parse(Source::Mmap(map))
     }
 
+    /// The same file with its bytes copied into private memory backed by huge pages
+    /// where the kernel gives them (`MADV_HUGEPAGE`), for inference: decode streams every
+    /// weight once per token, and with 4 KiB pages of a file map a good part of that
+    /// time went to TLB misses (Gemma 3 270M, 1 thread: 46 -> 58 tok/s). The file map is
+    /// released chunk by chunk as it is copied, so peak RSS stays about one copy of the
+    /// file. Falls back to the file map where anonymous memory cannot be had.
+    pub fn into_resident(self) -> Self {
+        let Source::Mmap(map) = &self.source else { return self };
+        let Ok(mut anon) = memmap2::MmapMut::map_anon(map.len()) else { return self };
+        let _ = anon.advise(memmap2::Advice::HugePage);
+        const CHUNK: usize = 16 << 20;
+        let mut at = 0;
+        while at < map.len() {
+            let n = CHUNK.min(map.len() - at);
+            anon[at..at + n].copy_from_slice(&map[at..at + n]);
+            // SAFETY: a read-only file map: dropping its pages only makes a later read
+            // fault them in again from the page cache; nothing reads them after this.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, n) };
+            at += n;
+        }
+        match anon.make_read_only() {
+            Ok(ro) => Self { source: Source::Mmap(ro), ..self },
+            Err(_) => self,
+        }
+    }
+
     /// Parse bytes held in memory (tests, fuzzing).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GgufError> {
         Self::parse(Source::Bytes(bytes))

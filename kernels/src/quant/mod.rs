@@ -54,21 +54,35 @@ impl Default for Q8Act {
 
 /// Quantize `x` (length a multiple of 32) into `out`.
 pub fn quantize_act(x: &[f32], out: &mut Vec<Q8Act>) {
-    out.clear();
-    for chunk in x.chunks_exact(QK) {
-        let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        let mut b = Q8Act { d, ..Default::default() };
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(chunk) {
-            let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            *q = r;
-            sum += i32::from(r);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        out.clear();
+        out.reserve(x.len() / QK);
+        for chunk in x.chunks_exact(QK) {
+            // SAFETY: AVX2 is present; the chunk is 32 values.
+            let b = unsafe { x86::quantize_block_avx2(chunk) };
+            out.push(b.unwrap_or_else(|| quantize_block(chunk)));
         }
-        b.s = d * sum as f32;
-        out.push(b);
+        return;
     }
+    out.clear();
+    out.extend(x.chunks_exact(QK).map(quantize_block));
+}
+
+/// [`quantize_act`] of one block of 32 (the reference; SIMD gives the same bits).
+fn quantize_block(chunk: &[f32]) -> Q8Act {
+    let amax = chunk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    let mut b = Q8Act { d, ..Default::default() };
+    let mut sum = 0i32;
+    for (q, &v) in b.qs.iter_mut().zip(chunk) {
+        let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *q = r;
+        sum += i32::from(r);
+    }
+    b.s = d * sum as f32;
+    b
 }
 
 /// Exact f16 → f32 widening (same result as F16C's `vcvtph2ps`).
@@ -108,13 +122,37 @@ pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 }
 
 /// Canonical dot, SIMD where the CPU has it. Bit-identical to [`dot_row_scalar`].
-#[inline]
+/// A convenience: it lays out the activation scales on every call; a hot loop calls
+/// [`dot_row_scaled`] with [`act_scales`]' layout made once.
 pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+    let (mut d, mut s) = (Vec::new(), Vec::new());
+    act_scales(x, x.len(), &mut d, &mut s);
+    dot_row_scaled(ty, row, x, &d, &s)
+}
+
+/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] (one
+/// row of `x.len()` blocks): SIMD loads them whole instead of gathering them per group.
+#[inline]
+pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = has_vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    dot_row_with(ty, row, x, xd, xs, vnni)
+}
+
+/// [`dot_row_scaled`], with AVX-512 VNNI's integer dot or without (tests run both;
+/// `vnni` only where the CPU has it).
+#[inline]
+fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: AVX2 is present; `row` holds `x.len()` blocks (checked by the caller's shapes).
-        return unsafe { x86::dot_row_avx2(ty, row, x) };
+        // SAFETY: AVX2 is present (and VNNI where asked); `row` holds `x.len()` blocks
+        // (checked by the caller's shapes, asserted by the kernels along with the
+        // scales' length).
+        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, vnni && has_vnni()) };
     }
+    let _ = (xd, xs, vnni);
     dot_row_scalar(ty, row, x)
 }
 
@@ -128,7 +166,7 @@ pub fn scales_stride(nb: usize) -> usize {
 
 /// Each activation row's block scales `d` and sums `s` (`x` holds rows of `nb`
 /// blocks), every row padded with zeros to whole groups of 8 blocks: the layout
-/// [`dot_rows`] loads with one instruction per group.
+/// [`dot_row_scaled`] loads with one instruction per group.
 pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
     let stride = scales_stride(nb);
     let rows = x.len().checked_div(nb).unwrap_or(0);
@@ -142,6 +180,63 @@ pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
             s[r * stride + b] = xb.s;
         }
     }
+}
+
+/// Rows per pass of the batched kernel: one row per SIMD lane.
+pub const ROWS: usize = 8;
+
+/// The activation scales of many rows in both layouts: per row ([`act_scales`], for
+/// the one-row dot) and per pass of [`ROWS`] rows, block by block (`dt[(p·nb + b)·8 + k]`
+/// is row `8p + k`'s `d` of block `b`, zero past the last row), which [`dot_rows`]
+/// loads whole for the 8 rows of a pass.
+#[derive(Default)]
+pub struct ActScales {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub dt: Vec<f32>,
+    pub st: Vec<f32>,
+    nb: usize,
+}
+
+impl ActScales {
+    pub fn new(x: &[Q8Act], nb: usize) -> Self {
+        let mut sc = Self { nb, ..Default::default() };
+        act_scales(x, nb, &mut sc.d, &mut sc.s);
+        let rows = x.len().checked_div(nb).unwrap_or(0);
+        let len = rows.div_ceil(ROWS) * ROWS * nb;
+        sc.dt.resize(len, 0.0);
+        sc.st.resize(len, 0.0);
+        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+            let (p, k) = (r / ROWS, r % ROWS);
+            for (b, xb) in xr.iter().enumerate() {
+                sc.dt[(p * nb + b) * ROWS + k] = xb.d;
+                sc.st[(p * nb + b) * ROWS + k] = xb.s;
+            }
+        }
+        sc
+    }
+
+    /// Rows `r0..r1`; `r0` is a multiple of [`ROWS`].
+    pub fn rows(&self, r0: usize, r1: usize) -> ActScalesRef<'_> {
+        assert!(r0.is_multiple_of(ROWS) && r0 <= r1, "rows {r0}..{r1}");
+        let stride = scales_stride(self.nb);
+        let t = (r0 * self.nb).min(self.dt.len())..(r1.div_ceil(ROWS) * ROWS * self.nb).min(self.dt.len());
+        ActScalesRef {
+            d: &self.d[r0 * stride..r1 * stride],
+            s: &self.s[r0 * stride..r1 * stride],
+            dt: &self.dt[t.clone()],
+            st: &self.st[t],
+        }
+    }
+}
+
+/// A range of rows of [`ActScales`].
+#[derive(Clone, Copy)]
+pub struct ActScalesRef<'a> {
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+    pub dt: &'a [f32],
+    pub st: &'a [f32],
 }
 
 /// One quantized weight row unpacked for [`dot_rows`]: each block's 32 weights as
@@ -161,31 +256,55 @@ pub struct RowPrep {
 
 /// Canonical dots of one quantized weight row with several activation rows:
 /// `out[r] = dot_row(ty, row, x[r*nb..(r+1)*nb])` bit for bit, where `nb = x.len() /
-/// out.len()`; `xd`/`xs` come from [`act_scales`] for the same rows. The weight row is
-/// unpacked once for all rows (batched prefill and replay).
-pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &mut RowPrep, out: &mut [f32]) {
+/// out.len()`; `sc` holds the same rows' scales ([`ActScales`]). The weight row is
+/// unpacked once for all rows (batched prefill and replay), then dotted with 8 rows at
+/// a time, one per SIMD lane: every block's 8 exact integer sums become one vector, its
+/// f32 terms are computed lane-wise in the canonical operation order, and block `b`'s
+/// terms go to lane accumulator `b % 32` of all 8 rows at once.
+pub fn dot_rows(ty: GgmlType, row: &[u8], x: &[Q8Act], sc: ActScalesRef<'_>, prep: &mut RowPrep, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    let vnni = has_vnni();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vnni = false;
+    dot_rows_with(ty, row, x, sc, prep, out, vnni);
+}
+
+/// [`dot_rows`], with AVX-512 VNNI's integer dot or without (tests run both; `vnni`
+/// only where the CPU has it).
+fn dot_rows_with(
+    ty: GgmlType,
+    row: &[u8],
+    x: &[Q8Act],
+    sc: ActScalesRef<'_>,
+    prep: &mut RowPrep,
+    out: &mut [f32],
+    vnni: bool,
+) {
     let n = out.len();
     if n == 0 {
         return;
     }
     let nb = x.len() / n;
+    let stride = scales_stride(nb);
+    assert!(sc.d.len() >= n * stride && sc.s.len() >= n * stride, "activation scales for {n} rows");
     // Q2_K (rare) has a second integer sum per chunk; it takes the one-row path.
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && ty != GgmlType::Q2_K {
-        let stride = scales_stride(nb);
         let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
         assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
-        assert!(xd.len() >= n * stride && xs.len() >= n * stride, "activation scales for {n} rows");
+        let tl = n.div_ceil(ROWS) * ROWS * nb;
+        assert!(sc.dt.len() >= tl && sc.st.len() >= tl, "transposed activation scales for {n} rows");
         // SAFETY: AVX2 and F16C are present; the lengths read are asserted above.
         unsafe {
             x86::prepare_row_avx2(ty, row, nb, prep);
-            x86::dot_rows_avx2(ty, x, xd, xs, prep, out);
+            x86::dot_rows_avx2(ty, x, nb, sc.dt, sc.st, prep, out, vnni && has_vnni());
         }
         return;
     }
-    let _ = (xd, xs, prep);
+    let _ = (prep, vnni);
     for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_row(ty, row, &x[r * nb..(r + 1) * nb]);
+        let (d, s) = (&sc.d[r * stride..(r + 1) * stride], &sc.s[r * stride..(r + 1) * stride]);
+        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s);
     }
 }
 
@@ -195,6 +314,19 @@ fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
+}
+
+/// AVX-512 VNNI with 256-bit vectors (VL): `vpdpbusd` for the integer dots.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
 }
 
 /// Dequantize one row of `n` elements to f32 (embedding lookup, tests).

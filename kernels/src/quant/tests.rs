@@ -37,10 +37,9 @@ fn batched_dots_match_scalar_bits_for_every_type_and_tail() {
                 quantize_act(&vals(n * rows, 6), &mut xq);
                 // A zero block: exercises +0.0 terms in the lanes.
                 xq[0] = Q8Act::default();
-                let (mut d, mut s) = (Vec::new(), Vec::new());
-                act_scales(&xq, nb, &mut d, &mut s);
+                let sc = ActScales::new(&xq, nb);
                 let mut out = vec![0.0; rows];
-                dot_rows(ty, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+                dot_rows(ty, &w, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
                 for (r, o) in out.iter().enumerate() {
                     let want = dot_row_scalar(ty, &w, &xq[r * nb..(r + 1) * nb]);
                     assert_eq!(o.to_bits(), want.to_bits(), "{ty} nb={nb} rows={rows} row {r}");
@@ -54,10 +53,9 @@ fn batched_dots_match_scalar_bits_for_every_type_and_tail() {
     w[36] = 0x80;
     let mut xq = Vec::new();
     quantize_act(&[vec![-1.0; 32], vec![1.0; 32]].concat(), &mut xq);
-    let (mut d, mut s) = (Vec::new(), Vec::new());
-    act_scales(&xq, 2, &mut d, &mut s);
+    let sc = ActScales::new(&xq, 2);
     let mut out = [0.0];
-    dot_rows(GgmlType::Q8_0, &w, &xq, &d, &s, &mut RowPrep::default(), &mut out);
+    dot_rows(GgmlType::Q8_0, &w, &xq, sc.rows(0, 1), &mut RowPrep::default(), &mut out);
     assert_eq!(out[0].to_bits(), dot_row_scalar(GgmlType::Q8_0, &w, &xq).to_bits());
 }
 
@@ -396,11 +394,10 @@ fn batched_dots_are_the_one_row_bits_for_every_block_type() {
             let nb = blocks * ty.block_len() / QK;
             for rows in 1..=9usize {
                 let xq = acts(nb * QK * rows, rows as u32);
-                let (mut d, mut s) = (Vec::new(), Vec::new());
-                act_scales(&xq, nb, &mut d, &mut s);
+                let sc = ActScales::new(&xq, nb);
                 let mut out = vec![0.0; rows];
                 let mut prep = RowPrep::default();
-                dot_rows(ty, &row, &xq, &d, &s, &mut prep, &mut out);
+                dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut prep, &mut out);
                 for (r, o) in out.iter().enumerate() {
                     let want = dot_row_scalar(ty, &row, &xq[r * nb..(r + 1) * nb]);
                     assert_eq!(o.to_bits(), want.to_bits(), "{ty} {blocks} blocks, {rows} rows, row {r}");
@@ -428,5 +425,75 @@ fn quantize_row_round_trips_every_new_type_closely() {
             _ => 0.07,
         };
         assert!(err < bound, "{ty}: max error {err}");
+    }
+}
+
+#[test]
+fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
+    // Every row length from 1 to 41 chunks (all remainders of the group of 8, one to
+    // five groups and more than the 4 accumulators), 1 to 9 activation rows.
+    for ty in BLOCK_TYPES {
+        let per = ty.block_len() / QK;
+        for blocks in 1..=41usize.div_ceil(per) {
+            let row = random_blocks(ty, blocks, blocks as u64 + 70, blocks % 5 == 0);
+            let nb = blocks * per;
+            for rows in 1..=9usize {
+                let xq = acts(nb * QK * rows, (rows + blocks) as u32);
+                let sc = ActScales::new(&xq, nb);
+                let (d, s) = (&sc.d, &sc.s);
+                let stride = scales_stride(nb);
+                let mut out = vec![0.0; rows];
+                dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
+                // Without VNNI too, where the CPU has it (the same bits either way).
+                let mut plain = vec![0.0; rows];
+                dot_rows_with(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut plain, false);
+                assert_eq!(bits(&out), bits(&plain), "{ty} {nb} chunks, {rows} rows, without VNNI");
+                for (r, o) in out.iter().enumerate() {
+                    let x = &xq[r * nb..(r + 1) * nb];
+                    let want = dot_row_scalar(ty, &row, x);
+                    let one =
+                        dot_row_scaled(ty, &row, x, &d[r * stride..(r + 1) * stride], &s[r * stride..(r + 1) * stride]);
+                    assert_eq!(one.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row");
+                    let plain = dot_row_with(
+                        ty,
+                        &row,
+                        x,
+                        &d[r * stride..(r + 1) * stride],
+                        &s[r * stride..(r + 1) * stride],
+                        false,
+                    );
+                    assert_eq!(plain.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row without VNNI");
+                    assert_eq!(dot_row(ty, &row, x).to_bits(), want.to_bits(), "{ty} {nb} chunks, dot_row");
+                    assert_eq!(o.to_bits(), want.to_bits(), "{ty} {nb} chunks, {rows} rows, row {r}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_activation_quantization_is_the_reference_bits() {
+    let mut blocks: Vec<Vec<f32>> =
+        (0..200u32).map(|s| vals(QK, s).iter().map(|v| v * (s as f32 + 0.5)).collect()).collect();
+    // Exact halves after scaling (amax 127 makes inv 1), ties both ways, zeros, -0.0,
+    // subnormals, huge values, infinities and NaN.
+    let mut halves: Vec<f32> = (0..QK).map(|i| i as f32 - 15.5).collect();
+    halves[0] = 127.0;
+    blocks.push(halves.clone());
+    blocks.push(halves.iter().map(|v| -v).collect());
+    blocks.push(vec![0.0; QK]);
+    blocks.push(vec![-0.0; QK]);
+    blocks.push((0..QK).map(|i| f32::from_bits(i as u32 + 1)).collect());
+    blocks.push((0..QK).map(|i| f32::MAX / (i as f32 + 1.0)).collect());
+    blocks.push((0..QK).map(|i| if i == 3 { f32::INFINITY } else { i as f32 }).collect());
+    blocks.push((0..QK).map(|i| if i == 9 { f32::NAN } else { -(i as f32) }).collect());
+    blocks.push((0..QK).map(|i| (i as f32 - 16.0) * 1.0e-39).collect());
+    blocks.push((0..QK).map(|i| 0.49999997 * if i % 2 == 0 { 1.0 } else { -1.0 } + (i / 31) as f32 * 126.0).collect());
+    for b in &blocks {
+        let mut got = Vec::new();
+        quantize_act(b, &mut got);
+        let want = quantize_block(b);
+        assert_eq!(got[0].qs, want.qs, "{b:?}");
+        assert_eq!((got[0].d.to_bits(), got[0].s.to_bits()), (want.d.to_bits(), want.s.to_bits()), "{b:?}");
     }
 }

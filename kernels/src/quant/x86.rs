@@ -16,37 +16,25 @@ fn scaled(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }
 
-/// Sum of products of 32 unsigned weights (< 128) with 32 signed activations, as 8 i32.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn udot8(w: __m256i, x: __m256i) -> __m256i {
-    // maddubs pairs: |2·127·127| < 2^15, so no saturation for our formats.
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
-/// Signed weights: |w| · (x · sign(w)).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn sdot8(w: __m256i, x: __m256i) -> __m256i {
-    udot8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
-}
-
-/// The exact integer dot of one block at `w` (its first byte), as 8 partial i32.
+/// The exact integer dot of one block at `w` (its first byte), as 8 partial i32; with
+/// `V`, by AVX-512 VNNI (the same partial sums).
 ///
 /// # Safety
-/// `w` points at a whole block of type `ty`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn block_partials(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+/// `w` points at a whole block of type `ty`; the caller enables AVX2 and, with `V`,
+/// AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn block_partials<const V: bool>(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
     // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
     unsafe {
         let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        // Signed weights: |w| · (x · sign(w)).
+        let sdot = |q: __m256i| dot4::<V>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
         match ty {
-            GgmlType::Q4_1 => udot8(nibbles16(w.add(4)), xv),
-            GgmlType::Q4_0 => sdot8(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8)), xv),
-            GgmlType::Q5_0 => sdot8(_mm256_sub_epi8(fives(w.add(2)), _mm256_set1_epi8(16)), xv),
-            GgmlType::Q5_1 => udot8(fives(w.add(4)), xv),
-            _ => sdot8(_mm256_loadu_si256(w.add(2) as *const __m256i), xv),
+            GgmlType::Q4_1 => dot4::<V>(nibbles16(w.add(4)), xv),
+            GgmlType::Q4_0 => sdot(_mm256_sub_epi8(nibbles16(w.add(2)), _mm256_set1_epi8(8))),
+            GgmlType::Q5_0 => sdot(_mm256_sub_epi8(fives(w.add(2)), _mm256_set1_epi8(16))),
+            GgmlType::Q5_1 => dot4::<V>(fives(w.add(4)), xv),
+            _ => sdot(_mm256_loadu_si256(w.add(2) as *const __m256i)),
         }
     }
 }
@@ -221,7 +209,7 @@ unsafe fn kgroup(ty: GgmlType, b: *const u8) -> KGroup {
 /// canonical operation order of [`chunk::Chunk::term`].
 #[inline]
 #[target_feature(enable = "avx2")]
-fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act]) -> __m256 {
+fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
     let sgn = signed(ty);
     let mut p = [_mm256_setzero_si256(); 8];
     let mut pm = [_mm256_setzero_si256(); 8];
@@ -239,14 +227,10 @@ fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act]) -> __m256 {
         }
     }
     let s = _mm256_cvtepi32_ps(hsum8(&p));
-    let dx = _mm256_set_ps(x[7].d, x[6].d, x[5].d, x[4].d, x[3].d, x[2].d, x[1].d, x[0].d);
     let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
     match chunk::form(ty) {
         Form::Plain => t,
-        Form::Min => {
-            let sx = _mm256_set_ps(x[7].s, x[6].s, x[5].s, x[4].s, x[3].s, x[2].s, x[1].s, x[0].s);
-            _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx))
-        }
+        Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
         Form::SubMin => {
             let m = _mm256_cvtepi32_ps(hsum8(&pm));
             _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
@@ -258,38 +242,43 @@ const KTYPES: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, G
 
 /// [`dot_row_avx2`] for a K-quant: super-block `g` is group `g` of 8 chunks.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     // One copy per type, so that the decoding's branches on the type fold away.
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q2_K => dot_row_k::<0>(row, x),
-            GgmlType::Q3_K => dot_row_k::<1>(row, x),
-            GgmlType::Q4_K => dot_row_k::<2>(row, x),
-            GgmlType::Q5_K => dot_row_k::<3>(row, x),
-            _ => dot_row_k::<4>(row, x),
+            GgmlType::Q2_K => dot_row_k::<0>(row, x, xd, xs),
+            GgmlType::Q3_K => dot_row_k::<1>(row, x, xd, xs),
+            GgmlType::Q4_K => dot_row_k::<2>(row, x, xd, xs),
+            GgmlType::Q5_K => dot_row_k::<3>(row, x, xd, xs),
+            _ => dot_row_k::<4>(row, x, xd, xs),
         }
     }
 }
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act]) -> f32 {
+unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     let ty = KTYPES[T];
     let bb = ty.block_bytes();
     let groups = x.len() / 8;
     assert!(x.len().is_multiple_of(8) && row.len() >= groups * bb, "row of {} bytes for {} chunks", row.len(), x.len());
+    assert!(xd.len() >= x.len() && xs.len() >= x.len(), "activation scales for {} blocks", x.len());
     let mut acc = [_mm256_setzero_ps(); 4];
     for g in 0..groups {
-        // SAFETY: super-block g lies inside the row (asserted above).
-        let dec = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
-        acc[g % 4] = _mm256_add_ps(acc[g % 4], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8]));
+        // SAFETY: super-block g lies inside the row, scales 8g..8g + 8 inside xd, xs
+        // (asserted above).
+        let (dec, dx, sx) = unsafe {
+            (
+                kgroup(ty, row.as_ptr().add(g * bb)),
+                _mm256_loadu_ps(xd.as_ptr().add(8 * g)),
+                _mm256_loadu_ps(xs.as_ptr().add(8 * g)),
+            )
+        };
+        // Rotating the four keeps them in registers (see `dot_rows_t`).
+        acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8], dx, sx))];
     }
-    let mut l = [0.0f32; LANES];
-    for (k, r) in acc.iter().enumerate() {
-        // SAFETY: 8 floats at lane 8k of a 32-float array.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
-    }
-    butterfly(&mut l)
+    let k = groups % 4;
+    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// # Safety
@@ -323,18 +312,23 @@ fn hsum8(p: &[__m256i; 8]) -> __m256i {
 /// per-block f32 terms are computed lane-wise in the canonical operation order.
 /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
+pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
     // One copy per type, so that the branches on the type fold away (a shared copy
     // cost 20 % of decode on SmolLM2's Q4_1).
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q4_0 => dot_row_b::<0>(row, x),
-            GgmlType::Q4_1 => dot_row_b::<1>(row, x),
-            GgmlType::Q5_0 => dot_row_b::<2>(row, x),
-            GgmlType::Q5_1 => dot_row_b::<3>(row, x),
-            GgmlType::Q8_0 => dot_row_b::<4>(row, x),
-            _ => dot_row_kquant(ty, row, x),
+            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs),
+            GgmlType::Q4_0 => dot_row_b::<0>(row, x, xd, xs),
+            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs),
+            GgmlType::Q4_1 => dot_row_b::<1>(row, x, xd, xs),
+            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs),
+            GgmlType::Q5_0 => dot_row_b::<2>(row, x, xd, xs),
+            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs),
+            GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
+            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs),
+            GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
+            _ => dot_row_kquant(ty, row, x, xd, xs),
         }
     }
 }
@@ -343,73 +337,83 @@ pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 
 const BTYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act]) -> f32 {
-    let ty = BTYPES[T];
-    let form = chunk::form(ty);
-    let bb = ty.block_bytes();
-    let nb = x.len();
-    assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
-    let base = row.as_ptr();
-    let rd16 = |off: usize| -> i16 {
-        // SAFETY: off + 2 <= nb * bb <= row.len() (asserted above).
-        unsafe { std::ptr::read_unaligned(base.add(off) as *const i16) }
-    };
-    // The f16 at byte `o` of 8 consecutive blocks, widened in one F16C instruction.
-    let f16x8 = |o: usize| {
-        _mm256_cvtph_ps(_mm_set_epi16(
-            rd16(o + 7 * bb),
-            rd16(o + 6 * bb),
-            rd16(o + 5 * bb),
-            rd16(o + 4 * bb),
-            rd16(o + 3 * bb),
-            rd16(o + 2 * bb),
-            rd16(o + bb),
-            rd16(o),
-        ))
-    };
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let groups = nb / 8;
-    for g in 0..groups {
-        let b0 = g * 8;
-        let mut p = [_mm256_setzero_si256(); 8];
-        for (k, pk) in p.iter_mut().enumerate() {
-            // SAFETY: block b0 + k < nb lies inside the row.
-            *pk = unsafe { block_partials(ty, base.add((b0 + k) * bb), &x[b0 + k]) };
+unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs) }
+}
+
+/// The body of [`dot_row_b`] and [`dot_row_bv`], inlined into each.
+///
+/// # Safety
+/// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: the instructions are enabled by the caller; the reads are justified below.
+    unsafe {
+        let ty = BTYPES[T];
+        let form = chunk::form(ty);
+        let bb = ty.block_bytes();
+        let nb = x.len();
+        let groups = nb.div_ceil(GROUP);
+        assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
+        assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
+        let base = row.as_ptr();
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
+        // a minimum, `m` (the others' quants there are ignored).
+        let offs = _mm256_mullo_epi32(lane, _mm256_set1_epi32(bb as i32));
+        // Per 128-bit half: the four low f16 (`d`) first, then the four high (`m`).
+        let split = _mm256_setr_epi8(
+            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+        );
+        // Group g goes to register g % 4; rotating the four after each group keeps them in
+        // registers: the next one to take a group is always `acc[0]`.
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for g in 0..groups {
+            let b0 = g * GROUP;
+            let cnt = (nb - b0).min(GROUP);
+            let mut p = [_mm256_setzero_si256(); 8];
+            let live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cnt as i32), lane);
+            // SAFETY: blocks b0 .. b0 + cnt lie inside the row; the gather reads only the
+            // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
+            let (raw, dx, sx) = {
+                let at = base.add(b0 * bb);
+                if cnt == GROUP {
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
+                    }
+                } else {
+                    for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                        *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
+                    }
+                }
+                let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
+                (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
+            };
+            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            // Low 128 bits: the eight `d`; high: the eight `m`.
+            let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
+            let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
+            if form == Form::Min {
+                let mw = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
+                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+            }
+            let sum = _mm256_add_ps(acc[0], t);
+            // A partial group updates only its own lanes (a blend, not an add of zeros).
+            let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, _mm256_castsi256_ps(live)) };
+            acc = [acc[1], acc[2], acc[3], next];
         }
-        let isum = _mm256_cvtepi32_ps(hsum8(&p));
-        let o = b0 * bb;
-        let dw = f16x8(o);
-        let xs = &x[b0..b0 + 8];
-        let dx = _mm256_set_ps(xs[7].d, xs[6].d, xs[5].d, xs[4].d, xs[3].d, xs[2].d, xs[1].d, xs[0].d);
-        let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
-        if form == Form::Min {
-            let mw = f16x8(o + 2);
-            let sx = _mm256_set_ps(xs[7].s, xs[6].s, xs[5].s, xs[4].s, xs[3].s, xs[2].s, xs[1].s, xs[0].s);
-            t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
-        }
-        acc[g % 4] = _mm256_add_ps(acc[g % 4], t);
+        // Undo the rotation: register k must hold the groups with g % 4 == k.
+        let k = groups % 4;
+        butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
     }
-    let mut l = [0.0f32; LANES];
-    for (k, r) in acc.iter().enumerate() {
-        // SAFETY: 8 floats at lane 8k of a 32-float array.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
-    }
-    // Remaining blocks, in order, into their lanes: the SIMD integer sum, then the same
-    // f32 term as above (the scalar decode here cost 2x on 576-wide rows, 2 blocks in 18).
-    for b in groups * 8..nb {
-        // SAFETY: block b < nb lies inside the row.
-        let p = unsafe { block_partials(ty, base.add(b * bb), &x[b]) };
-        let mut v = [0i32; 8];
-        // SAFETY: 8 i32 into an 8-element array.
-        unsafe { _mm256_storeu_si256(v.as_mut_ptr() as *mut __m256i, p) };
-        let s: i32 = v.iter().sum();
-        let mut t = (f16_at(row, b * bb) * x[b].d) * s as f32;
-        if form == Form::Min {
-            t += f16_at(row, b * bb + 2) * x[b].s;
-        }
-        l[b % LANES] += t;
-    }
-    butterfly(&mut l)
 }
 
 /// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
@@ -491,31 +495,48 @@ fn butterfly4(a: [__m256; 4]) -> f32 {
 }
 
 /// [`dot_row_avx2`]'s arithmetic for several activation rows against one prepared
-/// weight row: the same integer sums, the same f32 operations per block in the same
-/// order, the same lanes. The last, partial group is computed like a whole one and
-/// only its own lanes are updated (a blend, not an add of zeros: no bit may change).
+/// weight row, 8 rows at a time with one row per lane: the same exact integer sums
+/// (transposed by [`hsum8`] so that a block's 8 rows share one vector), the same f32
+/// operations per block in the same order, block `b` into lane accumulator `b % 32`,
+/// and the butterfly run lane-wise over the 32 accumulators. With `vnni` (AVX-512 VNNI
+/// with VL, checked by the caller) the integer dot of 4 byte pairs is one `vpdpbusd`
+/// instead of `maddubs` + `madd`: exact either way, the same partial sums.
 ///
 /// # Safety
-/// `prep` was filled for `nb = x.len() / out.len()` blocks; `xd`, `xs` hold
-/// `out.len()` rows of `nb` rounded up to a multiple of 8.
+/// `prep` was filled for `nb` blocks; `x` holds `out.len()` rows of `nb` blocks; `dt`,
+/// `st` hold `out.len()` rounded up to 8 rows of transposed scales ([`ActScales`]);
+/// with `vnni`, the CPU has AVX-512 VNNI and VL.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn dot_rows_avx2(ty: GgmlType, x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &RowPrep, out: &mut [f32]) {
-    // One copy per type, as for one row.
-    // SAFETY: same contract.
-    unsafe {
-        match ty {
-            GgmlType::Q4_0 => dot_rows_t::<0>(x, xd, xs, prep, out),
-            GgmlType::Q4_1 => dot_rows_t::<1>(x, xd, xs, prep, out),
-            GgmlType::Q5_0 => dot_rows_t::<2>(x, xd, xs, prep, out),
-            GgmlType::Q5_1 => dot_rows_t::<3>(x, xd, xs, prep, out),
-            GgmlType::Q8_0 => dot_rows_t::<4>(x, xd, xs, prep, out),
-            GgmlType::Q3_K => dot_rows_t::<5>(x, xd, xs, prep, out),
-            GgmlType::Q4_K => dot_rows_t::<6>(x, xd, xs, prep, out),
-            GgmlType::Q5_K => dot_rows_t::<7>(x, xd, xs, prep, out),
-            GgmlType::Q6_K => dot_rows_t::<8>(x, xd, xs, prep, out),
-            _ => dot_rows_t::<9>(x, xd, xs, prep, out),
-        }
+pub(super) unsafe fn dot_rows_avx2(
+    ty: GgmlType,
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+    vnni: bool,
+) {
+    macro_rules! by_type {
+        ($f:ident) => {
+            match ty {
+                GgmlType::Q4_0 => $f::<0>(x, nb, dt, st, prep, out),
+                GgmlType::Q4_1 => $f::<1>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_0 => $f::<2>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_1 => $f::<3>(x, nb, dt, st, prep, out),
+                GgmlType::Q8_0 => $f::<4>(x, nb, dt, st, prep, out),
+                GgmlType::Q3_K => $f::<5>(x, nb, dt, st, prep, out),
+                GgmlType::Q4_K => $f::<6>(x, nb, dt, st, prep, out),
+                GgmlType::Q5_K => $f::<7>(x, nb, dt, st, prep, out),
+                GgmlType::Q6_K => $f::<8>(x, nb, dt, st, prep, out),
+                _ => $f::<9>(x, nb, dt, st, prep, out),
+            }
+        };
     }
+    // One copy per type and instruction set, as for one row.
+    // SAFETY: same contract.
+    unsafe { if vnni { by_type!(dot_rows_vnni) } else { by_type!(dot_rows_t) } }
 }
 
 /// The types [`dot_rows_t`] is instantiated for (the last one: any other).
@@ -533,69 +554,171 @@ const RTYPES: [GgmlType; 10] = [
 ];
 
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], xd: &[f32], xs: &[f32], prep: &RowPrep, out: &mut [f32]) {
+unsafe fn dot_rows_t<const T: usize>(x: &[Q8Act], nb: usize, dt: &[f32], st: &[f32], prep: &RowPrep, out: &mut [f32]) {
+    // SAFETY: same contract.
+    unsafe { dot_rows_body::<T, false>(x, nb, dt, st, prep, out) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_rows_vnni<const T: usize>(
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+) {
+    // SAFETY: same contract.
+    unsafe { dot_rows_body::<T, true>(x, nb, dt, st, prep, out) }
+}
+
+/// The 8 i32 partial sums of 32 byte products `u_i · s_i` (`u` unsigned, `s` signed,
+/// no pair above 2^15 in magnitude), 4 consecutive products per lane. Inlined into
+/// callers that have the instructions it uses (AVX2; with `V`, AVX-512 VNNI and VL).
+///
+/// # Safety
+/// The CPU has those instructions.
+#[inline(always)]
+unsafe fn dot4<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+    // SAFETY: caller's contract.
+    unsafe {
+        if V {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
+    }
+}
+
+/// The body of [`dot_rows_t`] and [`dot_rows_vnni`], inlined into each.
+///
+/// # Safety
+/// As [`dot_rows_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_rows_body<const T: usize, const V: bool>(
+    x: &[Q8Act],
+    nb: usize,
+    dt: &[f32],
+    st: &[f32],
+    prep: &RowPrep,
+    out: &mut [f32],
+) {
     let ty = RTYPES[T];
-    let n = out.len();
-    let nb = x.len() / n;
-    let stride = scales_stride(nb);
-    let groups = stride / GROUP;
-    let rem = nb % GROUP;
     let (sgn, scl, form) = (signed(ty), scaled(ty), chunk::form(ty));
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    let partial = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(rem as i32), lane));
     let wp = prep.w.as_ptr() as *const __m256i;
     let ap = prep.abs.as_ptr() as *const __m256i;
     let sp = prep.sc.as_ptr() as *const __m256i;
-    // The exact integer dot of block b as 8 partial i32.
-    let block = |b: usize, xb: &Q8Act| {
-        // SAFETY: b < nb <= prep's padded length; each entry is 32 bytes.
-        unsafe {
-            let xv = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let pairs = if sgn {
+    let xp = x.as_ptr();
+    // SAFETY: b < nb <= prep's padded length; rows pass·8 + k < out.len() hold nb
+    // blocks each; the scales of block b of a pass are 8 floats at t0 + 8b (caller's
+    // contract); the instructions are enabled by the caller.
+    unsafe {
+        for (pass, o8) in out.chunks_mut(ROWS).enumerate() {
+            let cnt = o8.len();
+            // Lane accumulators of the 8 rows: `acc[j]` holds lane j of each row.
+            let mut acc = [_mm256_setzero_ps(); LANES];
+            let x0 = pass * ROWS * nb;
+            let t0 = pass * nb * ROWS;
+            for b in 0..nb {
                 let w = _mm256_loadu_si256(wp.add(b));
-                _mm256_maddubs_epi16(_mm256_loadu_si256(ap.add(b)), _mm256_sign_epi8(xv, w))
-            } else {
-                _mm256_maddubs_epi16(_mm256_loadu_si256(wp.add(b)), xv)
-            };
-            let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
-            _mm256_madd_epi16(pairs, sc)
-        }
-    };
-    for (r, o) in out.iter_mut().enumerate() {
-        let xr = &x[r * nb..(r + 1) * nb];
-        let (xd, xs) = (&xd[r * stride..(r + 1) * stride], &xs[r * stride..(r + 1) * stride]);
-        // Group g goes to register g % 4; rotating the four after each group keeps
-        // them in registers: the next one to take a group is always `acc[0]`.
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for g in 0..groups {
-            let b0 = g * GROUP;
-            let cnt = (nb - b0).min(GROUP);
-            let mut p = [_mm256_setzero_si256(); 8];
-            if cnt == GROUP {
-                for (k, pk) in p.iter_mut().enumerate() {
-                    *pk = block(b0 + k, &xr[b0 + k]);
+                let a = if sgn { _mm256_loadu_si256(ap.add(b)) } else { w };
+                let sc = if scl { _mm256_loadu_si256(sp.add(b)) } else { _mm256_set1_epi16(1) };
+                let block = |k: usize| {
+                    let xv = _mm256_loadu_si256((*xp.add(x0 + k * nb + b)).qs.as_ptr() as *const __m256i);
+                    let xs = if sgn { _mm256_sign_epi8(xv, w) } else { xv };
+                    if scl { _mm256_madd_epi16(_mm256_maddubs_epi16(a, xs), sc) } else { dot4::<V>(a, xs) }
+                };
+                let mut p = [_mm256_setzero_si256(); ROWS];
+                if cnt == ROWS {
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        *pk = block(k);
+                    }
+                } else {
+                    for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                        *pk = block(k);
+                    }
                 }
-            } else {
-                for (k, pk) in p.iter_mut().enumerate().take(cnt) {
-                    *pk = block(b0 + k, &xr[b0 + k]);
+                let isum = _mm256_cvtepi32_ps(hsum8(&p));
+                let dx = _mm256_loadu_ps(dt.as_ptr().add(t0 + ROWS * b));
+                let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(*prep.dw.get_unchecked(b)), dx), isum);
+                if form == Form::Min {
+                    let sx = _mm256_loadu_ps(st.as_ptr().add(t0 + ROWS * b));
+                    t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(*prep.mw.get_unchecked(b)), sx));
                 }
+                let l = &mut acc[b % LANES];
+                *l = _mm256_add_ps(*l, t);
             }
-            let isum = _mm256_cvtepi32_ps(hsum8(&p));
-            // SAFETY: b0 + 8 <= stride, the padded length of every array read.
-            let (dw, dx) = unsafe { (_mm256_loadu_ps(prep.dw.as_ptr().add(b0)), _mm256_loadu_ps(xd.as_ptr().add(b0))) };
-            let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, dx), isum);
-            if form == Form::Min {
-                // SAFETY: as above.
-                let (mw, sx) =
-                    unsafe { (_mm256_loadu_ps(prep.mw.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0))) };
-                t = _mm256_add_ps(t, _mm256_mul_ps(mw, sx));
+            // The butterfly, lane-wise: the same additions of the same pairs for each row.
+            let mut off = LANES / 2;
+            while off > 0 {
+                for j in 0..off {
+                    acc[j] = _mm256_add_ps(acc[j], acc[j + off]);
+                }
+                off /= 2;
             }
-            let sum = _mm256_add_ps(acc[0], t);
-            let next = if cnt == GROUP { sum } else { _mm256_blendv_ps(acc[0], sum, partial) };
-            acc = [acc[1], acc[2], acc[3], next];
+            let mut r = [0.0f32; ROWS];
+            _mm256_storeu_ps(r.as_mut_ptr(), acc[0]);
+            o8.copy_from_slice(&r[..cnt]);
         }
-        // Undo the rotation: register k must hold the groups with g % 4 == k.
-        let k = groups % 4;
-        *o = butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]]);
     }
+}
+
+/// [`super::quantize_block`] in SIMD, the same operations lane-wise: `amax` by
+/// `max` (exact, in any order), `d = amax / 127`, `inv = 1 / d` (0 when `d` is 0),
+/// `round_half_away(v · inv)` as truncation plus one away from zero where the exact
+/// remainder is at least one half, clamped to ±127. `None` where a value is NaN or
+/// infinite or `1 / d` overflows: those blocks take the reference path (its saturating
+/// casts decide them).
+///
+/// # Safety
+/// `x` holds 32 values.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn quantize_block_avx2(x: &[f32]) -> Option<Q8Act> {
+    debug_assert_eq!(x.len(), QK);
+    // SAFETY: 32 values (caller's contract).
+    let v = unsafe { [0, 8, 16, 24].map(|o| _mm256_loadu_ps(x.as_ptr().add(o))) };
+    let sign = _mm256_set1_ps(-0.0);
+    let abs = v.map(|a| _mm256_andnot_ps(sign, a));
+    let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+    // Finite everywhere: |v| <= f32::MAX, false for NaN.
+    let fin = abs.map(|a| _mm256_cmp_ps::<_CMP_LE_OQ>(a, _mm256_set1_ps(f32::MAX)));
+    let all = _mm256_and_ps(_mm256_and_ps(fin[0], fin[1]), _mm256_and_ps(fin[2], fin[3]));
+    if _mm256_movemask_ps(all) != 0xff {
+        return None;
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+    if !inv.is_finite() {
+        // A subnormal scale: `0 · inf` would be NaN in a lane.
+        return None;
+    }
+    let invv = _mm256_set1_ps(inv);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let lim = _mm256_set1_ps(127.0);
+    let q = v.map(|a| {
+        let y = _mm256_mul_ps(a, invv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let frac = _mm256_andnot_ps(sign, _mm256_sub_ps(y, t));
+        let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(frac, half), _mm256_or_ps(one, _mm256_and_ps(sign, y)));
+        let r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(t, away), _mm256_set1_ps(-127.0)), lim);
+        _mm256_cvtps_epi32(r)
+    });
+    // i32 -> i8 in element order: the packs interleave 128-bit halves, the permute undoes it.
+    let p16a = _mm256_packs_epi32(q[0], q[1]);
+    let p16b = _mm256_packs_epi32(q[2], q[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    let ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let s32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256::<1>(s32));
+    let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2)));
+    let mut b = Q8Act { d, ..Default::default() };
+    // SAFETY: 32 bytes into the 32-byte array.
+    unsafe { _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, ordered) };
+    b.s = d * sum as f32;
+    Some(b)
 }
