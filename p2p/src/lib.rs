@@ -4,6 +4,7 @@
 
 pub mod eclipse;
 pub mod gossip;
+pub mod peers;
 pub mod registry;
 pub mod service;
 

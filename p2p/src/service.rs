@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::eclipse::{AddrPolicy, AddrSource, EclipseMetrics, Filtered, IpLimits};
 use crate::gossip::{self, ReplayGuard};
+use crate::peers::PeerSet;
 use crate::registry::{Admission, AdmissionStatus, LiveNode, Registry};
 
 /// Kademlia protocol name of the sampo DHT.
@@ -34,6 +35,8 @@ pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/fetch/1.0
 pub const IDENTIFY_PROTOCOL: &str = "/sampo/id/1.0.0";
 /// Bound of the command and event queues.
 pub const QUEUE_DEPTH: usize = 1024;
+/// How often the connection count is checked against its high watermark.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Inbound fetches awaiting the node's answer.
 pub const MAX_PENDING_FETCHES: usize = 256;
 
@@ -46,7 +49,9 @@ pub struct P2pConfig {
     /// Peers this node dials on its own from what discovery finds, at most: enough for a
     /// gossipsub mesh (~12) and spare, far fewer than a large network's size, so that a
     /// network of N nodes costs ~N·target handshakes instead of N². Discovery still
-    /// learns every peer (Kademlia); the registry learns them from gossip.
+    /// learns every peer (Kademlia); the registry learns them from gossip. Above 1.5 ×
+    /// this many connections (inbound ones included) the surplus is closed
+    /// ([`crate::peers`]); mesh peers and peers the operator named always stay.
     pub target_connections: u32,
     pub announce_interval: Duration,
     /// How often a random Kademlia walk looks for peers we don't know yet.
@@ -459,6 +464,7 @@ pub async fn spawn(
     for addr in &cfg.listen {
         swarm.listen_on(addr.clone()).map_err(|e| P2pError::Listen { addr: addr.clone(), reason: e.to_string() })?;
     }
+    let mut named = HashSet::new();
     for addr in &cfg.bootstrap {
         let Some(peer) = addr.iter().find_map(|p| match p {
             libp2p::multiaddr::Protocol::P2p(id) => Some(id),
@@ -467,6 +473,7 @@ pub async fn spawn(
             return Err(P2pError::BootstrapWithoutPeerId(addr.clone()));
         };
         // The operator chose it: dialled and kept in Kademlia whatever kind of address.
+        named.insert(peer);
         swarm.behaviour_mut().kad.trust(addr);
         swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
         if let Err(e) = swarm.dial(addr.clone()) {
@@ -502,6 +509,8 @@ pub async fn spawn(
         inbound: HashMap::new(),
         next_inbound: 0,
         subscribed_models: HashSet::new(),
+        peers: PeerSet::default(),
+        named,
     };
     tokio::spawn(actor.run(cmd_rx).instrument(info_span!("p2p-swarm", %peer_id)));
     Ok((P2pHandle { tx: cmd_tx, peer_id, registry, admission }, ev_rx))
@@ -518,16 +527,25 @@ struct Actor {
     replay: ReplayGuard,
     metrics: Metrics,
     announcement: Option<NodeAnnouncement>,
-    pending_fetches: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<FetchResponse, P2pError>>>,
-    inbound: HashMap<u64, request_response::ResponseChannel<FetchResponse>>,
+    /// Fetches this node asked for: with the peer asked, which pruning leaves alone.
+    pending_fetches:
+        HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<FetchResponse, P2pError>>)>,
+    /// Fetches asked of this node, awaiting its answer: with the asker.
+    inbound: HashMap<u64, (PeerId, request_response::ResponseChannel<FetchResponse>)>,
     next_inbound: u64,
     subscribed_models: HashSet<ModelId>,
+    /// Who this node is connected to, since when, which way: what pruning chooses from.
+    peers: PeerSet,
+    /// Peers the operator named (bootstrap, explicit dials): never pruned.
+    named: HashSet<PeerId>,
 }
 
 impl Actor {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut announce = tokio::time::interval(self.cfg.announce_interval);
         let mut discover = tokio::time::interval(self.cfg.discovery_interval);
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let _ = self.swarm.behaviour_mut().kad.bootstrap();
         loop {
             tokio::select! {
@@ -537,8 +555,9 @@ impl Actor {
                 },
                 ev = self.swarm.select_next_some() => self.swarm_event(ev),
                 _ = announce.tick() => self.announce(),
+                _ = prune.tick() => self.prune(),
                 _ = discover.tick() => {
-                    self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+                    self.fill_peer_set();
                     let gone = self.registry.write().map(|mut r| r.expire(now_ms())).unwrap_or_default();
                     for p in gone {
                         self.emit(P2pEvent::NodeLeft(p));
@@ -602,6 +621,9 @@ impl Actor {
                 self.announce();
             }
             Command::Dial(addr) => {
+                if let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() {
+                    self.named.insert(peer);
+                }
                 self.swarm.behaviour_mut().kad.trust(&addr);
                 if let Err(e) = self.swarm.dial(addr.clone()) {
                     warn!(%addr, error = %e, "dial failed");
@@ -609,10 +631,10 @@ impl Actor {
             }
             Command::Fetch { peer, request, reply } => {
                 let id = self.swarm.behaviour_mut().fetch.send_request(&peer, request);
-                self.pending_fetches.insert(id, reply);
+                self.pending_fetches.insert(id, (peer, reply));
             }
             Command::Respond { id, response } => {
-                if let Some(ch) = self.inbound.remove(&id) {
+                if let Some((_, ch)) = self.inbound.remove(&id) {
                     let _ = self.swarm.behaviour_mut().fetch.send_response(ch, response);
                 }
             }
@@ -689,6 +711,7 @@ impl Actor {
                 self.emit(P2pEvent::Listening(address));
             }
             SwarmEvent::ConnectionEstablished { peer_id, num_established, endpoint, .. } => {
+                self.peers.connected(peer_id, endpoint.is_dialer(), std::time::Instant::now());
                 if let Some(ip) = crate::eclipse::ip_of(endpoint.get_remote_address())
                     && let Ok(mut r) = self.registry.write()
                 {
@@ -699,6 +722,7 @@ impl Actor {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.peers.disconnected(&peer_id);
                 if let Ok(mut r) = self.registry.write() {
                     r.disconnected(&peer_id);
                 }
@@ -816,6 +840,56 @@ impl Actor {
         }
     }
 
+    /// Below the dial target: dial peers Kademlia already knows, in a random order; walk
+    /// the DHT only when it knows nobody else. A node with the peers it wants does
+    /// neither — a walk connects to every peer it queries (~20), which on a large
+    /// network would undo the bound (Kademlia's periodic bootstrap still refreshes it).
+    fn fill_peer_set(&mut self) {
+        let target = self.cfg.target_connections.min(self.cfg.max_connections) as usize;
+        let connected = self.swarm.network_info().num_peers();
+        if connected >= target {
+            return;
+        }
+        let me = self.swarm.local_peer_id().to_owned();
+        let mut known: Vec<PeerId> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+            .collect();
+        known.retain(|p| *p != me && !self.swarm.is_connected(p));
+        if known.is_empty() {
+            self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+            return;
+        }
+        // Closest to a random key first: a uniform choice without a random-number crate.
+        let pivot = kad::KBucketKey::from(PeerId::random());
+        known.sort_by_key(|p| kad::KBucketKey::from(*p).distance(&pivot));
+        for p in known.into_iter().take(target - connected) {
+            let _ = self.swarm.dial(p);
+        }
+    }
+
+    /// Close the connections above the high watermark (see [`crate::peers`]).
+    fn prune(&mut self) {
+        let gossipsub = &self.swarm.behaviour().gossipsub;
+        let mut kept: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
+        // A fetch in flight either way keeps its connection.
+        kept.extend(self.pending_fetches.values().map(|(p, _)| *p));
+        kept.extend(self.inbound.values().map(|(p, _)| *p));
+        let surplus = self.peers.surplus(
+            self.cfg.target_connections,
+            std::time::Instant::now(),
+            |p| kept.contains(p) || self.named.contains(p),
+            |p| gossipsub.peer_score(p).unwrap_or(0.0),
+        );
+        for p in surplus {
+            debug!(peer = %p, "pruning a surplus connection");
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+    }
+
     /// Take `peer` out of the registry (saying so if it was there).
     fn forget(&mut self, peer: PeerId) {
         let removed = self.registry.write().map(|mut r| {
@@ -834,7 +908,7 @@ impl Actor {
                 request_response::Message::Request { request, channel, .. } => {
                     if self.inbound.len() >= MAX_PENDING_FETCHES {
                         // Requests whose askers hung up (or timed out) hold no slot.
-                        self.inbound.retain(|_, ch| ch.is_open());
+                        self.inbound.retain(|_, (_, ch)| ch.is_open());
                     }
                     if self.inbound.len() >= MAX_PENDING_FETCHES {
                         let _ = self.swarm.behaviour_mut().fetch.send_response(channel, FetchResponse::NotFound);
@@ -842,22 +916,22 @@ impl Actor {
                     }
                     self.next_inbound += 1;
                     let id = self.next_inbound;
-                    self.inbound.insert(id, channel);
+                    self.inbound.insert(id, (peer, channel));
                     if !self.emit(P2pEvent::FetchRequested { id, from: peer, request }) {
                         // Nobody will answer a dropped event: answer now, free the slot.
-                        if let Some(ch) = self.inbound.remove(&id) {
+                        if let Some((_, ch)) = self.inbound.remove(&id) {
                             let _ = self.swarm.behaviour_mut().fetch.send_response(ch, FetchResponse::NotFound);
                         }
                     }
                 }
                 request_response::Message::Response { request_id, response } => {
-                    if let Some(tx) = self.pending_fetches.remove(&request_id) {
+                    if let Some((_, tx)) = self.pending_fetches.remove(&request_id) {
                         let _ = tx.send(Ok(response));
                     }
                 }
             },
             request_response::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some(tx) = self.pending_fetches.remove(&request_id) {
+                if let Some((_, tx)) = self.pending_fetches.remove(&request_id) {
                     let _ = tx.send(Err(P2pError::Fetch(error.to_string())));
                 }
             }

@@ -131,6 +131,52 @@ async fn twelve_nodes_discover_each_other_and_gossip_reaches_all() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_stay_bounded_while_discovery_and_gossip_reach_everyone() {
+    // A star: all bootstrap through node 0, which so gets every other node's dial.
+    const N: usize = 20;
+    let target = 4;
+    let bounded = |b: Option<&Multiaddr>| P2pConfig { target_connections: target, ..cfg(b) };
+    let mut nodes = vec![start(key(0), bounded(None)).await];
+    let hub = nodes[0].addr.clone();
+    for i in 1..N as u8 {
+        nodes.push(start(key(i), bounded(Some(&hub))).await);
+    }
+    for n in &nodes {
+        let h = n.handle.clone();
+        until("full discovery", async || h.live_nodes().len() == N).await;
+    }
+    // Pruning starts once connections outlive their grace period: the hub, dialled by
+    // all, sheds every connection that is neither in one of its meshes nor above the
+    // high watermark; nobody else grows past it either.
+    let high = sampo_p2p::peers::high_watermark(target);
+    for (i, n) in nodes.iter().enumerate() {
+        let h = n.handle.clone();
+        let hub_id = nodes[0].key.peer_id();
+        until("a bounded peer set", async || {
+            let connected = h.connected_peers().await.expect("peers");
+            let mut kept: std::collections::HashSet<_> =
+                h.mesh_peers(GossipTopic::Nodes).await.expect("mesh").into_iter().collect();
+            kept.extend(h.mesh_peers(GossipTopic::Rounds).await.expect("mesh"));
+            if i != 0 {
+                kept.insert(hub_id);
+            }
+            connected.len() <= high.max(kept.len())
+        })
+        .await;
+    }
+    let env = commit(&nodes[7].key, 2);
+    nodes[7].handle.publish(GossipTopic::Rounds, env.clone()).await.expect("publish");
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if i != 7 {
+            assert_eq!(next_message(n).await, env, "node {i}");
+        }
+    }
+    for n in &nodes {
+        n.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
     // A line a — b — c, so everything c hears from a passes through b.
     let line = |b: Option<&Multiaddr>| P2pConfig { dial_discovered: false, ..cfg(b) };
