@@ -794,7 +794,7 @@ impl<D: Device> CudaBackend<D> {
         }
         sampling::validate_batch(items, params)?;
         let mut sc = self.sampler_scratch(vocab).map_err(ModelError::from)?;
-        let buf = self.dev.alloc(MAX_ROWS * vocab * 4).map_err(ModelError::from)?;
+        let buf = self.dev.alloc(items.min(MAX_ROWS) * vocab * 4).map_err(ModelError::from)?;
         let mut ids = Vec::with_capacity(items);
         for (rows, ps) in logits.chunks(MAX_ROWS * vocab).zip(params.chunks(MAX_ROWS)) {
             self.dev.upload(self.dev.addr(&buf), bytes_of(rows)).map_err(ModelError::from)?;
