@@ -248,7 +248,10 @@ extern "C" __global__ void sample_rows(const float* __restrict__ logits, const u
             o |= src[j];
             a &= src[j];
         }
-        const unsigned int diff = sampo_block_reduce(o, SAMPO_RED_OR, slots) ^ sampo_block_reduce(a, SAMPO_RED_AND, slots);
+        // Two statements: every thread must make the two block-wide calls in one order.
+        const unsigned int any = sampo_block_reduce(o, SAMPO_RED_OR, slots);
+        const unsigned int all = sampo_block_reduce(a, SAMPO_RED_AND, slots);
+        const unsigned int diff = any ^ all;
         const int run = (m + T - 1) / T;
         const int lo = sampo_imin(m, t * run), hi = sampo_imin(m, lo + run);
         for (int shift = 0; shift < 32; shift += 4) {
