@@ -78,6 +78,23 @@ pub trait Backend: Send + Sync {
     }
     /// Run `batch` through `model`; logits after each item's last token.
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Run `batch` through `model` and choose each item's next token as
+    /// [`sampling::sample`] does on the logits [`Backend::forward`] returns, with the
+    /// item's parameters and step (`params[i]` for `batch[i]`). Parameters are checked
+    /// first ([`sampling::validate_batch`]); on bad ones nothing runs.
+    ///
+    /// This default samples on the host; a device backend overrides it to sample where
+    /// the logits are and copy back only the ids.
+    fn forward_sample(
+        &self,
+        model: &Model,
+        batch: &mut [BatchItem<'_>],
+        params: &[(&SamplingParams, u64)],
+    ) -> Result<Vec<u32>, KernelError> {
+        sampling::validate_batch(batch.len(), params)?;
+        let logits = self.forward(model, batch)?;
+        Ok(logits.iter().zip(params).map(|(l, &(p, step))| sampling::sample(l, p, step)).collect())
+    }
     /// Run `tokens` through `model` after what `seq` holds, appending to its cache;
     /// logits after every token, each the bits a one-token decode step gives there
     /// (replay teacher-forces a revealed output with this).
@@ -280,10 +297,12 @@ impl Engine {
         let mut decoders: Vec<StreamDecoder> = (0..n).map(|_| StreamDecoder::new()).collect();
         let mut finish: Vec<Option<FinishReason>> = vec![None; n];
         let t0 = Instant::now();
-        let mut logits = {
+        // Each pass samples where its logits are (on the device, for a device backend).
+        let mut chosen = {
             let mut batch: Vec<BatchItem<'_>> =
                 seqs.iter_mut().zip(requests).map(|(seq, (prompt, _))| BatchItem { seq, tokens: prompt }).collect();
-            self.backend.forward(&self.model, &mut batch)?
+            let params: Vec<(&SamplingParams, u64)> = requests.iter().map(|(_, p)| (p, 0)).collect();
+            self.backend.forward_sample(&self.model, &mut batch, &params)?
         };
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
@@ -293,8 +312,7 @@ impl Engine {
                 if finish[i].is_some() {
                     continue;
                 }
-                let step = out[i].len() as u64;
-                let id = sampling::sample(&logits[i], p, step);
+                let id = chosen[i];
                 if p.stop.contains(&id) {
                     finish[i] = Some(FinishReason::Stop);
                     continue;
@@ -326,9 +344,12 @@ impl Engine {
                 rest = tail;
                 base = i + 1;
             }
-            let new = self.backend.forward(&self.model, &mut batch)?;
-            for (&(i, _), l) in next.iter().zip(new) {
-                logits[i] = l;
+            // The step of the token each pass chooses is the count generated so far.
+            let params: Vec<(&SamplingParams, u64)> =
+                next.iter().map(|&(i, _)| (&requests[i].1, out[i].len() as u64)).collect();
+            let new = self.backend.forward_sample(&self.model, &mut batch, &params)?;
+            for (&(i, _), id) in next.iter().zip(new) {
+                chosen[i] = id;
             }
         }
         let decode_secs = t1.elapsed().as_secs_f64();

@@ -32,6 +32,8 @@ pub enum SamplingError {
     Temperature(f32),
     #[error("top_p {0} must be in (0, 1]")]
     TopP(f32),
+    #[error("{params} sampling parameter sets for a batch of {items} sequences")]
+    BatchMismatch { params: usize, items: usize },
 }
 
 impl SamplingParams {
@@ -44,6 +46,15 @@ impl SamplingParams {
         }
         Ok(())
     }
+}
+
+/// What a batched sampler checks before any work: one parameter set per item, each
+/// valid (the same check on every backend, so bad input fails the same way).
+pub fn validate_batch(items: usize, params: &[(&SamplingParams, u64)]) -> Result<(), SamplingError> {
+    if params.len() != items {
+        return Err(SamplingError::BatchMismatch { params: params.len(), items });
+    }
+    params.iter().try_for_each(|(p, _)| p.validate())
 }
 
 fn splitmix64(mut z: u64) -> u64 {

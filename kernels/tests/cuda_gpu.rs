@@ -4,8 +4,10 @@
 //! unless `SAMPO_REQUIRE_CUDA=1`, as on the lent GPU machines, where that is a failure.
 
 mod common;
+mod sampling_cases;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::{ids, real_model, reference};
 use sampo_kernels::cuda::backend::GpuBackend;
@@ -105,5 +107,33 @@ fn gemma3_gives_the_cpu_bits_past_the_sliding_window() {
         let want = cpu.forward(&m, &mut [BatchItem { seq: &mut a, tokens: &[t] }]).expect("cpu");
         let got = gpu.forward(&m, &mut [BatchItem { seq: &mut b, tokens: &[t] }]).expect("gpu");
         assert_eq!(bits(&got[0]), bits(&want[0]), "decode at position {}", b.pos);
+    }
+}
+
+#[test]
+fn device_sampler_is_the_host_sampler() {
+    let Some(gpu) = gpu() else { return };
+    sampling_cases::check_vocab(&*gpu, sampling_cases::SMOLLM2_VOCAB, 1, &[0, 1, 17, u64::MAX]);
+    for (k, vocab) in [1usize, 2, 3, 31, 33, 257, 1000, 4097].into_iter().enumerate() {
+        sampling_cases::check_vocab(&*gpu, vocab, 100 + k as u64, &[0, 5, 1 << 40]);
+    }
+    // For the record, not asserted: the sampler's time per row of SmolLM2's width
+    // (upload of the logits included), greedy and over the whole vocabulary.
+    let vocab = sampling_cases::SMOLLM2_VOCAB;
+    let row = &sampling_cases::logit_rows(vocab, 3)[0].1;
+    let logits: Vec<f32> = (0..64).flat_map(|_| row.iter().copied()).collect();
+    for p in [
+        SamplingParams::default(),
+        SamplingParams { temperature: 0.7, top_k: 40, ..Default::default() },
+        SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
+    ] {
+        let params: Vec<(&SamplingParams, u64)> = (0..64).map(|s| (&p, s)).collect();
+        gpu.sample_logits(&logits, vocab, &params).expect("warm-up");
+        let t = Instant::now();
+        let ids = gpu.sample_logits(&logits, vocab, &params).expect("device sampler");
+        let per_row = t.elapsed().as_secs_f64() * 1e3 / 64.0;
+        let want: Vec<u32> = params.iter().map(|&(p, s)| sampo_kernels::sampling::sample(row, p, s)).collect();
+        assert_eq!(ids, want);
+        eprintln!("device sampler, vocab {vocab}, {p:?}: {per_row:.3} ms per row (64 rows a call)");
     }
 }

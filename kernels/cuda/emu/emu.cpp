@@ -17,6 +17,7 @@
 #include "../rope.cu"
 #include "../attention.cu"
 #include "../ffn.cu"
+#include "../sampling.cu"
 
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -282,6 +283,7 @@ const Entry kKernels[] = {
     entry("glu_quant", glu_quant),
     entry("rms_norm_rows", rms_norm_rows),
     entry("scale_inplace", scale_inplace),
+    entry("sample_rows", sample_rows),
 };
 
 }  // namespace

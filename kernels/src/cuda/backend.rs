@@ -15,7 +15,8 @@ use crate::arch::{Activation, RopePairs};
 use crate::cpu::{BatchItem, Sequence, plan_rows};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model, ModelError};
-use crate::{Backend, BackendKind, CpuBackend, DeviceStatus};
+use crate::sampling::{self, SamplingParams};
+use crate::{Backend, BackendKind, CpuBackend, DeviceStatus, KernelError};
 
 /// Rows (tokens across the batch) per pass; longer prompts run in several passes.
 pub const MAX_ROWS: usize = 256;
@@ -131,6 +132,8 @@ struct ModelState<D: Device> {
     w: Weights<D>,
     s: Scratch<D>,
     graphs: HashMap<usize, D::Graph>,
+    /// The device sampler's scratch, made on the first `forward_sample`.
+    sampler: Option<SamplerScratch<D>>,
 }
 
 /// A sequence's KV cache on the device: K and V, each `[layer][cap][kv_dim]` f32.
@@ -303,7 +306,7 @@ impl<D: Device> CudaBackend<D> {
             h: f(r * d)?,
             logits: f(r * hp.n_vocab)?,
         };
-        Ok(ModelState { w, s, graphs: HashMap::new() })
+        Ok(ModelState { w, s, graphs: HashMap::new(), sampler: None })
     }
 
     /// Make `seq`'s device cache hold at least `need` positions, keeping what it has.
@@ -602,7 +605,15 @@ impl<D: Device> CudaBackend<D> {
         self.matmul(s, &[(w.output(), &s.logits)], &s.xn, n_last)
     }
 
-    fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// One forward pass. With `sample`, the rows that want logits are sampled on the
+    /// device (`sample[i]` for item `i`) and only their ids come back (the second
+    /// result); without it, their logits do (the first).
+    fn forward_inner(
+        &self,
+        model: &Model,
+        batch: &mut [BatchItem<'_>],
+        sample: Option<&[(&SamplingParams, u64)]>,
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
         let rows = plan_rows(model, batch)?;
         let hp = &model.hp;
         // One pass at a time, from the first allocation to the last copy: the stream is
@@ -630,6 +641,7 @@ impl<D: Device> CudaBackend<D> {
             && batch.len() <= GRAPH_MAX_ROWS.min(self.max_rows)
             && batch.iter().all(|it| it.tokens.len() == 1);
         let mut logits: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        let mut ids: Vec<u32> = vec![0; if sample.is_some() { batch.len() } else { 0 }];
         let mut last_of: Vec<usize> = vec![0; batch.len()];
         let mut r0 = 0;
         for (i, it) in batch.iter().enumerate() {
@@ -677,7 +689,17 @@ impl<D: Device> CudaBackend<D> {
                     st.direct_passes += 1;
                 }
             }
-            if !wants.is_empty() {
+            if let (false, Some(params)) = (wants.is_empty(), sample) {
+                let rows: Vec<(&SamplingParams, u64)> = wants.iter().map(|&i| params[i]).collect();
+                let at = self.dev.addr(&ms.s.logits);
+                let sc = match &mut ms.sampler {
+                    Some(sc) => sc,
+                    None => ms.sampler.insert(self.sampler_scratch(hp.n_vocab)?),
+                };
+                for (&i, id) in wants.iter().zip(self.sample_on_device(sc, at, &rows)?) {
+                    ids[i] = id;
+                }
+            } else if !wants.is_empty() {
                 let mut out = vec![0.0f32; wants.len() * hp.n_vocab];
                 self.dev.download(self.dev.addr(&ms.s.logits), bytes_of_mut(&mut out))?;
                 for (k, &i) in wants.iter().enumerate() {
@@ -688,8 +710,141 @@ impl<D: Device> CudaBackend<D> {
         for it in batch.iter_mut() {
             it.seq.pos += it.tokens.len();
         }
-        Ok(logits)
+        Ok((logits, ids))
     }
+
+    fn sampler_scratch(&self, vocab: usize) -> Result<SamplerScratch<D>, CudaError> {
+        if vocab == 0 || i32::try_from(vocab).is_err() {
+            return Err(CudaError::UnsupportedShape(format!("a vocabulary of {vocab} tokens for the device sampler")));
+        }
+        Ok(SamplerScratch {
+            vocab,
+            staging: self.dev.alloc(SAMPLE_STAGING_BYTES)?,
+            keys: self.dev.alloc(SAMPLE_ROWS * 2 * vocab * 4)?,
+            aux: self.dev.alloc(SAMPLE_ROWS * SAMPLE_AUX_WORDS * 4)?,
+            words: Vec::with_capacity(MAX_ROWS * SAMPLE_WORDS),
+        })
+    }
+
+    /// Choose a token for each of `params.len()` (at most [`MAX_ROWS`]) rows of logits
+    /// at device address `logits`, with the `sample_rows` kernel; only the ids are
+    /// copied back.
+    fn sample_on_device(
+        &self,
+        sc: &mut SamplerScratch<D>,
+        logits: u64,
+        params: &[(&SamplingParams, u64)],
+    ) -> Result<Vec<u32>, CudaError> {
+        let rows = params.len();
+        if rows > MAX_ROWS {
+            return Err(CudaError::UnsupportedShape(format!(
+                "{rows} rows for the device sampler (at most {MAX_ROWS})"
+            )));
+        }
+        let vocab = sc.vocab;
+        sc.words.clear();
+        for &(p, step) in params {
+            sc.words.extend(sample_words(p, step, vocab));
+        }
+        let st = self.dev.addr(&sc.staging);
+        let ids_at = st + SAMPLE_IDS_OFFSET as u64;
+        self.dev.upload(st, bytes_of(&sc.words))?;
+        // The keys and aux scratch hold SAMPLE_ROWS rows: groups run one after another
+        // on the stream.
+        for g in (0..rows).step_by(SAMPLE_ROWS) {
+            let n = SAMPLE_ROWS.min(rows - g);
+            self.launch(
+                Kernel::SampleRows,
+                Shape::new((n as u32, 1), SAMPLE_TPB as u32),
+                &[
+                    Arg::Ptr(logits + (g * vocab * 4) as u64),
+                    Arg::Ptr(st + (g * SAMPLE_WORDS * 4) as u64),
+                    Arg::Ptr(ids_at + (g * 4) as u64),
+                    self.a(&sc.keys),
+                    self.a(&sc.aux),
+                    Arg::I32(vocab as i32),
+                    Arg::I32(n as i32),
+                ],
+            )?;
+        }
+        let mut ids = vec![0u32; rows];
+        self.dev.download(ids_at, bytes_of_mut(&mut ids))?;
+        // The kernel always writes an id; anything else is a device fault.
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(CudaError::Launch {
+                kernel: Kernel::SampleRows.name(),
+                reason: format!("chose token {bad} of a vocabulary of {vocab}"),
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Choose a token for each row of `logits` (`params.len()` rows of `vocab`) with the
+    /// device sampler, as [`Backend::forward_sample`] does after a pass: the tests hold
+    /// it to [`sampling::sample`]; tools can time it.
+    pub fn sample_logits(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        params: &[(&SamplingParams, u64)],
+    ) -> Result<Vec<u32>, KernelError> {
+        let items = logits.len().checked_div(vocab).unwrap_or(0);
+        if items * vocab != logits.len() {
+            return Err(sampling::SamplingError::BatchMismatch { params: params.len(), items }.into());
+        }
+        sampling::validate_batch(items, params)?;
+        let mut sc = self.sampler_scratch(vocab).map_err(ModelError::from)?;
+        let buf = self.dev.alloc(items.min(MAX_ROWS) * vocab * 4).map_err(ModelError::from)?;
+        let mut ids = Vec::with_capacity(items);
+        for (rows, ps) in logits.chunks(MAX_ROWS * vocab).zip(params.chunks(MAX_ROWS)) {
+            self.dev.upload(self.dev.addr(&buf), bytes_of(rows)).map_err(ModelError::from)?;
+            ids.extend(self.sample_on_device(&mut sc, self.dev.addr(&buf), ps).map_err(ModelError::from)?);
+        }
+        Ok(ids)
+    }
+}
+
+/// Threads of the sampler's block (one block per row): a multiple of 32, at most 1024.
+const SAMPLE_TPB: usize = 512;
+/// Rows whose sorting scratch the sampler holds at once; more take several launches.
+const SAMPLE_ROWS: usize = 32;
+/// Words of parameters per row (sampling.cu `sample_rows`).
+const SAMPLE_WORDS: usize = 8;
+/// Words of `aux` scratch per row: 16 radix counts per thread and 64 slots (sampling.cu).
+const SAMPLE_AUX_WORDS: usize = 16 * SAMPLE_TPB + 64;
+/// The sampler's one staging buffer: every row's parameters, then every row's id.
+const SAMPLE_IDS_OFFSET: usize = MAX_ROWS * SAMPLE_WORDS * 4;
+const SAMPLE_STAGING_BYTES: usize = SAMPLE_IDS_OFFSET + MAX_ROWS * 4;
+
+/// The device sampler's memory for rows of `vocab` logits.
+struct SamplerScratch<D: Device> {
+    vocab: usize,
+    staging: D::Buffer,
+    /// 2 * vocab words per row: the candidates' codes and the radix sort's other half.
+    keys: D::Buffer,
+    aux: D::Buffer,
+    /// The parameter words on the host, reused between steps.
+    words: Vec<u32>,
+}
+
+/// `sample_rows`' parameter words for one row: the host sampler's decisions that
+/// depend only on the parameters and the vocabulary size are made here, as it makes
+/// them (greedy when the temperature is 0 or there is at most one token; top_k only
+/// when it is in (0, vocab)).
+fn sample_words(p: &SamplingParams, step: u64, vocab: usize) -> [u32; SAMPLE_WORDS] {
+    let greedy = p.temperature == 0.0 || vocab <= 1;
+    let k = if p.top_k > 0 && p.top_k < vocab { p.top_k } else { vocab };
+    [
+        u32::from(greedy),
+        p.temperature.to_bits(),
+        // vocab fits an i32 (sampler_scratch), so k does too.
+        k as u32,
+        p.top_p.to_bits(),
+        p.seed as u32,
+        (p.seed >> 32) as u32,
+        step as u32,
+        (step >> 32) as u32,
+    ]
 }
 
 fn poisoned() -> CudaError {
@@ -718,7 +873,18 @@ impl<D: Device> Backend for CudaBackend<D> {
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_inner(model, batch)
+        self.forward_inner(model, batch, None).map(|(logits, _)| logits)
+    }
+
+    /// Samples on the device right after the logits; only the ids are copied back.
+    fn forward_sample(
+        &self,
+        model: &Model,
+        batch: &mut [BatchItem<'_>],
+        params: &[(&SamplingParams, u64)],
+    ) -> Result<Vec<u32>, KernelError> {
+        sampling::validate_batch(batch.len(), params)?;
+        Ok(self.forward_inner(model, batch, Some(params)).map(|(_, ids)| ids)?)
     }
 }
 

@@ -18,10 +18,11 @@ pub enum Kernel {
     GluQuant,
     RmsNormRows,
     ScaleInplace,
+    SampleRows,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::QuantizeAct,
         Kernel::MatmulQ,
         Kernel::MatmulF,
@@ -34,6 +35,7 @@ impl Kernel {
         Kernel::GluQuant,
         Kernel::RmsNormRows,
         Kernel::ScaleInplace,
+        Kernel::SampleRows,
     ];
 
     /// The `extern "C"` name in the source.
@@ -51,6 +53,7 @@ impl Kernel {
             Kernel::GluQuant => "glu_quant",
             Kernel::RmsNormRows => "rms_norm_rows",
             Kernel::ScaleInplace => "scale_inplace",
+            Kernel::SampleRows => "sample_rows",
         }
     }
 
@@ -66,6 +69,7 @@ impl Kernel {
             Kernel::RopeStore => "rope.cu",
             Kernel::Attention => "attention.cu",
             Kernel::GluQuant => "ffn.cu",
+            Kernel::SampleRows => "sampling.cu",
         }
     }
 }

@@ -27,6 +27,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("rope.cu", include_str!("../../cuda/rope.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("ffn.cu", include_str!("../../cuda/ffn.cu")),
+    ("sampling.cu", include_str!("../../cuda/sampling.cu")),
 ];
 
 /// NVRTC options every kernel is compiled with: no FMA contraction, IEEE division and
