@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sampo_kernels::{
-    BatchItem, Engine, FinishReason, Generation, KernelError, ModelError, Sequence, StreamDecoder, sampling,
+    BatchItem, Engine, FinishReason, Generation, KernelError, ModelError, SamplingParams, Sequence, StreamDecoder,
 };
 use tokio::sync::mpsc;
 
@@ -41,8 +41,9 @@ struct Active {
     last: [u32; 1],
     /// Rows this sequence puts into the current step (0: sits it out).
     rows: usize,
-    /// Logits after the last fed token, not yet sampled from.
-    logits: Option<Vec<f32>>,
+    /// The token chosen after the last fed token (on the device where the backend
+    /// samples there), not yet emitted.
+    next: Option<u32>,
     out: Vec<u32>,
     text: String,
     decoder: StreamDecoder,
@@ -63,7 +64,7 @@ impl Active {
             fed: 0,
             last: [0],
             rows: 0,
-            logits: None,
+            next: None,
             out: Vec::new(),
             text: String::new(),
             decoder: StreamDecoder::new(),
@@ -92,10 +93,9 @@ impl Active {
         }
     }
 
-    /// Sample the next token from the logits in hand, as `Engine::generate` does.
+    /// Emit the token the pass chose, as `Engine::generate` does.
     fn sample(&mut self, timeout: Duration) -> Result<(), KernelError> {
-        let Some(logits) = self.logits.take() else { return Ok(()) };
-        let id = sampling::sample(&logits, &self.job.params, self.out.len() as u64);
+        let Some(id) = self.next.take() else { return Ok(()) };
         if self.job.params.stop.contains(&id) {
             self.finish = Some(FinishReason::Stop);
             return Ok(());
@@ -246,7 +246,7 @@ impl Executor {
         let mut budget = self.prefill_chunk;
         for a in active.iter_mut() {
             a.rows = 0;
-            if a.finish.is_some() || a.logits.is_some() {
+            if a.finish.is_some() || a.next.is_some() {
                 continue;
             }
             if a.prefilling() {
@@ -281,23 +281,25 @@ impl Executor {
                 done[i] = true;
             }
             let result = {
-                let mut batch: Vec<BatchItem<'_>> = active
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| members.binary_search(i).is_ok())
-                    .map(|(_, a)| {
-                        let tokens = if a.prefilling() { &a.job.prompt[a.fed..a.fed + a.rows] } else { &a.last[..] };
-                        BatchItem { seq: &mut a.seq, tokens }
-                    })
-                    .collect();
+                let mut batch: Vec<BatchItem<'_>> = Vec::with_capacity(members.len());
+                let mut params: Vec<(&SamplingParams, u64)> = Vec::with_capacity(members.len());
+                for (_, a) in active.iter_mut().enumerate().filter(|(i, _)| members.binary_search(i).is_ok()) {
+                    let tokens = if a.prefilling() { &a.job.prompt[a.fed..a.fed + a.rows] } else { &a.last[..] };
+                    // A prefill chunk that does not end the prompt gets a token too,
+                    // which is dropped (the step counter does not move for it).
+                    params.push((&a.job.params, a.out.len() as u64));
+                    batch.push(BatchItem { seq: &mut a.seq, tokens });
+                }
                 // A bug in a kernel fails the sequences of this pass, not the executor.
+                // Parameters were validated at admission, so one request cannot fail a
+                // shared pass; only the chosen ids come back from a device backend.
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine.backend().forward(&engine.model, &mut batch)
+                    engine.backend().forward_sample(&engine.model, &mut batch, &params)
                 }))
             };
             match result {
-                Ok(Ok(logits)) if logits.len() == members.len() => {
-                    for (&i, l) in members.iter().zip(logits) {
+                Ok(Ok(ids)) if ids.len() == members.len() => {
+                    for (&i, id) in members.iter().zip(ids) {
                         let a = &mut active[i];
                         if a.prefilling() {
                             a.fed += a.rows;
@@ -306,13 +308,15 @@ impl Executor {
                             }
                             a.prefilled = Some(Instant::now());
                         }
-                        a.logits = Some(l);
+                        a.next = Some(id);
                     }
                 }
                 other => {
                     let reason = match other {
                         Ok(Err(e)) => e.to_string(),
-                        Ok(Ok(l)) => format!("the backend returned {} logits for {} sequences", l.len(), members.len()),
+                        Ok(Ok(ids)) => {
+                            format!("the backend chose {} tokens for {} sequences", ids.len(), members.len())
+                        }
                         Err(_) => "the forward pass panicked".to_owned(),
                     };
                     tracing::error!(error = %reason, sequences = members.len(), "a batched forward pass failed");
