@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use sampo_kernels::cuda::emu::{EmuDevice, Fault};
+use sampo_kernels::cuda::emu::{EmuDevice, Fault, FaultWhen};
 use sampo_kernels::cuda::{CudaBackend, CudaError, Kernel, known_answer_test};
 use sampo_kernels::gguf::{GgmlType, GgufFile};
 use sampo_kernels::synth::{SynthSpec, synthesize};
@@ -127,6 +127,36 @@ fn known_answer_passes_and_a_faulty_device_is_refused() {
         Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
         other => panic!("a faulty device must fail the self-test: {other:?}"),
     }
+}
+
+#[test]
+fn known_answer_covers_long_prompts_cache_growth_and_the_graphs_the_server_replays() {
+    let m = synth();
+    let ok = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("a correct device passes");
+    // A prefill of 5 prompts, 2 decode steps of the 5, 2 decode steps of one.
+    assert_eq!(ok.logits_compared, 17 * m.hp.n_vocab, "{ok:?}");
+    // Attention wrong only past position 64 (its second pass of 32 lanes, and the
+    // cache grown past its first 64 positions): positions a short prompt never reaches.
+    let late = Fault { kernel: Kernel::Attention, arg: 5 };
+    let bad = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::PositionAbove { pos_arg: 4, pos: 64 }));
+    match known_answer_test(&bad, &m) {
+        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
+        other => panic!("a fault past position 64 must fail the self-test: {other:?}"),
+    }
+    // Wrong only when the graph of a single sequence is replayed: what a server
+    // decoding one stream runs at every step.
+    let single = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 1 }));
+    match known_answer_test(&single, &m) {
+        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
+        other => panic!("a fault in the batch-of-1 graph must fail the self-test: {other:?}"),
+    }
+    // …and in the graph of five.
+    let five = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 5 }));
+    assert!(matches!(known_answer_test(&five, &m), Err(CudaError::SelfTest(_))));
+    // Without graphs, the replay-only fault never strikes: the self-test passes and
+    // finds the same answer.
+    let direct = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 1 })).without_graphs();
+    assert_eq!(known_answer_test(&direct, &m).expect("no replay, no fault").digest, ok.digest);
 }
 
 #[test]
