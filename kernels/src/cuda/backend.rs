@@ -738,6 +738,9 @@ pub struct KnownAnswer {
 /// replayed); two decode steps of the long one alone (the batch-of-1 graph a server
 /// decoding one stream replays at every step).
 pub fn known_answer_test(backend: &dyn Backend, model: &Model) -> Result<KnownAnswer, CudaError> {
+    // The host's arithmetic is half the comparison: sampling and the CPU reference
+    // assume IEEE subnormals.
+    crate::fpenv::check()?;
     // The reference's thread count does not change its bits, only how long this takes.
     let cpu = CpuBackend::new(0).map_err(|e| CudaError::SelfTest(e.to_string()))?;
     let vocab = model.hp.n_vocab as u64;
@@ -804,6 +807,8 @@ pub type GpuBackend = CudaBackend<super::driver::CudarcDevice>;
 
 impl GpuBackend {
     pub fn open(opts: &super::driver::CudaOptions) -> Result<Arc<Self>, CudaError> {
+        // Sampling and the host-side tables run on the host's floats.
+        crate::fpenv::check()?;
         Ok(Arc::new(Self::new(super::driver::CudarcDevice::open(opts)?)))
     }
 }
