@@ -561,3 +561,127 @@ fn real_gemma3_prefill_on_the_emulator_is_the_cpu_bits() {
     same_bits_over_steps(&m, &CudaBackend::new(EmuDevice::new()), &[vec![prompt]], "Gemma 3 270M");
     eprintln!("real Gemma 3 on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+/// What a device was asked to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Launch(Kernel),
+    /// The host waited for everything queued (synchronize, or a download).
+    Fence,
+    Free(u64),
+}
+
+/// The emulator, recording every launch, wait and free, and failing the `fail_at`-th
+/// launch as a GPU can (a bad launch, a lost device).
+struct Recording {
+    inner: EmuDevice,
+    log: Arc<std::sync::Mutex<Vec<Op>>>,
+    launches: std::sync::atomic::AtomicU64,
+    fail_at: u64,
+}
+
+struct RecBuffer {
+    inner: sampo_kernels::cuda::emu::EmuBuffer,
+    addr: u64,
+    log: Arc<std::sync::Mutex<Vec<Op>>>,
+}
+
+impl Drop for RecBuffer {
+    fn drop(&mut self) {
+        self.log.lock().expect("log").push(Op::Free(self.addr));
+    }
+}
+
+impl Recording {
+    fn push(&self, op: Op) {
+        self.log.lock().expect("log").push(op);
+    }
+}
+
+impl sampo_kernels::cuda::Device for Recording {
+    type Buffer = RecBuffer;
+    type Graph = sampo_kernels::cuda::emu::EmuGraph;
+
+    fn alloc(&self, bytes: usize) -> Result<RecBuffer, CudaError> {
+        let inner = self.inner.alloc(bytes)?;
+        let addr = self.inner.addr(&inner);
+        Ok(RecBuffer { inner, addr, log: self.log.clone() })
+    }
+    fn addr(&self, buf: &RecBuffer) -> u64 {
+        self.inner.addr(&buf.inner)
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        self.inner.upload(dst, src)
+    }
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.push(Op::Fence);
+        self.inner.download(src, dst)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn synchronize(&self) -> Result<(), CudaError> {
+        self.push(Op::Fence);
+        self.inner.synchronize()
+    }
+    fn launch(
+        &self,
+        kernel: Kernel,
+        shape: sampo_kernels::cuda::device::Shape,
+        args: &[sampo_kernels::cuda::device::Arg],
+    ) -> Result<(), CudaError> {
+        if self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == self.fail_at {
+            return Err(CudaError::Launch { kernel: kernel.name(), reason: "injected".into() });
+        }
+        self.push(Op::Launch(kernel));
+        self.inner.launch(kernel, shape, args)
+    }
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        self.inner.begin_capture()
+    }
+    fn end_capture(&self) -> Result<Self::Graph, CudaError> {
+        self.inner.end_capture()
+    }
+    fn replay(&self, graph: &Self::Graph) -> Result<(), CudaError> {
+        self.inner.replay(graph)
+    }
+    fn memory(&self) -> Result<(u64, u64), CudaError> {
+        self.inner.memory()
+    }
+    fn name(&self) -> String {
+        "recording emulator".into()
+    }
+    fn compute_capability(&self) -> (i32, i32) {
+        (0, 0)
+    }
+}
+
+#[test]
+fn a_failed_pass_is_fenced_before_its_sequences_can_be_freed() {
+    // On a GPU, frees go to their own stream and do not wait for the compute stream:
+    // if a pass fails half-way and the caller drops its sequence, the cache must not be
+    // freed (and handed out again) while the kernels already queued still read it. So
+    // a failed pass waits for what it queued before it returns.
+    let m = synth();
+    for fail_at in [3u64, 15] {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dev = Recording { inner: EmuDevice::new(), log: log.clone(), launches: 0.into(), fail_at };
+        let gpu = CudaBackend::new(dev);
+        gpu.load(&m).expect("weights");
+        log.lock().expect("log").clear();
+        let mut seq = Sequence::new(&m);
+        let p = tokens(&m, 9, 1);
+        let err = gpu.forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &p }]).expect_err("launch fails");
+        assert!(err.to_string().contains("injected"), "{err}");
+        drop(seq);
+        let log = log.lock().expect("log").clone();
+        let last_launch = log.iter().rposition(|o| matches!(o, Op::Launch(_))).expect("some work was queued");
+        let first_free = log.iter().position(|o| matches!(o, Op::Free(_))).expect("the cache was freed");
+        assert!(first_free > last_launch, "{log:?}");
+        assert!(
+            log[last_launch..first_free].contains(&Op::Fence),
+            "failing at launch {fail_at}: a free with no wait after the last launch: {:?}",
+            &log[last_launch..]
+        );
+    }
+}

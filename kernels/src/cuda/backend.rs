@@ -197,7 +197,11 @@ impl<D: Device> CudaBackend<D> {
     /// Upload a model's weights now (otherwise its first forward pass does).
     pub fn load(&self, model: &Model) -> Result<(), CudaError> {
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        self.state(&mut models, model).map(|_| ())
+        let out = self.state(&mut models, model).map(|_| ());
+        if out.is_err() {
+            self.fence_after_error();
+        }
+        out
     }
 
     /// The model's device state, uploading its weights on first use.
@@ -604,11 +608,36 @@ impl<D: Device> CudaBackend<D> {
 
     fn forward_inner(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         let rows = plan_rows(model, batch)?;
-        let hp = &model.hp;
         // One pass at a time, from the first allocation to the last copy: the stream is
         // shared, and nothing may touch it from another thread while a graph is captured.
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        let ms = self.state(&mut models, model)?;
+        let out = self.pass(&mut models, model, batch, &rows);
+        if out.is_err() {
+            self.fence_after_error();
+        }
+        out
+    }
+
+    /// After a failed pass or upload, wait for whatever it queued (still under the lock,
+    /// so no graph is being captured). Frees go to another stream that does not wait
+    /// for the compute stream: without this, a sequence the caller drops now could have
+    /// its cache freed and handed out again while queued kernels still read it. A
+    /// successful pass ends with a download, which waits the same way.
+    fn fence_after_error(&self) {
+        if let Err(e) = self.dev.synchronize() {
+            tracing::warn!(error = %e, "could not wait for a failed pass's queued work");
+        }
+    }
+
+    fn pass(
+        &self,
+        models: &mut HashMap<[u8; 32], ModelState<D>>,
+        model: &Model,
+        batch: &mut [BatchItem<'_>],
+        rows: &[(usize, usize, u32)],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let hp = &model.hp;
+        let ms = self.state(models, model)?;
         for it in batch.iter_mut() {
             let need = it.seq.pos + it.tokens.len();
             self.ensure_cache(model, it.seq, need)?;
