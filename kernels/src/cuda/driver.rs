@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, result, sys};
 
@@ -152,16 +152,82 @@ pub struct KernelFile {
     pub cached: bool,
 }
 
-pub struct GpuBuffer {
-    _slice: CudaSlice<u8>,
-    addr: u64,
+/// Things whose release must wait: dropped buffers are buried here and released by
+/// [`Graveyard::drain`] once it is safe. If the graveyard itself goes (its device gone,
+/// a buffer outliving it), `on_drop` runs before what it still holds is released.
+pub struct Graveyard<T> {
+    dead: Mutex<Vec<T>>,
+    on_drop: Box<dyn Fn() + Send + Sync>,
 }
 
-/// A captured decode step.
-pub struct GpuGraph(CudaGraph);
+impl<T> Graveyard<T> {
+    pub fn new(on_drop: impl Fn() + Send + Sync + 'static) -> Self {
+        Self { dead: Mutex::new(Vec::new()), on_drop: Box::new(on_drop) }
+    }
+
+    pub fn bury(&self, item: T) {
+        // A poisoned lock still holds a valid list: keep burying.
+        self.dead.lock().unwrap_or_else(|e| e.into_inner()).push(item);
+    }
+
+    /// Everything buried so far, for the caller to drop.
+    pub fn drain(&self) -> Vec<T> {
+        std::mem::take(&mut *self.dead.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl<T> Drop for Graveyard<T> {
+    fn drop(&mut self) {
+        (self.on_drop)();
+        drop(self.drain());
+    }
+}
+
+/// Make `ctx` current on this thread without `bind_to_thread`'s check of earlier errors
+/// (which would clear them where nobody reads them); a failure is recorded in `ctx`, to
+/// surface at its next checked call.
+fn bind_quietly(ctx: &CudaContext) {
+    // SAFETY: `ctx` is alive (borrowed), so its handle is a valid, undestroyed context.
+    ctx.record_err(unsafe { result::ctx::set_current(ctx.cu_ctx()) });
+}
+
+/// Device memory. Dropping it (any thread, any time: a sequence's cache goes with its
+/// sequence) calls no CUDA function: the memory is buried, and the device frees it the
+/// next time the host has waited for every queued kernel (see [`CudarcDevice::reap`]).
+/// Frees go to the allocation stream, which does not wait for the compute stream, so a
+/// free issued at once could hand memory out again while kernels still read it; and
+/// cudarc's drop binds no context, so on a thread without one it would fail, and the
+/// failure surface in some unrelated later call.
+pub struct GpuBuffer {
+    slice: Option<CudaSlice<u8>>,
+    addr: u64,
+    graveyard: Arc<Graveyard<CudaSlice<u8>>>,
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            self.graveyard.bury(s);
+        }
+    }
+}
+
+/// A captured decode step; dropping it binds its context first (cudarc's drop does not).
+pub struct GpuGraph {
+    graph: Option<CudaGraph>,
+    ctx: Arc<CudaContext>,
+}
 // SAFETY: a graph is only launched or dropped under the backend's lock, never from two
 // threads at once (cudarc leaves it !Send because CUDA graphs are not thread-safe).
 unsafe impl Send for GpuGraph {}
+
+impl Drop for GpuGraph {
+    fn drop(&mut self) {
+        bind_quietly(&self.ctx);
+        // An executable graph still running is freed when it completes (cuGraphExecDestroy).
+        drop(self.graph.take());
+    }
+}
 
 pub struct CudarcDevice {
     ctx: Arc<CudaContext>,
@@ -175,6 +241,8 @@ pub struct CudarcDevice {
     name: String,
     cc: (i32, i32),
     pub build: KernelBuild,
+    /// Dropped buffers, freed by [`Self::reap`].
+    graveyard: Arc<Graveyard<CudaSlice<u8>>>,
 }
 
 fn drv(call: &'static str) -> impl Fn(result::DriverError) -> CudaError {
@@ -364,11 +432,30 @@ impl CudarcDevice {
                 .ok_or_else(|| CudaError::Launch { kernel: k.name(), reason: format!("{} not loaded", k.file()) })?;
             funcs.insert(k, m.load_function(k.name()).map_err(drv("cuModuleGetFunction"))?);
         }
-        Ok(Self { ctx, stream, mem, funcs, name, cc, build })
+        let bound = ctx.clone();
+        let graveyard = Arc::new(Graveyard::new(move || bind_quietly(&bound)));
+        Ok(Self { ctx, stream, mem, funcs, name, cc, build, graveyard })
+    }
+
+    /// Free the buried buffers. Call only once every kernel queued before they were
+    /// dropped has finished (after a synchronize), on a thread with the context bound.
+    fn reap(&self) -> Result<(), CudaError> {
+        drop(self.graveyard.drain());
+        // A free (or a graph's destroy) that failed recorded its error in the context.
+        self.ctx.check_err().map_err(drv("a deferred free or destroy"))
     }
 
     fn bind(&self) -> Result<(), CudaError> {
         self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))
+    }
+}
+
+impl Drop for CudarcDevice {
+    fn drop(&mut self) {
+        // What is buried now may still be read by queued work: wait, then free.
+        bind_quietly(&self.ctx);
+        self.ctx.record_err(self.stream.synchronize());
+        drop(self.graveyard.drain());
     }
 }
 
@@ -385,7 +472,7 @@ impl Device for CudarcDevice {
         // Zeroed before `stream` uses it.
         self.mem.synchronize().map_err(drv("cuStreamSynchronize"))?;
         let addr = slice.device_ptr(&self.mem).0;
-        Ok(GpuBuffer { _slice: slice, addr })
+        Ok(GpuBuffer { slice: Some(slice), addr, graveyard: self.graveyard.clone() })
     }
 
     fn addr(&self, buf: &GpuBuffer) -> u64 {
@@ -403,7 +490,8 @@ impl Device for CudarcDevice {
         self.bind()?;
         // SAFETY: as for `upload`; the stream is synchronized before `dst` is read.
         unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(drv("cuMemcpyDtoHAsync"))?;
-        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
+        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+        self.reap()
     }
 
     fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
@@ -414,7 +502,8 @@ impl Device for CudarcDevice {
 
     fn synchronize(&self) -> Result<(), CudaError> {
         self.bind()?;
-        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
+        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+        self.reap()
     }
 
     fn launch(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
@@ -443,12 +532,14 @@ impl Device for CudarcDevice {
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("cuStreamEndCapture"))?
-            .map(GpuGraph)
+            .map(|g| GpuGraph { graph: Some(g), ctx: self.ctx.clone() })
             .ok_or(CudaError::Driver { call: "cuStreamEndCapture", reason: "empty graph".into() })
     }
 
     fn replay(&self, graph: &GpuGraph) -> Result<(), CudaError> {
-        graph.0.launch().map_err(drv("cuGraphLaunch"))
+        self.bind()?;
+        let g = graph.graph.as_ref().ok_or(CudaError::Driver { call: "cuGraphLaunch", reason: "dropped".into() })?;
+        g.launch().map_err(drv("cuGraphLaunch"))
     }
 
     fn memory(&self) -> Result<(u64, u64), CudaError> {
@@ -463,5 +554,35 @@ impl Device for CudarcDevice {
 
     fn compute_capability(&self) -> (i32, i32) {
         self.cc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Graveyard;
+    use std::sync::{Arc, Mutex};
+
+    /// Logs its own drop.
+    struct Noted(u32, Arc<Mutex<Vec<String>>>);
+    impl Drop for Noted {
+        fn drop(&mut self) {
+            self.1.lock().expect("log").push(format!("free {}", self.0));
+        }
+    }
+
+    #[test]
+    fn buried_items_are_released_only_when_drained_and_the_context_is_bound_first() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let bind_log = log.clone();
+        let g = Graveyard::new(move || bind_log.lock().expect("log").push("bind".to_owned()));
+        g.bury(Noted(1, log.clone()));
+        g.bury(Noted(2, log.clone()));
+        assert!(log.lock().expect("log").is_empty(), "nothing is freed when buried");
+        drop(g.drain());
+        assert_eq!(*log.lock().expect("log"), ["free 1", "free 2"]);
+        // What is still buried when the graveyard goes is freed after the bind.
+        g.bury(Noted(3, log.clone()));
+        drop(g);
+        assert_eq!(*log.lock().expect("log"), ["free 1", "free 2", "bind", "free 3"]);
     }
 }
