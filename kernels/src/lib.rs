@@ -139,11 +139,15 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.pool.install(|| cpu::forward(model, batch))
+        let mut out = self.pool.install(|| cpu::forward(model, batch))?;
+        out.iter_mut().for_each(|l| math::canonicalize_nans(l));
+        Ok(out)
     }
 
     fn forward_all(&self, model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.pool.install(|| cpu::forward_all(model, seq, tokens))
+        let mut out = self.pool.install(|| cpu::forward_all(model, seq, tokens))?;
+        out.iter_mut().for_each(|l| math::canonicalize_nans(l));
+        Ok(out)
     }
 }
 

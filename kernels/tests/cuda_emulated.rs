@@ -685,3 +685,46 @@ fn a_failed_pass_is_fenced_before_its_sequences_can_be_freed() {
         );
     }
 }
+
+#[test]
+fn nan_logits_are_one_bit_pattern_on_every_backend() {
+    // Float weights throughout; two rows of the (tied) output head poisoned: one holds a
+    // NaN with a sign and a payload, the other +inf everywhere (inf - inf: x86 makes the
+    // negative "default NaN" 0xFFC00000, a GPU makes 0x7FFFFFFF).
+    let spec = SynthSpec { weights: Some(GgmlType::F32), n_ctx: 64, ..SynthSpec::default() };
+    let mut bytes = synthesize(&spec);
+    let clean = Model::from_gguf(GgufFile::from_bytes(bytes.clone()).expect("gguf")).expect("model");
+    let e = &clean.token_embd;
+    assert_eq!(e.ty, GgmlType::F32);
+    let (nan_row, inf_row) = (11usize, 17usize);
+    let start = e.offset;
+    for c in 0..e.cols {
+        let at = start + nan_row * e.row_bytes + 4 * c;
+        bytes[at..at + 4].copy_from_slice(&0xFFC0_0001u32.to_le_bytes());
+        let at = start + inf_row * e.row_bytes + 4 * c;
+        bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_bits().to_le_bytes());
+    }
+    let m = Model::from_gguf(GgufFile::from_bytes(bytes).expect("gguf")).expect("model");
+    // A prompt that never reads the poisoned rows as input.
+    let prompt: Vec<u32> = [3u32, 40, 5, 70, 9].to_vec();
+    let cpu = CpuBackend::new(1).expect("cpu");
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let mut per_backend = Vec::new();
+    for (name, b) in [("cpu", &cpu as &dyn Backend), ("emulated cuda", &gpu)] {
+        let mut s = Sequence::new(&m);
+        let mut logits = b.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &prompt }]).expect("forward");
+        let mut decoded = b.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &[8] }]).expect("decode");
+        logits.append(&mut decoded);
+        let mut s = Sequence::new(&m);
+        logits.append(&mut b.forward_all(&m, &mut s, &prompt[..2]).expect("forward_all"));
+        for (k, l) in logits.iter().enumerate() {
+            for row in [nan_row, inf_row] {
+                assert_eq!(l[row].to_bits(), 0x7FC0_0000, "{name}, output {k}: logit {row} is {:#x}", l[row].to_bits());
+            }
+            assert_eq!(l.iter().filter(|v| v.is_nan()).count(), 2, "{name}: only the poisoned rows");
+        }
+        per_backend.push(logits.iter().map(|l| bits(l)).collect::<Vec<_>>());
+    }
+    // And the two backends agree on every bit.
+    assert_eq!(per_backend[0], per_backend[1]);
+}

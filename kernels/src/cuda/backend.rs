@@ -709,6 +709,8 @@ impl<D: Device> CudaBackend<D> {
             if !wants.is_empty() {
                 let mut out = vec![0.0f32; wants.len() * hp.n_vocab];
                 self.dev.download(self.dev.addr(&ms.s.logits), bytes_of_mut(&mut out))?;
+                // The GPU's NaN is not the CPU's: one pattern leaves every backend.
+                crate::math::canonicalize_nans(&mut out);
                 for (k, &i) in wants.iter().enumerate() {
                     logits[i] = out[k * hp.n_vocab..(k + 1) * hp.n_vocab].to_vec();
                 }
