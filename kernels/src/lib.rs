@@ -11,6 +11,7 @@ pub mod arch;
 pub mod chat;
 pub mod cpu;
 pub mod cuda;
+pub mod fpenv;
 pub mod gguf;
 pub mod math;
 pub mod model;
@@ -42,6 +43,8 @@ pub enum KernelError {
     Chat(#[from] chat::ChatError),
     #[error("could not start {threads} inference threads: {reason}")]
     Threads { threads: usize, reason: String },
+    #[error(transparent)]
+    FloatEnv(#[from] fpenv::FlushToZero),
     #[error("prompt is empty")]
     EmptyPrompt,
     #[error("message {0} contains a special token string the chat template would not keep as text")]
@@ -122,14 +125,17 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// `threads == 0` means one per available core.
+    /// `threads == 0` means one per available core. Refuses to start where this thread
+    /// or a worker flushes subnormals (see [`fpenv`]).
     pub fn new(threads: usize) -> Result<Self, KernelError> {
+        fpenv::check()?;
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sampo-cpu-{i}"))
             .build()
             .map_err(|e| KernelError::Threads { threads, reason: e.to_string() })?;
+        fpenv::check_pool(&pool)?;
         Ok(Self { pool, threads })
     }
 
@@ -150,11 +156,15 @@ impl Backend for CpuBackend {
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.pool.install(|| cpu::forward(model, batch))
+        let mut out = self.pool.install(|| cpu::forward(model, batch))?;
+        out.iter_mut().for_each(|l| math::canonicalize_nans(l));
+        Ok(out)
     }
 
     fn forward_all(&self, model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.pool.install(|| cpu::forward_all(model, seq, tokens))
+        let mut out = self.pool.install(|| cpu::forward_all(model, seq, tokens))?;
+        out.iter_mut().for_each(|l| math::canonicalize_nans(l));
+        Ok(out)
     }
 }
 

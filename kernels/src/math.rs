@@ -188,6 +188,22 @@ mod x86 {
     }
 }
 
+/// The one NaN every backend returns as a logit: the positive quiet NaN with no payload.
+pub const CANONICAL_NAN: u32 = 0x7FC0_0000;
+
+/// Replace every NaN logit by [`CANONICAL_NAN`]; both backends call this at the logits
+/// boundary. NaN-ness follows from the canonical arithmetic, but a NaN's sign and
+/// payload do not: x86 makes the negative "default NaN" 0xFFC00000 and passes payloads
+/// through, a GPU makes 0x7FFFFFFF. Canonicalizing (rather than refusing NaN with an
+/// error) keeps a model serving that has one poisoned row in its output head — the
+/// sampler already ranks a NaN as -inf — while every byte that leaves a backend (the
+/// self-test's comparison and digest, evidence, replay) is the same on every machine.
+pub fn canonicalize_nans(logits: &mut [f32]) {
+    for v in logits.iter_mut().filter(|v| v.is_nan()) {
+        *v = f32::from_bits(CANONICAL_NAN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

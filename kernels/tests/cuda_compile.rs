@@ -25,21 +25,100 @@ fn nvrtc_path() -> PathBuf {
     panic!("libnvrtc.so.13 not found under {}: run scripts/setup.sh (pip nvidia-cuda-nvrtc==13.0.88)", base.display());
 }
 
+/// What the determinism contract forbids in PTX: any fused multiply-add (`fma.` — the
+/// kernels ask for none, and `--fmad=false` must not contract one), flushing subnormals
+/// (`.ftz`) and approximate arithmetic (`.approx`: fast division, square root,
+/// transcendentals). Returns each offending line.
+fn forbidden_in_ptx(ptx: &str) -> Vec<&str> {
+    ptx.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//"))
+        .filter(|l| {
+            // The opcode: the first word after a guard predicate (`@%p1`), if any.
+            let mut words = l.split_whitespace().skip_while(|w| w.starts_with('@'));
+            words.next().is_some_and(|op| op.starts_with("fma.") || op.contains(".ftz") || op.contains(".approx"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_ptx_check_catches_what_it_must() {
+    let ptx = "\tadd.rn.f32 %f1, %f2, %f3;\n\tfma.rn.f64 %fd1, %fd2, %fd3, %fd4;\n\tex2.approx.ftz.f32 %f4, %f5;\n\
+               \tmul.ftz.f32 %f6, %f7, %f8;\n\t@%p1 fma.rn.f32 %f1, %f2, %f3, %f4;\n\t// fma.rn.f32 in a comment\n\tmad.lo.s32 %r1, %r2, %r3, %r4;\n";
+    assert_eq!(
+        forbidden_in_ptx(ptx),
+        [
+            "fma.rn.f64 %fd1, %fd2, %fd3, %fd4;",
+            "ex2.approx.ftz.f32 %f4, %f5;",
+            "mul.ftz.f32 %f6, %f7, %f8;",
+            "@%p1 fma.rn.f32 %f1, %f2, %f3, %f4;",
+        ]
+    );
+}
+
 #[test]
 fn every_kernel_compiles_without_warnings() {
     let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
     let version = nvrtc.version().expect("version");
-    assert_eq!(version, (13, 0), "the lent GPUs' driver runs CUDA 13.0 PTX");
-    for arch in ["compute_90"] {
+    assert_eq!(version, (13, 0), "scripts/setup.sh installs NVRTC 13.0");
+    for arch in ["compute_90", "sm_90"] {
         for (name, src) in SOURCES {
             let out =
                 nvrtc.compile(name, src, &[COMMON_HEADER], &compile_options(arch)).unwrap_or_else(|e| panic!("{e}"));
             assert!(out.log.is_empty(), "{name} ({arch}) compiled with warnings:\n{}", out.log);
             assert!(out.ptx.contains(".entry"), "{name}: no kernel entry in the PTX");
-            // --fmad=false: no fused multiply-add may appear in the PTX.
-            assert!(!out.ptx.contains("fma.rn.f32"), "{name}: an FMA slipped into the PTX");
+            let bad = forbidden_in_ptx(&out.ptx);
+            assert!(
+                bad.is_empty(),
+                "{name} ({arch}): FMA, flush-to-zero or approximate arithmetic in the PTX: {bad:#?}"
+            );
         }
     }
+}
+
+#[test]
+fn a_cubin_for_sm_90_is_an_elf_image_of_every_kernel() {
+    use sampo_kernels::cuda::Kernel;
+    use sampo_kernels::cuda::driver::{KernelFormat, KernelImage, KernelTarget, compile_kernel};
+    let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
+    assert!(nvrtc.supported_archs().expect("archs").contains(&90), "NVRTC 13 builds sm_90 cubins");
+    let target = KernelTarget::cubin((9, 0));
+    assert_eq!((target.arch.as_str(), target.format), ("sm_90", KernelFormat::Cubin));
+    for (name, src) in SOURCES {
+        let KernelImage::Cubin(bin) = compile_kernel(&nvrtc, &target, name, src).expect("compile") else {
+            panic!("{name}: not a cubin");
+        };
+        // ELF magic, 64-bit class, little-endian; machine EM_CUDA (190).
+        assert_eq!(&bin[..6], b"\x7fELF\x02\x01", "{name}: not a 64-bit little-endian ELF");
+        assert_eq!(u16::from_le_bytes([bin[18], bin[19]]), 190, "{name}: not a CUDA ELF");
+        // Every kernel the backend looks up in this file is a symbol of it.
+        for k in Kernel::ALL.iter().filter(|k| k.file() == *name) {
+            let sym = format!("{}\0", k.name());
+            assert!(bin.windows(sym.len()).any(|w| w == sym.as_bytes()), "{} not in {name}'s cubin", k.name());
+        }
+    }
+    // A virtual architecture yields no cubin: asking for one is a typed error.
+    let virt = KernelTarget { arch: "compute_90".into(), format: KernelFormat::Cubin };
+    let err = compile_kernel(&nvrtc, &virt, SOURCES[0].0, SOURCES[0].1).expect_err("no cubin for compute_90");
+    assert!(err.to_string().contains("no cubin"), "{err}");
+}
+
+#[test]
+fn the_target_is_a_cubin_and_ptx_only_for_a_driver_as_new_as_nvrtc() {
+    use sampo_kernels::cuda::driver::{KernelFormat, choose_target};
+    let archs = [75, 80, 86, 89, 90, 100, 120];
+    // A CUDA 12.4 driver and NVRTC 13.0 on a Hopper: a cubin, which it loads (PTX from
+    // NVRTC 13 it would refuse).
+    let t = choose_target((9, 0), (13, 0), &archs, 12040).expect("cubin");
+    assert_eq!((t.arch.as_str(), t.format), ("sm_90", KernelFormat::Cubin));
+    // A device this NVRTC does not know: PTX for the newest one below it, only when the
+    // driver can JIT NVRTC's PTX.
+    let t = choose_target((12, 2), (13, 0), &archs, 13000).expect("ptx");
+    assert_eq!((t.arch.as_str(), t.format), ("compute_120", KernelFormat::Ptx));
+    let err = choose_target((12, 2), (13, 0), &archs, 12080).expect_err("driver older than NVRTC");
+    assert!(err.to_string().contains("CUDA 12.8") && err.to_string().contains("execution.nvrtc"), "{err}");
+    let err = choose_target((7, 0), (13, 0), &archs, 13000).expect_err("older than every supported arch");
+    assert!(err.to_string().contains("sm_70"), "{err}");
 }
 
 #[test]
@@ -61,26 +140,72 @@ fn missing_driver_is_a_reason_not_a_panic() {
 }
 
 #[test]
-fn ptx_is_cached_by_source_and_architecture_and_names_every_kernel() {
+fn kernels_are_cached_by_source_architecture_and_versions_and_name_every_kernel() {
     use sampo_kernels::cuda::Kernel;
-    use sampo_kernels::cuda::driver::{CudaOptions, kernels_ptx};
+    use sampo_kernels::cuda::driver::{KernelFormat, KernelImage, KernelTarget, kernel_images};
+    let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
     let dir = tempfile::tempdir().expect("tempdir");
-    let opts = CudaOptions { nvrtc: Some(nvrtc_path()), ptx_cache: Some(dir.path().to_path_buf()) };
-    let (ptx, first) = kernels_ptx("compute_90", &opts).expect("compile");
-    assert_eq!((first.compiled, first.cached), (SOURCES.len(), 0), "{first:?}");
-    // Every kernel the backend launches is an entry of the file it is looked up in.
-    for k in Kernel::ALL {
-        let (_, text) = ptx.iter().find(|(f, _)| *f == k.file()).expect("file compiled");
-        assert!(text.contains(&format!(".entry {}(", k.name())), "{} not in {}", k.name(), k.file());
-    }
-    let (_, second) = kernels_ptx("compute_90", &opts).expect("from cache");
+    let cache = Some(dir.path());
+    let sm90 = KernelTarget::cubin((9, 0));
+    let (files, first) = kernel_images(&nvrtc, &sm90, 13000, cache).expect("compile");
+    assert_eq!((first.compiled, first.cached, first.format), (SOURCES.len(), 0, KernelFormat::Cubin), "{first:?}");
+    assert_eq!((first.nvrtc.as_str(), first.driver), ("13.0", 13000));
+    assert!(files.iter().all(|f| matches!(&f.image, KernelImage::Cubin(b) if b.starts_with(b"\x7fELF"))));
+    let (again, second) = kernel_images(&nvrtc, &sm90, 13000, cache).expect("from cache");
     assert_eq!((second.compiled, second.cached), (0, SOURCES.len()), "{second:?}");
     assert_eq!(first.cache_key, second.cache_key);
-    // Another architecture is another entry; a damaged file is compiled again.
-    let (_, other) = kernels_ptx("compute_80", &opts).expect("compile for sm_80");
+    assert!(files.iter().zip(&again).all(|(a, b)| a.image == b.image && b.cached));
+    // Another driver version is another entry: nothing made for one is handed to another.
+    let (_, newer) = kernel_images(&nvrtc, &sm90, 13010, cache).expect("compile for a newer driver");
+    assert_eq!(newer.compiled, SOURCES.len());
+    assert_ne!(newer.cache_key, first.cache_key);
+    // As is another architecture, and PTX (every kernel an entry of its file).
+    let ptx = KernelTarget { arch: "compute_90".into(), format: KernelFormat::Ptx };
+    let (files, other) = kernel_images(&nvrtc, &ptx, 13000, cache).expect("compile PTX");
     assert_eq!(other.compiled, SOURCES.len());
-    let entry = dir.path().join(format!("compute_90-{}", first.cache_key)).join("quant.cu.ptx");
+    for k in Kernel::ALL {
+        let f = files.iter().find(|f| f.name == k.file()).expect("file compiled");
+        let KernelImage::Ptx(text) = &f.image else { panic!("not PTX") };
+        assert!(text.contains(&format!(".entry {}(", k.name())), "{} not in {}", k.name(), k.file());
+    }
+    // A damaged file is compiled again, and no temporary file is left behind.
+    let entry = dir.path().join(format!("sm_90-{}", first.cache_key)).join("quant.cu.cubin");
     std::fs::write(&entry, "garbage").expect("damage");
-    let (_, third) = kernels_ptx("compute_90", &opts).expect("recompile");
+    let (_, third) = kernel_images(&nvrtc, &sm90, 13000, cache).expect("recompile");
     assert_eq!((third.compiled, third.cached), (1, SOURCES.len() - 1), "{third:?}");
+    assert!(std::fs::read(&entry).expect("rewritten").starts_with(b"\x7fELF"));
+    for d in std::fs::read_dir(dir.path()).expect("cache") {
+        for f in std::fs::read_dir(d.expect("entry").path()).expect("folder") {
+            let name = f.expect("file").file_name().to_string_lossy().into_owned();
+            assert!(!name.ends_with(".tmp"), "temporary file left: {name}");
+        }
+    }
+}
+
+#[test]
+fn cache_writes_are_atomic_under_concurrent_writers() {
+    use sampo_kernels::cuda::driver::write_atomically;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub").join("k.cubin");
+    // Eight writers of different whole contents; a reader only ever sees one of them.
+    std::thread::scope(|s| {
+        for i in 0..8u8 {
+            let path = &path;
+            s.spawn(move || {
+                for _ in 0..50 {
+                    write_atomically(path, &vec![i; 64 * 1024]).expect("write");
+                }
+            });
+        }
+        s.spawn(|| {
+            for _ in 0..200 {
+                if let Ok(b) = std::fs::read(&path) {
+                    assert!(b.len() == 64 * 1024 && b.iter().all(|&x| x == b[0]), "a torn cache file");
+                }
+            }
+        });
+    });
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path().join("sub")).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(left, ["k.cubin"], "only the file itself remains");
 }

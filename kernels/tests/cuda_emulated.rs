@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use sampo_kernels::cuda::emu::{EmuDevice, Fault};
+use sampo_kernels::cuda::emu::{EmuDevice, Fault, FaultWhen};
 use sampo_kernels::cuda::{CudaBackend, CudaError, Kernel, known_answer_test};
 use sampo_kernels::gguf::{GgmlType, GgufFile};
 use sampo_kernels::synth::{SynthSpec, synthesize};
@@ -127,6 +127,36 @@ fn known_answer_passes_and_a_faulty_device_is_refused() {
         Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
         other => panic!("a faulty device must fail the self-test: {other:?}"),
     }
+}
+
+#[test]
+fn known_answer_covers_long_prompts_cache_growth_and_the_graphs_the_server_replays() {
+    let m = synth();
+    let ok = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("a correct device passes");
+    // A prefill of 5 prompts, 2 decode steps of the 5, 2 decode steps of one.
+    assert_eq!(ok.logits_compared, 17 * m.hp.n_vocab, "{ok:?}");
+    // Attention wrong only past position 64 (its second pass of 32 lanes, and the
+    // cache grown past its first 64 positions): positions a short prompt never reaches.
+    let late = Fault { kernel: Kernel::Attention, arg: 5 };
+    let bad = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::PositionAbove { pos_arg: 4, pos: 64 }));
+    match known_answer_test(&bad, &m) {
+        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
+        other => panic!("a fault past position 64 must fail the self-test: {other:?}"),
+    }
+    // Wrong only when the graph of a single sequence is replayed: what a server
+    // decoding one stream runs at every step.
+    let single = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 1 }));
+    match known_answer_test(&single, &m) {
+        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
+        other => panic!("a fault in the batch-of-1 graph must fail the self-test: {other:?}"),
+    }
+    // …and in the graph of five.
+    let five = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 5 }));
+    assert!(matches!(known_answer_test(&five, &m), Err(CudaError::SelfTest(_))));
+    // Without graphs, the replay-only fault never strikes: the self-test passes and
+    // finds the same answer.
+    let direct = CudaBackend::new(EmuDevice::with_fault_when(late, FaultWhen::Replay { rows: 1 })).without_graphs();
+    assert_eq!(known_answer_test(&direct, &m).expect("no replay, no fault").digest, ok.digest);
 }
 
 #[test]
@@ -530,4 +560,171 @@ fn real_gemma3_prefill_on_the_emulator_is_the_cpu_bits() {
     let prompt = m.tokenizer.encode("The capital of France is", true);
     same_bits_over_steps(&m, &CudaBackend::new(EmuDevice::new()), &[vec![prompt]], "Gemma 3 270M");
     eprintln!("real Gemma 3 on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// What a device was asked to do, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Op {
+    Launch(Kernel),
+    /// The host waited for everything queued (synchronize, or a download).
+    Fence,
+    Free(u64),
+}
+
+/// The emulator, recording every launch, wait and free, and failing the `fail_at`-th
+/// launch as a GPU can (a bad launch, a lost device).
+struct Recording {
+    inner: EmuDevice,
+    log: Arc<std::sync::Mutex<Vec<Op>>>,
+    launches: std::sync::atomic::AtomicU64,
+    fail_at: u64,
+}
+
+struct RecBuffer {
+    inner: sampo_kernels::cuda::emu::EmuBuffer,
+    addr: u64,
+    log: Arc<std::sync::Mutex<Vec<Op>>>,
+}
+
+impl Drop for RecBuffer {
+    fn drop(&mut self) {
+        self.log.lock().expect("log").push(Op::Free(self.addr));
+    }
+}
+
+impl Recording {
+    fn push(&self, op: Op) {
+        self.log.lock().expect("log").push(op);
+    }
+}
+
+impl sampo_kernels::cuda::Device for Recording {
+    type Buffer = RecBuffer;
+    type Graph = sampo_kernels::cuda::emu::EmuGraph;
+
+    fn alloc(&self, bytes: usize) -> Result<RecBuffer, CudaError> {
+        let inner = self.inner.alloc(bytes)?;
+        let addr = self.inner.addr(&inner);
+        Ok(RecBuffer { inner, addr, log: self.log.clone() })
+    }
+    fn addr(&self, buf: &RecBuffer) -> u64 {
+        self.inner.addr(&buf.inner)
+    }
+    fn upload(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
+        self.inner.upload(dst, src)
+    }
+    fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
+        self.push(Op::Fence);
+        self.inner.download(src, dst)
+    }
+    fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        self.inner.copy(dst, src, bytes)
+    }
+    fn synchronize(&self) -> Result<(), CudaError> {
+        self.push(Op::Fence);
+        self.inner.synchronize()
+    }
+    fn launch(
+        &self,
+        kernel: Kernel,
+        shape: sampo_kernels::cuda::device::Shape,
+        args: &[sampo_kernels::cuda::device::Arg],
+    ) -> Result<(), CudaError> {
+        if self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == self.fail_at {
+            return Err(CudaError::Launch { kernel: kernel.name(), reason: "injected".into() });
+        }
+        self.push(Op::Launch(kernel));
+        self.inner.launch(kernel, shape, args)
+    }
+    fn begin_capture(&self) -> Result<(), CudaError> {
+        self.inner.begin_capture()
+    }
+    fn end_capture(&self) -> Result<Self::Graph, CudaError> {
+        self.inner.end_capture()
+    }
+    fn replay(&self, graph: &Self::Graph) -> Result<(), CudaError> {
+        self.inner.replay(graph)
+    }
+    fn memory(&self) -> Result<(u64, u64), CudaError> {
+        self.inner.memory()
+    }
+    fn name(&self) -> String {
+        "recording emulator".into()
+    }
+    fn compute_capability(&self) -> (i32, i32) {
+        (0, 0)
+    }
+}
+
+#[test]
+fn a_failed_pass_is_fenced_before_its_sequences_can_be_freed() {
+    // On a GPU, frees go to their own stream and do not wait for the compute stream:
+    // if a pass fails half-way and the caller drops its sequence, the cache must not be
+    // freed (and handed out again) while the kernels already queued still read it. So
+    // a failed pass waits for what it queued before it returns.
+    let m = synth();
+    for fail_at in [3u64, 15] {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let dev = Recording { inner: EmuDevice::new(), log: log.clone(), launches: 0.into(), fail_at };
+        let gpu = CudaBackend::new(dev);
+        gpu.load(&m).expect("weights");
+        log.lock().expect("log").clear();
+        let mut seq = Sequence::new(&m);
+        let p = tokens(&m, 9, 1);
+        let err = gpu.forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &p }]).expect_err("launch fails");
+        assert!(err.to_string().contains("injected"), "{err}");
+        drop(seq);
+        let log = log.lock().expect("log").clone();
+        let last_launch = log.iter().rposition(|o| matches!(o, Op::Launch(_))).expect("some work was queued");
+        let first_free = log.iter().position(|o| matches!(o, Op::Free(_))).expect("the cache was freed");
+        assert!(first_free > last_launch, "{log:?}");
+        assert!(
+            log[last_launch..first_free].contains(&Op::Fence),
+            "failing at launch {fail_at}: a free with no wait after the last launch: {:?}",
+            &log[last_launch..]
+        );
+    }
+}
+
+#[test]
+fn nan_logits_are_one_bit_pattern_on_every_backend() {
+    // Float weights throughout; two rows of the (tied) output head poisoned: one holds a
+    // NaN with a sign and a payload, the other +inf everywhere (inf - inf: x86 makes the
+    // negative "default NaN" 0xFFC00000, a GPU makes 0x7FFFFFFF).
+    let spec = SynthSpec { weights: Some(GgmlType::F32), n_ctx: 64, ..SynthSpec::default() };
+    let mut bytes = synthesize(&spec);
+    let clean = Model::from_gguf(GgufFile::from_bytes(bytes.clone()).expect("gguf")).expect("model");
+    let e = &clean.token_embd;
+    assert_eq!(e.ty, GgmlType::F32);
+    let (nan_row, inf_row) = (11usize, 17usize);
+    let start = e.offset;
+    for c in 0..e.cols {
+        let at = start + nan_row * e.row_bytes + 4 * c;
+        bytes[at..at + 4].copy_from_slice(&0xFFC0_0001u32.to_le_bytes());
+        let at = start + inf_row * e.row_bytes + 4 * c;
+        bytes[at..at + 4].copy_from_slice(&f32::INFINITY.to_bits().to_le_bytes());
+    }
+    let m = Model::from_gguf(GgufFile::from_bytes(bytes).expect("gguf")).expect("model");
+    // A prompt that never reads the poisoned rows as input.
+    let prompt: Vec<u32> = [3u32, 40, 5, 70, 9].to_vec();
+    let cpu = CpuBackend::new(1).expect("cpu");
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let mut per_backend = Vec::new();
+    for (name, b) in [("cpu", &cpu as &dyn Backend), ("emulated cuda", &gpu)] {
+        let mut s = Sequence::new(&m);
+        let mut logits = b.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &prompt }]).expect("forward");
+        let mut decoded = b.forward(&m, &mut [BatchItem { seq: &mut s, tokens: &[8] }]).expect("decode");
+        logits.append(&mut decoded);
+        let mut s = Sequence::new(&m);
+        logits.append(&mut b.forward_all(&m, &mut s, &prompt[..2]).expect("forward_all"));
+        for (k, l) in logits.iter().enumerate() {
+            for row in [nan_row, inf_row] {
+                assert_eq!(l[row].to_bits(), 0x7FC0_0000, "{name}, output {k}: logit {row} is {:#x}", l[row].to_bits());
+            }
+            assert_eq!(l.iter().filter(|v| v.is_nan()).count(), 2, "{name}: only the poisoned rows");
+        }
+        per_backend.push(logits.iter().map(|l| bits(l)).collect::<Vec<_>>());
+    }
+    // And the two backends agree on every bit.
+    assert_eq!(per_backend[0], per_backend[1]);
 }

@@ -200,7 +200,11 @@ impl<D: Device> CudaBackend<D> {
     /// Upload a model's weights now (otherwise its first forward pass does).
     pub fn load(&self, model: &Model) -> Result<(), CudaError> {
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        self.state(&mut models, model).map(|_| ())
+        let out = self.state(&mut models, model).map(|_| ());
+        if out.is_err() {
+            self.fence_after_error();
+        }
+        out
     }
 
     /// The model's device state, uploading its weights on first use.
@@ -615,11 +619,36 @@ impl<D: Device> CudaBackend<D> {
         sample: Option<&[(&SamplingParams, u64)]>,
     ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
         let rows = plan_rows(model, batch)?;
-        let hp = &model.hp;
         // One pass at a time, from the first allocation to the last copy: the stream is
         // shared, and nothing may touch it from another thread while a graph is captured.
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        let ms = self.state(&mut models, model)?;
+        let out = self.pass(&mut models, model, batch, &rows);
+        if out.is_err() {
+            self.fence_after_error();
+        }
+        out
+    }
+
+    /// After a failed pass or upload, wait for whatever it queued (still under the lock,
+    /// so no graph is being captured). Frees go to another stream that does not wait
+    /// for the compute stream: without this, a sequence the caller drops now could have
+    /// its cache freed and handed out again while queued kernels still read it. A
+    /// successful pass ends with a download, which waits the same way.
+    fn fence_after_error(&self) {
+        if let Err(e) = self.dev.synchronize() {
+            tracing::warn!(error = %e, "could not wait for a failed pass's queued work");
+        }
+    }
+
+    fn pass(
+        &self,
+        models: &mut HashMap<[u8; 32], ModelState<D>>,
+        model: &Model,
+        batch: &mut [BatchItem<'_>],
+        rows: &[(usize, usize, u32)],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let hp = &model.hp;
+        let ms = self.state(models, model)?;
         for it in batch.iter_mut() {
             let need = it.seq.pos + it.tokens.len();
             self.ensure_cache(model, it.seq, need)?;
@@ -702,6 +731,8 @@ impl<D: Device> CudaBackend<D> {
             } else if !wants.is_empty() {
                 let mut out = vec![0.0f32; wants.len() * hp.n_vocab];
                 self.dev.download(self.dev.addr(&ms.s.logits), bytes_of_mut(&mut out))?;
+                // The GPU's NaN is not the CPU's: one pattern leaves every backend.
+                crate::math::canonicalize_nans(&mut out);
                 for (k, &i) in wants.iter().enumerate() {
                     logits[i] = out[k * hp.n_vocab..(k + 1) * hp.n_vocab].to_vec();
                 }
@@ -896,25 +927,45 @@ pub struct KnownAnswer {
     pub digest: String,
 }
 
-/// The known-answer self-test: a batched prefill of two prompts of different lengths,
-/// then two batched decode steps (graph capture, then replay), on `backend` and on the
-/// CPU reference; every logit must be the same bits. A device that fails must not serve.
+/// The known-answer self-test, on `backend` and on the CPU reference; every logit must
+/// be the same bits. A device that fails must not serve. It runs the paths a server
+/// runs: a batched prefill of five prompts, one of at least 70 tokens (attention's
+/// second pass of 32 lanes, positions past 64) and one of 63 (its cache, 64 positions,
+/// must grow during decoding); two decode steps of the five (a graph captured, then
+/// replayed); two decode steps of the long one alone (the batch-of-1 graph a server
+/// decoding one stream replays at every step).
 pub fn known_answer_test(backend: &dyn Backend, model: &Model) -> Result<KnownAnswer, CudaError> {
-    let cpu = CpuBackend::new(1).map_err(|e| CudaError::SelfTest(e.to_string()))?;
+    // The host's arithmetic is half the comparison: sampling and the CPU reference
+    // assume IEEE subnormals.
+    crate::fpenv::check()?;
+    // The reference's thread count does not change its bits, only how long this takes.
+    let cpu = CpuBackend::new(0).map_err(|e| CudaError::SelfTest(e.to_string()))?;
     let vocab = model.hp.n_vocab as u64;
     let tok = |i: u64| ((i * 7919 + 13) % vocab) as u32;
-    let prompts: [Vec<u32>; 2] = [(0..7).map(tok).collect(), (7..10).map(tok).collect()];
-    let mut seqs = [[Sequence::new(model), Sequence::new(model)], [Sequence::new(model), Sequence::new(model)]];
+    // Room for the prompts and four decode steps, in a model of any context length.
+    let fit = |n: usize| n.min(model.hp.n_ctx.saturating_sub(4)).max(1);
+    let lens = [fit(72), fit(63), 7, 3, 1].map(fit);
+    let mut next = 0u64;
+    let mut take = |n: usize| -> Vec<u32> {
+        next += n as u64;
+        (next - n as u64..next).map(tok).collect()
+    };
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| take(n)).collect();
+    let mut steps: Vec<Vec<Vec<u32>>> = vec![prompts];
+    for _ in 0..2 {
+        steps.push((0..5).map(|_| take(1)).collect());
+    }
+    for _ in 0..2 {
+        steps.push(vec![take(1)]);
+    }
+    let mut seqs: [Vec<Sequence>; 2] = std::array::from_fn(|_| (0..5).map(|_| Sequence::new(model)).collect());
     let mut digest = blake3::Hasher::new();
     let mut compared = 0;
-    let mut steps: Vec<[Vec<u32>; 2]> = vec![prompts.clone()];
-    steps.push([vec![tok(20)], vec![tok(21)]]);
-    steps.push([vec![tok(22)], vec![tok(23)]]);
     for (step, tokens) in steps.iter().enumerate() {
         let mut out = Vec::new();
         for (which, b) in [&cpu as &dyn Backend, backend].into_iter().enumerate() {
-            let [a, c] = &mut seqs[which];
-            let mut batch = [BatchItem { seq: a, tokens: &tokens[0] }, BatchItem { seq: c, tokens: &tokens[1] }];
+            let mut batch: Vec<BatchItem<'_>> =
+                seqs[which].iter_mut().zip(tokens).map(|(seq, t)| BatchItem { seq, tokens: t }).collect();
             out.push(b.forward(model, &mut batch).map_err(|e| CudaError::SelfTest(format!("step {step}: {e}")))?);
         }
         for (item, (want, got)) in out[0].iter().zip(&out[1]).enumerate() {
@@ -927,8 +978,10 @@ pub fn known_answer_test(backend: &dyn Backend, model: &Model) -> Result<KnownAn
             }
             if let Some(i) = (0..want.len()).find(|&i| want[i].to_bits() != got[i].to_bits()) {
                 return Err(CudaError::SelfTest(format!(
-                    "step {step}, sequence {item}: logit {i} is {} on the device, {} on the CPU",
-                    got[i], want[i]
+                    "step {step}, sequence {item} (position {}): logit {i} is {} on the device, {} on the CPU",
+                    seqs[1][item].pos - 1,
+                    got[i],
+                    want[i]
                 )));
             }
             for v in got {
@@ -951,6 +1004,8 @@ pub type GpuBackend = CudaBackend<super::driver::CudarcDevice>;
 
 impl GpuBackend {
     pub fn open(opts: &super::driver::CudaOptions) -> Result<Arc<Self>, CudaError> {
+        // Sampling and the host-side tables run on the host's floats.
+        crate::fpenv::check()?;
         Ok(Arc::new(Self::new(super::driver::CudarcDevice::open(opts)?)))
     }
 }

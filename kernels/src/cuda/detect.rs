@@ -10,6 +10,9 @@ pub struct DeviceInfo {
     pub total_memory_bytes: u64,
     pub compute_capability: (i32, i32),
     pub devices: i32,
+    /// The newest CUDA the driver supports, `1000 * major + 10 * minor` (12040 is 12.4):
+    /// it loads PTX only from an NVRTC no newer than this.
+    pub driver_version: i32,
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -29,6 +32,7 @@ type CountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 type NameFn = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
 type MemFn = unsafe extern "C" fn(*mut usize, c_int) -> c_int;
 type AttrFn = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
+type VersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 const ATTR_CC_MAJOR: c_int = 75;
 const ATTR_CC_MINOR: c_int = 76;
@@ -47,6 +51,7 @@ pub fn probe() -> Result<DeviceInfo, CudaUnavailable> {
         let name: NameFn = std::mem::transmute(sym("cuDeviceGetName")?);
         let mem: MemFn = std::mem::transmute(sym("cuDeviceTotalMem_v2")?);
         let attr: AttrFn = std::mem::transmute(sym("cuDeviceGetAttribute")?);
+        let version: VersionFn = std::mem::transmute(sym("cuDriverGetVersion")?);
         let code = init(0);
         if code != 0 {
             return Err(CudaUnavailable::InitFailed(code));
@@ -63,6 +68,14 @@ pub fn probe() -> Result<DeviceInfo, CudaUnavailable> {
         let (mut major, mut minor) = (0, 0);
         attr(&mut major, ATTR_CC_MAJOR, 0);
         attr(&mut minor, ATTR_CC_MINOR, 0);
-        Ok(DeviceInfo { name, total_memory_bytes: total as u64, compute_capability: (major, minor), devices: n })
+        let mut driver_version = 0;
+        version(&mut driver_version);
+        Ok(DeviceInfo {
+            name,
+            total_memory_bytes: total as u64,
+            compute_capability: (major, minor),
+            devices: n,
+            driver_version,
+        })
     }
 }

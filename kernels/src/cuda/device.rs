@@ -127,6 +127,8 @@ pub enum CudaError {
     UnsupportedArch(&'static str),
     #[error("known-answer self-test failed: {0}")]
     SelfTest(String),
+    #[error(transparent)]
+    FloatEnv(#[from] crate::fpenv::FlushToZero),
 }
 
 /// A device that runs the kernels. Addresses are plain `u64`s; buffers own memory.

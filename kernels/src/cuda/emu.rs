@@ -49,10 +49,24 @@ pub struct Fault {
     pub arg: usize,
 }
 
+/// When a [`Fault`] strikes: faults that only some serving paths reach show whether a
+/// self-test covers those paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultWhen {
+    /// After every launch of the kernel.
+    Always,
+    /// Only when a row of the launch is at a position above `pos`: the launch's
+    /// argument `pos_arg` addresses one i32 position per row, `grid[1]` rows (the
+    /// layout of `attention` and `rope_store`).
+    PositionAbove { pos_arg: usize, pos: i32 },
+    /// Only while a captured graph is replayed, in launches of `rows` rows (`grid[1]`).
+    Replay { rows: u32 },
+}
+
 #[derive(Default)]
 pub struct EmuDevice {
     capture: Mutex<Option<Launches>>,
-    fault: Option<Fault>,
+    fault: Option<(Fault, FaultWhen)>,
     launches: std::sync::atomic::AtomicU64,
 }
 
@@ -62,7 +76,26 @@ impl EmuDevice {
     }
 
     pub fn with_fault(fault: Fault) -> Self {
-        Self { fault: Some(fault), ..Self::default() }
+        Self::with_fault_when(fault, FaultWhen::Always)
+    }
+
+    pub fn with_fault_when(fault: Fault, when: FaultWhen) -> Self {
+        Self { fault: Some((fault, when)), ..Self::default() }
+    }
+
+    /// Whether the fault strikes this launch.
+    fn strikes(when: FaultWhen, shape: Shape, args: &[Arg], replaying: bool) -> bool {
+        match when {
+            FaultWhen::Always => true,
+            FaultWhen::Replay { rows } => replaying && shape.grid[1] == rows,
+            FaultWhen::PositionAbove { pos_arg, pos } => match args.get(pos_arg) {
+                Some(Arg::Ptr(p)) if *p != 0 => (0..shape.grid[1] as usize).any(|r| {
+                    // SAFETY: the argument addresses one i32 per row of the launch.
+                    unsafe { *(*p as *const i32).add(r) > pos }
+                }),
+                _ => false,
+            },
+        }
     }
 
     /// Kernels run so far (replays count each kernel).
@@ -70,7 +103,7 @@ impl EmuDevice {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn run(&self, kernel: Kernel, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+    fn run(&self, kernel: Kernel, shape: Shape, args: &[Arg], replaying: bool) -> Result<(), CudaError> {
         let name = CString::new(kernel.name())
             .map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "name".into() })?;
         let slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
@@ -89,8 +122,9 @@ impl EmuDevice {
             return Err(CudaError::Launch { kernel: kernel.name(), reason: format!("emulator code {code}") });
         }
         self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(f) = self.fault
+        if let Some((f, when)) = self.fault
             && f.kernel == kernel
+            && Self::strikes(when, shape, args, replaying)
             && let Some(Arg::Ptr(p)) = args.get(f.arg)
         {
             // SAFETY: the argument is an output buffer of at least one float.
@@ -149,7 +183,7 @@ impl Device for EmuDevice {
             return Ok(());
         }
         drop(cap);
-        self.run(kernel, shape, args)
+        self.run(kernel, shape, args, false)
     }
 
     fn begin_capture(&self) -> Result<(), CudaError> {
@@ -167,7 +201,7 @@ impl Device for EmuDevice {
 
     fn replay(&self, graph: &EmuGraph) -> Result<(), CudaError> {
         for (k, s, a) in &graph.0 {
-            self.run(*k, *s, a)?;
+            self.run(*k, *s, a, true)?;
         }
         Ok(())
     }

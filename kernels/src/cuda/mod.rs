@@ -43,9 +43,12 @@ pub fn compile_options(arch: &str) -> Vec<String> {
     ]
 }
 
-/// Cache key of compiled PTX: blake3 of every source and the options (which name the
-/// device's architecture).
-pub fn ptx_cache_key(arch: &str) -> String {
+/// Cache key of compiled kernels: blake3 of every source, the options (which name the
+/// architecture), the NVRTC version that compiles them and the driver version that
+/// loads them — a newer NVRTC or driver must never be handed an image made for another.
+/// Versions are as the CUDA APIs give them (`nvrtcVersion`'s pair, `cuDriverGetVersion`'s
+/// `1000 * major + 10 * minor`).
+pub fn kernel_cache_key(arch: &str, nvrtc: (i32, i32), driver: i32) -> String {
     let mut h = blake3::Hasher::new();
     h.update(COMMON_HEADER.1.as_bytes());
     for (name, src) in SOURCES {
@@ -55,5 +58,6 @@ pub fn ptx_cache_key(arch: &str) -> String {
     for o in compile_options(arch) {
         h.update(o.as_bytes());
     }
+    h.update(format!("nvrtc {}.{}; driver {driver}", nvrtc.0, nvrtc.1).as_bytes());
     h.finalize().to_hex()[..32].to_owned()
 }

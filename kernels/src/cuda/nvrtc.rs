@@ -32,6 +32,8 @@ type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> c_int;
 type GetFn = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
 type DestroyFn = unsafe extern "C" fn(*mut Program) -> c_int;
 type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
+type NumArchsFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type ArchsFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 
 /// A loaded NVRTC library.
 pub struct Nvrtc {
@@ -41,10 +43,12 @@ pub struct Nvrtc {
     _builtins: Option<libloading::Library>,
 }
 
-/// A compiled kernel file: its PTX and NVRTC's log (warnings, if any).
+/// A compiled kernel file: its PTX, the cubin when compiled for a real architecture
+/// (`sm_XY`), and NVRTC's log (warnings, if any).
 #[derive(Debug, Clone)]
 pub struct Compiled {
     pub ptx: String,
+    pub cubin: Option<Vec<u8>>,
     pub log: String,
 }
 
@@ -81,6 +85,26 @@ impl Nvrtc {
         Ok((a, b))
     }
 
+    /// The real architectures this NVRTC can build cubins for, as `10 * major + minor`
+    /// (90 is sm_90).
+    pub fn supported_archs(&self) -> Result<Vec<i32>, NvrtcError> {
+        let num: NumArchsFn = self.sym("nvrtcGetNumSupportedArchs")?;
+        let get: ArchsFn = self.sym("nvrtcGetSupportedArchs")?;
+        let mut n: c_int = 0;
+        // SAFETY: one valid out-pointer.
+        let code = unsafe { num(&mut n) };
+        if code != 0 {
+            return Err(NvrtcError::Call { name: String::new(), call: "nvrtcGetNumSupportedArchs", code });
+        }
+        let mut archs = vec![0 as c_int; usize::try_from(n).unwrap_or(0)];
+        // SAFETY: room for the `n` entries NVRTC just said it will write.
+        let code = unsafe { get(archs.as_mut_ptr()) };
+        if code != 0 {
+            return Err(NvrtcError::Call { name: String::new(), call: "nvrtcGetSupportedArchs", code });
+        }
+        Ok(archs)
+    }
+
     /// Compile one source with the given headers and options.
     pub fn compile(
         &self,
@@ -95,6 +119,8 @@ impl Nvrtc {
         let get_log: GetFn = self.sym("nvrtcGetProgramLog")?;
         let ptx_size: SizeFn = self.sym("nvrtcGetPTXSize")?;
         let get_ptx: GetFn = self.sym("nvrtcGetPTX")?;
+        let cubin_size: SizeFn = self.sym("nvrtcGetCUBINSize")?;
+        let get_cubin: GetFn = self.sym("nvrtcGetCUBIN")?;
         let destroy: DestroyFn = self.sym("nvrtcDestroyProgram")?;
         let c = |s: &str| CString::new(s).map_err(|_| NvrtcError::Nul);
         let src = c(source)?;
@@ -142,7 +168,17 @@ impl Nvrtc {
                     call("nvrtcGetPTX", get_ptx(prog, buf.as_mut_ptr().cast()))?;
                     let ptx =
                         CStr::from_bytes_until_nul(&buf).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    Ok(Compiled { ptx, log: log.trim().to_owned() })
+                    // Zero bytes of cubin: the target was a virtual architecture.
+                    let mut n = 0usize;
+                    call("nvrtcGetCUBINSize", cubin_size(prog, &mut n))?;
+                    let cubin = if n == 0 {
+                        None
+                    } else {
+                        let mut bin = vec![0u8; n];
+                        call("nvrtcGetCUBIN", get_cubin(prog, bin.as_mut_ptr().cast()))?;
+                        Some(bin)
+                    };
+                    Ok(Compiled { ptx, cubin, log: log.trim().to_owned() })
                 })
             };
             destroy(&mut prog);
