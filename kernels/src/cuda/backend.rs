@@ -622,7 +622,7 @@ impl<D: Device> CudaBackend<D> {
         // One pass at a time, from the first allocation to the last copy: the stream is
         // shared, and nothing may touch it from another thread while a graph is captured.
         let mut models = self.models.lock().map_err(|_| poisoned())?;
-        let out = self.pass(&mut models, model, batch, &rows);
+        let out = self.pass(&mut models, model, batch, &rows, sample);
         if out.is_err() {
             self.fence_after_error();
         }
@@ -646,7 +646,8 @@ impl<D: Device> CudaBackend<D> {
         model: &Model,
         batch: &mut [BatchItem<'_>],
         rows: &[(usize, usize, u32)],
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        sample: Option<&[(&SamplingParams, u64)]>,
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
         let hp = &model.hp;
         let ms = self.state(models, model)?;
         for it in batch.iter_mut() {
