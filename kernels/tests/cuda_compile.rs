@@ -84,3 +84,42 @@ fn ptx_is_cached_by_source_and_architecture_and_names_every_kernel() {
     let (_, third) = kernels_ptx("compute_90", &opts).expect("recompile");
     assert_eq!((third.compiled, third.cached), (1, SOURCES.len() - 1), "{third:?}");
 }
+
+/// The body of each `.entry` in a PTX text: (kernel name, text up to the next entry).
+fn entries(ptx: &str) -> Vec<(&str, &str)> {
+    let starts: Vec<usize> = ptx.match_indices(".entry ").map(|(i, _)| i).collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| {
+            let body = &ptx[i..starts.get(k + 1).copied().unwrap_or(ptx.len())];
+            let name = body[".entry ".len()..].split('(').next().unwrap_or("").trim();
+            (name, body)
+        })
+        .collect()
+}
+
+#[test]
+fn no_kernel_uses_local_memory() {
+    // A runtime-indexed local array (or a spill) turns into `.local` loads and stores:
+    // per-thread memory traffic, in the matrix products' case in the innermost loop of
+    // the hottest kernel. Every kernel, the matrix products first, must compile to
+    // registers only.
+    let nvrtc = Nvrtc::load(&nvrtc_path()).expect("load NVRTC");
+    let mut checked = Vec::new();
+    for (name, src) in SOURCES {
+        let out = nvrtc.compile(name, src, &[COMMON_HEADER], &compile_options("compute_90")).expect("compile");
+        for (kernel, body) in entries(&out.ptx) {
+            let lines: Vec<&str> = body.lines().filter(|l| l.contains(".local")).take(4).collect();
+            assert!(lines.is_empty(), "{kernel} ({name}) uses local memory:\n{}", lines.join("\n"));
+            checked.push(kernel.to_owned());
+        }
+    }
+    // Every quantized type the CPU backend multiplies has its own kernel, and it is there.
+    use sampo_kernels::cuda::Kernel;
+    use sampo_kernels::gguf::SUPPORTED_TYPES;
+    for ty in SUPPORTED_TYPES.into_iter().filter(|t| t.is_quantized()) {
+        let k = Kernel::matmul_q(ty).unwrap_or_else(|| panic!("no matrix product kernel for {ty}"));
+        assert!(checked.iter().any(|c| c == k.name()), "{} missing from the PTX ({checked:?})", k.name());
+    }
+}

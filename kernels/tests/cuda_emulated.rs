@@ -121,8 +121,9 @@ fn known_answer_passes_and_a_faulty_device_is_refused() {
     // Same device, same digest: the answer is a property of the model, not of the run.
     let again = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("again");
     assert_eq!(ok.digest, again.digest);
-    // A device whose matrix product flips one sign (argument 1 is the first output).
-    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::MatmulQ, arg: 1 }));
+    // A device whose Q4_1 matrix product flips one sign (argument 1 is the first output).
+    let q4_1 = Kernel::matmul_q(GgmlType::Q4_1).expect("Q4_1 kernel");
+    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: q4_1, arg: 1 }));
     match known_answer_test(&bad, &m) {
         Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
         other => panic!("a faulty device must fail the self-test: {other:?}"),
@@ -330,14 +331,14 @@ fn quantized_matmul_and_embedding_of_every_block_type_are_the_cpu_bits() {
             args.extend(z());
             args.extend(z());
             args.extend([
-                Arg::I32(ty.to_u32() as i32),
                 Arg::I32(cols as i32),
                 Arg::Ptr(dev.addr(&qb)),
                 Arg::Ptr(dev.addr(&db)),
                 Arg::Ptr(dev.addr(&sb)),
                 Arg::I32(n_act as i32),
             ]);
-            dev.launch(Kernel::MatmulQ, Shape::new((2, 2), 128), &args).expect("matmul_q");
+            let kernel = Kernel::matmul_q(ty).expect("a kernel for every block type");
+            dev.launch(kernel, Shape::new((2, 2), 128), &args).expect("matmul_q");
             let mut got = vec![0f32; n_act * rows];
             dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
             for r in 0..n_act {

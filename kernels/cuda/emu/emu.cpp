@@ -271,7 +271,16 @@ Entry entry(const char* name, void (*k)(A...)) {
 
 const Entry kKernels[] = {
     entry("quantize_act", quantize_act),
-    entry("matmul_q", matmul_q),
+    entry("matmul_q4_0", matmul_q4_0),
+    entry("matmul_q4_1", matmul_q4_1),
+    entry("matmul_q5_0", matmul_q5_0),
+    entry("matmul_q5_1", matmul_q5_1),
+    entry("matmul_q8_0", matmul_q8_0),
+    entry("matmul_q2_k", matmul_q2_k),
+    entry("matmul_q3_k", matmul_q3_k),
+    entry("matmul_q4_k", matmul_q4_k),
+    entry("matmul_q5_k", matmul_q5_k),
+    entry("matmul_q6_k", matmul_q6_k),
     entry("matmul_f", matmul_f),
     entry("embed", embed),
     entry("add_norm_quant", add_norm_quant),

@@ -29,6 +29,8 @@ fn blocks(n: usize, per: usize) -> u32 {
 }
 
 struct Mat<D: Device> {
+    /// The tensor's name, for errors.
+    name: String,
     buf: D::Buffer,
     ty: GgmlType,
     rows: usize,
@@ -226,7 +228,7 @@ impl<D: Device> CudaBackend<D> {
         })?;
         let buf = self.dev.alloc(len)?;
         self.dev.upload(self.dev.addr(&buf), src)?;
-        Ok(Mat { buf, ty: m.ty, rows: m.rows, cols: m.cols, row_bytes: m.row_bytes })
+        Ok(Mat { name: m.name.clone(), buf, ty: m.ty, rows: m.rows, cols: m.cols, row_bytes: m.row_bytes })
     }
 
     fn upload_model(&self, model: &Model) -> Result<ModelState<D>, CudaError> {
@@ -395,6 +397,7 @@ impl<D: Device> CudaBackend<D> {
                 i += 1;
                 continue;
             }
+            let kernel = Kernel::matmul_q(m.ty).ok_or_else(|| CudaError::UnsupportedType(m.ty, m.name.clone()))?;
             let run: Vec<(&Mat<D>, &D::Buffer)> =
                 jobs[i..].iter().take(3).take_while(|(o, _)| o.ty == m.ty && o.cols == m.cols).copied().collect();
             i += run.len();
@@ -410,14 +413,13 @@ impl<D: Device> CudaBackend<D> {
                 }
             }
             args.extend([
-                Arg::I32(m.ty.to_u32() as i32),
                 Arg::I32(m.cols as i32),
                 self.a(&s.act_q),
                 self.a(&s.act_d),
                 self.a(&s.act_s),
                 Arg::I32(n as i32),
             ]);
-            self.launch(Kernel::MatmulQ, Shape::new((blocks(total, 4), blocks(n, 4)), TPB), &args)?;
+            self.launch(kernel, Shape::new((blocks(total, 4), blocks(n, 4)), TPB), &args)?;
         }
         Ok(())
     }

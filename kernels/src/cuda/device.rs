@@ -3,11 +3,14 @@
 //! `cuda-emulator` feature adds a CPU emulator that runs the same kernels, so the
 //! backend's host code and the kernels' logic are tested on machines without a GPU.
 
+use crate::gguf::GgmlType;
+
 /// Every kernel the forward pass launches: (name, file) in `kernels/cuda`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     QuantizeAct,
-    MatmulQ,
+    /// The quantized matrix product, one kernel per block type (see [`Kernel::matmul_q`]).
+    MatmulQ(QuantType),
     MatmulF,
     Embed,
     AddNormQuant,
@@ -20,10 +23,82 @@ pub enum Kernel {
     ScaleInplace,
 }
 
+/// The block types with a quantized matrix product kernel: every block type the CPU
+/// backend multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantType {
+    pub const ALL: [QuantType; 10] = [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ];
+
+    /// The kernels' type for a GGUF type; `None` for float and unsupported types.
+    pub fn of(ty: GgmlType) -> Option<Self> {
+        Some(match ty {
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q2_K => Self::Q2K,
+            GgmlType::Q3_K => Self::Q3K,
+            GgmlType::Q4_K => Self::Q4K,
+            GgmlType::Q5_K => Self::Q5K,
+            GgmlType::Q6_K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q2K => GgmlType::Q2_K,
+            Self::Q3K => GgmlType::Q3_K,
+            Self::Q4K => GgmlType::Q4_K,
+            Self::Q5K => GgmlType::Q5_K,
+            Self::Q6K => GgmlType::Q6_K,
+        }
+    }
+}
+
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::QuantizeAct,
-        Kernel::MatmulQ,
+        Kernel::MatmulQ(QuantType::Q4_0),
+        Kernel::MatmulQ(QuantType::Q4_1),
+        Kernel::MatmulQ(QuantType::Q5_0),
+        Kernel::MatmulQ(QuantType::Q5_1),
+        Kernel::MatmulQ(QuantType::Q8_0),
+        Kernel::MatmulQ(QuantType::Q2K),
+        Kernel::MatmulQ(QuantType::Q3K),
+        Kernel::MatmulQ(QuantType::Q4K),
+        Kernel::MatmulQ(QuantType::Q5K),
+        Kernel::MatmulQ(QuantType::Q6K),
         Kernel::MatmulF,
         Kernel::Embed,
         Kernel::AddNormQuant,
@@ -36,11 +111,27 @@ impl Kernel {
         Kernel::ScaleInplace,
     ];
 
+    /// The quantized matrix product for weights of type `ty`, if the kernels have one.
+    pub fn matmul_q(ty: GgmlType) -> Option<Kernel> {
+        QuantType::of(ty).map(Kernel::MatmulQ)
+    }
+
     /// The `extern "C"` name in the source.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::QuantizeAct => "quantize_act",
-            Kernel::MatmulQ => "matmul_q",
+            Kernel::MatmulQ(t) => match t {
+                QuantType::Q4_0 => "matmul_q4_0",
+                QuantType::Q4_1 => "matmul_q4_1",
+                QuantType::Q5_0 => "matmul_q5_0",
+                QuantType::Q5_1 => "matmul_q5_1",
+                QuantType::Q8_0 => "matmul_q8_0",
+                QuantType::Q2K => "matmul_q2_k",
+                QuantType::Q3K => "matmul_q3_k",
+                QuantType::Q4K => "matmul_q4_k",
+                QuantType::Q5K => "matmul_q5_k",
+                QuantType::Q6K => "matmul_q6_k",
+            },
             Kernel::MatmulF => "matmul_f",
             Kernel::Embed => "embed",
             Kernel::AddNormQuant => "add_norm_quant",
@@ -57,7 +148,7 @@ impl Kernel {
     /// The file (in [`super::SOURCES`]) that defines it.
     pub fn file(self) -> &'static str {
         match self {
-            Kernel::QuantizeAct | Kernel::MatmulQ | Kernel::MatmulF | Kernel::Embed => "quant.cu",
+            Kernel::QuantizeAct | Kernel::MatmulQ(_) | Kernel::MatmulF | Kernel::Embed => "quant.cu",
             Kernel::AddNormQuant
             | Kernel::AddInplace
             | Kernel::GatherRows
@@ -121,6 +212,8 @@ pub enum CudaError {
     UnsupportedShape(String),
     #[error("the CUDA backend does not run the `{0}` architecture yet; use the CPU backend")]
     UnsupportedArch(&'static str),
+    #[error("the CUDA backend has no matrix product for {0} weights (tensor {1}); use the CPU backend")]
+    UnsupportedType(GgmlType, String),
     #[error("known-answer self-test failed: {0}")]
     SelfTest(String),
 }
