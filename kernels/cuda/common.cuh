@@ -42,12 +42,25 @@ __device__ __forceinline__ int sampo_warp_isum(int v) {
     return __shfl_sync(SAMPO_FULL_MASK, v, 0);
 }
 
-// exp(x) from basic operations; constants and steps as in math.rs.
-#define SAMPO_EXP_HI 88.72283f
-#define SAMPO_EXP_LO -103.97208f
-#define SAMPO_LOG2E 1.44269504088896340736f
-#define SAMPO_LN2_HI 0.69314575f
-#define SAMPO_LN2_LO 1.4286068e-6f
+// exp(x) from basic operations; constants and steps as in math.rs. Every inexact
+// constant is its f32 bit pattern, the same as math.rs writes (math::CONSTANT_BITS;
+// cuda_compile.rs compares the two texts), so no decimal conversion can differ.
+#define SAMPO_EXP_HI __int_as_float(0x42B17217)  // 88.72283: above, +inf
+#define SAMPO_EXP_LO __int_as_float(0xC2CFF1B4)  // -103.97208: below, 0
+#define SAMPO_LOG2E __int_as_float(0x3FB8AA3B)   // log2(e)
+#define SAMPO_LN2_HI __int_as_float(0x3F317200)  // 0.69314575
+#define SAMPO_LN2_LO __int_as_float(0x35BFBE8E)  // 1.4286068e-6
+// Taylor coefficients 1/k! (correctly rounded f32 quotients): 1/5040 ... 1/2, 1.
+#define SAMPO_EXP_P0 __int_as_float(0x39500D01)
+#define SAMPO_EXP_P1 __int_as_float(0x3AB60B61)
+#define SAMPO_EXP_P2 __int_as_float(0x3C088889)
+#define SAMPO_EXP_P3 __int_as_float(0x3D2AAAAB)
+#define SAMPO_EXP_P4 __int_as_float(0x3E2AAAAB)
+#define SAMPO_EXP_P5 __int_as_float(0x3F000000)
+#define SAMPO_EXP_P6 __int_as_float(0x3F800000)
+// GELU (tanh approximation): A = 0.044715, K = 2 * sqrt(2 / pi).
+#define SAMPO_GELU_A __int_as_float(0x3D372713)
+#define SAMPO_GELU_K __int_as_float(0x3FCC422A)
 
 __device__ __forceinline__ float sampo_pow2(int n) {
     return __int_as_float((n + 127) << 23);
@@ -59,10 +72,14 @@ __device__ __forceinline__ float sampo_exp(float x) {
     if (x < SAMPO_EXP_LO) return 0.0f;
     const float n = floorf(__fadd_rn(__fmul_rn(x, SAMPO_LOG2E), 0.5f));
     const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, SAMPO_LN2_HI)), __fmul_rn(n, SAMPO_LN2_LO));
-    // Taylor coefficients 1/k! as f32 (each a correctly rounded quotient), Horner order.
-    const float c[7] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f};
-    float p = c[0];
-    for (int k = 1; k < 7; ++k) p = __fadd_rn(__fmul_rn(p, r), c[k]);
+    // Horner order, highest coefficient first.
+    float p = SAMPO_EXP_P0;
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P1);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P2);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P3);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P4);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P5);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P6);
     p = __fadd_rn(__fmul_rn(p, r), 1.0f);
     const int ni = (int)n;
     const int a = ni / 2;
@@ -76,12 +93,10 @@ __device__ __forceinline__ float sampo_silu(float x) {
 }
 
 // GELU, tanh approximation, in math.rs gelu_tanh's canonical form:
-// t = K * (x + A * ((x * x) * x)), gelu = x / (1 + exp(-t)), A = 0.044715,
-// K = 2 * sqrt(2 / pi), both written as math.rs's f32 bit patterns.
+// t = K * (x + A * ((x * x) * x)), gelu = x / (1 + exp(-t)).
 __device__ __forceinline__ float sampo_gelu(float x) {
-    const float a = __int_as_float(0x3D372713);
-    const float k = __int_as_float(0x3FCC422A);
-    const float t = __fmul_rn(k, __fadd_rn(x, __fmul_rn(a, __fmul_rn(__fmul_rn(x, x), x))));
+    const float t =
+        __fmul_rn(SAMPO_GELU_K, __fadd_rn(x, __fmul_rn(SAMPO_GELU_A, __fmul_rn(__fmul_rn(x, x), x))));
     return __fdiv_rn(x, __fadd_rn(1.0f, sampo_exp(-t)));
 }
 

@@ -532,3 +532,56 @@ fn real_gemma3_prefill_on_the_emulator_is_the_cpu_bits() {
     same_bits_over_steps(&m, &CudaBackend::new(EmuDevice::new()), &[vec![prompt]], "Gemma 3 270M");
     eprintln!("real Gemma 3 on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
 }
+
+#[test]
+fn activations_on_the_emulator_are_math_rs_bits() {
+    // A known-answer check of the transcendentals' shared constants and steps: glu_quant
+    // with u = 1 writes act(g) * 1 = act(g) back into g, for SiLU (act 0) and GELU
+    // (act 1), over a sweep and the edges of exp's range (exp(-x) for x near -EXP_HI
+    // and -EXP_LO, NaN, infinities, zeros, subnormals).
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of, bytes_of_mut};
+    use sampo_kernels::math::{gelu_tanh, silu};
+    let dev = EmuDevice::new();
+    let mut xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0517).collect();
+    for e in [88.72283f32, 103.97208, 87.3, 104.5, 1e-3, 1e30] {
+        for x in [e, -e, e.next_up(), e.next_down(), -e.next_up(), -e.next_down()] {
+            xs.push(x);
+        }
+    }
+    xs.extend([0.0, -0.0, f32::MIN_POSITIVE, -f32::from_bits(1), f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    xs.resize(xs.len().next_multiple_of(32), 0.25);
+    let nb = xs.len() / 32;
+    let ones = vec![1.0f32; xs.len()];
+    for (act, f) in [(0, silu as fn(f32) -> f32), (1, gelu_tanh)] {
+        let g = dev.alloc(xs.len() * 4).expect("alloc");
+        dev.upload(dev.addr(&g), bytes_of(&xs)).expect("upload");
+        let u = dev.alloc(xs.len() * 4).expect("alloc");
+        dev.upload(dev.addr(&u), bytes_of(&ones)).expect("upload");
+        let (q, d, s) = (dev.alloc(xs.len()).expect("q"), dev.alloc(nb * 4).expect("d"), dev.alloc(nb * 4).expect("s"));
+        dev.launch(
+            Kernel::GluQuant,
+            Shape::new((nb.div_ceil(4) as u32, 1), 128),
+            &[
+                Arg::Ptr(dev.addr(&g)),
+                Arg::Ptr(dev.addr(&u)),
+                Arg::Ptr(dev.addr(&q)),
+                Arg::Ptr(dev.addr(&d)),
+                Arg::Ptr(dev.addr(&s)),
+                Arg::I32(nb as i32),
+                Arg::I32(act),
+            ],
+        )
+        .expect("glu_quant");
+        let mut got = vec![0f32; xs.len()];
+        dev.download(dev.addr(&g), bytes_of_mut(&mut got)).expect("download");
+        for (x, y) in xs.iter().zip(&got) {
+            let want = f(*x);
+            // NaN in, NaN out; otherwise the very bits.
+            assert!(
+                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                "act {act}({x:e} = {:#010x}): emulator {y:e}, math.rs {want:e}",
+                x.to_bits()
+            );
+        }
+    }
+}
