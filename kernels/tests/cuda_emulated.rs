@@ -585,3 +585,81 @@ fn activations_on_the_emulator_are_math_rs_bits() {
         }
     }
 }
+
+/// Launch one of the emulator's test-only kernels (`kernels/cuda/emu/faults.cu`) on one
+/// block of `threads`, with an output buffer of `threads` floats; its result and output.
+fn run_fault_kernel(
+    dev: &EmuDevice,
+    name: &'static str,
+    threads: u32,
+    extra: &[sampo_kernels::cuda::device::Arg],
+) -> (Result<(), CudaError>, Vec<f32>) {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of_mut};
+    let out = dev.alloc(threads as usize * 4).expect("alloc");
+    let mut args = vec![Arg::Ptr(dev.addr(&out))];
+    args.extend_from_slice(extra);
+    let r = dev.launch_named(name, Shape::new((1, 1), threads), &args);
+    let mut got = vec![0f32; threads as usize];
+    dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
+    (r, got)
+}
+
+fn launch_reason(r: Result<(), CudaError>) -> String {
+    match r {
+        Err(CudaError::Launch { reason, .. }) => reason,
+        other => panic!("the emulator must refuse the launch: {other:?}"),
+    }
+}
+
+#[test]
+fn emulator_refuses_a_full_mask_shuffle_after_a_lane_exited() {
+    let dev = EmuDevice::new();
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_exited_lane", 64, &[]).0);
+    assert!(why.contains("exited") && why.contains("31 of the warp's 32 lanes"), "{why}");
+    // The legal pattern, whole warps leaving, runs (on the same device, right after the
+    // failed launch): the live warps' butterfly of 0..31 is 496 in every lane.
+    use sampo_kernels::cuda::device::Arg;
+    let (r, got) = run_fault_kernel(&dev, "emu_ok_whole_warp_exits", 128, &[Arg::I32(2)]);
+    r.expect("whole warps may exit");
+    assert_eq!(&got[..64], &[496.0; 64][..]);
+    assert_eq!(&got[64..], &[0.0; 64][..], "the exited warps wrote nothing");
+}
+
+#[test]
+fn emulator_refuses_divergent_shuffles_and_deadlocks() {
+    let dev = EmuDevice::new();
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_divergent_shuffle", 32, &[]).0);
+    assert!(why.contains("divergent") && why.contains("faults.cu"), "{why}");
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_deadlock", 32, &[]).0);
+    assert!(why.contains("deadlock"), "{why}");
+}
+
+#[test]
+fn emulator_runs_blocks_out_of_order_so_inter_block_races_show() {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of_mut};
+    const BLOCKS: usize = 64;
+    // seen[b] = buf[b] read by block b, which block b - 1 writes: correct only in order.
+    let run = |dev: &EmuDevice| -> Vec<i32> {
+        let buf = dev.alloc((BLOCKS + 1) * 4).expect("alloc");
+        let seen = dev.alloc(BLOCKS * 4).expect("alloc");
+        dev.launch_named(
+            "emu_race_between_blocks",
+            Shape::new((BLOCKS as u32, 1), 32),
+            &[Arg::Ptr(dev.addr(&buf)), Arg::Ptr(dev.addr(&seen))],
+        )
+        .expect("launch");
+        let mut got = vec![0i32; BLOCKS];
+        dev.download(dev.addr(&seen), bytes_of_mut(&mut got)).expect("download");
+        got
+    };
+    let in_order: Vec<i32> = (0..BLOCKS as i32).collect();
+    assert_eq!(run(&EmuDevice::new().with_block_order(None)), in_order, "one after another, the race is hidden");
+    // Shuffled, the race shows, differently from launch to launch; the same seed
+    // reproduces the same orders.
+    let dev = EmuDevice::new();
+    let (a, b) = (run(&dev), run(&dev));
+    assert_ne!(a, in_order, "the default block order must not be the index order");
+    assert_ne!(a, b, "each launch has its own order");
+    let again = EmuDevice::new();
+    assert_eq!((run(&again), run(&again)), (a, b), "the orders are reproducible");
+}
