@@ -100,6 +100,10 @@ __device__ __forceinline__ float sampo_gelu(float x) {
     return __fdiv_rn(x, __fadd_rn(1.0f, sampo_exp(-t)));
 }
 
+// The gated FFN's activation (glu_quant, matmul_glu_*): SiLU (Llama) or GELU (Gemma).
+#define SAMPO_ACT_SILU 0
+#define SAMPO_ACT_GELU 1
+
 // Exact f16 -> f32 widening, as quant.rs f16_to_f32.
 __device__ __forceinline__ float sampo_f16(unsigned short h) {
     const unsigned int sign = ((unsigned int)(h & 0x8000u)) << 16;

@@ -26,36 +26,14 @@ extern "C" __global__ void quantize_act(const float* __restrict__ x, signed char
 // count, so it unrolls and the words live in registers. (A single kernel taking the type
 // at run time indexed its words with a run-time bound: a local-memory array in the
 // innermost loop. cuda_compile.rs checks the PTX has no `.local`.)
+// Lane partials of one weight row's canonical dot with activation rows r0 ..
+// r0 + SAMPO_MM_ROWS (those below n_act): lane l adds the terms of chunks l, l + 32, ...
+// in increasing order into l[k]; the caller's butterfly finishes each dot.
 template <int TY>
-__device__ __forceinline__ void sampo_matmul_q(const unsigned char* __restrict__ w0, float* __restrict__ out0,
-                                               int rows0, const unsigned char* __restrict__ w1,
-                                               float* __restrict__ out1, int rows1,
-                                               const unsigned char* __restrict__ w2, float* __restrict__ out2,
-                                               int rows2, int cols, const signed char* __restrict__ qs,
-                                               const float* __restrict__ xd, const float* __restrict__ xs,
-                                               int n_act) {
-    int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
-    const int r0 = blockIdx.y * SAMPO_MM_ROWS;
-    const int lane = threadIdx.x % SAMPO_LANES;
-    const unsigned char* w = w0;
-    float* out = out0;
-    int rows = rows0;
-    if (row >= rows0) {
-        row -= rows0;
-        w = w1;
-        out = out1;
-        rows = rows1;
-        if (row >= rows1) {
-            row -= rows1;
-            w = w2;
-            out = out2;
-            rows = rows2;
-        }
-    }
-    if (row >= rows) return;
-    const int nb = cols / SAMPO_QK;
-    const unsigned char* wrow = w + (size_t)row * sampo_row_bytes(TY, cols);
-    float l[SAMPO_MM_ROWS];
+__device__ __forceinline__ void sampo_row_partials(const unsigned char* __restrict__ wrow, int nb, int lane, int r0,
+                                                   int n_act, const signed char* __restrict__ qs,
+                                                   const float* __restrict__ xd, const float* __restrict__ xs,
+                                                   float* l) {
     SAMPO_UNROLL
     for (int k = 0; k < SAMPO_MM_ROWS; ++k) l[k] = 0.0f;
     for (int b = lane; b < nb; b += SAMPO_LANES) {
@@ -120,6 +98,38 @@ __device__ __forceinline__ void sampo_matmul_q(const unsigned char* __restrict__
             }
         }
     }
+}
+
+template <int TY>
+__device__ __forceinline__ void sampo_matmul_q(const unsigned char* __restrict__ w0, float* __restrict__ out0,
+                                               int rows0, const unsigned char* __restrict__ w1,
+                                               float* __restrict__ out1, int rows1,
+                                               const unsigned char* __restrict__ w2, float* __restrict__ out2,
+                                               int rows2, int cols, const signed char* __restrict__ qs,
+                                               const float* __restrict__ xd, const float* __restrict__ xs,
+                                               int n_act) {
+    int row = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
+    const int r0 = blockIdx.y * SAMPO_MM_ROWS;
+    const int lane = threadIdx.x % SAMPO_LANES;
+    const unsigned char* w = w0;
+    float* out = out0;
+    int rows = rows0;
+    if (row >= rows0) {
+        row -= rows0;
+        w = w1;
+        out = out1;
+        rows = rows1;
+        if (row >= rows1) {
+            row -= rows1;
+            w = w2;
+            out = out2;
+            rows = rows2;
+        }
+    }
+    if (row >= rows) return;
+    const int nb = cols / SAMPO_QK;
+    float l[SAMPO_MM_ROWS];
+    sampo_row_partials<TY>(w + (size_t)row * sampo_row_bytes(TY, cols), nb, lane, r0, n_act, qs, xd, xs, l);
     SAMPO_UNROLL
     for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
         const float v = sampo_butterfly(l[k]);
@@ -127,26 +137,77 @@ __device__ __forceinline__ void sampo_matmul_q(const unsigned char* __restrict__
     }
 }
 
-// The instances: matmul_<type>, one per block type the CPU backend multiplies (the
-// backend's Kernel::matmul_q maps a GGUF type to its name).
-#define SAMPO_MATMUL_Q(name, TY)                                                                                   \
+// The gated FFN's first half in one launch: gate and up products of block type TY,
+// the activation, and the quantization of the result for the down projection —
+// matmul_q's two dots, then ffn.cu glu_quant's arithmetic on them, bit for bit. A
+// block is 32 warps: warp w owns output j = 32 * blockIdx.x + w (gate row j and up row
+// j) for activation rows r0 .. r0 + SAMPO_MM_ROWS; the 32 values of a quantization
+// block meet in shared memory, and warp k quantizes activation row r0 + k's. Writes
+// g[r, j] = act(gate) * up (the float result, for float down weights) and qs_out,
+// d_out, s_out, which must not be the input's buffers (other blocks still read those).
+#define SAMPO_GLU_WARPS 32
+template <int TY>
+__device__ __forceinline__ void sampo_matmul_glu(const unsigned char* __restrict__ wg,
+                                                 const unsigned char* __restrict__ wu, float* __restrict__ g,
+                                                 int ff, int cols, const signed char* __restrict__ qs,
+                                                 const float* __restrict__ xd, const float* __restrict__ xs,
+                                                 int n_act, int act, signed char* __restrict__ qs_out,
+                                                 float* __restrict__ d_out, float* __restrict__ s_out) {
+    __shared__ float tile[SAMPO_MM_ROWS][SAMPO_GLU_WARPS];
+    const int warp = threadIdx.x / SAMPO_LANES;
+    const int lane = threadIdx.x % SAMPO_LANES;
+    const int j = blockIdx.x * SAMPO_GLU_WARPS + warp;
+    const int r0 = blockIdx.y * SAMPO_MM_ROWS;
+    const int nb = cols / SAMPO_QK;
+    const size_t row_bytes = sampo_row_bytes(TY, cols);
+    float lg[SAMPO_MM_ROWS], lu[SAMPO_MM_ROWS];
+    sampo_row_partials<TY>(wg + (size_t)j * row_bytes, nb, lane, r0, n_act, qs, xd, xs, lg);
+    sampo_row_partials<TY>(wu + (size_t)j * row_bytes, nb, lane, r0, n_act, qs, xd, xs, lu);
+    SAMPO_UNROLL
+    for (int k = 0; k < SAMPO_MM_ROWS; ++k) {
+        const float gv = sampo_butterfly(lg[k]);
+        const float uv = sampo_butterfly(lu[k]);
+        const float v = __fmul_rn(act == SAMPO_ACT_GELU ? sampo_gelu(gv) : sampo_silu(gv), uv);
+        if (lane == 0) {
+            tile[k][warp] = v;
+            if (r0 + k < n_act) g[(size_t)(r0 + k) * ff + j] = v;
+        }
+    }
+    __syncthreads();
+    if (warp < SAMPO_MM_ROWS && r0 + warp < n_act) {
+        const int r = r0 + warp;
+        sampo_quantize_block(tile[warp][lane], qs_out, d_out, s_out, (size_t)r * (ff / SAMPO_QK) + blockIdx.x, lane);
+    }
+}
+
+// The instances: matmul_<type> and matmul_glu_<type>, one per block type the CPU
+// backend multiplies (the backend's Kernel::matmul_q / matmul_glu map a GGUF type to
+// their names).
+#define SAMPO_MATMUL_Q(name, glu, TY)                                                                                   \
     extern "C" __global__ void name(const unsigned char* __restrict__ w0, float* __restrict__ out0, int rows0,     \
                                     const unsigned char* __restrict__ w1, float* __restrict__ out1, int rows1,     \
                                     const unsigned char* __restrict__ w2, float* __restrict__ out2, int rows2,     \
                                     int cols, const signed char* __restrict__ qs, const float* __restrict__ xd,    \
                                     const float* __restrict__ xs, int n_act) {                                     \
         sampo_matmul_q<TY>(w0, out0, rows0, w1, out1, rows1, w2, out2, rows2, cols, qs, xd, xs, n_act);            \
+    }                                                                                                              \
+    extern "C" __global__ void glu(const unsigned char* __restrict__ wg, const unsigned char* __restrict__ wu,      \
+                                   float* __restrict__ g, int ff, int cols, const signed char* __restrict__ qs,     \
+                                   const float* __restrict__ xd, const float* __restrict__ xs, int n_act, int act, \
+                                   signed char* __restrict__ qs_out, float* __restrict__ d_out,                    \
+                                   float* __restrict__ s_out) {                                                    \
+        sampo_matmul_glu<TY>(wg, wu, g, ff, cols, qs, xd, xs, n_act, act, qs_out, d_out, s_out);                   \
     }
-SAMPO_MATMUL_Q(matmul_q4_0, SAMPO_Q4_0)
-SAMPO_MATMUL_Q(matmul_q4_1, SAMPO_Q4_1)
-SAMPO_MATMUL_Q(matmul_q5_0, SAMPO_Q5_0)
-SAMPO_MATMUL_Q(matmul_q5_1, SAMPO_Q5_1)
-SAMPO_MATMUL_Q(matmul_q8_0, SAMPO_Q8_0)
-SAMPO_MATMUL_Q(matmul_q2_k, SAMPO_Q2_K)
-SAMPO_MATMUL_Q(matmul_q3_k, SAMPO_Q3_K)
-SAMPO_MATMUL_Q(matmul_q4_k, SAMPO_Q4_K)
-SAMPO_MATMUL_Q(matmul_q5_k, SAMPO_Q5_K)
-SAMPO_MATMUL_Q(matmul_q6_k, SAMPO_Q6_K)
+SAMPO_MATMUL_Q(matmul_q4_0, matmul_glu_q4_0, SAMPO_Q4_0)
+SAMPO_MATMUL_Q(matmul_q4_1, matmul_glu_q4_1, SAMPO_Q4_1)
+SAMPO_MATMUL_Q(matmul_q5_0, matmul_glu_q5_0, SAMPO_Q5_0)
+SAMPO_MATMUL_Q(matmul_q5_1, matmul_glu_q5_1, SAMPO_Q5_1)
+SAMPO_MATMUL_Q(matmul_q8_0, matmul_glu_q8_0, SAMPO_Q8_0)
+SAMPO_MATMUL_Q(matmul_q2_k, matmul_glu_q2_k, SAMPO_Q2_K)
+SAMPO_MATMUL_Q(matmul_q3_k, matmul_glu_q3_k, SAMPO_Q3_K)
+SAMPO_MATMUL_Q(matmul_q4_k, matmul_glu_q4_k, SAMPO_Q4_K)
+SAMPO_MATMUL_Q(matmul_q5_k, matmul_glu_q5_k, SAMPO_Q5_K)
+SAMPO_MATMUL_Q(matmul_q6_k, matmul_glu_q6_k, SAMPO_Q6_K)
 
 // Float weights (F32, F16, BF16): out[r, row] = canonical dot of the dequantized row
 // with the unquantized activation row, element i into lane i % 32. One warp per (row, r).
@@ -164,11 +225,14 @@ extern "C" __global__ void matmul_f(const unsigned char* __restrict__ w, int ty,
     if (lane == 0) out[(size_t)r * rows + row] = v;
 }
 
-// Embedding rows of any supported type: out[r, i] = dequant(table[tokens[r]])[i].
+// Embedding rows of any supported type: out[r, i] = dequant(table[tokens[r]])[i], times
+// `scale` when `scaled` (Gemma's embedding scale: the CPU's x * scale, one rounding).
 extern "C" __global__ void embed(const unsigned char* __restrict__ table, int ty, int row_bytes,
-                                 const unsigned int* __restrict__ tokens, float* __restrict__ out, int cols, int n) {
+                                 const unsigned int* __restrict__ tokens, float* __restrict__ out, int cols, int n,
+                                 int scaled, float scale) {
     const int r = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= n || i >= cols) return;
-    out[(size_t)r * cols + i] = sampo_dequant(ty, table + (size_t)tokens[r] * row_bytes, i);
+    const float v = sampo_dequant(ty, table + (size_t)tokens[r] * row_bytes, i);
+    out[(size_t)r * cols + i] = scaled ? __fmul_rn(v, scale) : v;
 }

@@ -192,6 +192,8 @@ fn float_weights_and_embeddings_follow_the_cpu() {
                 Arg::Ptr(dev.addr(&out)),
                 Arg::I32(cols as i32),
                 Arg::I32(2),
+                Arg::I32(0),
+                Arg::F32(1.0),
             ],
         )
         .expect("embed");
@@ -365,6 +367,8 @@ fn quantized_matmul_and_embedding_of_every_block_type_are_the_cpu_bits() {
                     Arg::Ptr(dev.addr(&emb)),
                     Arg::I32(cols as i32),
                     Arg::I32(2),
+                    Arg::I32(0),
+                    Arg::F32(1.0),
                 ],
             )
             .expect("embed");
@@ -662,4 +666,52 @@ fn emulator_runs_blocks_out_of_order_so_inter_block_races_show() {
     assert_ne!(a, b, "each launch has its own order");
     let again = EmuDevice::new();
     assert_eq!((run(&again), run(&again)), (a, b), "the orders are reproducible");
+}
+
+/// Kernel launches of one decode step (two sequences, one token each, replayed from a
+/// captured graph) of `spec` with `n_layer` layers.
+fn decode_launches(spec: &SynthSpec, n_layer: usize) -> u64 {
+    let spec = SynthSpec { n_layer, n_ctx: 64, ..spec.clone() };
+    let m = Model::from_gguf(GgufFile::from_bytes(synthesize(&spec)).expect("gguf")).expect("model");
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let mut s = [Sequence::new(&m), Sequence::new(&m)];
+    let step = |gpu: &CudaBackend<EmuDevice>, s: &mut [Sequence; 2], t: [&[u32]; 2]| {
+        let [a, b] = s;
+        gpu.forward(&m, &mut [BatchItem { seq: a, tokens: t[0] }, BatchItem { seq: b, tokens: t[1] }]).expect("step");
+    };
+    step(&gpu, &mut s, [&[1, 2, 3], &[4, 5]]);
+    // The first decode step captures the graph; count the second, a replay.
+    step(&gpu, &mut s, [&[6], &[7]]);
+    let before = gpu.device_handle().launches();
+    step(&gpu, &mut s, [&[8], &[9]]);
+    assert_eq!((gpu.graph_stats().captured, gpu.graph_stats().replayed), (1, 2));
+    gpu.device_handle().launches() - before
+}
+
+/// (per layer, fixed) launches of a decode step: measured at 1 and 3 layers.
+fn launches_per_layer_and_fixed(spec: &SynthSpec) -> (u64, u64) {
+    let (one, three) = (decode_launches(spec, 1), decode_launches(spec, 3));
+    let per_layer = (three - one) / 2;
+    (per_layer, one - per_layer)
+}
+
+#[test]
+fn decode_step_launch_counts_are_pinned() {
+    // Fewer, fuller launches: each is a kernel the GPU must start and drain. A fusion
+    // that is undone (or a new launch) shows here; update the numbers on purpose only.
+    // SmolLM2-like (Llama): heads of 64, every matrix Q4_1 (q/k/v in one launch).
+    // Per layer: add_norm_quant, matmul_q (q/k/v), rope_store, attention (quantizing
+    // its output), matmul_q (o), add_norm_quant, matmul_glu (gate/up/SiLU/quantize),
+    // matmul_q (down). Fixed: embed, add_norm_quant (last add, gather, output norm),
+    // matmul_q (head). Before the fusions: 10 per layer and 5 fixed.
+    let llama =
+        SynthSpec { n_embd: 128, n_head: 2, n_head_kv: 1, weights: Some(GgmlType::Q4_1), ..SynthSpec::default() };
+    // The synthetic Gemma 3 (heads of 32; q/k Q4_1 but v Q4_0, so q/k/v take two
+    // launches): Llama's 8, plus the second q/k/v launch, QK-norm's two rms_norm_rows;
+    // the post-norms ride in add_norm_quant and the embedding scale in embed. Before:
+    // 15 per layer and 6 fixed.
+    let gemma = SynthSpec::gemma3();
+    let got = (launches_per_layer_and_fixed(&llama), launches_per_layer_and_fixed(&gemma));
+    eprintln!("decode launches (per layer, fixed): Llama {:?}, Gemma 3 {:?}", got.0, got.1);
+    assert_eq!(got, ((8, 3), (11, 3)));
 }

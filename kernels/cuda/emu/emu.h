@@ -31,7 +31,10 @@ extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __shared__ static
+// Shared memory is per block: the blocks of a launch run one at a time on the
+// launching thread, so a thread-local static serves every block in turn (a plain static
+// would be shared by launches running on other threads at the same time).
+#define __shared__ static thread_local
 
 namespace sampo_emu {
 // `file` and `line` name the call site of the intrinsic (its default arguments): every

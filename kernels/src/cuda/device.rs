@@ -11,16 +11,15 @@ pub enum Kernel {
     QuantizeAct,
     /// The quantized matrix product, one kernel per block type (see [`Kernel::matmul_q`]).
     MatmulQ(QuantType),
+    /// Gate and up products, the activation and its quantization (`matmul_glu_*`).
+    MatmulGlu(QuantType),
     MatmulF,
     Embed,
     AddNormQuant,
-    AddInplace,
-    GatherRows,
     RopeStore,
     Attention,
     GluQuant,
     RmsNormRows,
-    ScaleInplace,
 }
 
 /// The block types with a quantized matrix product kernel: every block type the CPU
@@ -87,7 +86,7 @@ impl QuantType {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 21] = [
+    pub const ALL: [Kernel; 28] = [
         Kernel::QuantizeAct,
         Kernel::MatmulQ(QuantType::Q4_0),
         Kernel::MatmulQ(QuantType::Q4_1),
@@ -99,21 +98,33 @@ impl Kernel {
         Kernel::MatmulQ(QuantType::Q4K),
         Kernel::MatmulQ(QuantType::Q5K),
         Kernel::MatmulQ(QuantType::Q6K),
+        Kernel::MatmulGlu(QuantType::Q4_0),
+        Kernel::MatmulGlu(QuantType::Q4_1),
+        Kernel::MatmulGlu(QuantType::Q5_0),
+        Kernel::MatmulGlu(QuantType::Q5_1),
+        Kernel::MatmulGlu(QuantType::Q8_0),
+        Kernel::MatmulGlu(QuantType::Q2K),
+        Kernel::MatmulGlu(QuantType::Q3K),
+        Kernel::MatmulGlu(QuantType::Q4K),
+        Kernel::MatmulGlu(QuantType::Q5K),
+        Kernel::MatmulGlu(QuantType::Q6K),
         Kernel::MatmulF,
         Kernel::Embed,
         Kernel::AddNormQuant,
-        Kernel::AddInplace,
-        Kernel::GatherRows,
         Kernel::RopeStore,
         Kernel::Attention,
         Kernel::GluQuant,
         Kernel::RmsNormRows,
-        Kernel::ScaleInplace,
     ];
 
     /// The quantized matrix product for weights of type `ty`, if the kernels have one.
     pub fn matmul_q(ty: GgmlType) -> Option<Kernel> {
         QuantType::of(ty).map(Kernel::MatmulQ)
+    }
+
+    /// The fused gate/up/activation/quantization for FFN weights of type `ty`.
+    pub fn matmul_glu(ty: GgmlType) -> Option<Kernel> {
+        QuantType::of(ty).map(Kernel::MatmulGlu)
     }
 
     /// The `extern "C"` name in the source.
@@ -132,28 +143,35 @@ impl Kernel {
                 QuantType::Q5K => "matmul_q5_k",
                 QuantType::Q6K => "matmul_q6_k",
             },
+            Kernel::MatmulGlu(t) => match t {
+                QuantType::Q4_0 => "matmul_glu_q4_0",
+                QuantType::Q4_1 => "matmul_glu_q4_1",
+                QuantType::Q5_0 => "matmul_glu_q5_0",
+                QuantType::Q5_1 => "matmul_glu_q5_1",
+                QuantType::Q8_0 => "matmul_glu_q8_0",
+                QuantType::Q2K => "matmul_glu_q2_k",
+                QuantType::Q3K => "matmul_glu_q3_k",
+                QuantType::Q4K => "matmul_glu_q4_k",
+                QuantType::Q5K => "matmul_glu_q5_k",
+                QuantType::Q6K => "matmul_glu_q6_k",
+            },
             Kernel::MatmulF => "matmul_f",
             Kernel::Embed => "embed",
             Kernel::AddNormQuant => "add_norm_quant",
-            Kernel::AddInplace => "add_inplace",
-            Kernel::GatherRows => "gather_rows",
             Kernel::RopeStore => "rope_store",
             Kernel::Attention => "attention",
             Kernel::GluQuant => "glu_quant",
             Kernel::RmsNormRows => "rms_norm_rows",
-            Kernel::ScaleInplace => "scale_inplace",
         }
     }
 
     /// The file (in [`super::SOURCES`]) that defines it.
     pub fn file(self) -> &'static str {
         match self {
-            Kernel::QuantizeAct | Kernel::MatmulQ(_) | Kernel::MatmulF | Kernel::Embed => "quant.cu",
-            Kernel::AddNormQuant
-            | Kernel::AddInplace
-            | Kernel::GatherRows
-            | Kernel::RmsNormRows
-            | Kernel::ScaleInplace => "norm.cu",
+            Kernel::QuantizeAct | Kernel::MatmulQ(_) | Kernel::MatmulGlu(_) | Kernel::MatmulF | Kernel::Embed => {
+                "quant.cu"
+            }
+            Kernel::AddNormQuant | Kernel::RmsNormRows => "norm.cu",
             Kernel::RopeStore => "rope.cu",
             Kernel::Attention => "attention.cu",
             Kernel::GluQuant => "ffn.cu",
