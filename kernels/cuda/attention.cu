@@ -15,11 +15,16 @@
 // from `first`, as the CPU's score vector does.
 // Any warp may compute any score (each is a whole canonical dot); warp 0 alone does the
 // softmax sum (its order is the contract); thread i owns output element i.
+// With qs not null, the output is also quantized for the output projection (quant.cu
+// quantize_act's blocks of 32 of the [rows][n_head * head_dim] output, the same
+// arithmetic), which needs head_dim a multiple of 32: then each warp's 32 lanes hold
+// one whole block, and every lane of a warp takes the same number of turns of the loop.
 extern "C" __global__ void attention(const float* __restrict__ q, const unsigned long long* __restrict__ kptr,
                                      const unsigned long long* __restrict__ vptr, const int* __restrict__ cap,
                                      const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ scores,
                                      int layer, int n_head, int n_head_kv, int head_dim, int max_t, float scale,
-                                     int window) {
+                                     int window, signed char* __restrict__ qs, float* __restrict__ d_out,
+                                     float* __restrict__ s_out) {
     const int h = blockIdx.x;
     const int r = blockIdx.y;
     const int lane = threadIdx.x % SAMPO_LANES;
@@ -61,6 +66,8 @@ extern "C" __global__ void attention(const float* __restrict__ q, const unsigned
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float acc = 0.0f;
         for (int t = first; t <= last; ++t) acc = __fadd_rn(acc, __fmul_rn(s[t], vc[(size_t)t * kvd + i]));
-        out[(size_t)r * d + h * head_dim + i] = acc;
+        const size_t e = (size_t)r * d + h * head_dim + i;
+        out[e] = acc;
+        if (qs != nullptr) sampo_quantize_block(acc, qs, d_out, s_out, e / SAMPO_QK, lane);
     }
 }

@@ -8,6 +8,15 @@
 #define SAMPO_QK 32
 #define SAMPO_FULL_MASK 0xffffffffu
 
+// Unroll the loop that follows (NVRTC); the host compiler of the emulator ignores it.
+// Loops over a chunk's words must unroll so that every index is a constant and the
+// words stay in registers (no `.local` memory; cuda_compile.rs checks).
+#if defined(__CUDACC_RTC__) || defined(__CUDACC__)
+#define SAMPO_UNROLL _Pragma("unroll")
+#else
+#define SAMPO_UNROLL
+#endif
+
 // Canonical reduction, step 2: lane j holds l_j; for off in 16, 8, 4, 2, 1:
 // l_j = l_j + l_{j+off} (for j < off). Lane 0 ends with the result, which every lane
 // receives. f32 addition is commutative, so x + shfl(x) gives the CPU's bits.
@@ -33,12 +42,25 @@ __device__ __forceinline__ int sampo_warp_isum(int v) {
     return __shfl_sync(SAMPO_FULL_MASK, v, 0);
 }
 
-// exp(x) from basic operations; constants and steps as in math.rs.
-#define SAMPO_EXP_HI 88.72283f
-#define SAMPO_EXP_LO -103.97208f
-#define SAMPO_LOG2E 1.44269504088896340736f
-#define SAMPO_LN2_HI 0.69314575f
-#define SAMPO_LN2_LO 1.4286068e-6f
+// exp(x) from basic operations; constants and steps as in math.rs. Every inexact
+// constant is its f32 bit pattern, the same as math.rs writes (math::CONSTANT_BITS;
+// cuda_compile.rs compares the two texts), so no decimal conversion can differ.
+#define SAMPO_EXP_HI __int_as_float(0x42B17217)  // 88.72283: above, +inf
+#define SAMPO_EXP_LO __int_as_float(0xC2CFF1B4)  // -103.97208: below, 0
+#define SAMPO_LOG2E __int_as_float(0x3FB8AA3B)   // log2(e)
+#define SAMPO_LN2_HI __int_as_float(0x3F317200)  // 0.69314575
+#define SAMPO_LN2_LO __int_as_float(0x35BFBE8E)  // 1.4286068e-6
+// Taylor coefficients 1/k! (correctly rounded f32 quotients): 1/5040 ... 1/2, 1.
+#define SAMPO_EXP_P0 __int_as_float(0x39500D01)
+#define SAMPO_EXP_P1 __int_as_float(0x3AB60B61)
+#define SAMPO_EXP_P2 __int_as_float(0x3C088889)
+#define SAMPO_EXP_P3 __int_as_float(0x3D2AAAAB)
+#define SAMPO_EXP_P4 __int_as_float(0x3E2AAAAB)
+#define SAMPO_EXP_P5 __int_as_float(0x3F000000)
+#define SAMPO_EXP_P6 __int_as_float(0x3F800000)
+// GELU (tanh approximation): A = 0.044715, K = 2 * sqrt(2 / pi).
+#define SAMPO_GELU_A __int_as_float(0x3D372713)
+#define SAMPO_GELU_K __int_as_float(0x3FCC422A)
 
 __device__ __forceinline__ float sampo_pow2(int n) {
     return __int_as_float((n + 127) << 23);
@@ -50,10 +72,14 @@ __device__ __forceinline__ float sampo_exp(float x) {
     if (x < SAMPO_EXP_LO) return 0.0f;
     const float n = floorf(__fadd_rn(__fmul_rn(x, SAMPO_LOG2E), 0.5f));
     const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, SAMPO_LN2_HI)), __fmul_rn(n, SAMPO_LN2_LO));
-    // Taylor coefficients 1/k! as f32 (each a correctly rounded quotient), Horner order.
-    const float c[7] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f};
-    float p = c[0];
-    for (int k = 1; k < 7; ++k) p = __fadd_rn(__fmul_rn(p, r), c[k]);
+    // Horner order, highest coefficient first.
+    float p = SAMPO_EXP_P0;
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P1);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P2);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P3);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P4);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P5);
+    p = __fadd_rn(__fmul_rn(p, r), SAMPO_EXP_P6);
     p = __fadd_rn(__fmul_rn(p, r), 1.0f);
     const int ni = (int)n;
     const int a = ni / 2;
@@ -67,14 +93,16 @@ __device__ __forceinline__ float sampo_silu(float x) {
 }
 
 // GELU, tanh approximation, in math.rs gelu_tanh's canonical form:
-// t = K * (x + A * ((x * x) * x)), gelu = x / (1 + exp(-t)), A = 0.044715,
-// K = 2 * sqrt(2 / pi), both written as math.rs's f32 bit patterns.
+// t = K * (x + A * ((x * x) * x)), gelu = x / (1 + exp(-t)).
 __device__ __forceinline__ float sampo_gelu(float x) {
-    const float a = __int_as_float(0x3D372713);
-    const float k = __int_as_float(0x3FCC422A);
-    const float t = __fmul_rn(k, __fadd_rn(x, __fmul_rn(a, __fmul_rn(__fmul_rn(x, x), x))));
+    const float t =
+        __fmul_rn(SAMPO_GELU_K, __fadd_rn(x, __fmul_rn(SAMPO_GELU_A, __fmul_rn(__fmul_rn(x, x), x))));
     return __fdiv_rn(x, __fadd_rn(1.0f, sampo_exp(-t)));
 }
+
+// The gated FFN's activation (glu_quant, matmul_glu_*): SiLU (Llama) or GELU (Gemma).
+#define SAMPO_ACT_SILU 0
+#define SAMPO_ACT_GELU 1
 
 // Exact f16 -> f32 widening, as quant.rs f16_to_f32.
 __device__ __forceinline__ float sampo_f16(unsigned short h) {
@@ -190,10 +218,12 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
         const unsigned char* b = row + (size_t)c * sampo_block_bytes(ty);
         ch->dw = sampo_f16_at(b);
         if (ty == SAMPO_Q8_0) {
+            SAMPO_UNROLL
             for (int i = 0; i < SAMPO_QK; ++i) v[i] = (signed char)b[2 + i];
         } else if (ty == SAMPO_Q4_0 || ty == SAMPO_Q4_1) {
             const unsigned char* q = b + (ty == SAMPO_Q4_1 ? 4 : 2);
             if (ty == SAMPO_Q4_1) ch->mw = sampo_f16_at(b + 2);
+            SAMPO_UNROLL
             for (int i = 0; i < 16; ++i) {
                 v[i] = (q[i] & 15) - (ty == SAMPO_Q4_0 ? 8 : 0);
                 v[i + 16] = (q[i] >> 4) - (ty == SAMPO_Q4_0 ? 8 : 0);
@@ -205,6 +235,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
                                     ((unsigned int)b[at + 2] << 16) | ((unsigned int)b[at + 3] << 24);
             const unsigned char* q = b + at + 4;
             const int off = ty == SAMPO_Q5_0 ? 16 : 0;
+            SAMPO_UNROLL
             for (int i = 0; i < 16; ++i) {
                 v[i] = ((q[i] & 15) | (((qh >> i) & 1) << 4)) - off;
                 v[i + 16] = ((q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - off;
@@ -216,6 +247,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
         if (ty == SAMPO_Q2_K) {
             ch->dw = sampo_f16_at(b + 80);
             ch->mw = sampo_f16_at(b + 82);
+            SAMPO_UNROLL
             for (int l = 0; l < SAMPO_QK; ++l) v[l] = (b[16 + 32 * h + l] >> (2 * s)) & 3;
             ch->sc0 = b[2 * j] & 15;
             ch->sc1 = b[2 * j + 1] & 15;
@@ -223,6 +255,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
             ch->m1 = b[2 * j + 1] >> 4;
         } else if (ty == SAMPO_Q3_K) {
             ch->dw = sampo_f16_at(b + 108);
+            SAMPO_UNROLL
             for (int l = 0; l < SAMPO_QK; ++l) {
                 v[l] = ((b[32 + 32 * h + l] >> (2 * s)) & 3) - (((b[l] >> j) & 1) ? 0 : 4);
             }
@@ -235,6 +268,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
             ch->dw = __fmul_rn(sampo_f16_at(b), (float)sc);
             ch->mw = -__fmul_rn(sampo_f16_at(b + 2), (float)m);
             const int qs = ty == SAMPO_Q5_K ? 48 : 16;
+            SAMPO_UNROLL
             for (int l = 0; l < SAMPO_QK; ++l) {
                 int q = (b[qs + 32 * (j / 2) + l] >> (4 * (j % 2))) & 15;
                 if (ty == SAMPO_Q5_K) q |= ((b[16 + l] >> j) & 1) << 4;
@@ -242,6 +276,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
             }
         } else {  // Q6_K
             ch->dw = sampo_f16_at(b + 208);
+            SAMPO_UNROLL
             for (int l = 0; l < SAMPO_QK; ++l) {
                 const int lo = (b[64 * h + 32 * (s % 2) + l] >> (4 * (s / 2))) & 15;
                 const int hi = (b[128 + 32 * h + l] >> (2 * s)) & 3;
@@ -251,6 +286,7 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
             ch->sc1 = (signed char)b[192 + 2 * j + 1];
         }
     }
+    SAMPO_UNROLL
     for (int k = 0; k < 8; ++k) {
         ch->q[k] = (int)((unsigned int)(v[4 * k] & 0xff) | ((unsigned int)(v[4 * k + 1] & 0xff) << 8) |
                          ((unsigned int)(v[4 * k + 2] & 0xff) << 16) | ((unsigned int)(v[4 * k + 3] & 0xff) << 24));
@@ -262,13 +298,17 @@ __device__ __forceinline__ void sampo_decode_chunk(int ty, const unsigned char* 
 // t = (dw * dx) * S [+ mw * sx | - (mw * dx) * M, M = m0 * sum_lo(x) + m1 * sum_hi(x)].
 __device__ __forceinline__ float sampo_chunk_term(int form, const SampoChunk* ch, const int* xq, float dx, float sx) {
     int s0 = 0, s1 = 0;
+    SAMPO_UNROLL
     for (int k = 0; k < 4; ++k) s0 = __dp4a(ch->q[k], xq[k], s0);
+    SAMPO_UNROLL
     for (int k = 4; k < 8; ++k) s1 = __dp4a(ch->q[k], xq[k], s1);
     const float t = __fmul_rn(__fmul_rn(ch->dw, dx), __int2float_rn(ch->sc0 * s0 + ch->sc1 * s1));
     if (form == SAMPO_FORM_MIN) return __fadd_rn(t, __fmul_rn(ch->mw, sx));
     if (form == SAMPO_FORM_SUBMIN) {
         int x0 = 0, x1 = 0;
+        SAMPO_UNROLL
         for (int k = 0; k < 4; ++k) x0 = __dp4a(0x01010101, xq[k], x0);
+        SAMPO_UNROLL
         for (int k = 4; k < 8; ++k) x1 = __dp4a(0x01010101, xq[k], x1);
         const float m = __int2float_rn(ch->m0 * x0 + ch->m1 * x1);
         return __fsub_rn(t, __fmul_rn(__fmul_rn(ch->mw, dx), m));
@@ -292,12 +332,20 @@ __device__ __forceinline__ float sampo_dequant(int ty, const unsigned char* row,
     SampoChunk ch;
     sampo_decode_chunk(ty, row, i / SAMPO_QK, &ch);
     const int j = i % SAMPO_QK;
-    const int q = (signed char)(ch.q[j / 4] >> (8 * (j % 4)));
+    // Word j / 4 picked by a tree of selects on the bits of j, not by a run-time index
+    // (which would put the chunk in local memory).
+    const int a0 = (j & 4) ? ch.q[1] : ch.q[0], a1 = (j & 4) ? ch.q[3] : ch.q[2];
+    const int a2 = (j & 4) ? ch.q[5] : ch.q[4], a3 = (j & 4) ? ch.q[7] : ch.q[6];
+    const int b0 = (j & 8) ? a1 : a0, b1 = (j & 8) ? a3 : a2;
+    const int word = (j & 16) ? b1 : b0;
+    const int q = (signed char)(word >> (8 * (j % 4)));
     const bool hi = j >= 16;
-    const float v = __fmul_rn(__fmul_rn(ch.dw, (float)(hi ? ch.sc1 : ch.sc0)), (float)q);
+    const int sc = hi ? ch.sc1 : ch.sc0;
+    const int m = hi ? ch.m1 : ch.m0;
+    const float v = __fmul_rn(__fmul_rn(ch.dw, (float)sc), (float)q);
     const int form = sampo_form(ty);
     if (form == SAMPO_FORM_MIN) return __fadd_rn(v, ch.mw);
-    if (form == SAMPO_FORM_SUBMIN) return __fsub_rn(v, __fmul_rn(ch.mw, (float)(hi ? ch.m1 : ch.m0)));
+    if (form == SAMPO_FORM_SUBMIN) return __fsub_rn(v, __fmul_rn(ch.mw, (float)m));
     return v;
 }
 

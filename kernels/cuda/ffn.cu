@@ -3,9 +3,6 @@
 // block of 32. The architecture picks act: SiLU (Llama) or GELU (Gemma).
 #include "common.cuh"
 
-#define SAMPO_ACT_SILU 0
-#define SAMPO_ACT_GELU 1
-
 // One warp per block of 32 elements; lane l owns element 32 * block + l.
 extern "C" __global__ void glu_quant(float* __restrict__ g, const float* __restrict__ u,
                                      signed char* __restrict__ qs, float* __restrict__ d_out,

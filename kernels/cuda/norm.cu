@@ -1,24 +1,41 @@
-// RMSNorm (fused with the residual add and the quantization that follow it) and the
-// plain residual add, following kernels/src/math.rs rms_norm and kernels/src/cpu.rs.
+// RMSNorm (fused with the residual add before it and the quantization after it),
+// following kernels/src/math.rs rms_norm and kernels/src/cpu.rs.
 #include "common.cuh"
 
 // The residual add, RMSNorm and the activation quantization of the normed row, in one
-// warp per row: x += add (when add is not null); y_i = (x_i * scale) * w_i with
+// warp per row: x += add (when add is not null), the added row first RMS-normed with
+// weights add_w when those are given (a block's post-norm: rms_norm_rows' arithmetic,
+// without writing the normed row back); y_i = (x_i * scale) * w_i with
 // scale = 1 / sqrt(ss / n + eps), ss the canonical sum of squares; then each block of
-// 32 of y quantized (sampo_quantize_block). Lane l owns elements l, l + 32, ...
-// throughout, so every step reads only what the same thread wrote.
+// 32 of y quantized (sampo_quantize_block). Output row j is input row idx[j] (all rows
+// in order when idx is null): the last layer's add and the gather of the rows whose
+// logits are wanted, in the same launch as the output norm. Lane l owns elements l,
+// l + 32, ... throughout, so every step reads only what the same thread wrote.
 extern "C" __global__ void add_norm_quant(float* __restrict__ x, const float* __restrict__ add,
+                                          const float* __restrict__ add_w, const int* __restrict__ idx,
                                           const float* __restrict__ w, float* __restrict__ y,
                                           signed char* __restrict__ qs, float* __restrict__ d_out,
                                           float* __restrict__ s_out, int n, int rows, float eps) {
-    const int r = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
+    const int j = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
     const int lane = threadIdx.x % SAMPO_LANES;
-    if (r >= rows) return;
+    if (j >= rows) return;
+    const int r = idx != nullptr ? idx[j] : j;
     float* xr = x + (size_t)r * n;
-    float* yr = y + (size_t)r * n;
+    float* yr = y + (size_t)j * n;
     if (add != nullptr) {
         const float* ar = add + (size_t)r * n;
-        for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fadd_rn(xr[i], ar[i]);
+        if (add_w != nullptr) {
+            float l = 0.0f;
+            for (int i = lane; i < n; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(ar[i], ar[i]));
+            const float ss = sampo_butterfly(l);
+            const float mean = __fdiv_rn(ss, (float)n);
+            const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
+            for (int i = lane; i < n; i += SAMPO_LANES) {
+                xr[i] = __fadd_rn(xr[i], __fmul_rn(__fmul_rn(ar[i], scale), add_w[i]));
+            }
+        } else {
+            for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fadd_rn(xr[i], ar[i]);
+        }
     }
     float l = 0.0f;
     for (int i = lane; i < n; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(xr[i], xr[i]));
@@ -30,7 +47,7 @@ extern "C" __global__ void add_norm_quant(float* __restrict__ x, const float* __
         const int i = b * SAMPO_QK + lane;
         const float v = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
         yr[i] = v;
-        sampo_quantize_block(v, qs, d_out, s_out, (size_t)r * nb + b, lane);
+        sampo_quantize_block(v, qs, d_out, s_out, (size_t)j * nb + b, lane);
     }
 }
 
@@ -50,25 +67,4 @@ extern "C" __global__ void rms_norm_rows(float* __restrict__ x, const float* __r
     const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
     // Each lane rewrites only the elements it summed.
     for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
-}
-
-// x *= s, elementwise (the embedding scale).
-extern "C" __global__ void scale_inplace(float* __restrict__ x, float s, int n) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = __fmul_rn(x[i], s);
-}
-
-// x += y, elementwise.
-extern "C" __global__ void add_inplace(float* __restrict__ x, const float* __restrict__ y, int n) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = __fadd_rn(x[i], y[i]);
-}
-
-// out[j] = x[idx[j]], rows of `cols` floats (the rows whose logits are wanted).
-extern "C" __global__ void gather_rows(const float* __restrict__ x, const int* __restrict__ idx,
-                                       float* __restrict__ out, int cols, int n) {
-    const int j = blockIdx.y;
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= n || i >= cols) return;
-    out[(size_t)j * cols + i] = x[(size_t)idx[j] * cols + i];
 }

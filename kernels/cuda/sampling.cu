@@ -40,6 +40,21 @@ __device__ __forceinline__ unsigned int sampo_order_code(float v) {
     return ~u;
 }
 
+// A per-thread digit histogram indexed by a run-time digit would live in local memory
+// (slow, and refused by the compile test): these reach its 16 counters through
+// compile-time indices only, so they stay in registers.
+__device__ __forceinline__ int sampo_get16(const int (&c)[16], unsigned int d) {
+    int r = 0;
+    SAMPO_UNROLL
+    for (int e = 0; e < 16; ++e) r = d == (unsigned int)e ? c[e] : r;
+    return r;
+}
+
+__device__ __forceinline__ void sampo_bump16(int (&c)[16], unsigned int d) {
+    SAMPO_UNROLL
+    for (int e = 0; e < 16; ++e) c[e] += d == (unsigned int)e ? 1 : 0;
+}
+
 // The key value an order code stands for (the inverse of sampo_order_code).
 __device__ __forceinline__ float sampo_code_value(unsigned int c) {
     const unsigned int u = ~c;
@@ -196,11 +211,13 @@ extern "C" __global__ void sample_rows(const float* __restrict__ logits, const u
         int rank = k;
         for (int shift = 28; shift >= 0; shift -= 4) {
             int c[16];
+            SAMPO_UNROLL
             for (int d = 0; d < 16; ++d) c[d] = 0;
             for (int i = t; i < n; i += T) {
                 const unsigned int code = sampo_order_code(l[i]);
-                if ((code & mask) == prefix) c[(code >> shift) & 15u]++;
+                if ((code & mask) == prefix) sampo_bump16(c, (code >> shift) & 15u);
             }
+            SAMPO_UNROLL
             for (int d = 0; d < 16; ++d) cnt[d * T + t] = (unsigned int)c[d];
             __syncthreads();
             const int lane = t % SAMPO_LANES, warp = t / SAMPO_LANES;
@@ -257,29 +274,36 @@ extern "C" __global__ void sample_rows(const float* __restrict__ logits, const u
         for (int shift = 0; shift < 32; shift += 4) {
             if (((diff >> shift) & 15u) == 0) continue;
             int c[16];
+            SAMPO_UNROLL
             for (int d = 0; d < 16; ++d) c[d] = 0;
-            for (int j = lo; j < hi; ++j) c[(src[j] >> shift) & 15u]++;
+            for (int j = lo; j < hi; ++j) sampo_bump16(c, (src[j] >> shift) & 15u);
+            SAMPO_UNROLL
             for (int d = 0; d < 16; ++d) cnt[d * T + t] = (unsigned int)c[d];
             __syncthreads();
             // Offsets: an exclusive scan of the counts in (digit, thread) order, each
             // thread scanning 16 consecutive entries of it.
             int loc[16];
             int s = 0;
+            SAMPO_UNROLL
             for (int j = 0; j < 16; ++j) {
                 loc[j] = (int)cnt[16 * t + j];
                 s += loc[j];
             }
             int total;
             int acc = sampo_block_excl_scan(s, slots, &total);
+            SAMPO_UNROLL
             for (int j = 0; j < 16; ++j) {
                 cnt[16 * t + j] = (unsigned int)acc;
                 acc += loc[j];
             }
             __syncthreads();
+            SAMPO_UNROLL
             for (int d = 0; d < 16; ++d) c[d] = (int)cnt[d * T + t];
             for (int j = lo; j < hi; ++j) {
                 const unsigned int v = src[j];
-                dst[c[(v >> shift) & 15u]++] = v;
+                const unsigned int digit = (v >> shift) & 15u;
+                dst[sampo_get16(c, digit)] = v;
+                sampo_bump16(c, digit);
             }
             __syncthreads();
             unsigned int* tmp = src;

@@ -74,14 +74,47 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-// exp(x) from basic operations. The same constants and steps are in the CUDA header.
-const EXP_HI: f32 = 88.72283; // above: +inf
-const EXP_LO: f32 = -103.97208; // below: 0
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n * LN2_HI is exact for |n| < 2^9
-const LN2_LO: f32 = 1.428_606_8e-6;
-// Taylor coefficients 1/k! as f32, Horner order.
-const P: [f32; 7] = [1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+// exp(x) from basic operations. Every inexact constant is written as its f32 bit
+// pattern, here and in the CUDA header (`#define SAMPO_<NAME> __int_as_float(0x…)`), so
+// that no decimal-to-binary conversion by any compiler can make the two differ;
+// [`CONSTANT_BITS`] lists them under the header's names and a test compares the texts.
+const EXP_HI: f32 = f32::from_bits(0x42B1_7217); // 88.72283: above, +inf
+const EXP_LO: f32 = f32::from_bits(0xC2CF_F1B4); // -103.97208: below, 0
+const LOG2E: f32 = f32::from_bits(0x3FB8_AA3B); // log2(e) = 1.442695…
+// ln 2 split so that n * LN2_HI is exact for |n| < 2^9.
+const LN2_HI: f32 = f32::from_bits(0x3F31_7200); // 0.69314575
+const LN2_LO: f32 = f32::from_bits(0x35BF_BE8E); // 1.4286068e-6
+// Taylor coefficients 1/k! (each the correctly rounded f32 quotient), Horner order:
+// 1/5040, 1/720, 1/120, 1/24, 1/6, 1/2, 1.
+const P: [f32; 7] = [
+    f32::from_bits(0x3950_0D01),
+    f32::from_bits(0x3AB6_0B61),
+    f32::from_bits(0x3C08_8889),
+    f32::from_bits(0x3D2A_AAAB),
+    f32::from_bits(0x3E2A_AAAB),
+    f32::from_bits(0x3F00_0000),
+    f32::from_bits(0x3F80_0000),
+];
+
+/// Every canonical constant of the transcendentals as `(name, f32 bits)`: the name is
+/// the CUDA header's `SAMPO_<name>` (`kernels/cuda/common.cuh`), which must define it as
+/// `__int_as_float(<the same bits>)`.
+pub const CONSTANT_BITS: [(&str, u32); 14] = [
+    ("EXP_HI", EXP_HI.to_bits()),
+    ("EXP_LO", EXP_LO.to_bits()),
+    ("LOG2E", LOG2E.to_bits()),
+    ("LN2_HI", LN2_HI.to_bits()),
+    ("LN2_LO", LN2_LO.to_bits()),
+    ("EXP_P0", P[0].to_bits()),
+    ("EXP_P1", P[1].to_bits()),
+    ("EXP_P2", P[2].to_bits()),
+    ("EXP_P3", P[3].to_bits()),
+    ("EXP_P4", P[4].to_bits()),
+    ("EXP_P5", P[5].to_bits()),
+    ("EXP_P6", P[6].to_bits()),
+    ("GELU_A", GELU_A.to_bits()),
+    ("GELU_K", GELU_K.to_bits()),
+];
 
 /// Deterministic `e^x`: `n = floor(x·log2 e + 0.5)`, `r = (x − n·LN2_HI) − n·LN2_LO`,
 /// `p(r) = 1 + r·(1 + r·(1/2 + r·(1/6 + …)))` (Horner, degree 7), result `p · 2^n`
@@ -133,8 +166,8 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-// GELU (tanh approximation) constants, as f32 bit patterns so the CUDA header can
-// write the very same values: 0.044715 and 2·sqrt(2/π) = 1.5957691216…
+// GELU (tanh approximation) constants, as f32 bit patterns (see [`CONSTANT_BITS`]):
+// 0.044715 and 2·sqrt(2/π) = 1.5957691216…
 const GELU_A: f32 = f32::from_bits(0x3D37_2713);
 const GELU_K: f32 = f32::from_bits(0x3FCC_422A);
 
@@ -261,6 +294,22 @@ mod tests {
         for x in [-10.0f32, -1.0, 0.0, 0.5, 3.0, 20.0] {
             let want = x as f64 / (1.0 + (-x as f64).exp());
             assert!((silu(x) as f64 - want).abs() <= 1e-6 * want.abs().max(1.0));
+        }
+    }
+
+    #[test]
+    fn exp_constants_are_the_documented_values() {
+        // The bit patterns are these decimals (as rustc rounds them) and these quotients.
+        assert_eq!(EXP_HI, 88.72283f32);
+        assert_eq!(EXP_LO, -103.97208f32);
+        assert_eq!(LOG2E, std::f32::consts::LOG2_E);
+        assert_eq!(LN2_HI, 0.693_145_75f32);
+        assert_eq!(LN2_LO, 1.428_606_8e-6f32);
+        // LN2_HI has 9 low zero bits: n * LN2_HI is exact for |n| < 2^9.
+        assert_eq!(LN2_HI.to_bits() & 0x1ff, 0);
+        let fact = [5040.0f32, 720.0, 120.0, 24.0, 6.0, 2.0, 1.0];
+        for (p, f) in P.iter().zip(fact) {
+            assert_eq!(p.to_bits(), (1.0f32 / f).to_bits(), "1/{f}");
         }
     }
 

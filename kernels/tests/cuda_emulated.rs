@@ -121,8 +121,9 @@ fn known_answer_passes_and_a_faulty_device_is_refused() {
     // Same device, same digest: the answer is a property of the model, not of the run.
     let again = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("again");
     assert_eq!(ok.digest, again.digest);
-    // A device whose matrix product flips one sign (argument 1 is the first output).
-    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::MatmulQ, arg: 1 }));
+    // A device whose Q4_1 matrix product flips one sign (argument 1 is the first output).
+    let q4_1 = Kernel::matmul_q(GgmlType::Q4_1).expect("Q4_1 kernel");
+    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: q4_1, arg: 1 }));
     match known_answer_test(&bad, &m) {
         Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
         other => panic!("a faulty device must fail the self-test: {other:?}"),
@@ -221,6 +222,8 @@ fn float_weights_and_embeddings_follow_the_cpu() {
                 Arg::Ptr(dev.addr(&out)),
                 Arg::I32(cols as i32),
                 Arg::I32(2),
+                Arg::I32(0),
+                Arg::F32(1.0),
             ],
         )
         .expect("embed");
@@ -360,14 +363,14 @@ fn quantized_matmul_and_embedding_of_every_block_type_are_the_cpu_bits() {
             args.extend(z());
             args.extend(z());
             args.extend([
-                Arg::I32(ty.to_u32() as i32),
                 Arg::I32(cols as i32),
                 Arg::Ptr(dev.addr(&qb)),
                 Arg::Ptr(dev.addr(&db)),
                 Arg::Ptr(dev.addr(&sb)),
                 Arg::I32(n_act as i32),
             ]);
-            dev.launch(Kernel::MatmulQ, Shape::new((2, 2), 128), &args).expect("matmul_q");
+            let kernel = Kernel::matmul_q(ty).expect("a kernel for every block type");
+            dev.launch(kernel, Shape::new((2, 2), 128), &args).expect("matmul_q");
             let mut got = vec![0f32; n_act * rows];
             dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
             for r in 0..n_act {
@@ -394,6 +397,8 @@ fn quantized_matmul_and_embedding_of_every_block_type_are_the_cpu_bits() {
                     Arg::Ptr(dev.addr(&emb)),
                     Arg::I32(cols as i32),
                     Arg::I32(2),
+                    Arg::I32(0),
+                    Arg::F32(1.0),
                 ],
             )
             .expect("embed");
@@ -727,4 +732,183 @@ fn nan_logits_are_one_bit_pattern_on_every_backend() {
     }
     // And the two backends agree on every bit.
     assert_eq!(per_backend[0], per_backend[1]);
+}
+
+#[test]
+fn activations_on_the_emulator_are_math_rs_bits() {
+    // A known-answer check of the transcendentals' shared constants and steps: glu_quant
+    // with u = 1 writes act(g) * 1 = act(g) back into g, for SiLU (act 0) and GELU
+    // (act 1), over a sweep and the edges of exp's range (exp(-x) for x near -EXP_HI
+    // and -EXP_LO, NaN, infinities, zeros, subnormals).
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of, bytes_of_mut};
+    use sampo_kernels::math::{gelu_tanh, silu};
+    let dev = EmuDevice::new();
+    let mut xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0517).collect();
+    for e in [88.72283f32, 103.97208, 87.3, 104.5, 1e-3, 1e30] {
+        for x in [e, -e, e.next_up(), e.next_down(), -e.next_up(), -e.next_down()] {
+            xs.push(x);
+        }
+    }
+    xs.extend([0.0, -0.0, f32::MIN_POSITIVE, -f32::from_bits(1), f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    xs.resize(xs.len().next_multiple_of(32), 0.25);
+    let nb = xs.len() / 32;
+    let ones = vec![1.0f32; xs.len()];
+    for (act, f) in [(0, silu as fn(f32) -> f32), (1, gelu_tanh)] {
+        let g = dev.alloc(xs.len() * 4).expect("alloc");
+        dev.upload(dev.addr(&g), bytes_of(&xs)).expect("upload");
+        let u = dev.alloc(xs.len() * 4).expect("alloc");
+        dev.upload(dev.addr(&u), bytes_of(&ones)).expect("upload");
+        let (q, d, s) = (dev.alloc(xs.len()).expect("q"), dev.alloc(nb * 4).expect("d"), dev.alloc(nb * 4).expect("s"));
+        dev.launch(
+            Kernel::GluQuant,
+            Shape::new((nb.div_ceil(4) as u32, 1), 128),
+            &[
+                Arg::Ptr(dev.addr(&g)),
+                Arg::Ptr(dev.addr(&u)),
+                Arg::Ptr(dev.addr(&q)),
+                Arg::Ptr(dev.addr(&d)),
+                Arg::Ptr(dev.addr(&s)),
+                Arg::I32(nb as i32),
+                Arg::I32(act),
+            ],
+        )
+        .expect("glu_quant");
+        let mut got = vec![0f32; xs.len()];
+        dev.download(dev.addr(&g), bytes_of_mut(&mut got)).expect("download");
+        for (x, y) in xs.iter().zip(&got) {
+            let want = f(*x);
+            // NaN in, NaN out; otherwise the very bits.
+            assert!(
+                y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                "act {act}({x:e} = {:#010x}): emulator {y:e}, math.rs {want:e}",
+                x.to_bits()
+            );
+        }
+    }
+}
+
+/// Launch one of the emulator's test-only kernels (`kernels/cuda/emu/faults.cu`) on one
+/// block of `threads`, with an output buffer of `threads` floats; its result and output.
+fn run_fault_kernel(
+    dev: &EmuDevice,
+    name: &'static str,
+    threads: u32,
+    extra: &[sampo_kernels::cuda::device::Arg],
+) -> (Result<(), CudaError>, Vec<f32>) {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of_mut};
+    let out = dev.alloc(threads as usize * 4).expect("alloc");
+    let mut args = vec![Arg::Ptr(dev.addr(&out))];
+    args.extend_from_slice(extra);
+    let r = dev.launch_named(name, Shape::new((1, 1), threads), &args);
+    let mut got = vec![0f32; threads as usize];
+    dev.download(dev.addr(&out), bytes_of_mut(&mut got)).expect("download");
+    (r, got)
+}
+
+fn launch_reason(r: Result<(), CudaError>) -> String {
+    match r {
+        Err(CudaError::Launch { reason, .. }) => reason,
+        other => panic!("the emulator must refuse the launch: {other:?}"),
+    }
+}
+
+#[test]
+fn emulator_refuses_a_full_mask_shuffle_after_a_lane_exited() {
+    let dev = EmuDevice::new();
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_exited_lane", 64, &[]).0);
+    assert!(why.contains("exited") && why.contains("31 of the warp's 32 lanes"), "{why}");
+    // The legal pattern, whole warps leaving, runs (on the same device, right after the
+    // failed launch): the live warps' butterfly of 0..31 is 496 in every lane.
+    use sampo_kernels::cuda::device::Arg;
+    let (r, got) = run_fault_kernel(&dev, "emu_ok_whole_warp_exits", 128, &[Arg::I32(2)]);
+    r.expect("whole warps may exit");
+    assert_eq!(&got[..64], &[496.0; 64][..]);
+    assert_eq!(&got[64..], &[0.0; 64][..], "the exited warps wrote nothing");
+}
+
+#[test]
+fn emulator_refuses_divergent_shuffles_and_deadlocks() {
+    let dev = EmuDevice::new();
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_divergent_shuffle", 32, &[]).0);
+    assert!(why.contains("divergent") && why.contains("faults.cu"), "{why}");
+    let why = launch_reason(run_fault_kernel(&dev, "emu_fault_deadlock", 32, &[]).0);
+    assert!(why.contains("deadlock"), "{why}");
+}
+
+#[test]
+fn emulator_runs_blocks_out_of_order_so_inter_block_races_show() {
+    use sampo_kernels::cuda::device::{Arg, Device, Shape, bytes_of_mut};
+    const BLOCKS: usize = 64;
+    // seen[b] = buf[b] read by block b, which block b - 1 writes: correct only in order.
+    let run = |dev: &EmuDevice| -> Vec<i32> {
+        let buf = dev.alloc((BLOCKS + 1) * 4).expect("alloc");
+        let seen = dev.alloc(BLOCKS * 4).expect("alloc");
+        dev.launch_named(
+            "emu_race_between_blocks",
+            Shape::new((BLOCKS as u32, 1), 32),
+            &[Arg::Ptr(dev.addr(&buf)), Arg::Ptr(dev.addr(&seen))],
+        )
+        .expect("launch");
+        let mut got = vec![0i32; BLOCKS];
+        dev.download(dev.addr(&seen), bytes_of_mut(&mut got)).expect("download");
+        got
+    };
+    let in_order: Vec<i32> = (0..BLOCKS as i32).collect();
+    assert_eq!(run(&EmuDevice::new().with_block_order(None)), in_order, "one after another, the race is hidden");
+    // Shuffled, the race shows, differently from launch to launch; the same seed
+    // reproduces the same orders.
+    let dev = EmuDevice::new();
+    let (a, b) = (run(&dev), run(&dev));
+    assert_ne!(a, in_order, "the default block order must not be the index order");
+    assert_ne!(a, b, "each launch has its own order");
+    let again = EmuDevice::new();
+    assert_eq!((run(&again), run(&again)), (a, b), "the orders are reproducible");
+}
+
+/// Kernel launches of one decode step (two sequences, one token each, replayed from a
+/// captured graph) of `spec` with `n_layer` layers.
+fn decode_launches(spec: &SynthSpec, n_layer: usize) -> u64 {
+    let spec = SynthSpec { n_layer, n_ctx: 64, ..spec.clone() };
+    let m = Model::from_gguf(GgufFile::from_bytes(synthesize(&spec)).expect("gguf")).expect("model");
+    let gpu = CudaBackend::new(EmuDevice::new());
+    let mut s = [Sequence::new(&m), Sequence::new(&m)];
+    let step = |gpu: &CudaBackend<EmuDevice>, s: &mut [Sequence; 2], t: [&[u32]; 2]| {
+        let [a, b] = s;
+        gpu.forward(&m, &mut [BatchItem { seq: a, tokens: t[0] }, BatchItem { seq: b, tokens: t[1] }]).expect("step");
+    };
+    step(&gpu, &mut s, [&[1, 2, 3], &[4, 5]]);
+    // The first decode step captures the graph; count the second, a replay.
+    step(&gpu, &mut s, [&[6], &[7]]);
+    let before = gpu.device_handle().launches();
+    step(&gpu, &mut s, [&[8], &[9]]);
+    assert_eq!((gpu.graph_stats().captured, gpu.graph_stats().replayed), (1, 2));
+    gpu.device_handle().launches() - before
+}
+
+/// (per layer, fixed) launches of a decode step: measured at 1 and 3 layers.
+fn launches_per_layer_and_fixed(spec: &SynthSpec) -> (u64, u64) {
+    let (one, three) = (decode_launches(spec, 1), decode_launches(spec, 3));
+    let per_layer = (three - one) / 2;
+    (per_layer, one - per_layer)
+}
+
+#[test]
+fn decode_step_launch_counts_are_pinned() {
+    // Fewer, fuller launches: each is a kernel the GPU must start and drain. A fusion
+    // that is undone (or a new launch) shows here; update the numbers on purpose only.
+    // SmolLM2-like (Llama): heads of 64, every matrix Q4_1 (q/k/v in one launch).
+    // Per layer: add_norm_quant, matmul_q (q/k/v), rope_store, attention (quantizing
+    // its output), matmul_q (o), add_norm_quant, matmul_glu (gate/up/SiLU/quantize),
+    // matmul_q (down). Fixed: embed, add_norm_quant (last add, gather, output norm),
+    // matmul_q (head). Before the fusions: 10 per layer and 5 fixed.
+    let llama =
+        SynthSpec { n_embd: 128, n_head: 2, n_head_kv: 1, weights: Some(GgmlType::Q4_1), ..SynthSpec::default() };
+    // The synthetic Gemma 3 (heads of 32; q/k Q4_1 but v Q4_0, so q/k/v take two
+    // launches): Llama's 8, plus the second q/k/v launch, QK-norm's two rms_norm_rows;
+    // the post-norms ride in add_norm_quant and the embedding scale in embed. Before:
+    // 15 per layer and 6 fixed.
+    let gemma = SynthSpec::gemma3();
+    let got = (launches_per_layer_and_fixed(&llama), launches_per_layer_and_fixed(&gemma));
+    eprintln!("decode launches (per layer, fixed): Llama {:?}, Gemma 3 {:?}", got.0, got.1);
+    assert_eq!(got, ((8, 3), (11, 3)));
 }

@@ -30,6 +30,8 @@ fn blocks(n: usize, per: usize) -> u32 {
 }
 
 struct Mat<D: Device> {
+    /// The tensor's name, for errors.
+    name: String,
     buf: D::Buffer,
     ty: GgmlType,
     rows: usize,
@@ -99,12 +101,21 @@ struct Scratch<D: Device> {
     g: D::Buffer,
     u: D::Buffer,
     down: D::Buffer,
-    act_q: D::Buffer,
-    act_d: D::Buffer,
-    act_s: D::Buffer,
+    /// Quantized activations: the input of every matrix product but the down
+    /// projection's…
+    act: ActBufs<D>,
+    /// …which reads these, written by the fused gate/up kernel while other blocks of it
+    /// still read `act`.
+    act_ffn: ActBufs<D>,
     scores: D::Buffer,
-    h: D::Buffer,
     logits: D::Buffer,
+}
+
+/// Quantized activation rows: int8 quants, and each block's scale and sum.
+struct ActBufs<D: Device> {
+    q: D::Buffer,
+    d: D::Buffer,
+    s: D::Buffer,
 }
 
 /// Offsets of the per-pass arrays inside the staging buffer.
@@ -233,7 +244,7 @@ impl<D: Device> CudaBackend<D> {
         })?;
         let buf = self.dev.alloc(len)?;
         self.dev.upload(self.dev.addr(&buf), src)?;
-        Ok(Mat { buf, ty: m.ty, rows: m.rows, cols: m.cols, row_bytes: m.row_bytes })
+        Ok(Mat { name: m.name.clone(), buf, ty: m.ty, rows: m.rows, cols: m.cols, row_bytes: m.row_bytes })
     }
 
     fn upload_model(&self, model: &Model) -> Result<ModelState<D>, CudaError> {
@@ -303,11 +314,9 @@ impl<D: Device> CudaBackend<D> {
             g: f(r * ff)?,
             u: f(r * ff)?,
             down: f(r * d)?,
-            act_q: self.dev.alloc(r * wide)?,
-            act_d: f(r * wide / 32)?,
-            act_s: f(r * wide / 32)?,
+            act: ActBufs { q: self.dev.alloc(r * wide)?, d: f(r * wide / 32)?, s: f(r * wide / 32)? },
+            act_ffn: ActBufs { q: self.dev.alloc(r * ff)?, d: f(r * ff / 32)?, s: f(r * ff / 32)? },
             scores: f(r * hp.n_head * hp.n_ctx)?,
-            h: f(r * d)?,
             logits: f(r * hp.n_vocab)?,
         };
         Ok(ModelState { w, s, graphs: HashMap::new(), sampler: None })
@@ -368,19 +377,28 @@ impl<D: Device> CudaBackend<D> {
         Arg::Ptr(self.dev.addr(b))
     }
 
-    fn quantize(&self, s: &Scratch<D>, x: &D::Buffer, cols: usize, n: usize) -> Result<(), CudaError> {
+    fn act_args(&self, a: &ActBufs<D>) -> [Arg; 3] {
+        [self.a(&a.q), self.a(&a.d), self.a(&a.s)]
+    }
+
+    fn quantize(&self, x: &D::Buffer, act: &ActBufs<D>, cols: usize, n: usize) -> Result<(), CudaError> {
         let nb = n * cols / 32;
-        self.launch(
-            Kernel::QuantizeAct,
-            Shape::new((blocks(nb, 4), 1), TPB),
-            &[self.a(x), self.a(&s.act_q), self.a(&s.act_d), self.a(&s.act_s), Arg::I32(nb as i32)],
-        )
+        let mut args = vec![self.a(x)];
+        args.extend(self.act_args(act));
+        args.push(Arg::I32(nb as i32));
+        self.launch(Kernel::QuantizeAct, Shape::new((blocks(nb, 4), 1), TPB), &args)
     }
 
     /// `out_j[r] = m_j · x[r]` for `n` rows and each (matrix, output) pair, all sharing
     /// the input. Quantized weights use the activations just quantized from `x`; runs of
     /// up to three of one type go in one launch. Float weights use `x` itself.
-    fn matmul(&self, s: &Scratch<D>, jobs: &[(&Mat<D>, &D::Buffer)], x: &D::Buffer, n: usize) -> Result<(), CudaError> {
+    fn matmul(
+        &self,
+        act: &ActBufs<D>,
+        jobs: &[(&Mat<D>, &D::Buffer)],
+        x: &D::Buffer,
+        n: usize,
+    ) -> Result<(), CudaError> {
         let mut i = 0;
         while i < jobs.len() {
             let (m, out) = jobs[i];
@@ -402,6 +420,7 @@ impl<D: Device> CudaBackend<D> {
                 i += 1;
                 continue;
             }
+            let kernel = Kernel::matmul_q(m.ty).ok_or_else(|| CudaError::UnsupportedType(m.ty, m.name.clone()))?;
             let run: Vec<(&Mat<D>, &D::Buffer)> =
                 jobs[i..].iter().take(3).take_while(|(o, _)| o.ty == m.ty && o.cols == m.cols).copied().collect();
             i += run.len();
@@ -416,56 +435,67 @@ impl<D: Device> CudaBackend<D> {
                     None => args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::I32(0)]),
                 }
             }
-            args.extend([
-                Arg::I32(m.ty.to_u32() as i32),
-                Arg::I32(m.cols as i32),
-                self.a(&s.act_q),
-                self.a(&s.act_d),
-                self.a(&s.act_s),
-                Arg::I32(n as i32),
-            ]);
-            self.launch(Kernel::MatmulQ, Shape::new((blocks(total, 4), blocks(n, 4)), TPB), &args)?;
+            args.push(Arg::I32(m.cols as i32));
+            args.extend(self.act_args(act));
+            args.push(Arg::I32(n as i32));
+            self.launch(kernel, Shape::new((blocks(total, 4), blocks(n, 4)), TPB), &args)?;
         }
         Ok(())
     }
 
-    /// Residual add (when `add` is given), RMSNorm into `xn` and its quantization, for
-    /// `n` rows of width `cols`.
+    /// Residual add (when `add` is given, RMS-normed first with `add_w` when that is
+    /// given), RMSNorm into `xn` and its quantization into `act`, for `n` rows of width
+    /// `cols`: input row `idx[j]` for output row `j` when `idx` is given.
     #[allow(clippy::too_many_arguments)]
     fn add_norm_quant(
         &self,
         s: &Scratch<D>,
-        x: &D::Buffer,
         add: Option<&D::Buffer>,
+        add_w: Option<&D::Buffer>,
+        idx: Option<Arg>,
         w: &D::Buffer,
         cols: usize,
         n: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
-        self.launch(
-            Kernel::AddNormQuant,
-            Shape::new((blocks(n, 4), 1), TPB),
-            &[
-                self.a(x),
-                add.map_or(Arg::Ptr(0), |b| self.a(b)),
-                self.a(w),
-                self.a(&s.xn),
-                self.a(&s.act_q),
-                self.a(&s.act_d),
-                self.a(&s.act_s),
-                Arg::I32(cols as i32),
-                Arg::I32(n as i32),
-                Arg::F32(eps),
-            ],
-        )
+        let mut args = vec![
+            self.a(&s.x),
+            add.map_or(Arg::Ptr(0), |b| self.a(b)),
+            add_w.map_or(Arg::Ptr(0), |b| self.a(b)),
+            idx.unwrap_or(Arg::Ptr(0)),
+            self.a(w),
+            self.a(&s.xn),
+        ];
+        args.extend(self.act_args(&s.act));
+        args.extend([Arg::I32(cols as i32), Arg::I32(n as i32), Arg::F32(eps)]);
+        self.launch(Kernel::AddNormQuant, Shape::new((blocks(n, 4), 1), TPB), &args)
     }
 
-    fn add(&self, x: &D::Buffer, y: &D::Buffer, len: usize) -> Result<(), CudaError> {
-        self.launch(
-            Kernel::AddInplace,
-            Shape::new((blocks(len, 256), 1), 256),
-            &[self.a(x), self.a(y), Arg::I32(len as i32)],
-        )
+    /// The gated FFN's first half: `g = act(gate · xn) * (up · xn)` and its quantization
+    /// into `act_ffn` for the down projection. One fused launch when gate and up share
+    /// a quantized type; otherwise the products, then `glu_quant`.
+    fn gate_up_glu(&self, s: &Scratch<D>, l: &LayerW<D>, ff: usize, n: usize, act: i32) -> Result<(), CudaError> {
+        let fused = (l.gate.ty == l.up.ty).then(|| Kernel::matmul_glu(l.gate.ty)).flatten();
+        if let Some(kernel) = fused {
+            let mut args = vec![
+                self.a(&l.gate.buf),
+                self.a(&l.up.buf),
+                self.a(&s.g),
+                Arg::I32(ff as i32),
+                Arg::I32(l.gate.cols as i32),
+            ];
+            args.extend(self.act_args(&s.act));
+            args.extend([Arg::I32(n as i32), Arg::I32(act)]);
+            args.extend(self.act_args(&s.act_ffn));
+            // 32 warps per block: one quantization block of 32 outputs.
+            return self.launch(kernel, Shape::new(((ff / 32) as u32, blocks(n, 4)), 1024), &args);
+        }
+        self.matmul(&s.act, &[(&l.gate, &s.g), (&l.up, &s.u)], &s.xn, n)?;
+        let nb = n * ff / 32;
+        let mut args = vec![self.a(&s.g), self.a(&s.u)];
+        args.extend(self.act_args(&s.act_ffn));
+        args.extend([Arg::I32(nb as i32), Arg::I32(act)]);
+        self.launch(Kernel::GluQuant, Shape::new((blocks(nb, 4), 1), TPB), &args)
     }
 
     /// RMSNorm in place of `rows` rows of `cols` floats (QK-norm per head, post-norms).
@@ -504,20 +534,20 @@ impl<D: Device> CudaBackend<D> {
                 self.a(&s.x),
                 Arg::I32(d as i32),
                 ni,
+                // Gemma's embedding scale, in the same launch.
+                Arg::I32(i32::from(w.plan.embd_scale.is_some())),
+                Arg::F32(w.plan.embd_scale.unwrap_or(1.0)),
             ],
         )?;
-        if let Some(scale) = w.plan.embd_scale {
-            self.launch(
-                Kernel::ScaleInplace,
-                Shape::new((blocks(n * d, 256), 1), 256),
-                &[self.a(&s.x), Arg::F32(scale), Arg::I32((n * d) as i32)],
-            )?;
-        }
+        // attention quantizes its own output when each warp holds whole blocks of 32.
+        let attn_quantizes = hd.is_multiple_of(32);
         for (li, l) in w.layers.iter().enumerate() {
-            // The previous layer's FFN output joins the residual stream here.
-            let prev = (li > 0).then_some(&s.down);
-            self.add_norm_quant(s, &s.x, prev, &l.attn_norm, d, n, eps)?;
-            self.matmul(s, &[(&l.wq, &s.q), (&l.wk, &s.k), (&l.wv, &s.v)], &s.xn, n)?;
+            // The previous layer's FFN output (post-normed, for Gemma) joins the residual
+            // stream here.
+            let prev = li.checked_sub(1).map(|p| &w.layers[p]);
+            let post = prev.and_then(|p| p.post_ffn_norm.as_ref());
+            self.add_norm_quant(s, prev.map(|_| &s.down), post, None, &l.attn_norm, d, n, eps)?;
+            self.matmul(&s.act, &[(&l.wq, &s.q), (&l.wk, &s.k), (&l.wv, &s.v)], &s.xn, n)?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 self.norm_rows(&s.q, qn, hd, n * hp.n_head, eps)?;
                 self.norm_rows(&s.k, kn, hd, n * hp.n_head_kv, eps)?;
@@ -547,10 +577,8 @@ impl<D: Device> CudaBackend<D> {
                     ni,
                 ],
             )?;
-            self.launch(
-                Kernel::Attention,
-                Shape::new((hp.n_head as u32, n as u32), TPB),
-                &[
+            let attention = |quant: &[Arg; 3]| {
+                let mut args = vec![
                     self.a(&s.q),
                     at(STAGING.kptr),
                     at(STAGING.vptr),
@@ -566,47 +594,42 @@ impl<D: Device> CudaBackend<D> {
                     Arg::F32(hp.attn_scale),
                     // 0: every position so far (a window wider than i32 means the same).
                     Arg::I32(i32::try_from(window).unwrap_or(0)),
-                ],
-            )?;
-            self.quantize(s, &s.attn, qd, n)?;
-            self.matmul(s, &[(&l.wo, &s.o)], &s.attn, n)?;
-            if let Some(pn) = &l.post_attn_norm {
-                self.norm_rows(&s.o, pn, d, n, eps)?;
+                ];
+                args.extend(quant);
+                self.launch(Kernel::Attention, Shape::new((hp.n_head as u32, n as u32), TPB), &args)
+            };
+            let [aq, ad, asum] = self.act_args(&s.act);
+            let none = Arg::Ptr(0);
+            if attn_quantizes {
+                attention(&[aq, ad, asum])?;
+            } else {
+                attention(&[none, none, none])?;
+                self.quantize(&s.attn, &s.act, qd, n)?;
             }
-            self.add_norm_quant(s, &s.x, Some(&s.o), &l.ffn_norm, d, n, eps)?;
-            self.matmul(s, &[(&l.gate, &s.g), (&l.up, &s.u)], &s.xn, n)?;
-            let nb = n * ff / 32;
-            self.launch(
-                Kernel::GluQuant,
-                Shape::new((blocks(nb, 4), 1), TPB),
-                &[
-                    self.a(&s.g),
-                    self.a(&s.u),
-                    self.a(&s.act_q),
-                    self.a(&s.act_d),
-                    self.a(&s.act_s),
-                    Arg::I32(nb as i32),
-                    Arg::I32(w.plan.act),
-                ],
-            )?;
-            self.matmul(s, &[(&l.down, &s.down)], &s.g, n)?;
-            if let Some(pn) = &l.post_ffn_norm {
-                self.norm_rows(&s.down, pn, d, n, eps)?;
-            }
-        }
-        if !w.layers.is_empty() {
-            self.add(&s.x, &s.down, n * d)?;
+            self.matmul(&s.act, &[(&l.wo, &s.o)], &s.attn, n)?;
+            // The attention output (post-normed, for Gemma) joins the residual stream.
+            self.add_norm_quant(s, Some(&s.o), l.post_attn_norm.as_ref(), None, &l.ffn_norm, d, n, eps)?;
+            self.gate_up_glu(s, l, ff, n, w.plan.act)?;
+            self.matmul(&s.act_ffn, &[(&l.down, &s.down)], &s.g, n)?;
         }
         if n_last == 0 {
+            // Nothing reads the residual stream after the last layer's caches are written.
             return Ok(());
         }
-        self.launch(
-            Kernel::GatherRows,
-            Shape::new((blocks(d, TPB as usize), n_last as u32), TPB),
-            &[self.a(&s.x), at(STAGING.idx), self.a(&s.h), Arg::I32(d as i32), Arg::I32(n_last as i32)],
+        // The last layer's output joins the residual stream, only in the rows whose
+        // logits are wanted, gathered and normed in the same launch.
+        let last = w.layers.last();
+        self.add_norm_quant(
+            s,
+            last.map(|_| &s.down),
+            last.and_then(|l| l.post_ffn_norm.as_ref()),
+            Some(at(STAGING.idx)),
+            &w.output_norm,
+            d,
+            n_last,
+            eps,
         )?;
-        self.add_norm_quant(s, &s.h, None, &w.output_norm, d, n_last, eps)?;
-        self.matmul(s, &[(w.output(), &s.logits)], &s.xn, n_last)
+        self.matmul(&s.act, &[(w.output(), &s.logits)], &s.xn, n_last)
     }
 
     /// One forward pass. With `sample`, the rows that want logits are sampled on the

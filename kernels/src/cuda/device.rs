@@ -3,56 +3,167 @@
 //! `cuda-emulator` feature adds a CPU emulator that runs the same kernels, so the
 //! backend's host code and the kernels' logic are tested on machines without a GPU.
 
+use crate::gguf::GgmlType;
+
 /// Every kernel the forward pass launches: (name, file) in `kernels/cuda`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     QuantizeAct,
-    MatmulQ,
+    /// The quantized matrix product, one kernel per block type (see [`Kernel::matmul_q`]).
+    MatmulQ(QuantType),
+    /// Gate and up products, the activation and its quantization (`matmul_glu_*`).
+    MatmulGlu(QuantType),
     MatmulF,
     Embed,
     AddNormQuant,
-    AddInplace,
-    GatherRows,
     RopeStore,
     Attention,
     GluQuant,
     RmsNormRows,
-    ScaleInplace,
     SampleRows,
 }
 
+/// The block types with a quantized matrix product kernel: every block type the CPU
+/// backend multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QuantType {
+    pub const ALL: [QuantType; 10] = [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q5_1,
+        QuantType::Q8_0,
+        QuantType::Q2K,
+        QuantType::Q3K,
+        QuantType::Q4K,
+        QuantType::Q5K,
+        QuantType::Q6K,
+    ];
+
+    /// The kernels' type for a GGUF type; `None` for float and unsupported types.
+    pub fn of(ty: GgmlType) -> Option<Self> {
+        Some(match ty {
+            GgmlType::Q4_0 => Self::Q4_0,
+            GgmlType::Q4_1 => Self::Q4_1,
+            GgmlType::Q5_0 => Self::Q5_0,
+            GgmlType::Q5_1 => Self::Q5_1,
+            GgmlType::Q8_0 => Self::Q8_0,
+            GgmlType::Q2_K => Self::Q2K,
+            GgmlType::Q3_K => Self::Q3K,
+            GgmlType::Q4_K => Self::Q4K,
+            GgmlType::Q5_K => Self::Q5K,
+            GgmlType::Q6_K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q2K => GgmlType::Q2_K,
+            Self::Q3K => GgmlType::Q3_K,
+            Self::Q4K => GgmlType::Q4_K,
+            Self::Q5K => GgmlType::Q5_K,
+            Self::Q6K => GgmlType::Q6_K,
+        }
+    }
+}
+
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 29] = [
         Kernel::QuantizeAct,
-        Kernel::MatmulQ,
+        Kernel::MatmulQ(QuantType::Q4_0),
+        Kernel::MatmulQ(QuantType::Q4_1),
+        Kernel::MatmulQ(QuantType::Q5_0),
+        Kernel::MatmulQ(QuantType::Q5_1),
+        Kernel::MatmulQ(QuantType::Q8_0),
+        Kernel::MatmulQ(QuantType::Q2K),
+        Kernel::MatmulQ(QuantType::Q3K),
+        Kernel::MatmulQ(QuantType::Q4K),
+        Kernel::MatmulQ(QuantType::Q5K),
+        Kernel::MatmulQ(QuantType::Q6K),
+        Kernel::MatmulGlu(QuantType::Q4_0),
+        Kernel::MatmulGlu(QuantType::Q4_1),
+        Kernel::MatmulGlu(QuantType::Q5_0),
+        Kernel::MatmulGlu(QuantType::Q5_1),
+        Kernel::MatmulGlu(QuantType::Q8_0),
+        Kernel::MatmulGlu(QuantType::Q2K),
+        Kernel::MatmulGlu(QuantType::Q3K),
+        Kernel::MatmulGlu(QuantType::Q4K),
+        Kernel::MatmulGlu(QuantType::Q5K),
+        Kernel::MatmulGlu(QuantType::Q6K),
         Kernel::MatmulF,
         Kernel::Embed,
         Kernel::AddNormQuant,
-        Kernel::AddInplace,
-        Kernel::GatherRows,
         Kernel::RopeStore,
         Kernel::Attention,
         Kernel::GluQuant,
         Kernel::RmsNormRows,
-        Kernel::ScaleInplace,
         Kernel::SampleRows,
     ];
+
+    /// The quantized matrix product for weights of type `ty`, if the kernels have one.
+    pub fn matmul_q(ty: GgmlType) -> Option<Kernel> {
+        QuantType::of(ty).map(Kernel::MatmulQ)
+    }
+
+    /// The fused gate/up/activation/quantization for FFN weights of type `ty`.
+    pub fn matmul_glu(ty: GgmlType) -> Option<Kernel> {
+        QuantType::of(ty).map(Kernel::MatmulGlu)
+    }
 
     /// The `extern "C"` name in the source.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::QuantizeAct => "quantize_act",
-            Kernel::MatmulQ => "matmul_q",
+            Kernel::MatmulQ(t) => match t {
+                QuantType::Q4_0 => "matmul_q4_0",
+                QuantType::Q4_1 => "matmul_q4_1",
+                QuantType::Q5_0 => "matmul_q5_0",
+                QuantType::Q5_1 => "matmul_q5_1",
+                QuantType::Q8_0 => "matmul_q8_0",
+                QuantType::Q2K => "matmul_q2_k",
+                QuantType::Q3K => "matmul_q3_k",
+                QuantType::Q4K => "matmul_q4_k",
+                QuantType::Q5K => "matmul_q5_k",
+                QuantType::Q6K => "matmul_q6_k",
+            },
+            Kernel::MatmulGlu(t) => match t {
+                QuantType::Q4_0 => "matmul_glu_q4_0",
+                QuantType::Q4_1 => "matmul_glu_q4_1",
+                QuantType::Q5_0 => "matmul_glu_q5_0",
+                QuantType::Q5_1 => "matmul_glu_q5_1",
+                QuantType::Q8_0 => "matmul_glu_q8_0",
+                QuantType::Q2K => "matmul_glu_q2_k",
+                QuantType::Q3K => "matmul_glu_q3_k",
+                QuantType::Q4K => "matmul_glu_q4_k",
+                QuantType::Q5K => "matmul_glu_q5_k",
+                QuantType::Q6K => "matmul_glu_q6_k",
+            },
             Kernel::MatmulF => "matmul_f",
             Kernel::Embed => "embed",
             Kernel::AddNormQuant => "add_norm_quant",
-            Kernel::AddInplace => "add_inplace",
-            Kernel::GatherRows => "gather_rows",
             Kernel::RopeStore => "rope_store",
             Kernel::Attention => "attention",
             Kernel::GluQuant => "glu_quant",
             Kernel::RmsNormRows => "rms_norm_rows",
-            Kernel::ScaleInplace => "scale_inplace",
             Kernel::SampleRows => "sample_rows",
         }
     }
@@ -60,12 +171,10 @@ impl Kernel {
     /// The file (in [`super::SOURCES`]) that defines it.
     pub fn file(self) -> &'static str {
         match self {
-            Kernel::QuantizeAct | Kernel::MatmulQ | Kernel::MatmulF | Kernel::Embed => "quant.cu",
-            Kernel::AddNormQuant
-            | Kernel::AddInplace
-            | Kernel::GatherRows
-            | Kernel::RmsNormRows
-            | Kernel::ScaleInplace => "norm.cu",
+            Kernel::QuantizeAct | Kernel::MatmulQ(_) | Kernel::MatmulGlu(_) | Kernel::MatmulF | Kernel::Embed => {
+                "quant.cu"
+            }
+            Kernel::AddNormQuant | Kernel::RmsNormRows => "norm.cu",
             Kernel::RopeStore => "rope.cu",
             Kernel::Attention => "attention.cu",
             Kernel::GluQuant => "ffn.cu",
@@ -125,6 +234,8 @@ pub enum CudaError {
     UnsupportedShape(String),
     #[error("the CUDA backend does not run the `{0}` architecture yet; use the CPU backend")]
     UnsupportedArch(&'static str),
+    #[error("the CUDA backend has no matrix product for {0} weights (tensor {1}); use the CPU backend")]
+    UnsupportedType(GgmlType, String),
     #[error("known-answer self-test failed: {0}")]
     SelfTest(String),
     #[error(transparent)]

@@ -2,6 +2,11 @@
 //! compiled by the host C++ compiler against `cuda/emu/emu.h`, which runs each CUDA
 //! thread as a fiber. Device addresses are host addresses. Slow, and only for tests:
 //! it checks the backend's host code and the kernels' logic without a GPU.
+//!
+//! It refuses what the hardware leaves undefined (a full-mask shuffle after a lane of
+//! the warp exited, divergent shuffles, deadlocked barriers) with a launch error, and
+//! runs the blocks of each launch in a different seeded order, so a kernel whose blocks
+//! depend on each other's order gives wrong results here rather than only on a GPU.
 
 use std::alloc::Layout;
 use std::ffi::{CString, c_char, c_int, c_uint};
@@ -16,7 +21,23 @@ unsafe extern "C" {
         block: *const c_uint,
         args: *const u64,
         nargs: c_int,
+        order_seed: u64,
     ) -> c_int;
+    fn sampo_emu_last_error() -> *const c_char;
+}
+
+/// What a failed emulator launch's code means (emu.cpp `sampo_emu_launch`).
+fn launch_failure(code: c_int) -> &'static str {
+    match code {
+        -1 => "no such kernel in the emulator",
+        -2 => "wrong number of arguments",
+        -3 => "bad launch shape",
+        -4 => "full-mask warp shuffle or __syncwarp after a lane of the warp exited",
+        -5 => "lanes of one warp met at different shuffle call sites (divergent shuffles)",
+        -6 => "a warp mask other than 0xffffffff",
+        -7 => "deadlock at a barrier",
+        _ => "unknown emulator failure",
+    }
 }
 
 /// Host memory standing in for device memory.
@@ -63,12 +84,27 @@ pub enum FaultWhen {
     Replay { rows: u32 },
 }
 
-#[derive(Default)]
 pub struct EmuDevice {
     capture: Mutex<Option<Launches>>,
     fault: Option<(Fault, FaultWhen)>,
     launches: std::sync::atomic::AtomicU64,
+    /// Seeds each launch's block order (with the launch's number); `None`: in order.
+    block_order: Option<u64>,
 }
+
+impl Default for EmuDevice {
+    fn default() -> Self {
+        Self {
+            capture: Mutex::new(None),
+            fault: None,
+            launches: std::sync::atomic::AtomicU64::new(0),
+            block_order: Some(DEFAULT_ORDER_SEED),
+        }
+    }
+}
+
+/// The default block-order seed: fixed, so a failure reproduces run after run.
+const DEFAULT_ORDER_SEED: u64 = 0x5a3b_0c0d_e0de_1234;
 
 impl EmuDevice {
     pub fn new() -> Self {
@@ -98,15 +134,43 @@ impl EmuDevice {
         }
     }
 
+    /// Blocks in the order of permutations seeded by `seed` (a different one for each
+    /// launch), or one after another in index order with `None`.
+    pub fn with_block_order(mut self, seed: Option<u64>) -> Self {
+        self.block_order = seed;
+        self
+    }
+
     /// Kernels run so far (replays count each kernel).
     pub fn launches(&self) -> u64 {
         self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Launch a kernel by its `extern "C"` name: the backend's kernels and the
+    /// emulator's test-only ones (`kernels/cuda/emu/faults.cu`).
+    pub fn launch_named(&self, name: &'static str, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        self.run_named(name, shape, args)
+    }
+
     fn run(&self, kernel: Kernel, shape: Shape, args: &[Arg], replaying: bool) -> Result<(), CudaError> {
-        let name = CString::new(kernel.name())
-            .map_err(|_| CudaError::Launch { kernel: kernel.name(), reason: "name".into() })?;
+        self.run_named(kernel.name(), shape, args)?;
+        if let Some((f, when)) = self.fault
+            && f.kernel == kernel
+            && Self::strikes(when, shape, args, replaying)
+            && let Some(Arg::Ptr(p)) = args.get(f.arg)
+        {
+            // SAFETY: the argument is an output buffer of at least one float.
+            unsafe { *(*p as *mut u32) ^= 0x8000_0000 };
+        }
+        Ok(())
+    }
+
+    fn run_named(&self, kernel: &'static str, shape: Shape, args: &[Arg]) -> Result<(), CudaError> {
+        let name = CString::new(kernel).map_err(|_| CudaError::Launch { kernel, reason: "name".into() })?;
         let slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let n = self.launches.load(std::sync::atomic::Ordering::Relaxed);
+        // Never 0 (which means in order) for a shuffled launch.
+        let seed = self.block_order.map_or(0, |s| (s ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).max(1));
         // SAFETY: the kernel reads and writes the addresses it is given, which the
         // backend sized for this launch (the same contract as a GPU launch).
         let code = unsafe {
@@ -116,20 +180,18 @@ impl EmuDevice {
                 shape.block.as_ptr(),
                 slots.as_ptr(),
                 slots.len() as c_int,
+                seed,
             )
         };
         if code != 0 {
-            return Err(CudaError::Launch { kernel: kernel.name(), reason: format!("emulator code {code}") });
+            // SAFETY: a NUL-terminated string owned by this thread's emulator state,
+            // valid until its next launch; copied at once.
+            let detail = unsafe { std::ffi::CStr::from_ptr(sampo_emu_last_error()) }.to_string_lossy().into_owned();
+            let what = launch_failure(code);
+            let reason = if detail.is_empty() { what.to_owned() } else { format!("{what}: {detail}") };
+            return Err(CudaError::Launch { kernel, reason });
         }
         self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some((f, when)) = self.fault
-            && f.kernel == kernel
-            && Self::strikes(when, shape, args, replaying)
-            && let Some(Arg::Ptr(p)) = args.get(f.arg)
-        {
-            // SAFETY: the argument is an output buffer of at least one float.
-            unsafe { *(*p as *mut u32) ^= 0x8000_0000 };
-        }
         Ok(())
     }
 }

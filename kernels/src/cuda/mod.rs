@@ -14,7 +14,7 @@ pub mod emu;
 pub mod nvrtc;
 
 pub use backend::{CudaBackend, known_answer_test};
-pub use device::{CudaError, Device, Kernel};
+pub use device::{CudaError, Device, Kernel, QuantType};
 pub use driver::{CudaOptions, CudarcDevice};
 
 /// The shared header, included by every kernel file.
