@@ -1,7 +1,8 @@
 //! Gossip propagation latency and time to full discovery on loopback:
 //! `cargo run --release -p sampo-p2p --example mesh_bench [sizes...]` (default 10 25 50).
 //! Every node knows only the previous node's address; discovery is Kademlia plus the
-//! node announcements.
+//! node announcements. Announcement interval max(1, N / 10) s; `MESH_TARGET` sets the
+//! dial target (default 24).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ type Arrivals = Arc<Mutex<HashMap<Hash32, Vec<Instant>>>>;
 
 async fn start(
     i: usize,
+    n: usize,
     bootstrap: Option<sampo_p2p::Multiaddr>,
     arrivals: Arrivals,
 ) -> (P2pHandle, sampo_p2p::Multiaddr) {
@@ -24,7 +26,10 @@ async fn start(
     let cfg = P2pConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
         bootstrap: bootstrap.into_iter().collect(),
-        announce_interval: Duration::from_secs(1),
+        // Every node re-announces itself to all: N² signed messages per interval, so
+        // the interval grows with N (as a testnet's does); a new node is heard at once
+        // all the same (its first announcement goes out to its first listener).
+        announce_interval: Duration::from_secs((n as u64 / 10).max(1)),
         discovery_interval: Duration::from_secs(1),
         // Every node is on 127.0.0.1.
         allow_private_addresses: true,
@@ -84,7 +89,7 @@ async fn main() {
         let mut nodes = Vec::new();
         let mut prev = None;
         for i in 0..n {
-            let (h, a) = start(i, prev.take(), arrivals.clone()).await;
+            let (h, a) = start(i, n, prev.take(), arrivals.clone()).await;
             prev = Some(a);
             nodes.push(h);
         }
@@ -96,10 +101,20 @@ async fn main() {
                 let seen: Vec<usize> = nodes.iter().map(|h| h.live_nodes().len()).collect();
                 let mut mesh = Vec::new();
                 let mut conns = Vec::new();
+                let mut negative = Vec::new();
                 for h in &nodes {
                     mesh.push(h.mesh_peers(GossipTopic::Nodes).await.map_or(0, |p| p.len()));
-                    conns.push(h.connected_peers().await.map_or(0, |p| p.len()));
+                    let peers = h.connected_peers().await.unwrap_or_default();
+                    conns.push(peers.len());
+                    let mut neg = 0;
+                    for p in peers {
+                        if h.peer_score(p).await.ok().flatten().is_some_and(|s| s < 0.0) {
+                            neg += 1;
+                        }
+                    }
+                    negative.push(neg);
                 }
+                eprintln!("peers with a negative score: {negative:?}");
                 panic!(
                     "discovery did not complete in 60 s: registry sizes {seen:?}, nodes-topic mesh sizes {mesh:?}, connections {conns:?}"
                 );

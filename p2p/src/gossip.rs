@@ -205,6 +205,9 @@ pub fn score_params(whitelist: std::collections::HashSet<std::net::IpAddr>) -> g
         ip_colocation_factor_threshold: IP_COLOCATION_THRESHOLD,
         ip_colocation_factor_whitelist: whitelist,
         behaviour_penalty_weight: -10.0,
+        // Honest peers break a few IHAVE promises when a connection is pruned or a
+        // machine stalls; only a habit of it costs score (Lighthouse uses 6 too).
+        behaviour_penalty_threshold: BEHAVIOUR_PENALTY_THRESHOLD,
         behaviour_penalty_decay: decay_per_tick(PENALTY_HALF_LIFE),
         ..gossipsub::PeerScoreParams::default()
     };
@@ -212,6 +215,10 @@ pub fn score_params(whitelist: std::collections::HashSet<std::net::IpAddr>) -> g
     p.topics.insert(rounds_topic().hash(), topic_params(1.0));
     p
 }
+
+/// Misbehaviours (GRAFTs in backoff, broken IHAVE promises) a peer may commit before
+/// they cost score.
+pub const BEHAVIOUR_PENALTY_THRESHOLD: f64 = 6.0;
 
 /// Peers one IP may hold before the colocation penalty starts.
 pub const IP_COLOCATION_THRESHOLD: f64 = 3.0;

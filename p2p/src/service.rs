@@ -511,6 +511,7 @@ pub async fn spawn(
         subscribed_models: HashSet::new(),
         peers: PeerSet::default(),
         named,
+        unheard: true,
     };
     tokio::spawn(actor.run(cmd_rx).instrument(info_span!("p2p-swarm", %peer_id)));
     Ok((P2pHandle { tx: cmd_tx, peer_id, registry, admission }, ev_rx))
@@ -538,6 +539,8 @@ struct Actor {
     peers: PeerSet,
     /// Peers the operator named (bootstrap, explicit dials): never pruned.
     named: HashSet<PeerId>,
+    /// The last announcement found nobody on the nodes topic.
+    unheard: bool,
 }
 
 impl Actor {
@@ -698,7 +701,8 @@ impl Actor {
             r.observe(self.key.peer_id(), ann, now_ms());
         }
         match self.swarm.behaviour_mut().gossipsub.publish(gossip::nodes_topic(), env.to_bytes()) {
-            Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Ok(_) => self.unheard = false,
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => self.unheard = true,
             Err(e) => debug!(error = %e, "announcement not published"),
         }
     }
@@ -756,8 +760,18 @@ impl Actor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => {
                 self.metrics.record(&ev);
-                if let gossipsub::Event::Message { propagation_source, message_id, message } = ev {
-                    self.gossip_message(propagation_source, message_id, message);
+                match ev {
+                    gossipsub::Event::Message { propagation_source, message_id, message } => {
+                        self.gossip_message(propagation_source, message_id, message);
+                    }
+                    // The first listener of the nodes topic hears this node at once, not
+                    // an announcement interval later: a new node is known in one hop.
+                    gossipsub::Event::Subscribed { topic, .. }
+                        if self.unheard && topic == gossip::nodes_topic().hash() =>
+                    {
+                        self.announce();
+                    }
+                    _ => {}
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fetch(ev)) => self.fetch_event(ev),

@@ -133,9 +133,13 @@ async fn twelve_nodes_discover_each_other_and_gossip_reaches_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_stay_bounded_while_discovery_and_gossip_reach_everyone() {
     // A star: all bootstrap through node 0, which so gets every other node's dial.
-    const N: usize = 20;
+    const N: usize = 16;
     let target = 4;
-    let bounded = |b: Option<&Multiaddr>| P2pConfig { target_connections: target, ..cfg(b) };
+    let bounded = |b: Option<&Multiaddr>| P2pConfig {
+        target_connections: target,
+        announce_interval: Duration::from_secs(1),
+        ..cfg(b)
+    };
     let mut nodes = vec![start(key(0), bounded(None)).await];
     let hub = nodes[0].addr.clone();
     for i in 1..N as u8 {
