@@ -4,7 +4,7 @@
 
 // The residual add, RMSNorm and the activation quantization of the normed row, in one
 // warp per row: x += add (when add is not null), the added row first RMS-normed with
-// weights add_w when those are given (a block's post-norm: rms_norm_rows' arithmetic,
+// weights add_w when those are given (a block's post-norm: the arithmetic below,
 // without writing the normed row back); y_i = (x_i * scale) * w_i with
 // scale = 1 / sqrt(ss / n + eps), ss the canonical sum of squares; then each block of
 // 32 of y quantized (sampo_quantize_block). Output row j is input row idx[j] (all rows
@@ -49,22 +49,4 @@ extern "C" __global__ void add_norm_quant(float* __restrict__ x, const float* __
         yr[i] = v;
         sampo_quantize_block(v, qs, d_out, s_out, (size_t)j * nb + b, lane);
     }
-}
-
-// RMSNorm in place of each row of `n` floats, one warp per row, with add_norm_quant's
-// arithmetic (canonical sum of squares, y_i = (x_i * scale) * w_i): the QK-norm of each
-// head (rows of head_dim) and the post-norms of a block's output (rows of n_embd).
-extern "C" __global__ void rms_norm_rows(float* __restrict__ x, const float* __restrict__ w, int n, int rows,
-                                         float eps) {
-    const int r = blockIdx.x * (blockDim.x / SAMPO_LANES) + threadIdx.x / SAMPO_LANES;
-    const int lane = threadIdx.x % SAMPO_LANES;
-    if (r >= rows) return;
-    float* xr = x + (size_t)r * n;
-    float l = 0.0f;
-    for (int i = lane; i < n; i += SAMPO_LANES) l = __fadd_rn(l, __fmul_rn(xr[i], xr[i]));
-    const float ss = sampo_butterfly(l);
-    const float mean = __fdiv_rn(ss, (float)n);
-    const float scale = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
-    // Each lane rewrites only the elements it summed.
-    for (int i = lane; i < n; i += SAMPO_LANES) xr[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
 }

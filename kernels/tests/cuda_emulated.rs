@@ -10,7 +10,7 @@ use std::sync::Arc;
 use sampo_kernels::cuda::emu::{EmuDevice, Fault, FaultWhen};
 use sampo_kernels::cuda::{CudaBackend, CudaError, Kernel, known_answer_test};
 use sampo_kernels::gguf::{GgmlType, GgufFile};
-use sampo_kernels::synth::{SynthSpec, synthesize};
+use sampo_kernels::synth::{SynthArch, SynthSpec, synthesize};
 use sampo_kernels::{Backend, BatchItem, CpuBackend, Engine, Model, ModelError, SamplingParams, Sequence};
 
 fn synth() -> Arc<Model> {
@@ -542,16 +542,20 @@ fn gemma3_generation_and_multi_pass_prompts_are_the_cpu_tokens() {
 }
 
 #[test]
-fn gemma3_known_answer_passes_and_a_faulty_norm_is_refused() {
+fn gemma3_known_answer_passes_and_a_faulty_attention_or_norm_is_refused() {
     let m = synth_gemma3();
     let ok = known_answer_test(&CudaBackend::new(EmuDevice::new()), &m).expect("a correct device passes");
     assert!(ok.logits_compared >= 6 * m.hp.n_vocab, "{ok:?}");
-    // A device whose per-head/post norm flips a sign is caught: Gemma's own kernels
-    // are part of what the self-test checks.
-    let bad = CudaBackend::new(EmuDevice::with_fault(Fault { kernel: Kernel::RmsNormRows, arg: 0 }));
-    match known_answer_test(&bad, &m) {
-        Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{why}"),
-        other => panic!("a faulty device must fail the self-test: {other:?}"),
+    // A device whose attention (QK-norm, RoPE and the cache append ride in it) or
+    // post-norm (in add_norm_quant) flips a sign is caught: Gemma's own steps are part
+    // of what the self-test checks. Heads of 32: attention quantizes its output, and the
+    // output projection reads the quantized blocks (argument 15, their scales).
+    for fault in [Fault { kernel: Kernel::Attention, arg: 15 }, Fault { kernel: Kernel::AddNormQuant, arg: 0 }] {
+        let bad = CudaBackend::new(EmuDevice::with_fault(fault));
+        match known_answer_test(&bad, &m) {
+            Err(CudaError::SelfTest(why)) => assert!(why.contains("logit"), "{fault:?}: {why}"),
+            other => panic!("a faulty device must fail the self-test ({fault:?}): {other:?}"),
+        }
     }
 }
 
@@ -897,18 +901,72 @@ fn decode_step_launch_counts_are_pinned() {
     // Fewer, fuller launches: each is a kernel the GPU must start and drain. A fusion
     // that is undone (or a new launch) shows here; update the numbers on purpose only.
     // SmolLM2-like (Llama): heads of 64, every matrix Q4_1 (q/k/v in one launch).
-    // Per layer: add_norm_quant, matmul_q (q/k/v), rope_store, attention (quantizing
-    // its output), matmul_q (o), add_norm_quant, matmul_glu (gate/up/SiLU/quantize),
-    // matmul_q (down). Fixed: embed, add_norm_quant (last add, gather, output norm),
-    // matmul_q (head). Before the fusions: 10 per layer and 5 fixed.
+    // Per layer: add_norm_quant, matmul_q (q/k/v), attention (RoPE, the cache append,
+    // and quantizing its output), matmul_q (o), add_norm_quant, matmul_glu
+    // (gate/up/SiLU/quantize), matmul_q (down). Fixed: embed, add_norm_quant (last add,
+    // gather, output norm), matmul_q (head). Before the fusions: 10 per layer and 5
+    // fixed; 8 with rope_store a launch of its own.
     let llama =
         SynthSpec { n_embd: 128, n_head: 2, n_head_kv: 1, weights: Some(GgmlType::Q4_1), ..SynthSpec::default() };
     // The synthetic Gemma 3 (heads of 32; q/k Q4_1 but v Q4_0, so q/k/v take two
-    // launches): Llama's 8, plus the second q/k/v launch, QK-norm's two rms_norm_rows;
-    // the post-norms ride in add_norm_quant and the embedding scale in embed. Before:
-    // 15 per layer and 6 fixed.
+    // launches): Llama's 7, plus the second q/k/v launch; QK-norm rides in attention,
+    // the post-norms in add_norm_quant and the embedding scale in embed. Before: 15 per
+    // layer and 6 fixed; 11 with QK-norm's two rms_norm_rows and rope_store.
     let gemma = SynthSpec::gemma3();
     let got = (launches_per_layer_and_fixed(&llama), launches_per_layer_and_fixed(&gemma));
     eprintln!("decode launches (per layer, fixed): Llama {:?}, Gemma 3 {:?}", got.0, got.1);
-    assert_eq!(got, ((8, 3), (11, 3)));
+    assert_eq!(got, ((7, 3), (8, 3)));
+}
+
+/// One sequence prefilled to each length (passes of at most MAX_ROWS rows, so 600 takes
+/// three: positions of earlier passes come from the cache, this pass's from its own k/v
+/// rows), then two decode steps (a graph captured, then replayed): every logit the CPU's
+/// bits.
+fn lengths_are_the_cpu_bits(m: &Model, gpu: &dyn Backend, lengths: &[usize], what: &str) {
+    let t0 = std::time::Instant::now();
+    for &len in lengths {
+        let steps = vec![vec![tokens(m, len, len as u64)], vec![vec![5]], vec![vec![9]]];
+        same_bits_over_steps(m, gpu, &steps, &format!("{what}, context of {len}"));
+    }
+    eprintln!("{what}: contexts of {lengths:?} in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Attention's paths by context length: fewer than the 32 lanes of the softmax sum,
+/// exactly 32, one more (a lane's second term), 64/65, and long contexts (200, 600:
+/// several positions per warp of the scores, many terms per lane); scores in shared memory and, with that
+/// room cut to 40 positions, in global memory; a sliding window narrower and wider than
+/// 32. Heads of 64 (Llama-like, GQA 2:1, output quantized in the kernel) and of 32
+/// (Gemma-like: QK-norm, neox RoPE, local and global layers).
+#[test]
+fn attention_across_context_lengths_is_the_cpu_bits() {
+    let t0 = std::time::Instant::now();
+    let model = |spec: SynthSpec| {
+        Model::from_gguf(GgufFile::from_bytes(synthesize(&SynthSpec { n_ctx: 640, ..spec })).expect("gguf"))
+            .expect("model")
+    };
+    let all = [1usize, 31, 32, 33, 64, 65, 200, 600];
+    let llama = model(SynthSpec { n_embd: 128, n_head: 2, n_head_kv: 1, n_layer: 1, ..SynthSpec::default() });
+    assert_eq!(llama.hp.head_dim, 64);
+    lengths_are_the_cpu_bits(&llama, &CudaBackend::new(EmuDevice::new()), &all, "llama");
+    // Scores past 40 positions spill to global memory.
+    let spill = CudaBackend::new(EmuDevice::new()).with_shared_scores(40);
+    lengths_are_the_cpu_bits(&llama, &spill, &[40, 41, 65], "llama, scores in global memory");
+    // Rows of one sequence split over passes of 7: each pass reads the cache for the
+    // positions before it and its own rows for the rest.
+    lengths_are_the_cpu_bits(
+        &llama,
+        &CudaBackend::new(EmuDevice::new()).with_max_rows(7),
+        &[33, 65],
+        "llama, passes of 7",
+    );
+    // The synthetic Gemma 3 (window 8) and one whose window (40) is wider than 32; six
+    // layers: five local, the last global.
+    let gemma = model(SynthSpec { n_layer: 6, ..SynthSpec::gemma3() });
+    lengths_are_the_cpu_bits(&gemma, &CudaBackend::new(EmuDevice::new()), &[1, 32, 33, 65], "gemma, window 8");
+    let wide =
+        SynthSpec { n_layer: 6, arch: SynthArch::Gemma3 { head_dim: 32, sliding_window: 40 }, ..SynthSpec::gemma3() };
+    let wide = model(wide);
+    assert!(wide.layers.iter().any(|l| l.local) && wide.layers.iter().any(|l| !l.local));
+    lengths_are_the_cpu_bits(&wide, &CudaBackend::new(EmuDevice::new()), &[31, 33, 41, 65], "gemma, window 40");
+    eprintln!("attention across context lengths on the emulator: {:.1} s", t0.elapsed().as_secs_f64());
 }

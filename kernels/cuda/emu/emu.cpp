@@ -17,7 +17,6 @@
 // The kernels, unchanged.
 #include "../quant.cu"
 #include "../norm.cu"
-#include "../rope.cu"
 #include "../attention.cu"
 #include "../ffn.cu"
 #include "../sampling.cu"
@@ -397,10 +396,8 @@ const Entry kKernels[] = {
     entry("matmul_f", matmul_f),
     entry("embed", embed),
     entry("add_norm_quant", add_norm_quant),
-    entry("rope_store", rope_store),
     entry("attention", attention),
     entry("glu_quant", glu_quant),
-    entry("rms_norm_rows", rms_norm_rows),
     entry("sample_rows", sample_rows),
     entry("emu_fault_exited_lane", emu_fault_exited_lane),
     entry("emu_fault_divergent_shuffle", emu_fault_divergent_shuffle),

@@ -25,6 +25,13 @@ pub const GRAPH_MAX_ROWS: usize = 64;
 
 const TPB: u32 = 128;
 
+/// Threads of an attention block (attention.cu SAMPO_ATTN_WARPS warps): one block per
+/// (head, row); a head is at most this wide (one thread per output element).
+const ATTN_THREADS: usize = 256;
+/// Floats of an attention block's shared memory (attention.cu SAMPO_ATTN_SMEM): the
+/// rotated q head, then the scores of as many positions as fit.
+const ATTN_SMEM: usize = 11264;
+
 fn blocks(n: usize, per: usize) -> u32 {
     n.div_ceil(per) as u32
 }
@@ -76,7 +83,7 @@ struct Weights<D: Device> {
 struct Plan {
     /// `glu_quant`'s activation: 0 SiLU, 1 GELU (ffn.cu).
     act: i32,
-    /// `rope_store` pairs `(i, i + rope_dim/2)` instead of `(2i, 2i+1)`.
+    /// RoPE (in `attention`) pairs `(i, i + rope_dim/2)` instead of `(2i, 2i+1)`.
     neox: bool,
     embd_scale: Option<f32>,
 }
@@ -126,6 +133,9 @@ struct StagingLayout {
     pos: usize,
     tokens: usize,
     idx: usize,
+    /// Per row: the row of this pass where its sequence's rows begin (attention reads
+    /// this pass's k and v from there, not from the cache it writes).
+    run: usize,
     bytes: usize,
 }
 
@@ -136,7 +146,8 @@ const STAGING: StagingLayout = StagingLayout {
     pos: 20 * MAX_ROWS,
     tokens: 24 * MAX_ROWS,
     idx: 28 * MAX_ROWS,
-    bytes: 32 * MAX_ROWS,
+    run: 32 * MAX_ROWS,
+    bytes: 36 * MAX_ROWS,
 };
 
 struct ModelState<D: Device> {
@@ -173,6 +184,9 @@ pub struct CudaBackend<D: Device> {
     stats: Mutex<GraphStats>,
     use_graphs: bool,
     max_rows: usize,
+    /// Positions whose attention scores stay in shared memory (more go to global
+    /// scratch); lowered only by tests, to reach the global path with short contexts.
+    shared_scores: usize,
 }
 
 impl<D: Device> CudaBackend<D> {
@@ -184,7 +198,15 @@ impl<D: Device> CudaBackend<D> {
             stats: Mutex::new(GraphStats::default()),
             use_graphs: true,
             max_rows: MAX_ROWS,
+            shared_scores: ATTN_SMEM,
         }
+    }
+
+    /// Keep at most `n` positions' attention scores in shared memory (tests: the path
+    /// of long contexts, whose scores spill to global memory, with short ones).
+    pub fn with_shared_scores(mut self, n: usize) -> Self {
+        self.shared_scores = n.min(ATTN_SMEM);
+        self
     }
 
     /// Fewer rows per pass (at most [`MAX_ROWS`]): tests exercise multi-pass prompts
@@ -256,6 +278,14 @@ impl<D: Device> CudaBackend<D> {
         // Each warp of the fused norm/quantize kernels owns whole blocks of 32.
         if !d.is_multiple_of(32) || !ff.is_multiple_of(32) || !qd.is_multiple_of(32) {
             return Err(CudaError::UnsupportedShape(format!("n_embd {d}, n_ff {ff} and q_dim {qd}")));
+        }
+        // An attention block has a thread per element of a head; RoPE rotates pairs.
+        let hd = hp.head_dim;
+        if hd == 0 || hd > ATTN_THREADS || !hd.is_multiple_of(2) || hp.rope_dim > hd {
+            return Err(CudaError::UnsupportedShape(format!(
+                "head_dim {hd} (rope_dim {}): attention takes even widths up to {ATTN_THREADS}",
+                hp.rope_dim
+            )));
         }
         let flat = |t: &[(f32, f32)]| -> Vec<f32> { t.iter().flat_map(|&(c, s)| [c, s]).collect() };
         let opt = |v: &Option<Vec<f32>>| v.as_deref().map(|v| self.buf_f32(v)).transpose();
@@ -498,15 +528,6 @@ impl<D: Device> CudaBackend<D> {
         self.launch(Kernel::GluQuant, Shape::new((blocks(nb, 4), 1), TPB), &args)
     }
 
-    /// RMSNorm in place of `rows` rows of `cols` floats (QK-norm per head, post-norms).
-    fn norm_rows(&self, x: &D::Buffer, w: &D::Buffer, cols: usize, rows: usize, eps: f32) -> Result<(), CudaError> {
-        self.launch(
-            Kernel::RmsNormRows,
-            Shape::new((blocks(rows, 4), 1), TPB),
-            &[self.a(x), self.a(w), Arg::I32(cols as i32), Arg::I32(rows as i32), Arg::F32(eps)],
-        )
-    }
-
     /// Queue the whole pass for `n` staged rows, `n_last` of which want logits. What
     /// differs between architectures comes from the uploaded weights and their plan.
     fn encode(
@@ -517,7 +538,7 @@ impl<D: Device> CudaBackend<D> {
         n: usize,
         n_last: usize,
     ) -> Result<(), CudaError> {
-        let (d, kvd, ff, hd, qd) = (hp.n_embd, hp.kv_dim(), hp.n_ff, hp.head_dim, hp.q_dim());
+        let (d, ff, hd, qd) = (hp.n_embd, hp.n_ff, hp.head_dim, hp.q_dim());
         let half = hp.rope_dim / 2;
         let st = self.dev.addr(&s.staging);
         let at = |off: usize| Arg::Ptr(st + off as u64);
@@ -548,35 +569,15 @@ impl<D: Device> CudaBackend<D> {
             let post = prev.and_then(|p| p.post_ffn_norm.as_ref());
             self.add_norm_quant(s, prev.map(|_| &s.down), post, None, &l.attn_norm, d, n, eps)?;
             self.matmul(&s.act, &[(&l.wq, &s.q), (&l.wk, &s.k), (&l.wv, &s.v)], &s.xn, n)?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                self.norm_rows(&s.q, qn, hd, n * hp.n_head, eps)?;
-                self.norm_rows(&s.k, kn, hd, n * hp.n_head_kv, eps)?;
-            }
             let (table, window) = match (l.local, &w.rope_local) {
                 (true, Some(t)) => (t, hp.sliding_window),
                 _ => (&w.rope, 0),
             };
-            self.launch(
-                Kernel::RopeStore,
-                Shape::new((blocks(hp.n_head * half + kvd / 2 + kvd, TPB as usize), n as u32), TPB),
-                &[
-                    self.a(&s.q),
-                    self.a(&s.k),
-                    self.a(&s.v),
-                    self.a(table),
-                    at(STAGING.pos),
-                    at(STAGING.kptr),
-                    at(STAGING.vptr),
-                    at(STAGING.cap),
-                    Arg::I32(li as i32),
-                    Arg::I32(hp.n_head as i32),
-                    Arg::I32(hp.n_head_kv as i32),
-                    Arg::I32(hd as i32),
-                    Arg::I32(half as i32),
-                    Arg::I32(i32::from(w.plan.neox)),
-                    ni,
-                ],
-            )?;
+            // QK-norm, RoPE, the cache append and attention: one launch.
+            let (q_norm, k_norm) = match (&l.q_norm, &l.k_norm) {
+                (Some(qn), Some(kn)) => (self.a(qn), self.a(kn)),
+                _ => (Arg::Ptr(0), Arg::Ptr(0)),
+            };
             let attention = |quant: &[Arg; 3]| {
                 let mut args = vec![
                     self.a(&s.q),
@@ -596,7 +597,19 @@ impl<D: Device> CudaBackend<D> {
                     Arg::I32(i32::try_from(window).unwrap_or(0)),
                 ];
                 args.extend(quant);
-                self.launch(Kernel::Attention, Shape::new((hp.n_head as u32, n as u32), TPB), &args)
+                args.extend([
+                    self.a(&s.k),
+                    self.a(&s.v),
+                    at(STAGING.run),
+                    self.a(table),
+                    Arg::I32(half as i32),
+                    Arg::I32(i32::from(w.plan.neox)),
+                    q_norm,
+                    k_norm,
+                    Arg::F32(eps),
+                    Arg::I32(self.shared_scores as i32),
+                ]);
+                self.launch(Kernel::Attention, Shape::new((hp.n_head as u32, n as u32), ATTN_THREADS as u32), &args)
             };
             let [aq, ad, asum] = self.act_args(&s.act);
             let none = Arg::Ptr(0);
@@ -706,7 +719,11 @@ impl<D: Device> CudaBackend<D> {
             let n = chunk.len();
             let mut staging = vec![0u8; STAGING.bytes];
             let mut wants = Vec::new();
+            // Where each item's rows of this pass begin (plan_rows keeps them together).
+            let mut run_of: HashMap<usize, i32> = HashMap::new();
             for (j, &(i, pos, tok)) in chunk.iter().enumerate() {
+                let run = *run_of.entry(i).or_insert(j as i32);
+                staging[STAGING.run + 4 * j..][..4].copy_from_slice(&run.to_le_bytes());
                 let (kp, vp, cap) = caches[i];
                 staging[STAGING.kptr + 8 * j..][..8].copy_from_slice(&kp.to_le_bytes());
                 staging[STAGING.vptr + 8 * j..][..8].copy_from_slice(&vp.to_le_bytes());

@@ -16,10 +16,9 @@ pub enum Kernel {
     MatmulF,
     Embed,
     AddNormQuant,
-    RopeStore,
+    /// QK-norm, RoPE, the KV-cache append and attention, in one kernel.
     Attention,
     GluQuant,
-    RmsNormRows,
     SampleRows,
 }
 
@@ -87,7 +86,7 @@ impl QuantType {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 29] = [
+    pub const ALL: [Kernel; 27] = [
         Kernel::QuantizeAct,
         Kernel::MatmulQ(QuantType::Q4_0),
         Kernel::MatmulQ(QuantType::Q4_1),
@@ -112,10 +111,8 @@ impl Kernel {
         Kernel::MatmulF,
         Kernel::Embed,
         Kernel::AddNormQuant,
-        Kernel::RopeStore,
         Kernel::Attention,
         Kernel::GluQuant,
-        Kernel::RmsNormRows,
         Kernel::SampleRows,
     ];
 
@@ -160,10 +157,8 @@ impl Kernel {
             Kernel::MatmulF => "matmul_f",
             Kernel::Embed => "embed",
             Kernel::AddNormQuant => "add_norm_quant",
-            Kernel::RopeStore => "rope_store",
             Kernel::Attention => "attention",
             Kernel::GluQuant => "glu_quant",
-            Kernel::RmsNormRows => "rms_norm_rows",
             Kernel::SampleRows => "sample_rows",
         }
     }
@@ -174,8 +169,7 @@ impl Kernel {
             Kernel::QuantizeAct | Kernel::MatmulQ(_) | Kernel::MatmulGlu(_) | Kernel::MatmulF | Kernel::Embed => {
                 "quant.cu"
             }
-            Kernel::AddNormQuant | Kernel::RmsNormRows => "norm.cu",
-            Kernel::RopeStore => "rope.cu",
+            Kernel::AddNormQuant => "norm.cu",
             Kernel::Attention => "attention.cu",
             Kernel::GluQuant => "ffn.cu",
             Kernel::SampleRows => "sampling.cu",

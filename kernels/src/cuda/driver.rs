@@ -6,10 +6,12 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, result, sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, HostSlice, PinnedHostSlice, result, sys,
+};
 
 use super::device::{Arg, CudaError, Device, Kernel, Shape};
 use super::nvrtc::Nvrtc;
@@ -229,6 +231,11 @@ impl Drop for GpuGraph {
     }
 }
 
+/// Bytes of the pinned staging buffer: room for the per-pass staging arrays, the
+/// sampler's parameter words and the sampled ids (each a few KiB); larger copies (weights,
+/// logits) take the pageable path.
+const PINNED_BYTES: usize = 64 * 1024;
+
 pub struct CudarcDevice {
     ctx: Arc<CudaContext>,
     /// Every copy and launch, in order; graphs are captured from it.
@@ -243,6 +250,15 @@ pub struct CudarcDevice {
     pub build: KernelBuild,
     /// Dropped buffers, freed by [`Self::reap`].
     graveyard: Arc<Graveyard<CudaSlice<u8>>>,
+    /// Page-locked host memory that every small copy goes through: from pageable memory
+    /// the driver first copies into a pinned buffer of its own, synchronously, on every
+    /// call; from here the copy is one DMA. Its event (cudarc's, recorded after each copy
+    /// out of or into it) is waited on before it is written again. `None` where it could
+    /// not be allocated: then every copy takes the pageable path, as before.
+    pinned: Mutex<Option<PinnedHostSlice<u8>>>,
+    /// A graph is being captured on `stream`: copies stay on the pageable path, so no
+    /// graph ever holds a copy out of the reused buffer (none is made during capture).
+    capturing: AtomicBool,
 }
 
 fn drv(call: &'static str) -> impl Fn(result::DriverError) -> CudaError {
@@ -434,7 +450,47 @@ impl CudarcDevice {
         }
         let bound = ctx.clone();
         let graveyard = Arc::new(Graveyard::new(move || bind_quietly(&bound)));
-        Ok(Self { ctx, stream, mem, funcs, name, cc, build, graveyard })
+        let pinned = Mutex::new(Self::alloc_staging(&ctx));
+        Ok(Self { ctx, stream, mem, funcs, name, cc, build, graveyard, pinned, capturing: AtomicBool::new(false) })
+    }
+
+    /// The pinned staging buffer, zeroed; `None` (with a warning) if the driver refuses it.
+    /// Flags 0, not cudarc's `alloc_pinned` (WRITECOMBINED): the host reads the sampled
+    /// ids back from it, and reads of write-combined memory are uncached.
+    fn alloc_staging(ctx: &Arc<CudaContext>) -> Option<PinnedHostSlice<u8>> {
+        // SAFETY: the memory is uninitialized until zeroed below, before any read.
+        let mut p = match unsafe { ctx.alloc_pinned_with_flags::<u8>(PINNED_BYTES, 0) } {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "no pinned staging buffer; small copies stay pageable");
+                return None;
+            }
+        };
+        match p.as_mut_ptr() {
+            // SAFETY: `ptr` addresses PINNED_BYTES bytes of host memory owned by `p`.
+            Ok(ptr) => unsafe { std::ptr::write_bytes(ptr, 0, PINNED_BYTES) },
+            Err(e) => {
+                tracing::warn!(error = %e, "no pinned staging buffer; small copies stay pageable");
+                return None;
+            }
+        }
+        Some(p)
+    }
+
+    /// Run `f` on the pinned staging buffer when a copy of `bytes` can use it: it exists,
+    /// is large enough, and no graph is being captured. `None`: take the pageable path.
+    fn with_staging<T>(
+        &self,
+        bytes: usize,
+        f: impl FnOnce(&mut PinnedHostSlice<u8>) -> Result<T, CudaError>,
+    ) -> Option<Result<T, CudaError>> {
+        if bytes > PINNED_BYTES || self.capturing.load(Ordering::Acquire) {
+            return None;
+        }
+        // A poisoned lock means a panic mid-copy: the buffer's contents are unknown, but
+        // every use writes before it reads, so it stays usable.
+        let mut guard = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_mut().map(f)
     }
 
     /// Free the buried buffers. Call only once every kernel queued before they were
@@ -481,6 +537,21 @@ impl Device for CudarcDevice {
 
     fn upload(&self, dst: u64, src: &[u8]) -> Result<(), CudaError> {
         self.bind()?;
+        let n = src.len();
+        let pinned = self.with_staging(n, |p| {
+            // Waits for the previous copy out of the buffer (its event), then fills it.
+            p.as_mut_slice().map_err(drv("cuEventSynchronize"))?[..n].copy_from_slice(src);
+            // SAFETY: the slice is used only with `stream`; `recorded` records the
+            // buffer's event on `stream` after the copy, so the next use waits for it.
+            // `dst` lies in a live allocation with room for `n` bytes (backend contract).
+            let (host, recorded) = unsafe { p.stream_synced_slice(&self.stream) };
+            let copied = unsafe { result::memcpy_htod_async(dst, &host[..n], self.stream.cu_stream()) };
+            drop(recorded);
+            copied.map_err(drv("cuMemcpyHtoDAsync"))
+        });
+        if let Some(done) = pinned {
+            return done;
+        }
         // SAFETY: `dst` lies in a live allocation with room for `src` (backend contract);
         // a pageable source is staged before the call returns.
         unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(drv("cuMemcpyHtoDAsync"))
@@ -488,9 +559,27 @@ impl Device for CudarcDevice {
 
     fn download(&self, src: u64, dst: &mut [u8]) -> Result<(), CudaError> {
         self.bind()?;
-        // SAFETY: as for `upload`; the stream is synchronized before `dst` is read.
-        unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }.map_err(drv("cuMemcpyDtoHAsync"))?;
-        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+        let n = dst.len();
+        let pinned = self.with_staging(n, |p| {
+            // SAFETY: as for `upload`: used only with `stream`, the event recorded after
+            // the copy; the stream is synchronized before the bytes are read.
+            let (host, recorded) = unsafe { p.stream_synced_mut_slice(&self.stream) };
+            let copied = unsafe { result::memcpy_dtoh_async(&mut host[..n], src, self.stream.cu_stream()) };
+            drop(recorded);
+            copied.map_err(drv("cuMemcpyDtoHAsync"))?;
+            self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+            dst.copy_from_slice(&p.as_slice().map_err(drv("cuEventSynchronize"))?[..n]);
+            Ok(())
+        });
+        match pinned {
+            Some(done) => done?,
+            None => {
+                // SAFETY: as for `upload`; the stream is synchronized before `dst` is read.
+                unsafe { result::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+                    .map_err(drv("cuMemcpyDtoHAsync"))?;
+                self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
+            }
+        }
         self.reap()
     }
 
@@ -523,12 +612,20 @@ impl Device for CudarcDevice {
     }
 
     fn begin_capture(&self) -> Result<(), CudaError> {
-        self.stream
+        self.capturing.store(true, Ordering::Release);
+        let begun = self
+            .stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(drv("cuStreamBeginCapture"))
+            .map_err(drv("cuStreamBeginCapture"));
+        if begun.is_err() {
+            self.capturing.store(false, Ordering::Release);
+        }
+        begun
     }
 
     fn end_capture(&self) -> Result<GpuGraph, CudaError> {
+        // Whatever the outcome, the stream is no longer capturing.
+        self.capturing.store(false, Ordering::Release);
         self.stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(drv("cuStreamEndCapture"))?

@@ -78,7 +78,7 @@ pub enum FaultWhen {
     Always,
     /// Only when a row of the launch is at a position above `pos`: the launch's
     /// argument `pos_arg` addresses one i32 position per row, `grid[1]` rows (the
-    /// layout of `attention` and `rope_store`).
+    /// layout of `attention`).
     PositionAbove { pos_arg: usize, pos: i32 },
     /// Only while a captured graph is replayed, in launches of `rows` rows (`grid[1]`).
     Replay { rows: u32 },

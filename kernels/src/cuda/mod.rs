@@ -24,7 +24,6 @@ pub const COMMON_HEADER: (&str, &str) = ("common.cuh", include_str!("../../cuda/
 pub const SOURCES: &[(&str, &str)] = &[
     ("quant.cu", include_str!("../../cuda/quant.cu")),
     ("norm.cu", include_str!("../../cuda/norm.cu")),
-    ("rope.cu", include_str!("../../cuda/rope.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("ffn.cu", include_str!("../../cuda/ffn.cu")),
     ("sampling.cu", include_str!("../../cuda/sampling.cu")),
