@@ -11,7 +11,8 @@ use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
-    ActScales, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, quantize_act, scales_stride,
+    ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, dot_rows_many,
+    many_supported, prepare_many, quantize_act, scales_stride,
 };
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
@@ -52,11 +53,13 @@ impl Sequence {
 }
 
 /// Activations in both forms a matrix product may need, and the quantized form's
-/// block scales laid out for [`dot_rows`] when there are several rows.
+/// block scales laid out for [`dot_rows`] when there are several rows, and its quants
+/// packed for [`dot_rows_many`].
 struct Act {
     f: Vec<f32>,
     q: Vec<Q8Act>,
     sc: ActScales,
+    pack: ActPack,
     cols: usize,
 }
 
@@ -65,7 +68,9 @@ impl Act {
         let mut q = Vec::new();
         quantize_act(&f, &mut q);
         let sc = ActScales::new(&q, cols / QK);
-        Self { f, q, sc, cols }
+        let rows = f.len() / cols;
+        let pack = if rows >= BATCHED_MIN_ROWS { ActPack::new(&q, cols / QK) } else { ActPack::default() };
+        Self { f, q, sc, pack, cols }
     }
     fn rows(&self) -> usize {
         self.f.len() / self.cols
@@ -119,9 +124,34 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
     let stride = scales_stride(nb);
     tasks.par_iter().for_each_init(
-        || (Vec::new(), RowPrep::default(), Vec::new()),
-        |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
+        || (Vec::new(), RowPrep::default(), Vec::new(), Vec::new()),
+        |(scratch, prep, tile, preps): &mut (Vec<f32>, RowPrep, Vec<f32>, Vec<RowPrep>), &(j, lo, hi, ptr)| {
             let w = mats[j];
+            if n >= BATCHED_MIN_ROWS && many_supported(w.ty) {
+                // Each weight row unpacked once; per tile of activation rows, COLS weight
+                // rows at a time against every row of the tile.
+                preps.resize_with(preps.len().max(hi - lo), RowPrep::default);
+                for (o, p) in (lo..hi).zip(preps.iter_mut()) {
+                    prepare_many(w.ty, w.row(bytes, o), nb, p);
+                }
+                for r0 in (0..n).step_by(ROW_TILE) {
+                    let r1 = (r0 + ROW_TILE).min(n);
+                    tile.resize((r1 - r0) * COLS, 0.0);
+                    for g0 in (lo..hi).step_by(COLS) {
+                        let m = (hi - g0).min(COLS);
+                        // A short group repeats its last row (computed, not written).
+                        let ps: [&RowPrep; COLS] = std::array::from_fn(|i| &preps[g0 - lo + i.min(m - 1)]);
+                        dot_rows_many(w.ty, ps, &x.pack, &x.sc, r0, r1, tile);
+                        for (r, vals) in (r0..r1).zip(tile.chunks_exact(COLS)) {
+                            for (i, &v) in vals[..m].iter().enumerate() {
+                                // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
+                                unsafe { *ptr.get().add(r * w.rows + g0 + i) = v };
+                            }
+                        }
+                    }
+                }
+                return;
+            }
             if w.ty.is_quantized() && n >= BATCHED_MIN_ROWS {
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);

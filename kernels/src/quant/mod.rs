@@ -308,6 +308,142 @@ fn dot_rows_with(
     }
 }
 
+/// Weight rows per call of [`dot_rows_many`]: each activation block loaded serves this
+/// many weight rows.
+pub const COLS: usize = 4;
+
+/// One block of [`ROWS`] activation rows packed for [`dot_rows_many`]: vector `j` holds
+/// bytes `4j..4j + 4` of each row's quants, row `k` in 32-bit lane `k`, so that one
+/// broadcast weight word against it gives all rows' partial sums lane-wise; `lo`, `hi`
+/// each row's integer sum of its first and its last 16 quants (for the offset that
+/// makes signed weights unsigned). Rows past the last are zero.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub struct PackedBlock {
+    pub q: [[i8; QK]; 8],
+    pub lo: [i32; ROWS],
+    pub hi: [i32; ROWS],
+}
+
+/// Quantized activation rows packed for [`dot_rows_many`]: pass `p` (rows `8p..8p + 8`),
+/// block `b` is `blocks[p·nb + b]`. The same integers as the rows, rearranged.
+#[derive(Default)]
+pub struct ActPack {
+    blocks: Vec<PackedBlock>,
+    nb: usize,
+    rows: usize,
+}
+
+impl ActPack {
+    /// Pack `x`, rows of `nb` blocks.
+    pub fn new(x: &[Q8Act], nb: usize) -> Self {
+        let rows = x.len().checked_div(nb).unwrap_or(0);
+        let zero = PackedBlock { q: [[0; QK]; 8], lo: [0; ROWS], hi: [0; ROWS] };
+        let mut blocks = vec![zero; rows.div_ceil(ROWS) * nb];
+        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+            let (p, k) = (r / ROWS, r % ROWS);
+            for (b, xb) in xr.iter().enumerate() {
+                let pb = &mut blocks[p * nb + b];
+                for j in 0..8 {
+                    pb.q[j][4 * k..4 * k + 4].copy_from_slice(&xb.qs[4 * j..4 * j + 4]);
+                }
+                pb.lo[k] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
+                pb.hi[k] = xb.qs[16..].iter().map(|&v| i32::from(v)).sum();
+            }
+        }
+        Self { blocks, nb, rows }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Whether [`dot_rows_many`] has a kernel for `ty` on this CPU (x86 with AVX-512 VNNI;
+/// every quantized type but Q2_K).
+pub fn many_supported(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_vnni() && ty.is_quantized() && ty != GgmlType::Q2_K
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// Unpack one weight row of `nb` blocks for [`dot_rows_many`]. Only where
+/// [`many_supported`].
+pub fn prepare_many(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+    assert!(many_supported(ty), "no multi-row kernel for {ty}");
+    let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
+    assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2 and F16C are present (VNNI implies them); the row's length is asserted.
+    unsafe {
+        x86::prepare_row_unsigned(ty, row, nb, prep)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = prep;
+}
+
+/// Canonical dots of up to [`COLS`] weight rows with activation rows `r0..r1` of `pack`:
+/// `out[(r − r0)·COLS + i] = dot_row(ty, row_i, x_r)` bit for bit, for the rows
+/// `preps[i]` was prepared from by [`prepare_many`] (repeat one to fill the array; its
+/// columns are computed and ignored). `sc` holds the same activations' scales; `r0` is
+/// a multiple of [`ROWS`]. Per block and pass of 8 activation rows, each weight word is
+/// broadcast against the packed activations, so AVX-512 VNNI's `vpdpbusd` leaves every
+/// row's exact integer sum in its own lane (signed weights offset to unsigned, the
+/// offset times the activations' sum taken back: the same integer); then the same f32
+/// operations per block as [`dot_row`], into lane accumulator `b % 32`, and the
+/// butterfly lane-wise.
+pub fn dot_rows_many(
+    ty: GgmlType,
+    preps: [&RowPrep; COLS],
+    pack: &ActPack,
+    sc: &ActScales,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    assert!(many_supported(ty), "no multi-row kernel for {ty}");
+    let nb = pack.nb;
+    assert!(r0.is_multiple_of(ROWS) && r0 <= r1 && r1 <= pack.rows, "rows {r0}..{r1} of {}", pack.rows);
+    assert!(out.len() >= (r1 - r0) * COLS, "output for {} rows", r1 - r0);
+    let stride = scales_stride(nb);
+    for p in preps {
+        assert!(
+            p.w.len() >= stride && p.dw.len() >= stride && p.mw.len() >= stride,
+            "weights prepared for {nb} blocks"
+        );
+        assert!(!x86_scaled(ty) || p.sc.len() >= stride, "scales prepared for {nb} blocks");
+    }
+    let (p0, p1) = (r0 / ROWS, r1.div_ceil(ROWS));
+    assert!(sc.dt.len() >= p1 * ROWS * nb && sc.st.len() >= p1 * ROWS * nb, "transposed activation scales");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
+    unsafe {
+        x86::dot_rows_many_vnni(
+            ty,
+            &pack.blocks[p0 * nb..p1 * nb],
+            nb,
+            r1 - r0,
+            &sc.dt[p0 * ROWS * nb..],
+            &sc.st[p0 * ROWS * nb..],
+            preps,
+            out,
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (preps, sc, p0, p1, out);
+}
+
+/// Types with a scale per 16 elements inside the integer sum.
+fn x86_scaled(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {

@@ -663,6 +663,176 @@ unsafe fn dot_rows_body<const T: usize, const V: bool>(
     }
 }
 
+/// `log2` of the offset that makes a signed type's quants unsigned (`q + 2^s` in
+/// `0..=255`); `None` for the unsigned types.
+const fn offset_shift(ty: GgmlType) -> Option<i32> {
+    match ty {
+        GgmlType::Q3_K => Some(2),
+        GgmlType::Q4_0 => Some(3),
+        GgmlType::Q5_0 => Some(4),
+        GgmlType::Q6_K => Some(5),
+        GgmlType::Q8_0 => Some(7),
+        _ => None,
+    }
+}
+
+/// [`prepare_row_avx2`], with each quant stored as the unsigned byte `q + offset`
+/// ([`offset_shift`]) for [`dot_rows_many_vnni`].
+///
+/// # Safety
+/// As [`prepare_row_avx2`].
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+    // SAFETY: same contract.
+    unsafe { prepare_row_avx2(ty, row, nb, prep) };
+    if let Some(sh) = offset_shift(ty) {
+        let off = _mm256_set1_epi8((1i32 << sh) as u8 as i8);
+        for w in &mut prep.w[..nb] {
+            // SAFETY: 32 bytes each way.
+            unsafe {
+                let v = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
+                // Wrapping byte addition: q + offset lies in 0..=255.
+                _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, _mm256_add_epi8(v, off));
+            }
+        }
+    }
+}
+
+/// [`super::dot_rows_many`]'s kernel: `rows` activation rows (from `pack`, whole passes
+/// of 8, and the transposed scales `dt`, `st` from the first of them) against the
+/// [`COLS`] prepared weight rows; `out[r·COLS + i]`.
+///
+/// # Safety
+/// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `pack` holds `rows.div_ceil(8)·nb`
+/// blocks, `dt`, `st` as many times 8 floats; each prep holds `nb` blocks (and their
+/// scales for Q3_K/Q6_K); `out` holds `rows·COLS` values; `ty` is not Q2_K.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_many_vnni(
+    ty: GgmlType,
+    pack: &[PackedBlock],
+    nb: usize,
+    rows: usize,
+    dt: &[f32],
+    st: &[f32],
+    preps: [&RowPrep; COLS],
+    out: &mut [f32],
+) {
+    macro_rules! by_type {
+        ($($i:literal),*) => {
+            match ty {
+                $(t if t == RTYPES[$i] => many_body::<$i>(pack, nb, rows, dt, st, preps, out),)*
+                _ => unreachable!("no multi-row kernel for {ty}"),
+            }
+        };
+    }
+    // One copy per type, so that the branches on the type fold away.
+    // SAFETY: same contract.
+    unsafe { by_type!(0, 1, 2, 3, 4, 5, 6, 7, 8) }
+}
+
+/// The body of [`dot_rows_many_vnni`] for type `RTYPES[T]`.
+///
+/// # Safety
+/// As [`dot_rows_many_vnni`].
+#[inline(always)]
+unsafe fn many_body<const T: usize>(
+    pack: &[PackedBlock],
+    nb: usize,
+    rows: usize,
+    dt: &[f32],
+    st: &[f32],
+    preps: [&RowPrep; COLS],
+    out: &mut [f32],
+) {
+    let ty = RTYPES[T];
+    let (scl, form, sh) = (scaled(ty), chunk::form(ty), offset_shift(ty));
+    let wp = preps.map(|p| p.w.as_ptr() as *const i32);
+    let dwp = preps.map(|p| p.dw.as_ptr());
+    let mwp = preps.map(|p| p.mw.as_ptr());
+    let scp = preps.map(|p| p.sc.as_ptr() as *const i16);
+    // SAFETY: the instructions are enabled by the caller; every pointer read stays
+    // inside the lengths of the caller's contract (block b < nb of pass p < passes).
+    unsafe {
+        // Lanes `nb..32` would stay +0.0 and the lanes written are never −0.0 (each
+        // starts as +0.0 + t), so adding them is the identity: only the first
+        // `min(nb, 32)` lanes are kept and summed.
+        let live = nb.min(LANES);
+        for (p, o8) in out[..rows * COLS].chunks_mut(ROWS * COLS).enumerate() {
+            let mut acc = [[std::mem::MaybeUninit::<__m256>::uninit(); LANES]; COLS];
+            for b in 0..nb {
+                let blk = pack.as_ptr().add(p * nb + b);
+                let qp = (*blk).q.as_ptr() as *const __m256i;
+                let xq: [__m256i; 8] = std::array::from_fn(|j| _mm256_load_si256(qp.add(j)));
+                let t0 = (p * nb + b) * ROWS;
+                let dx = _mm256_loadu_ps(dt.as_ptr().add(t0));
+                let sx = if form == Form::Min { _mm256_loadu_ps(st.as_ptr().add(t0)) } else { dx };
+                // The offset times each row's sums of the activation quants.
+                let (clo, chi) = match sh {
+                    Some(s) => {
+                        let lo = _mm256_load_si256((*blk).lo.as_ptr() as *const __m256i);
+                        let hi = _mm256_load_si256((*blk).hi.as_ptr() as *const __m256i);
+                        let shift = _mm_cvtsi32_si128(s);
+                        if scl {
+                            (_mm256_sll_epi32(lo, shift), _mm256_sll_epi32(hi, shift))
+                        } else {
+                            (_mm256_sll_epi32(_mm256_add_epi32(lo, hi), shift), _mm256_setzero_si256())
+                        }
+                    }
+                    None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
+                };
+                for i in 0..COLS {
+                    let w = wp[i].add(8 * b);
+                    let bc = |j: usize| _mm256_set1_epi32(std::ptr::read_unaligned(w.add(j)));
+                    let z = _mm256_setzero_si256();
+                    // Four independent chains of two: the words of each half in pairs.
+                    let a = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(0), xq[0]), bc(2), xq[2]);
+                    let c = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(1), xq[1]), bc(3), xq[3]);
+                    let e = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(4), xq[4]), bc(6), xq[6]);
+                    let f = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(5), xq[5]), bc(7), xq[7]);
+                    let isum = if scl {
+                        let s = scp[i].add(16 * b);
+                        let (s0, s1) = (_mm256_set1_epi32(i32::from(*s)), _mm256_set1_epi32(i32::from(*s.add(8))));
+                        let lo = _mm256_sub_epi32(_mm256_add_epi32(a, c), clo);
+                        let hi = _mm256_sub_epi32(_mm256_add_epi32(e, f), chi);
+                        _mm256_add_epi32(_mm256_mullo_epi32(lo, s0), _mm256_mullo_epi32(hi, s1))
+                    } else {
+                        _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(a, c), _mm256_add_epi32(e, f)), clo)
+                    };
+                    let isum = _mm256_cvtepi32_ps(isum);
+                    let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(*dwp[i].add(b)), dx), isum);
+                    if form == Form::Min {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(*mwp[i].add(b)), sx));
+                    }
+                    let l = &mut acc[i][b % LANES];
+                    let prev = if b < LANES { _mm256_setzero_ps() } else { l.assume_init() };
+                    l.write(_mm256_add_ps(prev, t));
+                }
+            }
+            // The butterfly, lane-wise: the same additions of the same pairs for each row
+            // (those with a +0.0 lane skipped, see above).
+            let mut r = [[0.0f32; ROWS]; COLS];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let (mut off, mut n) = (LANES / 2, live);
+                while off > 0 {
+                    for j in 0..n.saturating_sub(off) {
+                        a[j].write(_mm256_add_ps(a[j].assume_init(), a[j + off].assume_init()));
+                    }
+                    n = n.min(off);
+                    off /= 2;
+                }
+                let sum = if live == 0 { _mm256_setzero_ps() } else { a[0].assume_init() };
+                _mm256_storeu_ps(r[i].as_mut_ptr(), sum);
+            }
+            for (k, ok) in o8.chunks_exact_mut(COLS).enumerate() {
+                for (i, v) in ok.iter_mut().enumerate() {
+                    *v = r[i][k];
+                }
+            }
+        }
+    }
+}
+
 /// [`super::quantize_block`] in SIMD, the same operations lane-wise: `amax` by
 /// `max` (exact, in any order), `d = amax / 127`, `inv = 1 / d` (0 when `d` is 0),
 /// `round_half_away(v · inv)` as truncation plus one away from zero where the exact
