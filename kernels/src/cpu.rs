@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::arch::{Activation, RopePairs};
-use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
+use crate::math::{dot_f32, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
     ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, dot_rows_many,
@@ -330,13 +330,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             softmax(scores);
             // SAFETY: each (r, h) task owns attn[r*qd + h*hd ..][..hd].
             let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * qd + h * hd), hd) };
-            out.fill(0.0);
-            for (t, &p) in (first..=pos).zip(scores.iter()) {
-                let vt = &vc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
-                for (acc, &vv) in out.iter_mut().zip(vt) {
-                    *acc += p * vv;
-                }
-            }
+            weighted_rows(out, scores, &vc[first * kvd + kh * hd..], kvd);
         });
         let act = Act::new(std::mem::take(&mut attn), qd);
         matmul_many(bytes, &act, &mut [(&layer.wo, &mut o)]);
@@ -353,10 +347,11 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         let act = Act::new(std::mem::take(&mut xn), d);
         matmul_many(bytes, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
         xn = act.f;
-        match model.spec.activation {
-            Activation::Silu => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = silu(*gi) * ui),
-            Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = gelu_tanh(*gi) * ui),
-        }
+        let glu = match model.spec.activation {
+            Activation::Silu => silu_mul,
+            Activation::GeluTanh => gelu_mul,
+        };
+        g.par_chunks_mut(hp.n_ff).zip(u.par_chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
         let act = Act::new(std::mem::take(&mut g), hp.n_ff);
         matmul_many(bytes, &act, &mut [(&layer.w_down, &mut down)]);
         g = act.f;
