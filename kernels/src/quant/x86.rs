@@ -676,25 +676,69 @@ const fn offset_shift(ty: GgmlType) -> Option<i32> {
     }
 }
 
-/// [`prepare_row_avx2`], with each quant stored as the unsigned byte `q + offset`
-/// ([`offset_shift`]) for [`dot_rows_many_vnni`].
+/// A weight row of `nb` blocks unpacked for [`dot_rows_many_vnni`]: each quant as the
+/// unsigned byte `q + offset` ([`offset_shift`]) in `prep.w`, the factors `dw`, `mw`
+/// and (Q3_K, Q6_K) the pair multipliers in `prep.sc`, as [`prepare_row_avx2`] has them
+/// (its `abs` is not needed and not made).
 ///
 /// # Safety
 /// As [`prepare_row_avx2`].
 #[target_feature(enable = "avx2,f16c")]
 pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
-    // SAFETY: same contract.
-    unsafe { prepare_row_avx2(ty, row, nb, prep) };
-    if let Some(sh) = offset_shift(ty) {
-        let off = _mm256_set1_epi8((1i32 << sh) as u8 as i8);
-        for w in &mut prep.w[..nb] {
-            // SAFETY: 32 bytes each way.
+    let stride = scales_stride(nb);
+    let bb = ty.block_bytes();
+    prep.w.resize(stride, [0; QK]);
+    prep.dw.resize(stride, 0.0);
+    prep.mw.resize(stride, 0.0);
+    if scaled(ty) {
+        prep.sc.resize(stride, [0; 16]);
+    }
+    let store = |w: &mut [u8; QK], v: __m256i| {
+        // SAFETY: the destination is 32 bytes.
+        unsafe { _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, v) }
+    };
+    if ty.is_k_quant() {
+        let off = _mm256_set1_epi8(offset_shift(ty).map_or(0, |s| (1i32 << s) as u8 as i8));
+        for g in 0..nb / 8 {
+            // SAFETY: super-block g lies inside the row (caller's contract).
+            let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
+            // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
             unsafe {
-                let v = _mm256_loadu_si256(w.as_ptr() as *const __m256i);
+                _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
+                _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
+            }
+            for j in 0..8 {
                 // Wrapping byte addition: q + offset lies in 0..=255.
-                _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, _mm256_add_epi8(v, off));
+                store(&mut prep.w[8 * g + j], _mm256_add_epi8(k.q[j], off));
+                if scaled(ty) {
+                    // SAFETY: 16 i16 are 32 bytes.
+                    unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
+                }
             }
         }
+        return;
+    }
+    let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+    for b in 0..nb {
+        let blk = &row[b * bb..(b + 1) * bb];
+        prep.dw[b] = widen(u16::from_le_bytes([blk[0], blk[1]]));
+        // SAFETY: the block holds the bytes read (caller's contract).
+        let w = unsafe {
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                    prep.mw[b] = widen(u16::from_le_bytes([blk[2], blk[3]]));
+                    if ty == GgmlType::Q4_1 { nibbles16(blk.as_ptr().add(4)) } else { fives(blk.as_ptr().add(4)) }
+                }
+                // The stored nibbles and 5-bit values are q + 8 and q + 16 already.
+                GgmlType::Q4_0 => nibbles16(blk.as_ptr().add(2)),
+                GgmlType::Q5_0 => fives(blk.as_ptr().add(2)),
+                _ => _mm256_xor_si256(
+                    _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
+                    _mm256_set1_epi8(-128),
+                ),
+            }
+        };
+        store(&mut prep.w[b], w);
     }
 }
 
