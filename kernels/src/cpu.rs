@@ -171,8 +171,9 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                 let row = w.row(bytes, o);
                 for r in 0..n {
                     let v = if w.ty.is_quantized() {
-                        let (xd, xs) = (&x.sc.d[r * stride..(r + 1) * stride], &x.sc.s[r * stride..(r + 1) * stride]);
-                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs)
+                        let rs = r * stride..(r + 1) * stride;
+                        let (xd, xs, xn) = (&x.sc.d[rs.clone()], &x.sc.s[rs.clone()], &x.sc.n[rs]);
+                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs, xn)
                     } else {
                         scratch.resize(w.cols, 0.0);
                         dequantize_row(w.ty, row, scratch);

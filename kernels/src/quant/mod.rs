@@ -125,34 +125,36 @@ pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 /// A convenience: it lays out the activation scales on every call; a hot loop calls
 /// [`dot_row_scaled`] with [`act_scales`]' layout made once.
 pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
-    let (mut d, mut s) = (Vec::new(), Vec::new());
+    let (mut d, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new());
     act_scales(x, x.len(), &mut d, &mut s);
-    dot_row_scaled(ty, row, x, &d, &s)
+    act_sums(x, x.len(), &mut n);
+    dot_row_scaled(ty, row, x, &d, &s, &n)
 }
 
-/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] (one
-/// row of `x.len()` blocks): SIMD loads them whole instead of gathering them per group.
+/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] and
+/// quant sums `xn` from [`act_sums`] (one row of `x.len()` blocks): SIMD loads them
+/// whole instead of gathering them per group.
 #[inline]
-pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     let vnni = has_vnni();
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    dot_row_with(ty, row, x, xd, xs, vnni)
+    dot_row_with(ty, row, x, xd, xs, xn, vnni)
 }
 
 /// [`dot_row_scaled`], with AVX-512 VNNI's integer dot or without (tests run both;
 /// `vnni` only where the CPU has it).
 #[inline]
-fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
+fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32], vnni: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2 is present (and VNNI where asked); `row` holds `x.len()` blocks
         // (checked by the caller's shapes, asserted by the kernels along with the
-        // scales' length).
-        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, vnni && has_vnni()) };
+        // scales' and sums' lengths).
+        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, xn, vnni && has_vnni()) };
     }
-    let _ = (xd, xs, vnni);
+    let _ = (xd, xs, xn, vnni);
     dot_row_scalar(ty, row, x)
 }
 
@@ -182,6 +184,20 @@ pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
     }
 }
 
+/// Each activation row's integer sums of its blocks' quants, in [`act_scales`]' layout
+/// (the single-row kernels take a signed type's offset back with them).
+pub fn act_sums(x: &[Q8Act], nb: usize, n: &mut Vec<i32>) {
+    let stride = scales_stride(nb);
+    let rows = x.len().checked_div(nb).unwrap_or(0);
+    n.clear();
+    n.resize(rows * stride, 0);
+    for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+        for (b, xb) in xr.iter().enumerate() {
+            n[r * stride + b] = xb.qs.iter().map(|&v| i32::from(v)).sum();
+        }
+    }
+}
+
 /// Rows per pass of the batched kernel: one row per SIMD lane.
 pub const ROWS: usize = 8;
 
@@ -193,6 +209,8 @@ pub const ROWS: usize = 8;
 pub struct ActScales {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    /// [`act_sums`].
+    pub n: Vec<i32>,
     pub dt: Vec<f32>,
     pub st: Vec<f32>,
     nb: usize,
@@ -202,6 +220,7 @@ impl ActScales {
     pub fn new(x: &[Q8Act], nb: usize) -> Self {
         let mut sc = Self { nb, ..Default::default() };
         act_scales(x, nb, &mut sc.d, &mut sc.s);
+        act_sums(x, nb, &mut sc.n);
         let rows = x.len().checked_div(nb).unwrap_or(0);
         let len = rows.div_ceil(ROWS) * ROWS * nb;
         sc.dt.resize(len, 0.0);
@@ -224,6 +243,7 @@ impl ActScales {
         ActScalesRef {
             d: &self.d[r0 * stride..r1 * stride],
             s: &self.s[r0 * stride..r1 * stride],
+            n: &self.n[r0 * stride..r1 * stride],
             dt: &self.dt[t.clone()],
             st: &self.st[t],
         }
@@ -235,6 +255,7 @@ impl ActScales {
 pub struct ActScalesRef<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub n: &'a [i32],
     pub dt: &'a [f32],
     pub st: &'a [f32],
 }
@@ -304,7 +325,7 @@ fn dot_rows_with(
     let _ = (prep, vnni);
     for (r, o) in out.iter_mut().enumerate() {
         let (d, s) = (&sc.d[r * stride..(r + 1) * stride], &sc.s[r * stride..(r + 1) * stride]);
-        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s);
+        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s, &sc.n[r * stride..(r + 1) * stride]);
     }
 }
 
@@ -452,7 +473,8 @@ fn has_avx2() -> bool {
     *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
 }
 
-/// AVX-512 VNNI with 256-bit vectors (VL): `vpdpbusd` for the integer dots.
+/// AVX-512 VNNI with 256-bit vectors (VL) and byte masks (BW): `vpdpbusd` for the
+/// integer dots.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_vnni() -> bool {
@@ -462,6 +484,7 @@ fn has_vnni() -> bool {
         has_avx2()
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
     })
 }
 

@@ -440,7 +440,7 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
             for rows in 1..=9usize {
                 let xq = acts(nb * QK * rows, (rows + blocks) as u32);
                 let sc = ActScales::new(&xq, nb);
-                let (d, s) = (&sc.d, &sc.s);
+                let (d, s, xn) = (&sc.d, &sc.s, &sc.n);
                 let stride = scales_stride(nb);
                 let mut out = vec![0.0; rows];
                 dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
@@ -451,8 +451,8 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                 for (r, o) in out.iter().enumerate() {
                     let x = &xq[r * nb..(r + 1) * nb];
                     let want = dot_row_scalar(ty, &row, x);
-                    let one =
-                        dot_row_scaled(ty, &row, x, &d[r * stride..(r + 1) * stride], &s[r * stride..(r + 1) * stride]);
+                    let rs = r * stride..(r + 1) * stride;
+                    let one = dot_row_scaled(ty, &row, x, &d[rs.clone()], &s[rs.clone()], &xn[rs.clone()]);
                     assert_eq!(one.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row");
                     let plain = dot_row_with(
                         ty,
@@ -460,6 +460,7 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                         x,
                         &d[r * stride..(r + 1) * stride],
                         &s[r * stride..(r + 1) * stride],
+                        &xn[rs],
                         false,
                     );
                     assert_eq!(plain.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row without VNNI");

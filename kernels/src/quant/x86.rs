@@ -312,21 +312,30 @@ fn hsum8(p: &[__m256i; 8]) -> __m256i {
 /// per-block f32 terms are computed lane-wise in the canonical operation order.
 /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dot_row_avx2(
+    ty: GgmlType,
+    row: &[u8],
+    x: &[Q8Act],
+    xd: &[f32],
+    xs: &[f32],
+    xn: &[i32],
+    vnni: bool,
+) -> f32 {
     // One copy per type, so that the branches on the type fold away (a shared copy
     // cost 20 % of decode on SmolLM2's Q4_1).
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs),
+            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs, xn),
             GgmlType::Q4_0 => dot_row_b::<0>(row, x, xd, xs),
-            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs),
+            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs, xn),
             GgmlType::Q4_1 => dot_row_b::<1>(row, x, xd, xs),
-            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs),
+            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs, xn),
             GgmlType::Q5_0 => dot_row_b::<2>(row, x, xd, xs),
-            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs),
+            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs, xn),
             GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
-            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs),
+            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs, xn),
             GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
             _ => dot_row_kquant(ty, row, x, xd, xs),
         }
@@ -339,13 +348,42 @@ const BTYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, G
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     // SAFETY: same contract.
-    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs) }
+    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs, &[]) }
 }
 
-#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
-unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+/// With VNNI, signed weights are offset to unsigned (`q + 2^s`, the offset times the
+/// block's quant sum `xn` taken back from the exact integer sum), which spares the
+/// sign trick; Q5_0's fifth bits are added under a byte mask (AVX-512 BW).
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl,avx512bw")]
+unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32]) -> f32 {
     // SAFETY: same contract.
-    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs) }
+    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs, xn) }
+}
+
+/// The exact integer dot of one block at `w` as 8 partial i32, with signed quants
+/// offset by `2^offset_shift(ty)` (the caller takes `offset · Σ x` back).
+///
+/// # Safety
+/// `w` points at a whole block of `ty` (a 32-element type); AVX2, AVX-512 VNNI, VL and
+/// BW are enabled by the caller.
+#[inline(always)]
+unsafe fn block_partials_offset(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+    // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
+    unsafe {
+        let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        let u = match ty {
+            GgmlType::Q4_0 => nibbles16(w.add(2)),
+            GgmlType::Q5_0 => {
+                let qh = std::ptr::read_unaligned(w.add(2) as *const u32);
+                let lo = nibbles16(w.add(6));
+                _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
+            }
+            GgmlType::Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(w.add(2) as *const __m256i), _mm256_set1_epi8(-128)),
+            GgmlType::Q4_1 => nibbles16(w.add(4)),
+            _ => fives(w.add(4)),
+        };
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
+    }
 }
 
 /// The body of [`dot_row_b`] and [`dot_row_bv`], inlined into each.
@@ -353,7 +391,13 @@ unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[
 /// # Safety
 /// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
 #[inline(always)]
-unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+unsafe fn dot_row_b_body<const T: usize, const V: bool>(
+    row: &[u8],
+    x: &[Q8Act],
+    xd: &[f32],
+    xs: &[f32],
+    xn: &[i32],
+) -> f32 {
     // SAFETY: the instructions are enabled by the caller; the reads are justified below.
     unsafe {
         let ty = BTYPES[T];
@@ -363,6 +407,9 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
         let groups = nb.div_ceil(GROUP);
         assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
         assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
+        // With VNNI, a signed type's quants are offset (see `dot_row_bv`).
+        let sh = if V { offset_shift(ty) } else { None };
+        assert!(sh.is_none() || xn.len() >= groups * GROUP, "activation sums for {nb} blocks");
         let base = row.as_ptr();
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
@@ -384,7 +431,19 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
             // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
             let (raw, dx, sx) = {
                 let at = base.add(b0 * bb);
-                if cnt == GROUP {
+                // (No closure here: it would not inherit the target features, and its
+                // intrinsics would become calls.)
+                if V && sh.is_some() {
+                    if cnt == GROUP {
+                        for (k, pk) in p.iter_mut().enumerate() {
+                            *pk = block_partials_offset(ty, at.add(k * bb), &x[b0 + k]);
+                        }
+                    } else {
+                        for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                            *pk = block_partials_offset(ty, at.add(k * bb), &x[b0 + k]);
+                        }
+                    }
+                } else if cnt == GROUP {
                     for (k, pk) in p.iter_mut().enumerate() {
                         *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
                     }
@@ -396,7 +455,13 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
                 let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
                 (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
             };
-            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            let mut isum = hsum8(&p);
+            if let Some(sh) = sh {
+                // SAFETY: sums b0 .. b0 + 8 lie inside xn (asserted above).
+                let n = _mm256_loadu_si256(xn.as_ptr().add(b0) as *const __m256i);
+                isum = _mm256_sub_epi32(isum, _mm256_sll_epi32(n, _mm_cvtsi32_si128(sh)));
+            }
+            let isum = _mm256_cvtepi32_ps(isum);
             // Low 128 bits: the eight `d`; high: the eight `m`.
             let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
             let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
