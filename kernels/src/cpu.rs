@@ -384,5 +384,9 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
     let act = Act::new(h, d);
     let mut logits = Vec::new();
     matmul_many(bytes, &act, &mut [(&model.output, &mut logits)]);
+    if head_rows.len() == 1 {
+        // One sequence's step: its logits as they are, not a copy.
+        return Ok(vec![logits]);
+    }
     Ok(logits.chunks_exact(hp.n_vocab).map(<[f32]>::to_vec).collect())
 }
