@@ -234,7 +234,14 @@ fn glu<const GELU: bool>(g: &mut [f32], u: &[f32]) {
 /// Softmax in place: `p_t = exp(s_t - max) / Σ exp(s_u - max)` with the canonical sum.
 pub fn softmax(s: &mut [f32]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in s.iter_mut() {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        done = s.len() / 8 * 8;
+        // SAFETY: AVX2 is present; `done` is a multiple of 8.
+        unsafe { x86::exp_shifted_avx2(&mut s[..done], max) };
+    }
+    for v in &mut s[done..] {
         *v = exp(*v - max);
     }
     let sum = canonical_sum(s.len(), |i| s[i]);
@@ -261,12 +268,33 @@ mod x86 {
             }
             i += 32;
         }
-        let mut l = [0.0f32; 32];
-        for (k, r) in acc.iter().enumerate() {
-            // SAFETY: 8 floats into a 32-float array at 8k.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+        butterfly4(acc)
+    }
+
+    /// [`super::butterfly`] of 32 lanes held in 4 registers (lane `8k + i` in lane `i`
+    /// of register `k`): the same additions of the same pairs, several at a time.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn butterfly4(a: [__m256; 4]) -> f32 {
+        let s16a = _mm256_add_ps(a[0], a[2]); // off 16, lanes 0..8
+        let s16b = _mm256_add_ps(a[1], a[3]); // off 16, lanes 8..16
+        let s8 = _mm256_add_ps(s16a, s16b); // off 8
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // off 4
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // off 2 (lanes 0, 1)
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // off 1
+    }
+
+    /// [`super::softmax`]'s exponentials, `s_i = exp(s_i − max)`, 8 at a time.
+    ///
+    /// # Safety
+    /// AVX2 is present; `s.len()` is a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exp_shifted_avx2(s: &mut [f32], max: f32) {
+        let m = _mm256_set1_ps(max);
+        for c in s.chunks_exact_mut(8) {
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m))) };
         }
-        super::butterfly(&mut l)
     }
 
     /// [`super::weighted_rows`] for the first `out.len()` (a multiple of 8) values.
@@ -500,6 +528,20 @@ mod tests {
                 let want = if gelu { gelu_tanh(x) } else { silu(x) } * u[i];
                 assert_eq!(y.to_bits(), want.to_bits(), "gelu={gelu} x={x:e}");
             }
+        }
+    }
+
+    #[test]
+    fn simd_softmax_is_the_scalar_bits() {
+        for n in [1usize, 7, 8, 9, 31, 64, 100] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 1.7).collect();
+            let mut got = v.clone();
+            softmax(&mut got);
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = v.iter().map(|x| exp(x - max)).collect();
+            let sum = canonical_sum(n, |i| e[i]);
+            let want: Vec<u32> = e.iter().map(|x| (x / sum).to_bits()).collect();
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "n={n}");
         }
     }
 

@@ -401,7 +401,8 @@ pub fn prepare_many(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
     let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
     assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2 and F16C are present (VNNI implies them); the row's length is asserted.
+    // SAFETY: AVX2, F16C, AVX-512 BW and VL are present (`many_supported` checked them with
+    // VNNI); the row's length is asserted.
     unsafe {
         x86::prepare_row_unsigned(ty, row, nb, prep)
     };

@@ -747,8 +747,8 @@ const fn offset_shift(ty: GgmlType) -> Option<i32> {
 /// (its `abs` is not needed and not made).
 ///
 /// # Safety
-/// As [`prepare_row_avx2`].
-#[target_feature(enable = "avx2,f16c")]
+/// As [`prepare_row_avx2`]; the CPU has AVX-512 BW and VL.
+#[target_feature(enable = "avx2,f16c,avx512bw,avx512vl")]
 pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
     let stride = scales_stride(nb);
     let bb = ty.block_bytes();
@@ -796,7 +796,12 @@ pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, p
                 }
                 // The stored nibbles and 5-bit values are q + 8 and q + 16 already.
                 GgmlType::Q4_0 => nibbles16(blk.as_ptr().add(2)),
-                GgmlType::Q5_0 => fives(blk.as_ptr().add(2)),
+                GgmlType::Q5_0 => {
+                    // The fifth bits by byte mask (AVX-512 BW, present with the kernel).
+                    let qh = std::ptr::read_unaligned(blk.as_ptr().add(2) as *const u32);
+                    let lo = nibbles16(blk.as_ptr().add(6));
+                    _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
+                }
                 _ => _mm256_xor_si256(
                     _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
                     _mm256_set1_epi8(-128),
