@@ -206,34 +206,43 @@ unsafe fn kgroup(ty: GgmlType, b: *const u8) -> KGroup {
 }
 
 /// The 8 terms of one decoded super-block against its 8 activation blocks, in the
-/// canonical operation order of [`chunk::Chunk::term`].
-#[inline]
-#[target_feature(enable = "avx2")]
-fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
-    let sgn = signed(ty);
-    let mut p = [_mm256_setzero_si256(); 8];
-    let mut pm = [_mm256_setzero_si256(); 8];
-    for j in 0..8 {
-        // SAFETY: Q8Act::qs is 32 bytes.
-        let xv = unsafe { _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i) };
-        let pairs = if sgn {
-            _mm256_maddubs_epi16(_mm256_sign_epi8(g.q[j], g.q[j]), _mm256_sign_epi8(xv, g.q[j]))
-        } else {
-            _mm256_maddubs_epi16(g.q[j], xv)
-        };
-        p[j] = _mm256_madd_epi16(pairs, g.sc[j]);
-        if ty == GgmlType::Q2_K {
-            pm[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), g.mins[j]);
+/// canonical operation order of [`chunk::Chunk::term`]. With `V` (AVX-512 VNNI, enabled by the caller), the unsigned types without scales in
+/// the sum (Q4_K, Q5_K) take `vpdpbusd`: the same exact partial sums.
+///
+/// # Safety
+/// The caller enables AVX2 and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn kgroup_terms<const V: bool>(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
+    // SAFETY: the instructions are enabled by the caller; Q8Act::qs is 32 bytes.
+    unsafe {
+        let sgn = signed(ty);
+        let mut p = [_mm256_setzero_si256(); 8];
+        let mut pm = [_mm256_setzero_si256(); 8];
+        for j in 0..8 {
+            let xv = _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i);
+            if V && !sgn && !scaled(ty) {
+                p[j] = dot4::<true>(g.q[j], xv);
+                continue;
+            }
+            let pairs = if sgn {
+                _mm256_maddubs_epi16(_mm256_sign_epi8(g.q[j], g.q[j]), _mm256_sign_epi8(xv, g.q[j]))
+            } else {
+                _mm256_maddubs_epi16(g.q[j], xv)
+            };
+            p[j] = _mm256_madd_epi16(pairs, g.sc[j]);
+            if ty == GgmlType::Q2_K {
+                pm[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), g.mins[j]);
+            }
         }
-    }
-    let s = _mm256_cvtepi32_ps(hsum8(&p));
-    let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
-    match chunk::form(ty) {
-        Form::Plain => t,
-        Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
-        Form::SubMin => {
-            let m = _mm256_cvtepi32_ps(hsum8(&pm));
-            _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
+        let s = _mm256_cvtepi32_ps(hsum8(&p));
+        let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
+        match chunk::form(ty) {
+            Form::Plain => t,
+            Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
+            Form::SubMin => {
+                let m = _mm256_cvtepi32_ps(hsum8(&pm));
+                _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
+            }
         }
     }
 }
@@ -242,14 +251,16 @@ const KTYPES: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, G
 
 /// [`dot_row_avx2`] for a K-quant: super-block `g` is group `g` of 8 chunks.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
     // One copy per type, so that the decoding's branches on the type fold away.
-    // SAFETY: same contract.
+    // SAFETY: same contract (VNNI only where the caller found it).
     unsafe {
         match ty {
             GgmlType::Q2_K => dot_row_k::<0>(row, x, xd, xs),
             GgmlType::Q3_K => dot_row_k::<1>(row, x, xd, xs),
+            GgmlType::Q4_K if vnni => dot_row_kv::<2>(row, x, xd, xs),
             GgmlType::Q4_K => dot_row_k::<2>(row, x, xd, xs),
+            GgmlType::Q5_K if vnni => dot_row_kv::<3>(row, x, xd, xs),
             GgmlType::Q5_K => dot_row_k::<3>(row, x, xd, xs),
             _ => dot_row_k::<4>(row, x, xd, xs),
         }
@@ -258,27 +269,41 @@ unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: 
 
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_k_body::<T, false>(row, x, xd, xs) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_row_kv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_k_body::<T, true>(row, x, xd, xs) }
+}
+
+/// The body of [`dot_row_k`] and [`dot_row_kv`], inlined into each.
+///
+/// # Safety
+/// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_row_k_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     let ty = KTYPES[T];
     let bb = ty.block_bytes();
     let groups = x.len() / 8;
     assert!(x.len().is_multiple_of(8) && row.len() >= groups * bb, "row of {} bytes for {} chunks", row.len(), x.len());
     assert!(xd.len() >= x.len() && xs.len() >= x.len(), "activation scales for {} blocks", x.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for g in 0..groups {
-        // SAFETY: super-block g lies inside the row, scales 8g..8g + 8 inside xd, xs
-        // (asserted above).
-        let (dec, dx, sx) = unsafe {
-            (
-                kgroup(ty, row.as_ptr().add(g * bb)),
-                _mm256_loadu_ps(xd.as_ptr().add(8 * g)),
-                _mm256_loadu_ps(xs.as_ptr().add(8 * g)),
-            )
-        };
-        // Rotating the four keeps them in registers (see `dot_rows_t`).
-        acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8], dx, sx))];
+    // SAFETY: the instructions are enabled by the caller; super-block g lies inside the
+    // row, scales 8g..8g + 8 inside xd, xs (asserted above).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for g in 0..groups {
+            let dec = kgroup(ty, row.as_ptr().add(g * bb));
+            let (dx, sx) = (_mm256_loadu_ps(xd.as_ptr().add(8 * g)), _mm256_loadu_ps(xs.as_ptr().add(8 * g)));
+            // Rotating the four keeps them in registers (see `dot_rows_t`).
+            let t = kgroup_terms::<V>(ty, &dec, &x[8 * g..8 * g + 8], dx, sx);
+            acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], t)];
+        }
+        let k = groups % 4;
+        butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
     }
-    let k = groups % 4;
-    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// # Safety
@@ -337,7 +362,7 @@ pub(super) unsafe fn dot_row_avx2(
             GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
             GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs, xn),
             GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
-            _ => dot_row_kquant(ty, row, x, xd, xs),
+            _ => dot_row_kquant(ty, row, x, xd, xs, vnni),
         }
     }
 }
@@ -802,10 +827,9 @@ pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, p
                     let lo = nibbles16(blk.as_ptr().add(6));
                     _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
                 }
-                _ => _mm256_xor_si256(
-                    _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i),
-                    _mm256_set1_epi8(-128),
-                ),
+                _ => {
+                    _mm256_xor_si256(_mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i), _mm256_set1_epi8(-128))
+                }
             }
         };
         store(&mut prep.w[b], w);
