@@ -906,36 +906,34 @@ unsafe fn many_body<const T: usize>(
                 let dx = _mm256_loadu_ps(dt.as_ptr().add(t0));
                 let sx = if form == Form::Min { _mm256_loadu_ps(st.as_ptr().add(t0)) } else { dx };
                 // The offset times each row's sums of the activation quants.
-                let (clo, chi) = match sh {
+                // Minus the offset times each row's sums of the activation quants: the
+                // chains of integer dots start from it (exact, in any order).
+                let (nlo, nhi) = match sh {
                     Some(s) => {
                         let lo = _mm256_load_si256((*blk).lo.as_ptr() as *const __m256i);
                         let hi = _mm256_load_si256((*blk).hi.as_ptr() as *const __m256i);
                         let shift = _mm_cvtsi32_si128(s);
-                        if scl {
-                            (_mm256_sll_epi32(lo, shift), _mm256_sll_epi32(hi, shift))
-                        } else {
-                            (_mm256_sll_epi32(_mm256_add_epi32(lo, hi), shift), _mm256_setzero_si256())
-                        }
+                        let neg = |v: __m256i| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sll_epi32(v, shift));
+                        if scl { (neg(lo), neg(hi)) } else { (neg(_mm256_add_epi32(lo, hi)), _mm256_setzero_si256()) }
                     }
                     None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
                 };
                 for i in 0..COLS {
                     let w = wp[i].add(8 * b);
                     let bc = |j: usize| _mm256_set1_epi32(std::ptr::read_unaligned(w.add(j)));
-                    let z = _mm256_setzero_si256();
-                    // Four independent chains of two: the words of each half in pairs.
-                    let a = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(0), xq[0]), bc(2), xq[2]);
-                    let c = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(1), xq[1]), bc(3), xq[3]);
-                    let e = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(4), xq[4]), bc(6), xq[6]);
-                    let f = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(z, bc(5), xq[5]), bc(7), xq[7]);
+                    let dp = |acc: __m256i, j: usize| _mm256_dpbusd_epi32(acc, bc(j), xq[j]);
                     let isum = if scl {
+                        // Each half's sum, then its multiplier.
+                        let lo = dp(dp(dp(dp(nlo, 0), 1), 2), 3);
+                        let hi = dp(dp(dp(dp(nhi, 4), 5), 6), 7);
                         let s = scp[i].add(16 * b);
                         let (s0, s1) = (_mm256_set1_epi32(i32::from(*s)), _mm256_set1_epi32(i32::from(*s.add(8))));
-                        let lo = _mm256_sub_epi32(_mm256_add_epi32(a, c), clo);
-                        let hi = _mm256_sub_epi32(_mm256_add_epi32(e, f), chi);
                         _mm256_add_epi32(_mm256_mullo_epi32(lo, s0), _mm256_mullo_epi32(hi, s1))
                     } else {
-                        _mm256_sub_epi32(_mm256_add_epi32(_mm256_add_epi32(a, c), _mm256_add_epi32(e, f)), clo)
+                        // Two independent chains of four.
+                        let a = dp(dp(dp(dp(nlo, 0), 2), 4), 6);
+                        let c = dp(dp(dp(dp(_mm256_setzero_si256(), 1), 3), 5), 7);
+                        _mm256_add_epi32(a, c)
                     };
                     let isum = _mm256_cvtepi32_ps(isum);
                     let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(*dwp[i].add(b)), dx), isum);
