@@ -65,10 +65,19 @@ struct Act {
 
 impl Act {
     fn new(f: Vec<f32>, cols: usize) -> Self {
-        let mut q = Vec::new();
-        quantize_act(&f, &mut q);
-        let sc = ActScales::new(&q, cols / QK);
         let rows = f.len() / cols;
+        let mut q = Vec::new();
+        if rows >= BATCHED_MIN_ROWS && cols >= QK && cols.is_multiple_of(QK) {
+            // Each row's blocks on their own (the same bits as one call), rows in parallel.
+            q.resize(f.len() / QK, Q8Act::default());
+            q.par_chunks_mut(cols / QK).zip(f.par_chunks(cols)).for_each_init(Vec::new, |tmp, (qr, fr)| {
+                quantize_act(fr, tmp);
+                qr.copy_from_slice(tmp);
+            });
+        } else {
+            quantize_act(&f, &mut q);
+        }
+        let sc = ActScales::new(&q, cols / QK);
         let pack = if rows >= BATCHED_MIN_ROWS { ActPack::new(&q, cols / QK) } else { ActPack::default() };
         Self { f, q, sc, pack, cols }
     }
