@@ -439,7 +439,7 @@ pub fn dot_rows_many(
             p.w.len() >= stride && p.dw.len() >= stride && p.mw.len() >= stride,
             "weights prepared for {nb} blocks"
         );
-        assert!(!x86_scaled(ty) || p.sc.len() >= stride, "scales prepared for {nb} blocks");
+        assert!(!pair_scaled(ty) || p.sc.len() >= stride, "scales prepared for {nb} blocks");
     }
     let (p0, p1) = (r0 / ROWS, r1.div_ceil(ROWS));
     assert!(sc.dt.len() >= p1 * ROWS * nb && sc.st.len() >= p1 * ROWS * nb, "transposed activation scales");
@@ -462,7 +462,7 @@ pub fn dot_rows_many(
 }
 
 /// Types with a scale per 16 elements inside the integer sum.
-fn x86_scaled(ty: GgmlType) -> bool {
+fn pair_scaled(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }
 
