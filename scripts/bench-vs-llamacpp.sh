@@ -5,7 +5,9 @@
 # both alternately, ROUNDS (3) times each at 1 and 2 threads: prefill of a 128-token
 # prompt and decode of 128 tokens. Prints a markdown table of medians and ratios
 # (sampo / llama.cpp) with the machine and date. Uses the workspace's dev-profile
-# `sampo` (kernels at opt-level 3), the binary the tests use.
+# `sampo` (kernels at opt-level 3), the binary the tests use; with SAMPO_BENCH=example,
+# the kernels crate's release `bench_model` example instead (the same measurement,
+# built without the node crate: `cargo build -p sampo-kernels -j 1` only).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 model=${1:-$root/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -14,15 +16,23 @@ target=${CARGO_TARGET_DIR:-$HOME/.cache/sampo-target}
 tool=$root/../shared/tools/llamacpp.sh
 [ -x "$tool" ] || tool=/work/shared/tools/llamacpp.sh
 bin=$("$tool")
-(cd "$root" && CARGO_TARGET_DIR=$target cargo build -q -p sampo-node --bin sampo)
-sampo=$target/debug/sampo
+if [ "${SAMPO_BENCH:-}" = example ]; then
+  (cd "$root" && CARGO_TARGET_DIR=$target cargo build -q --release -p sampo-kernels --example bench_model -j 1)
+  example=$target/release/examples/bench_model
+  run_sampo() { "$example" "$model" "$1" 1 128 128; }
+else
+  (cd "$root" && CARGO_TARGET_DIR=$target cargo build -q -p sampo-node --bin sampo)
+  sampo=$target/debug/sampo
+  run_sampo() {
+    "$sampo" bench --model "$model" --threads "$1" --prompt-tokens 128 --gen-tokens 128 --reps 1 --json
+  }
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for r in $(seq 1 "$rounds"); do
   for t in 1 2; do
     "$bin/llama-bench" -m "$model" -t "$t" -p 128 -n 128 -r 1 -o json 2>/dev/null >"$out/llama-$t-$r.json"
-    "$sampo" bench --model "$model" --threads "$t" --prompt-tokens 128 --gen-tokens 128 --reps 1 --json \
-      2>/dev/null >"$out/sampo-$t-$r.json"
+    run_sampo "$t" 2>/dev/null >"$out/sampo-$t-$r.json"
   done
 done
 python3 - "$out" "$rounds" "$model" <<'PY'
@@ -39,6 +49,9 @@ def sampo(t, r):
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 print(f"model: {os.path.basename(model)}; machine: {cpu}, {os.cpu_count()} vCPUs; date: {datetime.date.today()}; "
       f"{rounds} alternating rounds, medians")
+print()
+print(f"llama.cpp: llama-bench -m MODEL -t T -p 128 -n 128 -r 1 -o json; sampo: "
+      f"{os.environ.get('SAMPO_BENCH') == 'example' and 'bench_model MODEL T 1 128 128' or 'sampo bench --reps 1'}")
 print()
 print("| | threads | llama.cpp tok/s | sampo tok/s | ratio |")
 print("| --- | ---: | ---: | ---: | ---: |")

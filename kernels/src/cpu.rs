@@ -8,10 +8,11 @@
 use rayon::prelude::*;
 
 use crate::arch::{Activation, RopePairs};
-use crate::math::{dot_f32, gelu_tanh, rms_norm, silu, softmax};
+use crate::math::{dot_f32, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
-    ActScales, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, quantize_act, scales_stride,
+    ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, dot_rows_many,
+    many_supported, prepare_many, quantize_act, scales_stride,
 };
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
@@ -52,20 +53,33 @@ impl Sequence {
 }
 
 /// Activations in both forms a matrix product may need, and the quantized form's
-/// block scales laid out for [`dot_rows`] when there are several rows.
+/// block scales laid out for [`dot_rows`] when there are several rows, and its quants
+/// packed for [`dot_rows_many`].
 struct Act {
     f: Vec<f32>,
     q: Vec<Q8Act>,
     sc: ActScales,
+    pack: ActPack,
     cols: usize,
 }
 
 impl Act {
     fn new(f: Vec<f32>, cols: usize) -> Self {
+        let rows = f.len() / cols;
         let mut q = Vec::new();
-        quantize_act(&f, &mut q);
+        if rows >= BATCHED_MIN_ROWS && cols >= QK && cols.is_multiple_of(QK) {
+            // Each row's blocks on their own (the same bits as one call), rows in parallel.
+            q.resize(f.len() / QK, Q8Act::default());
+            q.par_chunks_mut(cols / QK).zip(f.par_chunks(cols)).for_each_init(Vec::new, |tmp, (qr, fr)| {
+                quantize_act(fr, tmp);
+                qr.copy_from_slice(tmp);
+            });
+        } else {
+            quantize_act(&f, &mut q);
+        }
         let sc = ActScales::new(&q, cols / QK);
-        Self { f, q, sc, cols }
+        let pack = if rows >= BATCHED_MIN_ROWS { ActPack::new(&q, cols / QK) } else { ActPack::default() };
+        Self { f, q, sc, pack, cols }
     }
     fn rows(&self) -> usize {
         self.f.len() / self.cols
@@ -119,9 +133,34 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
     let stride = scales_stride(nb);
     tasks.par_iter().for_each_init(
-        || (Vec::new(), RowPrep::default(), Vec::new()),
-        |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
+        || (Vec::new(), RowPrep::default(), Vec::new(), Vec::new()),
+        |(scratch, prep, tile, preps): &mut (Vec<f32>, RowPrep, Vec<f32>, Vec<RowPrep>), &(j, lo, hi, ptr)| {
             let w = mats[j];
+            if n >= BATCHED_MIN_ROWS && many_supported(w.ty) {
+                // Each weight row unpacked once; per tile of activation rows, COLS weight
+                // rows at a time against every row of the tile.
+                preps.resize_with(preps.len().max(hi - lo), RowPrep::default);
+                for (o, p) in (lo..hi).zip(preps.iter_mut()) {
+                    prepare_many(w.ty, w.row(bytes, o), nb, p);
+                }
+                for r0 in (0..n).step_by(ROW_TILE) {
+                    let r1 = (r0 + ROW_TILE).min(n);
+                    tile.resize((r1 - r0) * COLS, 0.0);
+                    for g0 in (lo..hi).step_by(COLS) {
+                        let m = (hi - g0).min(COLS);
+                        // A short group repeats its last row (computed, not written).
+                        let ps: [&RowPrep; COLS] = std::array::from_fn(|i| &preps[g0 - lo + i.min(m - 1)]);
+                        dot_rows_many(w.ty, ps, &x.pack, &x.sc, r0, r1, tile);
+                        for (r, vals) in (r0..r1).zip(tile.chunks_exact(COLS)) {
+                            for (i, &v) in vals[..m].iter().enumerate() {
+                                // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
+                                unsafe { *ptr.get().add(r * w.rows + g0 + i) = v };
+                            }
+                        }
+                    }
+                }
+                return;
+            }
             if w.ty.is_quantized() && n >= BATCHED_MIN_ROWS {
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);
@@ -141,8 +180,9 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                 let row = w.row(bytes, o);
                 for r in 0..n {
                     let v = if w.ty.is_quantized() {
-                        let (xd, xs) = (&x.sc.d[r * stride..(r + 1) * stride], &x.sc.s[r * stride..(r + 1) * stride]);
-                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs)
+                        let rs = r * stride..(r + 1) * stride;
+                        let (xd, xs, xn) = (&x.sc.d[rs.clone()], &x.sc.s[rs.clone()], &x.sc.n[rs]);
+                        dot_row_scaled(w.ty, row, &x.q[r * nb..(r + 1) * nb], xd, xs, xn)
                     } else {
                         scratch.resize(w.cols, 0.0);
                         dequantize_row(w.ty, row, scratch);
@@ -300,13 +340,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             softmax(scores);
             // SAFETY: each (r, h) task owns attn[r*qd + h*hd ..][..hd].
             let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * qd + h * hd), hd) };
-            out.fill(0.0);
-            for (t, &p) in (first..=pos).zip(scores.iter()) {
-                let vt = &vc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
-                for (acc, &vv) in out.iter_mut().zip(vt) {
-                    *acc += p * vv;
-                }
-            }
+            weighted_rows(out, scores, &vc[first * kvd + kh * hd..], kvd);
         });
         let act = Act::new(std::mem::take(&mut attn), qd);
         matmul_many(bytes, &act, &mut [(&layer.wo, &mut o)]);
@@ -323,10 +357,11 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         let act = Act::new(std::mem::take(&mut xn), d);
         matmul_many(bytes, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
         xn = act.f;
-        match model.spec.activation {
-            Activation::Silu => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = silu(*gi) * ui),
-            Activation::GeluTanh => g.iter_mut().zip(&u).for_each(|(gi, ui)| *gi = gelu_tanh(*gi) * ui),
-        }
+        let glu = match model.spec.activation {
+            Activation::Silu => silu_mul,
+            Activation::GeluTanh => gelu_mul,
+        };
+        g.par_chunks_mut(hp.n_ff).zip(u.par_chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
         let act = Act::new(std::mem::take(&mut g), hp.n_ff);
         matmul_many(bytes, &act, &mut [(&layer.w_down, &mut down)]);
         g = act.f;
@@ -358,5 +393,9 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
     let act = Act::new(h, d);
     let mut logits = Vec::new();
     matmul_many(bytes, &act, &mut [(&model.output, &mut logits)]);
+    if head_rows.len() == 1 {
+        // One sequence's step: its logits as they are, not a copy.
+        return Ok(vec![logits]);
+    }
     Ok(logits.chunks_exact(hp.n_vocab).map(<[f32]>::to_vec).collect())
 }

@@ -182,10 +182,66 @@ pub fn gelu_tanh(x: f32) -> f32 {
     x / (1.0 + exp(-t))
 }
 
+/// `out_i = Σ_t w_t · row_t[i]`, summed in order of `t` from +0.0 (each product
+/// rounded, then added), where `row_t = base[t·stride..][..out.len()]`: attention's
+/// weighted sum of values. SIMD where the CPU has it (the same operations per element).
+pub fn weighted_rows(out: &mut [f32], w: &[f32], base: &[f32], stride: usize) {
+    let n = out.len();
+    if let Some(last) = w.len().checked_sub(1) {
+        assert!(base.len() >= last * stride + n, "{} rows of {n} values", w.len());
+    }
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        done = n / 8 * 8;
+        // SAFETY: AVX is present; the rows' lengths are asserted above.
+        unsafe { x86::weighted_rows_avx(&mut out[..done], w, base, stride) };
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(done) {
+        *o = 0.0;
+        for (t, &p) in w.iter().enumerate() {
+            *o += p * base[t * stride + i];
+        }
+    }
+}
+
+/// `g_i = silu(g_i) · u_i` (SwiGLU), bit for bit [`silu`] then one multiplication; SIMD
+/// where the CPU has it (the same operations lane-wise).
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    glu::<false>(g, u);
+}
+
+/// `g_i = gelu_tanh(g_i) · u_i` (GeGLU), bit for bit [`gelu_tanh`] then one
+/// multiplication; SIMD where the CPU has it.
+pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
+    glu::<true>(g, u);
+}
+
+fn glu<const GELU: bool>(g: &mut [f32], u: &[f32]) {
+    assert_eq!(g.len(), u.len(), "gate and up lengths");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        done = g.len() / 8 * 8;
+        // SAFETY: AVX2 is present; both slices hold `done` values.
+        unsafe { x86::glu_avx2::<GELU>(&mut g[..done], &u[..done]) };
+    }
+    for (gi, ui) in g[done..].iter_mut().zip(&u[done..]) {
+        *gi = if GELU { gelu_tanh(*gi) } else { silu(*gi) } * ui;
+    }
+}
+
 /// Softmax in place: `p_t = exp(s_t - max) / Σ exp(s_u - max)` with the canonical sum.
 pub fn softmax(s: &mut [f32]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for v in s.iter_mut() {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        done = s.len() / 8 * 8;
+        // SAFETY: AVX2 is present; `done` is a multiple of 8.
+        unsafe { x86::exp_shifted_avx2(&mut s[..done], max) };
+    }
+    for v in &mut s[done..] {
         *v = exp(*v - max);
     }
     let sum = canonical_sum(s.len(), |i| s[i]);
@@ -212,12 +268,121 @@ mod x86 {
             }
             i += 32;
         }
-        let mut l = [0.0f32; 32];
-        for (k, r) in acc.iter().enumerate() {
-            // SAFETY: 8 floats into a 32-float array at 8k.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr().add(8 * k), *r) };
+        butterfly4(acc)
+    }
+
+    /// [`super::butterfly`] of 32 lanes held in 4 registers (lane `8k + i` in lane `i`
+    /// of register `k`): the same additions of the same pairs, several at a time.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn butterfly4(a: [__m256; 4]) -> f32 {
+        let s16a = _mm256_add_ps(a[0], a[2]); // off 16, lanes 0..8
+        let s16b = _mm256_add_ps(a[1], a[3]); // off 16, lanes 8..16
+        let s8 = _mm256_add_ps(s16a, s16b); // off 8
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // off 4
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // off 2 (lanes 0, 1)
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // off 1
+    }
+
+    /// [`super::softmax`]'s exponentials, `s_i = exp(s_i − max)`, 8 at a time.
+    ///
+    /// # Safety
+    /// AVX2 is present; `s.len()` is a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn exp_shifted_avx2(s: &mut [f32], max: f32) {
+        let m = _mm256_set1_ps(max);
+        for c in s.chunks_exact_mut(8) {
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m))) };
         }
-        super::butterfly(&mut l)
+    }
+
+    /// [`super::weighted_rows`] for the first `out.len()` (a multiple of 8) values.
+    ///
+    /// # Safety
+    /// AVX is present; `base` holds `w.len()` rows of `stride` values (the last at least
+    /// `out.len()`).
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn weighted_rows_avx(out: &mut [f32], w: &[f32], base: &[f32], stride: usize) {
+        const R: usize = 8;
+        let mut c0 = 0;
+        while c0 < out.len() {
+            let regs = ((out.len() - c0) / 8).min(R);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (t, &p) in w.iter().enumerate() {
+                let pv = _mm256_set1_ps(p);
+                // SAFETY: row t holds values c0 .. c0 + 8·regs (caller's contract).
+                let row = unsafe { base.as_ptr().add(t * stride + c0) };
+                for (k, a) in acc.iter_mut().enumerate().take(regs) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.add(8 * k)) }));
+                }
+            }
+            for (k, a) in acc.iter().enumerate().take(regs) {
+                // SAFETY: 8 floats inside `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * k), *a) };
+            }
+            c0 += 8 * regs;
+        }
+    }
+
+    /// [`super::exp`] lane-wise: the same operations in the same order (the range
+    /// checks as blends, `floor_small` by truncation, `n / 2` truncating toward zero).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn exp8(x: __m256) -> __m256 {
+        use super::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+        let y = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(0.5));
+        let t = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(y));
+        let above = _mm256_cmp_ps::<_CMP_GT_OQ>(t, y);
+        let n = _mm256_sub_ps(t, _mm256_and_ps(above, _mm256_set1_ps(1.0)));
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
+        );
+        let mut p = _mm256_set1_ps(P[0]);
+        for &c in &P[1..] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+        }
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0));
+        let ni = _mm256_cvttps_epi32(n);
+        let a = _mm256_srai_epi32::<1>(_mm256_add_epi32(ni, _mm256_srli_epi32::<31>(ni)));
+        let b = _mm256_sub_epi32(ni, a);
+        let pow2 =
+            |e: __m256i| _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(e, _mm256_set1_epi32(127))));
+        let v = _mm256_mul_ps(_mm256_mul_ps(p, pow2(a)), pow2(b));
+        let hi = _mm256_cmp_ps::<_CMP_GT_OQ>(x, _mm256_set1_ps(EXP_HI));
+        let lo = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x);
+        let v = _mm256_blendv_ps(v, _mm256_set1_ps(f32::INFINITY), hi);
+        let v = _mm256_blendv_ps(v, _mm256_setzero_ps(), lo);
+        _mm256_blendv_ps(v, x, nan)
+    }
+
+    /// [`super::glu`] for lengths that are multiples of 8.
+    ///
+    /// # Safety
+    /// AVX2 is present; `g.len() == u.len()`, a multiple of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn glu_avx2<const GELU: bool>(g: &mut [f32], u: &[f32]) {
+        use super::{GELU_A, GELU_K};
+        let neg = _mm256_set1_ps(-0.0);
+        for (gc, uc) in g.chunks_exact_mut(8).zip(u.chunks_exact(8)) {
+            // SAFETY: 8 floats each.
+            let (x, uv) = unsafe { (_mm256_loadu_ps(gc.as_ptr()), _mm256_loadu_ps(uc.as_ptr())) };
+            let e = if GELU {
+                let cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+                let t = _mm256_mul_ps(
+                    _mm256_set1_ps(GELU_K),
+                    _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(GELU_A), cube)),
+                );
+                exp8(_mm256_xor_ps(t, neg))
+            } else {
+                exp8(_mm256_xor_ps(x, neg))
+            };
+            let act = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            // SAFETY: 8 floats.
+            unsafe { _mm256_storeu_ps(gc.as_mut_ptr(), _mm256_mul_ps(act, uv)) };
+        }
     }
 }
 
@@ -342,6 +507,42 @@ mod tests {
         let b: Vec<f32> = (0..576).map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021).collect();
         let scalar = canonical_sum(a.len(), |i| a[i] * b[i]);
         assert_eq!(dot_f32(&a, &b).to_bits(), scalar.to_bits());
+    }
+
+    #[test]
+    fn simd_glu_is_the_scalar_bits() {
+        // Ordinary values, both range ends of exp (and past them), zeros, subnormals,
+        // infinities and large magnitudes, with a tail that is not a multiple of 8.
+        let mut g: Vec<f32> = (0..2000).map(|i| (i as f32 - 1000.0) * 0.013).collect();
+        g.extend([0.0, -0.0, 1e-40, -1e-40, 88.0, 89.0, -103.0, -104.0, -110.0, 1e30, -1e30]);
+        g.extend([f32::INFINITY, f32::NEG_INFINITY, 30.0, -30.0, 5.5, -5.5, 1e-3]);
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        for gelu in [false, true] {
+            let mut got = g.clone();
+            if gelu {
+                gelu_mul(&mut got, &u)
+            } else {
+                silu_mul(&mut got, &u)
+            }
+            for (i, (&x, &y)) in g.iter().zip(&got).enumerate() {
+                let want = if gelu { gelu_tanh(x) } else { silu(x) } * u[i];
+                assert_eq!(y.to_bits(), want.to_bits(), "gelu={gelu} x={x:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_softmax_is_the_scalar_bits() {
+        for n in [1usize, 7, 8, 9, 31, 64, 100] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 1.7).collect();
+            let mut got = v.clone();
+            softmax(&mut got);
+            let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = v.iter().map(|x| exp(x - max)).collect();
+            let sum = canonical_sum(n, |i| e[i]);
+            let want: Vec<u32> = e.iter().map(|x| (x / sum).to_bits()).collect();
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "n={n}");
+        }
     }
 
     #[test]

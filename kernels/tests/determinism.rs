@@ -221,3 +221,58 @@ fn real_model_logits_bits_are_pinned() {
         }
     }
 }
+
+/// Every weight type's matrix products, through every kernel path a CPU has (one row
+/// for decode; the multi-row kernels for prefill, batches and replay): for widths of
+/// odd block counts (and past 32 blocks, where the lane accumulators wrap) and 1 to 9
+/// rows (and 70, past one tile of 64), at 1 to 3 threads, teacher-forced logits are
+/// the decode bits, and a batch of two prompts gives each prompt's own bits.
+#[test]
+fn every_weight_type_prefill_is_the_decode_bits_for_every_row_count_and_thread_count() {
+    use sampo_kernels::gguf::GgmlType;
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        // 3 and 33 blocks of 32; 8 and 40 chunks of K-quant super-blocks.
+        let (n_embd, n_ff) = if ty.is_k_quant() { (256, 1280) } else { (96, 1056) };
+        let spec = SynthSpec { weights: Some(ty), n_embd, n_ff, n_ctx: 128, ..SynthSpec::default() };
+        let m = Arc::new(Model::from_gguf(GgufFile::from_bytes(synthesize(&spec)).expect("gguf")).expect("model"));
+        let toks: Vec<u32> = (0..70u64).map(|i| ((i * 7919 + 3) % m.hp.n_vocab as u64) as u32).collect();
+        let one = CpuBackend::new(1).expect("pool");
+        let mut seq = Sequence::new(&m);
+        let decode: Vec<Vec<f32>> = toks
+            .iter()
+            .map(|&t| one.forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &[t] }]).expect("step").remove(0))
+            .collect();
+        for threads in 1..=3 {
+            let b = CpuBackend::new(threads).expect("pool");
+            for rows in (1..=9).chain([70]) {
+                let all = b.forward_all(&m, &mut Sequence::new(&m), &toks[..rows]).expect("forward_all");
+                for (r, (got, want)) in all.iter().zip(&decode).enumerate() {
+                    assert_eq!(bits(got), bits(want), "{ty}: {threads} threads, {rows} rows, row {r}");
+                }
+            }
+            let (mut s1, mut s2) = (Sequence::new(&m), Sequence::new(&m));
+            let out = b
+                .forward(
+                    &m,
+                    &mut [
+                        BatchItem { seq: &mut s1, tokens: &toks[..3] },
+                        BatchItem { seq: &mut s2, tokens: &toks[..6] },
+                    ],
+                )
+                .expect("batch");
+            assert_eq!(bits(&out[0]), bits(&decode[2]), "{ty}: {threads} threads, batch item 0");
+            assert_eq!(bits(&out[1]), bits(&decode[5]), "{ty}: {threads} threads, batch item 1");
+        }
+    }
+}

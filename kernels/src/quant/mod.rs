@@ -125,34 +125,36 @@ pub fn dot_row_scalar(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
 /// A convenience: it lays out the activation scales on every call; a hot loop calls
 /// [`dot_row_scaled`] with [`act_scales`]' layout made once.
 pub fn dot_row(ty: GgmlType, row: &[u8], x: &[Q8Act]) -> f32 {
-    let (mut d, mut s) = (Vec::new(), Vec::new());
+    let (mut d, mut s, mut n) = (Vec::new(), Vec::new(), Vec::new());
     act_scales(x, x.len(), &mut d, &mut s);
-    dot_row_scaled(ty, row, x, &d, &s)
+    act_sums(x, x.len(), &mut n);
+    dot_row_scaled(ty, row, x, &d, &s, &n)
 }
 
-/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] (one
-/// row of `x.len()` blocks): SIMD loads them whole instead of gathering them per group.
+/// [`dot_row`] with the row's activation scales `xd`, `xs` from [`act_scales`] and
+/// quant sums `xn` from [`act_sums`] (one row of `x.len()` blocks): SIMD loads them
+/// whole instead of gathering them per group.
 #[inline]
-pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     let vnni = has_vnni();
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    dot_row_with(ty, row, x, xd, xs, vnni)
+    dot_row_with(ty, row, x, xd, xs, xn, vnni)
 }
 
 /// [`dot_row_scaled`], with AVX-512 VNNI's integer dot or without (tests run both;
 /// `vnni` only where the CPU has it).
 #[inline]
-fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
+fn dot_row_with(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32], vnni: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2 is present (and VNNI where asked); `row` holds `x.len()` blocks
         // (checked by the caller's shapes, asserted by the kernels along with the
-        // scales' length).
-        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, vnni && has_vnni()) };
+        // scales' and sums' lengths).
+        return unsafe { x86::dot_row_avx2(ty, row, x, xd, xs, xn, vnni && has_vnni()) };
     }
-    let _ = (xd, xs, vnni);
+    let _ = (xd, xs, xn, vnni);
     dot_row_scalar(ty, row, x)
 }
 
@@ -182,6 +184,20 @@ pub fn act_scales(x: &[Q8Act], nb: usize, d: &mut Vec<f32>, s: &mut Vec<f32>) {
     }
 }
 
+/// Each activation row's integer sums of its blocks' quants, in [`act_scales`]' layout
+/// (the single-row kernels take a signed type's offset back with them).
+pub fn act_sums(x: &[Q8Act], nb: usize, n: &mut Vec<i32>) {
+    let stride = scales_stride(nb);
+    let rows = x.len().checked_div(nb).unwrap_or(0);
+    n.clear();
+    n.resize(rows * stride, 0);
+    for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+        for (b, xb) in xr.iter().enumerate() {
+            n[r * stride + b] = xb.qs.iter().map(|&v| i32::from(v)).sum();
+        }
+    }
+}
+
 /// Rows per pass of the batched kernel: one row per SIMD lane.
 pub const ROWS: usize = 8;
 
@@ -193,6 +209,8 @@ pub const ROWS: usize = 8;
 pub struct ActScales {
     pub d: Vec<f32>,
     pub s: Vec<f32>,
+    /// [`act_sums`].
+    pub n: Vec<i32>,
     pub dt: Vec<f32>,
     pub st: Vec<f32>,
     nb: usize,
@@ -202,6 +220,7 @@ impl ActScales {
     pub fn new(x: &[Q8Act], nb: usize) -> Self {
         let mut sc = Self { nb, ..Default::default() };
         act_scales(x, nb, &mut sc.d, &mut sc.s);
+        act_sums(x, nb, &mut sc.n);
         let rows = x.len().checked_div(nb).unwrap_or(0);
         let len = rows.div_ceil(ROWS) * ROWS * nb;
         sc.dt.resize(len, 0.0);
@@ -224,6 +243,7 @@ impl ActScales {
         ActScalesRef {
             d: &self.d[r0 * stride..r1 * stride],
             s: &self.s[r0 * stride..r1 * stride],
+            n: &self.n[r0 * stride..r1 * stride],
             dt: &self.dt[t.clone()],
             st: &self.st[t],
         }
@@ -235,6 +255,7 @@ impl ActScales {
 pub struct ActScalesRef<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub n: &'a [i32],
     pub dt: &'a [f32],
     pub st: &'a [f32],
 }
@@ -304,8 +325,145 @@ fn dot_rows_with(
     let _ = (prep, vnni);
     for (r, o) in out.iter_mut().enumerate() {
         let (d, s) = (&sc.d[r * stride..(r + 1) * stride], &sc.s[r * stride..(r + 1) * stride]);
-        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s);
+        *o = dot_row_scaled(ty, row, &x[r * nb..(r + 1) * nb], d, s, &sc.n[r * stride..(r + 1) * stride]);
     }
+}
+
+/// Weight rows per call of [`dot_rows_many`]: each activation block loaded serves this
+/// many weight rows.
+pub const COLS: usize = 4;
+
+/// One block of [`ROWS`] activation rows packed for [`dot_rows_many`]: vector `j` holds
+/// bytes `4j..4j + 4` of each row's quants, row `k` in 32-bit lane `k`, so that one
+/// broadcast weight word against it gives all rows' partial sums lane-wise; `lo`, `hi`
+/// each row's integer sum of its first and its last 16 quants (for the offset that
+/// makes signed weights unsigned). Rows past the last are zero.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub struct PackedBlock {
+    pub q: [[i8; QK]; 8],
+    pub lo: [i32; ROWS],
+    pub hi: [i32; ROWS],
+}
+
+/// Quantized activation rows packed for [`dot_rows_many`]: pass `p` (rows `8p..8p + 8`),
+/// block `b` is `blocks[p·nb + b]`. The same integers as the rows, rearranged.
+#[derive(Default)]
+pub struct ActPack {
+    blocks: Vec<PackedBlock>,
+    nb: usize,
+    rows: usize,
+}
+
+impl ActPack {
+    /// Pack `x`, rows of `nb` blocks.
+    pub fn new(x: &[Q8Act], nb: usize) -> Self {
+        let rows = x.len().checked_div(nb).unwrap_or(0);
+        let zero = PackedBlock { q: [[0; QK]; 8], lo: [0; ROWS], hi: [0; ROWS] };
+        let mut blocks = vec![zero; rows.div_ceil(ROWS) * nb];
+        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+            let (p, k) = (r / ROWS, r % ROWS);
+            for (b, xb) in xr.iter().enumerate() {
+                let pb = &mut blocks[p * nb + b];
+                for j in 0..8 {
+                    pb.q[j][4 * k..4 * k + 4].copy_from_slice(&xb.qs[4 * j..4 * j + 4]);
+                }
+                pb.lo[k] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
+                pb.hi[k] = xb.qs[16..].iter().map(|&v| i32::from(v)).sum();
+            }
+        }
+        Self { blocks, nb, rows }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Whether [`dot_rows_many`] has a kernel for `ty` on this CPU (x86 with AVX-512 VNNI;
+/// every quantized type but Q2_K).
+pub fn many_supported(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_vnni() && ty.is_quantized() && ty != GgmlType::Q2_K
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// Unpack one weight row of `nb` blocks for [`dot_rows_many`]. Only where
+/// [`many_supported`].
+pub fn prepare_many(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+    assert!(many_supported(ty), "no multi-row kernel for {ty}");
+    let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
+    assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX2, F16C, AVX-512 BW and VL are present (`many_supported` checked them with
+    // VNNI); the row's length is asserted.
+    unsafe {
+        x86::prepare_row_unsigned(ty, row, nb, prep)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = prep;
+}
+
+/// Canonical dots of up to [`COLS`] weight rows with activation rows `r0..r1` of `pack`:
+/// `out[(r − r0)·COLS + i] = dot_row(ty, row_i, x_r)` bit for bit, for the rows
+/// `preps[i]` was prepared from by [`prepare_many`] (repeat one to fill the array; its
+/// columns are computed and ignored). `sc` holds the same activations' scales; `r0` is
+/// a multiple of [`ROWS`]. Per block and pass of 8 activation rows, each weight word is
+/// broadcast against the packed activations, so AVX-512 VNNI's `vpdpbusd` leaves every
+/// row's exact integer sum in its own lane (signed weights offset to unsigned, the
+/// offset times the activations' sum taken back: the same integer); then the same f32
+/// operations per block as [`dot_row`], into lane accumulator `b % 32`, and the
+/// butterfly lane-wise.
+pub fn dot_rows_many(
+    ty: GgmlType,
+    preps: [&RowPrep; COLS],
+    pack: &ActPack,
+    sc: &ActScales,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    assert!(many_supported(ty), "no multi-row kernel for {ty}");
+    let nb = pack.nb;
+    assert!(r0.is_multiple_of(ROWS) && r0 <= r1 && r1 <= pack.rows, "rows {r0}..{r1} of {}", pack.rows);
+    assert!(out.len() >= (r1 - r0) * COLS, "output for {} rows", r1 - r0);
+    let stride = scales_stride(nb);
+    for p in preps {
+        assert!(
+            p.w.len() >= stride && p.dw.len() >= stride && p.mw.len() >= stride,
+            "weights prepared for {nb} blocks"
+        );
+        assert!(!pair_scaled(ty) || p.sc.len() >= stride, "scales prepared for {nb} blocks");
+    }
+    let (p0, p1) = (r0 / ROWS, r1.div_ceil(ROWS));
+    assert!(sc.dt.len() >= p1 * ROWS * nb && sc.st.len() >= p1 * ROWS * nb, "transposed activation scales");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
+    unsafe {
+        x86::dot_rows_many_vnni(
+            ty,
+            &pack.blocks[p0 * nb..p1 * nb],
+            nb,
+            r1 - r0,
+            &sc.dt[p0 * ROWS * nb..],
+            &sc.st[p0 * ROWS * nb..],
+            preps,
+            out,
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (preps, sc, p0, p1, out);
+}
+
+/// Types with a scale per 16 elements inside the integer sum.
+fn pair_scaled(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -316,7 +474,8 @@ fn has_avx2() -> bool {
     *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c"))
 }
 
-/// AVX-512 VNNI with 256-bit vectors (VL): `vpdpbusd` for the integer dots.
+/// AVX-512 VNNI with 256-bit vectors (VL) and byte masks (BW): `vpdpbusd` for the
+/// integer dots.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_vnni() -> bool {
@@ -326,6 +485,7 @@ fn has_vnni() -> bool {
         has_avx2()
             && std::arch::is_x86_feature_detected!("avx512vnni")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512bw")
     })
 }
 

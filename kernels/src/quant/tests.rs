@@ -440,7 +440,7 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
             for rows in 1..=9usize {
                 let xq = acts(nb * QK * rows, (rows + blocks) as u32);
                 let sc = ActScales::new(&xq, nb);
-                let (d, s) = (&sc.d, &sc.s);
+                let (d, s, xn) = (&sc.d, &sc.s, &sc.n);
                 let stride = scales_stride(nb);
                 let mut out = vec![0.0; rows];
                 dot_rows(ty, &row, &xq, sc.rows(0, rows), &mut RowPrep::default(), &mut out);
@@ -451,8 +451,8 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                 for (r, o) in out.iter().enumerate() {
                     let x = &xq[r * nb..(r + 1) * nb];
                     let want = dot_row_scalar(ty, &row, x);
-                    let one =
-                        dot_row_scaled(ty, &row, x, &d[r * stride..(r + 1) * stride], &s[r * stride..(r + 1) * stride]);
+                    let rs = r * stride..(r + 1) * stride;
+                    let one = dot_row_scaled(ty, &row, x, &d[rs.clone()], &s[rs.clone()], &xn[rs.clone()]);
                     assert_eq!(one.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row");
                     let plain = dot_row_with(
                         ty,
@@ -460,6 +460,7 @@ fn one_row_and_batched_dots_are_the_scalar_bits_for_every_width() {
                         x,
                         &d[r * stride..(r + 1) * stride],
                         &s[r * stride..(r + 1) * stride],
+                        &xn[rs],
                         false,
                     );
                     assert_eq!(plain.to_bits(), want.to_bits(), "{ty} {nb} chunks, one row without VNNI");
@@ -495,5 +496,53 @@ fn simd_activation_quantization_is_the_reference_bits() {
         let want = quantize_block(b);
         assert_eq!(got[0].qs, want.qs, "{b:?}");
         assert_eq!((got[0].d.to_bits(), got[0].s.to_bits()), (want.d.to_bits(), want.s.to_bits()), "{b:?}");
+    }
+}
+
+#[test]
+fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
+    // Every row length from 1 to 41 chunks, 1 to 9 activation rows in tiles starting
+    // at every pass, 1 to 4 distinct weight rows (short groups repeat the last), extreme
+    // blocks (all bits set) and activations (±127, huge and tiny scales) included.
+    for ty in BLOCK_TYPES {
+        if !many_supported(ty) {
+            assert!(ty == GgmlType::Q2_K || !has_vnni(), "{ty} has no multi-row kernel");
+            continue;
+        }
+        let per = ty.block_len() / QK;
+        for blocks in 1..=41usize.div_ceil(per) {
+            let nb = blocks * per;
+            let rows_w: Vec<Vec<u8>> = (0..COLS)
+                .map(|i| random_blocks(ty, blocks, (blocks * 7 + i) as u64 + 90, (blocks + i) % 5 == 0))
+                .collect();
+            let mut preps: Vec<RowPrep> = (0..COLS).map(|_| RowPrep::default()).collect();
+            for (p, w) in preps.iter_mut().zip(&rows_w) {
+                prepare_many(ty, w, nb, p);
+            }
+            for rows in 1..=17usize {
+                let xq = acts(nb * QK * rows, (3 * rows + blocks) as u32);
+                let sc = ActScales::new(&xq, nb);
+                let pack = ActPack::new(&xq, nb);
+                for m in 1..=COLS {
+                    let ps: [&RowPrep; COLS] = std::array::from_fn(|i| &preps[i.min(m - 1)]);
+                    for r0 in (0..rows).step_by(ROWS) {
+                        let mut out = vec![f32::NAN; (rows - r0) * COLS];
+                        dot_rows_many(ty, ps, &pack, &sc, r0, rows, &mut out);
+                        for r in r0..rows {
+                            let want_x = &xq[r * nb..(r + 1) * nb];
+                            for i in 0..COLS {
+                                let want = dot_row_scalar(ty, &rows_w[i.min(m - 1)], want_x);
+                                let got = out[(r - r0) * COLS + i];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{ty} {nb} chunks, {rows} rows from {r0}, row {r} col {i}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }

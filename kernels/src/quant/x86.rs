@@ -206,34 +206,43 @@ unsafe fn kgroup(ty: GgmlType, b: *const u8) -> KGroup {
 }
 
 /// The 8 terms of one decoded super-block against its 8 activation blocks, in the
-/// canonical operation order of [`chunk::Chunk::term`].
-#[inline]
-#[target_feature(enable = "avx2")]
-fn kgroup_terms(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
-    let sgn = signed(ty);
-    let mut p = [_mm256_setzero_si256(); 8];
-    let mut pm = [_mm256_setzero_si256(); 8];
-    for j in 0..8 {
-        // SAFETY: Q8Act::qs is 32 bytes.
-        let xv = unsafe { _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i) };
-        let pairs = if sgn {
-            _mm256_maddubs_epi16(_mm256_sign_epi8(g.q[j], g.q[j]), _mm256_sign_epi8(xv, g.q[j]))
-        } else {
-            _mm256_maddubs_epi16(g.q[j], xv)
-        };
-        p[j] = _mm256_madd_epi16(pairs, g.sc[j]);
-        if ty == GgmlType::Q2_K {
-            pm[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), g.mins[j]);
+/// canonical operation order of [`chunk::Chunk::term`]. With `V` (AVX-512 VNNI, enabled by the caller), the unsigned types without scales in
+/// the sum (Q4_K, Q5_K) take `vpdpbusd`: the same exact partial sums.
+///
+/// # Safety
+/// The caller enables AVX2 and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn kgroup_terms<const V: bool>(ty: GgmlType, g: &KGroup, x: &[Q8Act], dx: __m256, sx: __m256) -> __m256 {
+    // SAFETY: the instructions are enabled by the caller; Q8Act::qs is 32 bytes.
+    unsafe {
+        let sgn = signed(ty);
+        let mut p = [_mm256_setzero_si256(); 8];
+        let mut pm = [_mm256_setzero_si256(); 8];
+        for j in 0..8 {
+            let xv = _mm256_loadu_si256(x[j].qs.as_ptr() as *const __m256i);
+            if V && !sgn && !scaled(ty) {
+                p[j] = dot4::<true>(g.q[j], xv);
+                continue;
+            }
+            let pairs = if sgn {
+                _mm256_maddubs_epi16(_mm256_sign_epi8(g.q[j], g.q[j]), _mm256_sign_epi8(xv, g.q[j]))
+            } else {
+                _mm256_maddubs_epi16(g.q[j], xv)
+            };
+            p[j] = _mm256_madd_epi16(pairs, g.sc[j]);
+            if ty == GgmlType::Q2_K {
+                pm[j] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), g.mins[j]);
+            }
         }
-    }
-    let s = _mm256_cvtepi32_ps(hsum8(&p));
-    let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
-    match chunk::form(ty) {
-        Form::Plain => t,
-        Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
-        Form::SubMin => {
-            let m = _mm256_cvtepi32_ps(hsum8(&pm));
-            _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
+        let s = _mm256_cvtepi32_ps(hsum8(&p));
+        let t = _mm256_mul_ps(_mm256_mul_ps(g.dw, dx), s);
+        match chunk::form(ty) {
+            Form::Plain => t,
+            Form::Min => _mm256_add_ps(t, _mm256_mul_ps(g.mw, sx)),
+            Form::SubMin => {
+                let m = _mm256_cvtepi32_ps(hsum8(&pm));
+                _mm256_sub_ps(t, _mm256_mul_ps(_mm256_mul_ps(g.mw, dx), m))
+            }
         }
     }
 }
@@ -242,14 +251,16 @@ const KTYPES: [GgmlType; 5] = [GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, G
 
 /// [`dot_row_avx2`] for a K-quant: super-block `g` is group `g` of 8 chunks.
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
     // One copy per type, so that the decoding's branches on the type fold away.
-    // SAFETY: same contract.
+    // SAFETY: same contract (VNNI only where the caller found it).
     unsafe {
         match ty {
             GgmlType::Q2_K => dot_row_k::<0>(row, x, xd, xs),
             GgmlType::Q3_K => dot_row_k::<1>(row, x, xd, xs),
+            GgmlType::Q4_K if vnni => dot_row_kv::<2>(row, x, xd, xs),
             GgmlType::Q4_K => dot_row_k::<2>(row, x, xd, xs),
+            GgmlType::Q5_K if vnni => dot_row_kv::<3>(row, x, xd, xs),
             GgmlType::Q5_K => dot_row_k::<3>(row, x, xd, xs),
             _ => dot_row_k::<4>(row, x, xd, xs),
         }
@@ -258,27 +269,41 @@ unsafe fn dot_row_kquant(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: 
 
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_row_k<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_k_body::<T, false>(row, x, xd, xs) }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+unsafe fn dot_row_kv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+    // SAFETY: same contract.
+    unsafe { dot_row_k_body::<T, true>(row, x, xd, xs) }
+}
+
+/// The body of [`dot_row_k`] and [`dot_row_kv`], inlined into each.
+///
+/// # Safety
+/// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
+#[inline(always)]
+unsafe fn dot_row_k_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     let ty = KTYPES[T];
     let bb = ty.block_bytes();
     let groups = x.len() / 8;
     assert!(x.len().is_multiple_of(8) && row.len() >= groups * bb, "row of {} bytes for {} chunks", row.len(), x.len());
     assert!(xd.len() >= x.len() && xs.len() >= x.len(), "activation scales for {} blocks", x.len());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for g in 0..groups {
-        // SAFETY: super-block g lies inside the row, scales 8g..8g + 8 inside xd, xs
-        // (asserted above).
-        let (dec, dx, sx) = unsafe {
-            (
-                kgroup(ty, row.as_ptr().add(g * bb)),
-                _mm256_loadu_ps(xd.as_ptr().add(8 * g)),
-                _mm256_loadu_ps(xs.as_ptr().add(8 * g)),
-            )
-        };
-        // Rotating the four keeps them in registers (see `dot_rows_t`).
-        acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], kgroup_terms(ty, &dec, &x[8 * g..8 * g + 8], dx, sx))];
+    // SAFETY: the instructions are enabled by the caller; super-block g lies inside the
+    // row, scales 8g..8g + 8 inside xd, xs (asserted above).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for g in 0..groups {
+            let dec = kgroup(ty, row.as_ptr().add(g * bb));
+            let (dx, sx) = (_mm256_loadu_ps(xd.as_ptr().add(8 * g)), _mm256_loadu_ps(xs.as_ptr().add(8 * g)));
+            // Rotating the four keeps them in registers (see `dot_rows_t`).
+            let t = kgroup_terms::<V>(ty, &dec, &x[8 * g..8 * g + 8], dx, sx);
+            acc = [acc[1], acc[2], acc[3], _mm256_add_ps(acc[0], t)];
+        }
+        let k = groups % 4;
+        butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
     }
-    let k = groups % 4;
-    butterfly4([acc[(4 - k) % 4], acc[(5 - k) % 4], acc[(6 - k) % 4], acc[(7 - k) % 4]])
 }
 
 /// # Safety
@@ -312,23 +337,32 @@ fn hsum8(p: &[__m256i; 8]) -> __m256i {
 /// per-block f32 terms are computed lane-wise in the canonical operation order.
 /// Blocks `8g..8g+8` land in lanes `8(g % 4)..`, i.e. register `g % 4`.
 #[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn dot_row_avx2(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], vnni: bool) -> f32 {
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dot_row_avx2(
+    ty: GgmlType,
+    row: &[u8],
+    x: &[Q8Act],
+    xd: &[f32],
+    xs: &[f32],
+    xn: &[i32],
+    vnni: bool,
+) -> f32 {
     // One copy per type, so that the branches on the type fold away (a shared copy
     // cost 20 % of decode on SmolLM2's Q4_1).
     // SAFETY: same contract.
     unsafe {
         match ty {
-            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs),
+            GgmlType::Q4_0 if vnni => dot_row_bv::<0>(row, x, xd, xs, xn),
             GgmlType::Q4_0 => dot_row_b::<0>(row, x, xd, xs),
-            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs),
+            GgmlType::Q4_1 if vnni => dot_row_bv::<1>(row, x, xd, xs, xn),
             GgmlType::Q4_1 => dot_row_b::<1>(row, x, xd, xs),
-            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs),
+            GgmlType::Q5_0 if vnni => dot_row_bv::<2>(row, x, xd, xs, xn),
             GgmlType::Q5_0 => dot_row_b::<2>(row, x, xd, xs),
-            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs),
+            GgmlType::Q5_1 if vnni => dot_row_bv::<3>(row, x, xd, xs, xn),
             GgmlType::Q5_1 => dot_row_b::<3>(row, x, xd, xs),
-            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs),
+            GgmlType::Q8_0 if vnni => dot_row_bv::<4>(row, x, xd, xs, xn),
             GgmlType::Q8_0 => dot_row_b::<4>(row, x, xd, xs),
-            _ => dot_row_kquant(ty, row, x, xd, xs),
+            _ => dot_row_kquant(ty, row, x, xd, xs, vnni),
         }
     }
 }
@@ -339,13 +373,42 @@ const BTYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, G
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn dot_row_b<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
     // SAFETY: same contract.
-    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs) }
+    unsafe { dot_row_b_body::<T, false>(row, x, xd, xs, &[]) }
 }
 
-#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
-unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+/// With VNNI, signed weights are offset to unsigned (`q + 2^s`, the offset times the
+/// block's quant sum `xn` taken back from the exact integer sum), which spares the
+/// sign trick; Q5_0's fifth bits are added under a byte mask (AVX-512 BW).
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl,avx512bw")]
+unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32], xn: &[i32]) -> f32 {
     // SAFETY: same contract.
-    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs) }
+    unsafe { dot_row_b_body::<T, true>(row, x, xd, xs, xn) }
+}
+
+/// The exact integer dot of one block at `w` as 8 partial i32, with signed quants
+/// offset by `2^offset_shift(ty)` (the caller takes `offset · Σ x` back).
+///
+/// # Safety
+/// `w` points at a whole block of `ty` (a 32-element type); AVX2, AVX-512 VNNI, VL and
+/// BW are enabled by the caller.
+#[inline(always)]
+unsafe fn block_partials_offset(ty: GgmlType, w: *const u8, x: &Q8Act) -> __m256i {
+    // SAFETY: Q8Act::qs is 32 bytes; the block holds the bytes read (caller's contract).
+    unsafe {
+        let xv = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        let u = match ty {
+            GgmlType::Q4_0 => nibbles16(w.add(2)),
+            GgmlType::Q5_0 => {
+                let qh = std::ptr::read_unaligned(w.add(2) as *const u32);
+                let lo = nibbles16(w.add(6));
+                _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
+            }
+            GgmlType::Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(w.add(2) as *const __m256i), _mm256_set1_epi8(-128)),
+            GgmlType::Q4_1 => nibbles16(w.add(4)),
+            _ => fives(w.add(4)),
+        };
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, xv)
+    }
 }
 
 /// The body of [`dot_row_b`] and [`dot_row_bv`], inlined into each.
@@ -353,7 +416,13 @@ unsafe fn dot_row_bv<const T: usize>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[
 /// # Safety
 /// As [`dot_row_avx2`]; the caller enables AVX2, F16C and, with `V`, AVX-512 VNNI + VL.
 #[inline(always)]
-unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f32]) -> f32 {
+unsafe fn dot_row_b_body<const T: usize, const V: bool>(
+    row: &[u8],
+    x: &[Q8Act],
+    xd: &[f32],
+    xs: &[f32],
+    xn: &[i32],
+) -> f32 {
     // SAFETY: the instructions are enabled by the caller; the reads are justified below.
     unsafe {
         let ty = BTYPES[T];
@@ -363,6 +432,9 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
         let groups = nb.div_ceil(GROUP);
         assert!(row.len() >= nb * bb, "row of {} bytes for {nb} blocks", row.len());
         assert!(xd.len() >= groups * GROUP && xs.len() >= groups * GROUP, "activation scales for {nb} blocks");
+        // With VNNI, a signed type's quants are offset (see `dot_row_bv`).
+        let sh = if V { offset_shift(ty) } else { None };
+        assert!(sh.is_none() || xn.len() >= groups * GROUP, "activation sums for {nb} blocks");
         let base = row.as_ptr();
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         // Byte offsets of 8 consecutive blocks' first 4 bytes: `d` and, for the types with
@@ -384,7 +456,19 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
             // lanes of those blocks (the mask); scales b0 .. b0 + 8 lie inside xd, xs.
             let (raw, dx, sx) = {
                 let at = base.add(b0 * bb);
-                if cnt == GROUP {
+                // (No closure here: it would not inherit the target features, and its
+                // intrinsics would become calls.)
+                if V && sh.is_some() {
+                    if cnt == GROUP {
+                        for (k, pk) in p.iter_mut().enumerate() {
+                            *pk = block_partials_offset(ty, at.add(k * bb), &x[b0 + k]);
+                        }
+                    } else {
+                        for (k, pk) in p.iter_mut().enumerate().take(cnt) {
+                            *pk = block_partials_offset(ty, at.add(k * bb), &x[b0 + k]);
+                        }
+                    }
+                } else if cnt == GROUP {
                     for (k, pk) in p.iter_mut().enumerate() {
                         *pk = block_partials::<V>(ty, at.add(k * bb), &x[b0 + k]);
                     }
@@ -396,7 +480,13 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(row: &[u8], x: &[Q8Act],
                 let raw = _mm256_mask_i32gather_epi32::<1>(_mm256_setzero_si256(), at as *const i32, offs, live);
                 (raw, _mm256_loadu_ps(xd.as_ptr().add(b0)), _mm256_loadu_ps(xs.as_ptr().add(b0)))
             };
-            let isum = _mm256_cvtepi32_ps(hsum8(&p));
+            let mut isum = hsum8(&p);
+            if let Some(sh) = sh {
+                // SAFETY: sums b0 .. b0 + 8 lie inside xn (asserted above).
+                let n = _mm256_loadu_si256(xn.as_ptr().add(b0) as *const __m256i);
+                isum = _mm256_sub_epi32(isum, _mm256_sll_epi32(n, _mm_cvtsi32_si128(sh)));
+            }
+            let isum = _mm256_cvtepi32_ps(isum);
             // Low 128 bits: the eight `d`; high: the eight `m`.
             let h = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(raw, split));
             let dw = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
@@ -659,6 +749,222 @@ unsafe fn dot_rows_body<const T: usize, const V: bool>(
             let mut r = [0.0f32; ROWS];
             _mm256_storeu_ps(r.as_mut_ptr(), acc[0]);
             o8.copy_from_slice(&r[..cnt]);
+        }
+    }
+}
+
+/// `log2` of the offset that makes a signed type's quants unsigned (`q + 2^s` in
+/// `0..=255`); `None` for the unsigned types.
+const fn offset_shift(ty: GgmlType) -> Option<i32> {
+    match ty {
+        GgmlType::Q3_K => Some(2),
+        GgmlType::Q4_0 => Some(3),
+        GgmlType::Q5_0 => Some(4),
+        GgmlType::Q6_K => Some(5),
+        GgmlType::Q8_0 => Some(7),
+        _ => None,
+    }
+}
+
+/// A weight row of `nb` blocks unpacked for [`dot_rows_many_vnni`]: each quant as the
+/// unsigned byte `q + offset` ([`offset_shift`]) in `prep.w`, the factors `dw`, `mw`
+/// and (Q3_K, Q6_K) the pair multipliers in `prep.sc`, as [`prepare_row_avx2`] has them
+/// (its `abs` is not needed and not made).
+///
+/// # Safety
+/// As [`prepare_row_avx2`]; the CPU has AVX-512 BW and VL.
+#[target_feature(enable = "avx2,f16c,avx512bw,avx512vl")]
+pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
+    let stride = scales_stride(nb);
+    let bb = ty.block_bytes();
+    prep.w.resize(stride, [0; QK]);
+    prep.dw.resize(stride, 0.0);
+    prep.mw.resize(stride, 0.0);
+    if scaled(ty) {
+        prep.sc.resize(stride, [0; 16]);
+    }
+    let store = |w: &mut [u8; QK], v: __m256i| {
+        // SAFETY: the destination is 32 bytes.
+        unsafe { _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, v) }
+    };
+    if ty.is_k_quant() {
+        let off = _mm256_set1_epi8(offset_shift(ty).map_or(0, |s| (1i32 << s) as u8 as i8));
+        for g in 0..nb / 8 {
+            // SAFETY: super-block g lies inside the row (caller's contract).
+            let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
+            // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
+            unsafe {
+                _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
+                _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
+            }
+            for j in 0..8 {
+                // Wrapping byte addition: q + offset lies in 0..=255.
+                store(&mut prep.w[8 * g + j], _mm256_add_epi8(k.q[j], off));
+                if scaled(ty) {
+                    // SAFETY: 16 i16 are 32 bytes.
+                    unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
+                }
+            }
+        }
+        return;
+    }
+    let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+    for b in 0..nb {
+        let blk = &row[b * bb..(b + 1) * bb];
+        prep.dw[b] = widen(u16::from_le_bytes([blk[0], blk[1]]));
+        // SAFETY: the block holds the bytes read (caller's contract).
+        let w = unsafe {
+            match ty {
+                GgmlType::Q4_1 | GgmlType::Q5_1 => {
+                    prep.mw[b] = widen(u16::from_le_bytes([blk[2], blk[3]]));
+                    if ty == GgmlType::Q4_1 { nibbles16(blk.as_ptr().add(4)) } else { fives(blk.as_ptr().add(4)) }
+                }
+                // The stored nibbles and 5-bit values are q + 8 and q + 16 already.
+                GgmlType::Q4_0 => nibbles16(blk.as_ptr().add(2)),
+                GgmlType::Q5_0 => {
+                    // The fifth bits by byte mask (AVX-512 BW, present with the kernel).
+                    let qh = std::ptr::read_unaligned(blk.as_ptr().add(2) as *const u32);
+                    let lo = nibbles16(blk.as_ptr().add(6));
+                    _mm256_mask_add_epi8(lo, qh, lo, _mm256_set1_epi8(16))
+                }
+                _ => {
+                    _mm256_xor_si256(_mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i), _mm256_set1_epi8(-128))
+                }
+            }
+        };
+        store(&mut prep.w[b], w);
+    }
+}
+
+/// [`super::dot_rows_many`]'s kernel: `rows` activation rows (from `pack`, whole passes
+/// of 8, and the transposed scales `dt`, `st` from the first of them) against the
+/// [`COLS`] prepared weight rows; `out[r·COLS + i]`.
+///
+/// # Safety
+/// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `pack` holds `rows.div_ceil(8)·nb`
+/// blocks, `dt`, `st` as many times 8 floats; each prep holds `nb` blocks (and their
+/// scales for Q3_K/Q6_K); `out` holds `rows·COLS` values; `ty` is not Q2_K.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_many_vnni(
+    ty: GgmlType,
+    pack: &[PackedBlock],
+    nb: usize,
+    rows: usize,
+    dt: &[f32],
+    st: &[f32],
+    preps: [&RowPrep; COLS],
+    out: &mut [f32],
+) {
+    macro_rules! by_type {
+        ($($i:literal),*) => {
+            match ty {
+                $(t if t == RTYPES[$i] => many_body::<$i>(pack, nb, rows, dt, st, preps, out),)*
+                _ => unreachable!("no multi-row kernel for {ty}"),
+            }
+        };
+    }
+    // One copy per type, so that the branches on the type fold away.
+    // SAFETY: same contract.
+    unsafe { by_type!(0, 1, 2, 3, 4, 5, 6, 7, 8) }
+}
+
+/// The body of [`dot_rows_many_vnni`] for type `RTYPES[T]`.
+///
+/// # Safety
+/// As [`dot_rows_many_vnni`].
+#[inline(always)]
+unsafe fn many_body<const T: usize>(
+    pack: &[PackedBlock],
+    nb: usize,
+    rows: usize,
+    dt: &[f32],
+    st: &[f32],
+    preps: [&RowPrep; COLS],
+    out: &mut [f32],
+) {
+    let ty = RTYPES[T];
+    let (scl, form, sh) = (scaled(ty), chunk::form(ty), offset_shift(ty));
+    let wp = preps.map(|p| p.w.as_ptr() as *const i32);
+    let dwp = preps.map(|p| p.dw.as_ptr());
+    let mwp = preps.map(|p| p.mw.as_ptr());
+    let scp = preps.map(|p| p.sc.as_ptr() as *const i16);
+    // SAFETY: the instructions are enabled by the caller; every pointer read stays
+    // inside the lengths of the caller's contract (block b < nb of pass p < passes).
+    unsafe {
+        // Lanes `nb..32` would stay +0.0 and the lanes written are never −0.0 (each
+        // starts as +0.0 + t), so adding them is the identity: only the first
+        // `min(nb, 32)` lanes are kept and summed.
+        let live = nb.min(LANES);
+        for (p, o8) in out[..rows * COLS].chunks_mut(ROWS * COLS).enumerate() {
+            let mut acc = [[std::mem::MaybeUninit::<__m256>::uninit(); LANES]; COLS];
+            for b in 0..nb {
+                let blk = pack.as_ptr().add(p * nb + b);
+                let qp = (*blk).q.as_ptr() as *const __m256i;
+                let xq: [__m256i; 8] = std::array::from_fn(|j| _mm256_load_si256(qp.add(j)));
+                let t0 = (p * nb + b) * ROWS;
+                let dx = _mm256_loadu_ps(dt.as_ptr().add(t0));
+                let sx = if form == Form::Min { _mm256_loadu_ps(st.as_ptr().add(t0)) } else { dx };
+                // The offset times each row's sums of the activation quants.
+                // Minus the offset times each row's sums of the activation quants: the
+                // chains of integer dots start from it (exact, in any order).
+                let (nlo, nhi) = match sh {
+                    Some(s) => {
+                        let lo = _mm256_load_si256((*blk).lo.as_ptr() as *const __m256i);
+                        let hi = _mm256_load_si256((*blk).hi.as_ptr() as *const __m256i);
+                        let shift = _mm_cvtsi32_si128(s);
+                        let neg = |v: __m256i| _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_sll_epi32(v, shift));
+                        if scl { (neg(lo), neg(hi)) } else { (neg(_mm256_add_epi32(lo, hi)), _mm256_setzero_si256()) }
+                    }
+                    None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
+                };
+                for i in 0..COLS {
+                    let w = wp[i].add(8 * b);
+                    let bc = |j: usize| _mm256_set1_epi32(std::ptr::read_unaligned(w.add(j)));
+                    let dp = |acc: __m256i, j: usize| _mm256_dpbusd_epi32(acc, bc(j), xq[j]);
+                    let isum = if scl {
+                        // Each half's sum, then its multiplier.
+                        let lo = dp(dp(dp(dp(nlo, 0), 1), 2), 3);
+                        let hi = dp(dp(dp(dp(nhi, 4), 5), 6), 7);
+                        let s = scp[i].add(16 * b);
+                        let (s0, s1) = (_mm256_set1_epi32(i32::from(*s)), _mm256_set1_epi32(i32::from(*s.add(8))));
+                        _mm256_add_epi32(_mm256_mullo_epi32(lo, s0), _mm256_mullo_epi32(hi, s1))
+                    } else {
+                        // Two independent chains of four.
+                        let a = dp(dp(dp(dp(nlo, 0), 2), 4), 6);
+                        let c = dp(dp(dp(dp(_mm256_setzero_si256(), 1), 3), 5), 7);
+                        _mm256_add_epi32(a, c)
+                    };
+                    let isum = _mm256_cvtepi32_ps(isum);
+                    let mut t = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(*dwp[i].add(b)), dx), isum);
+                    if form == Form::Min {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(_mm256_set1_ps(*mwp[i].add(b)), sx));
+                    }
+                    let l = &mut acc[i][b % LANES];
+                    let prev = if b < LANES { _mm256_setzero_ps() } else { l.assume_init() };
+                    l.write(_mm256_add_ps(prev, t));
+                }
+            }
+            // The butterfly, lane-wise: the same additions of the same pairs for each row
+            // (those with a +0.0 lane skipped, see above).
+            let mut r = [[0.0f32; ROWS]; COLS];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let (mut off, mut n) = (LANES / 2, live);
+                while off > 0 {
+                    for j in 0..n.saturating_sub(off) {
+                        a[j].write(_mm256_add_ps(a[j].assume_init(), a[j + off].assume_init()));
+                    }
+                    n = n.min(off);
+                    off /= 2;
+                }
+                let sum = if live == 0 { _mm256_setzero_ps() } else { a[0].assume_init() };
+                _mm256_storeu_ps(r[i].as_mut_ptr(), sum);
+            }
+            for (k, ok) in o8.chunks_exact_mut(COLS).enumerate() {
+                for (i, v) in ok.iter_mut().enumerate() {
+                    *v = r[i][k];
+                }
+            }
         }
     }
 }
