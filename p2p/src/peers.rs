@@ -21,6 +21,14 @@ use sampo_consensus::PeerId;
 /// A connection younger than this is never pruned.
 pub const PRUNE_GRACE: Duration = Duration::from_secs(5);
 
+/// A peer this node was connected to is not redialled by discovery for this long: a
+/// well-known peer (a bootstrap node everyone dials first) prunes its surplus, and
+/// without a pause the pruned would dial it straight back, round and round.
+pub const REDIAL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Peers remembered for [`REDIAL_BACKOFF`], at most (the oldest are forgotten first).
+pub const MAX_RECENT: usize = 4096;
+
 /// The prune threshold for a dial target.
 pub fn high_watermark(target: u32) -> usize {
     (target as usize).saturating_mul(3) / 2
@@ -38,6 +46,8 @@ pub struct Connected {
 #[derive(Default)]
 pub struct PeerSet {
     peers: HashMap<PeerId, Connected>,
+    /// When each recent peer's last connection closed (bounded by [`MAX_RECENT`]).
+    recent: HashMap<PeerId, Instant>,
 }
 
 impl PeerSet {
@@ -47,8 +57,22 @@ impl PeerSet {
     }
 
     /// The last connection to `peer` closed.
-    pub fn disconnected(&mut self, peer: &PeerId) {
+    pub fn disconnected(&mut self, peer: &PeerId, now: Instant) {
         self.peers.remove(peer);
+        if self.recent.len() >= MAX_RECENT {
+            self.recent.retain(|_, at| now.saturating_duration_since(*at) < REDIAL_BACKOFF);
+            if self.recent.len() >= MAX_RECENT
+                && let Some(oldest) = self.recent.iter().min_by_key(|(_, at)| **at).map(|(p, _)| *p)
+            {
+                self.recent.remove(&oldest);
+            }
+        }
+        self.recent.insert(*peer, now);
+    }
+
+    /// Whether discovery may dial `peer` now (not disconnected within the backoff).
+    pub fn may_dial(&self, peer: &PeerId, now: Instant) -> bool {
+        self.recent.get(peer).is_none_or(|at| now.saturating_duration_since(*at) >= REDIAL_BACKOFF)
     }
 
     pub fn len(&self) -> usize {
@@ -156,7 +180,31 @@ mod tests {
             set.connected(peer(i), false, t0);
         }
         assert!(set.surplus(8, t0 + PRUNE_GRACE, |_| true, |_| 0.0).is_empty());
-        set.disconnected(&peer(0));
+        set.disconnected(&peer(0), t0);
         assert_eq!(set.len(), 39);
+    }
+
+    #[test]
+    fn a_peer_just_left_is_not_redialled_until_the_backoff_ends() {
+        let t0 = Instant::now();
+        let mut set = PeerSet::default();
+        set.connected(peer(1), true, t0);
+        assert!(set.may_dial(&peer(2), t0), "a peer never seen");
+        set.disconnected(&peer(1), t0);
+        assert!(!set.may_dial(&peer(1), t0 + REDIAL_BACKOFF / 2));
+        assert!(set.may_dial(&peer(1), t0 + REDIAL_BACKOFF));
+    }
+
+    #[test]
+    fn the_memory_of_recent_peers_is_bounded() {
+        let t0 = Instant::now();
+        let mut set = PeerSet::default();
+        for i in 0..(MAX_RECENT + 50) {
+            let mut seed = [0u8; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let p = sampo_consensus::NodeKey::from_seed(seed).peer_id();
+            set.disconnected(&p, t0 + Duration::from_millis(i as u64));
+        }
+        assert!(set.recent.len() <= MAX_RECENT);
     }
 }

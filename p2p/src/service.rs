@@ -96,7 +96,10 @@ impl Default for P2pConfig {
             target_connections: 24,
             announce_interval: Duration::from_secs(5),
             discovery_interval: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(120),
+            // The peer set is bounded by pruning (crate::peers); closing connections
+            // merely idle (gossipsub keeps only mesh peers alive) would make a node
+            // below its target redial over and over.
+            idle_timeout: Duration::from_secs(600),
             dial_discovered: true,
             fetch_timeout: Duration::from_secs(30),
             node_validates: false,
@@ -409,7 +412,9 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
                 gossip::score_thresholds(),
             )?;
             let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+            // Each bootstrap dials every peer it asks (~20); with a bounded peer set those
+            // are pruned again, so refresh rarely (libp2p's default).
+            kad_cfg.set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
             kad_cfg.set_query_timeout(Duration::from_secs(30));
             let kad = Filtered::new(
                 kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg),
@@ -726,7 +731,7 @@ impl Actor {
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
-                self.peers.disconnected(&peer_id);
+                self.peers.disconnected(&peer_id, std::time::Instant::now());
                 if let Ok(mut r) = self.registry.write() {
                     r.disconnected(&peer_id);
                 }
@@ -751,6 +756,7 @@ impl Actor {
                 if let kad::Event::RoutingUpdated { peer, .. } = ev
                     && self.cfg.dial_discovered
                     && !self.swarm.is_connected(&peer)
+                    && self.peers.may_dial(&peer, std::time::Instant::now())
                     && (self.swarm.network_info().num_peers() as u32)
                         < self.cfg.target_connections.min(self.cfg.max_connections)
                 {
@@ -854,8 +860,8 @@ impl Actor {
         }
     }
 
-    /// Below the dial target: dial peers Kademlia already knows, in a random order; walk
-    /// the DHT only when it knows nobody else. A node with the peers it wants does
+    /// Below the dial target: dial peers Kademlia already knows (and did not just leave),
+    /// in a random order; walk the DHT only while it knows fewer peers than the target. A node with the peers it wants does
     /// neither — a walk connects to every peer it queries (~20), which on a large
     /// network would undo the bound (Kademlia's periodic bootstrap still refreshes it).
     fn fill_peer_set(&mut self) {
@@ -872,9 +878,15 @@ impl Actor {
             .kbuckets()
             .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
             .collect();
-        known.retain(|p| *p != me && !self.swarm.is_connected(p));
+        let table = known.len();
+        let now = std::time::Instant::now();
+        known.retain(|p| *p != me && !self.swarm.is_connected(p) && self.peers.may_dial(p, now));
         if known.is_empty() {
-            self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+            // Walk only while the table itself is small: a walk dials whoever it asks,
+            // backoffs included.
+            if table < target {
+                self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+            }
             return;
         }
         // Closest to a random key first: a uniform choice without a random-number crate.
