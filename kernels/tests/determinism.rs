@@ -229,19 +229,7 @@ fn real_model_logits_bits_are_pinned() {
 /// the decode bits, and a batch of two prompts gives each prompt's own bits.
 #[test]
 fn every_weight_type_prefill_is_the_decode_bits_for_every_row_count_and_thread_count() {
-    use sampo_kernels::gguf::GgmlType;
-    for ty in [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q2_K,
-        GgmlType::Q3_K,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ] {
+    for ty in sampo_kernels::gguf::SUPPORTED_TYPES.into_iter().filter(|t| t.is_quantized()) {
         // 3 and 33 blocks of 32; 8 and 40 chunks of K-quant super-blocks.
         let (n_embd, n_ff) = if ty.is_k_quant() { (256, 1280) } else { (96, 1056) };
         let spec = SynthSpec { weights: Some(ty), n_embd, n_ff, n_ctx: 128, ..SynthSpec::default() };

@@ -506,6 +506,42 @@ unsafe fn dot_row_b_body<const T: usize, const V: bool>(
     }
 }
 
+/// The K-quant part of both row unpackings ([`prepare_row_avx2`],
+/// [`prepare_row_unsigned`]): each group of 8 blocks' factors `dw`, `mw` and (Q2_K,
+/// Q3_K, Q6_K) pair multipliers into `prep`; each block's 32 quants, signed, to
+/// `put(prep, block, q)`, which stores them as its kernel wants them.
+///
+/// # Safety
+/// `row` holds `nb` blocks of the K-quant type `ty`; `prep`'s vectors hold
+/// `scales_stride(nb)` entries (and `sc` too where `ty` has pair multipliers).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn unpack_kgroups(
+    ty: GgmlType,
+    row: &[u8],
+    nb: usize,
+    prep: &mut RowPrep,
+    mut put: impl FnMut(&mut RowPrep, usize, __m256i),
+) {
+    let bb = ty.block_bytes();
+    for g in 0..nb / 8 {
+        // SAFETY: super-block g lies inside the row (caller's contract).
+        let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
+        // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
+        unsafe {
+            _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
+            _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
+        }
+        for j in 0..8 {
+            put(prep, 8 * g + j, k.q[j]);
+            if scaled(ty) {
+                // SAFETY: 16 i16 are 32 bytes.
+                unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
+            }
+        }
+    }
+}
+
 /// Unpack a weight row of `nb` blocks into `prep` (see [`RowPrep`]).
 ///
 /// # Safety
@@ -531,23 +567,13 @@ pub(super) unsafe fn prepare_row_avx2(ty: GgmlType, row: &[u8], nb: usize, prep:
         unsafe { _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, v) }
     };
     if ty.is_k_quant() {
-        for g in 0..nb / 8 {
-            // SAFETY: super-block g lies inside the row (caller's contract).
-            let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
-            // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
-            unsafe {
-                _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
-                _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
-            }
-            for j in 0..8 {
-                store(&mut prep.w[8 * g + j], k.q[j]);
-                store(&mut prep.abs[8 * g + j], _mm256_sign_epi8(k.q[j], k.q[j]));
-                if scaled(ty) {
-                    // SAFETY: 16 i16 are 32 bytes.
-                    unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
-                }
-            }
-        }
+        // SAFETY: the row holds `nb` blocks (caller's contract); `prep` is sized above.
+        unsafe {
+            unpack_kgroups(ty, row, nb, prep, |prep, b, q| {
+                store(&mut prep.w[b], q);
+                store(&mut prep.abs[b], _mm256_sign_epi8(q, q));
+            })
+        };
         return;
     }
     let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
@@ -789,23 +815,9 @@ pub(super) unsafe fn prepare_row_unsigned(ty: GgmlType, row: &[u8], nb: usize, p
     };
     if ty.is_k_quant() {
         let off = _mm256_set1_epi8(offset_shift(ty).map_or(0, |s| (1i32 << s) as u8 as i8));
-        for g in 0..nb / 8 {
-            // SAFETY: super-block g lies inside the row (caller's contract).
-            let k = unsafe { kgroup(ty, row.as_ptr().add(g * bb)) };
-            // SAFETY: 8 floats into entries 8g..8g + 8 < stride.
-            unsafe {
-                _mm256_storeu_ps(prep.dw.as_mut_ptr().add(8 * g), k.dw);
-                _mm256_storeu_ps(prep.mw.as_mut_ptr().add(8 * g), k.mw);
-            }
-            for j in 0..8 {
-                // Wrapping byte addition: q + offset lies in 0..=255.
-                store(&mut prep.w[8 * g + j], _mm256_add_epi8(k.q[j], off));
-                if scaled(ty) {
-                    // SAFETY: 16 i16 are 32 bytes.
-                    unsafe { _mm256_storeu_si256(prep.sc[8 * g + j].as_mut_ptr() as *mut __m256i, k.sc[j]) };
-                }
-            }
-        }
+        // SAFETY: the row holds `nb` blocks (caller's contract); `prep` is sized above.
+        // Wrapping byte addition: q + offset lies in 0..=255.
+        unsafe { unpack_kgroups(ty, row, nb, prep, |prep, b, q| store(&mut prep.w[b], _mm256_add_epi8(q, off))) };
         return;
     }
     let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
