@@ -3,9 +3,11 @@
 Usage: python3 scripts/bench-api.py SAMPO_BIN MODEL. Starts one node (k = 1) serving
 MODEL, warms it up, then times 10 non-streaming and 10 streaming chat completions with
 the official openai client, and the same generation with `sampo model run --json`."""
-import json, os, statistics, subprocess, sys, tempfile, time
+import json, statistics, subprocess, sys, time
 
 from openai import OpenAI
+
+from localnode import local_node
 
 sampo, model = sys.argv[1], sys.argv[2]
 prompt = "What is the capital of France?"
@@ -17,43 +19,24 @@ t = json.loads(out.stdout)["timings"]
 # The fastest of 10 warm in-process runs.
 bare = [(t["prefill_ms"], t["prefill_ms"] + t["decode_ms"])]
 
-with tempfile.TemporaryDirectory() as d:
-    cfg = os.path.join(d, "c.toml")
-    with open(cfg, "w") as f:
-        f.write(f'data_dir = "{d}/data"\n[consensus]\nk = 1\n[network]\nannounce_interval_secs = 1\n')
-    node = subprocess.Popen([sampo, "node", "--config", cfg, "--model", model, "--api-listen", "127.0.0.1:0",
-                             "--listen", "/ip4/127.0.0.1/tcp/0"], stderr=subprocess.DEVNULL)
-    try:
-        info = os.path.join(d, "data", "node.json")
-        for _ in range(600):
-            if os.path.exists(info):
-                try:
-                    url = json.load(open(info))["api_url"]
-                    break
-                except ValueError:
-                    pass
-            time.sleep(0.05)
-        time.sleep(1.5)  # the node announces itself to its own registry
-        client = OpenAI(base_url=url + "/v1", api_key="x")
-        name = client.models.list().data[0].id
-        msgs = [{"role": "user", "content": prompt}]
-        for _ in range(2):
-            client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens, temperature=0)
-        full, ttft = [], []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens, temperature=0)
-            full.append((time.perf_counter() - t0) * 1000)
-            t0 = time.perf_counter()
-            first = None
-            for chunk in client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens,
-                                                        temperature=0, stream=True):
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = (time.perf_counter() - t0) * 1000
-            ttft.append(first)
-    finally:
-        node.terminate()
-        node.wait()
+with local_node(sampo, model) as url:
+    client = OpenAI(base_url=url + "/v1", api_key="x")
+    name = client.models.list().data[0].id
+    msgs = [{"role": "user", "content": prompt}]
+    for _ in range(2):
+        client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens, temperature=0)
+    full, ttft = [], []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens, temperature=0)
+        full.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        first = None
+        for chunk in client.chat.completions.create(model=name, messages=msgs, max_tokens=max_tokens,
+                                                    temperature=0, stream=True):
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = (time.perf_counter() - t0) * 1000
+        ttft.append(first)
 
 med = statistics.median
 print(f"bare runtime (sampo model run --repeat 10, fastest): prefill {med([b[0] for b in bare]):.1f} ms, whole generation {med([b[1] for b in bare]):.1f} ms")

@@ -17,14 +17,14 @@ Non-streaming by default: with k = 1 a streamed request is decoded twice on its 
 coordinator (the local stream and the committee seat), which --stream shows."""
 import argparse
 import json
-import os
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 
 from openai import OpenAI
+
+from localnode import local_node
 
 ap = argparse.ArgumentParser()
 ap.add_argument("sampo")
@@ -85,41 +85,18 @@ def runtime(n):
 
 api = {n: [] for n in clients}
 bare = {n: [] for n in clients}
-with tempfile.TemporaryDirectory() as d:
-    cfg = os.path.join(d, "c.toml")
-    with open(cfg, "w") as f:
-        f.write(f'data_dir = "{d}/data"\n[consensus]\nk = 1\n[network]\nannounce_interval_secs = 1\n'
-                f'[execution]\nthreads = {a.threads}\nmax_concurrent = {max(clients)}\n'
-                f'max_tokens_per_task = {max(512, a.max_tokens)}\n')
-    node = subprocess.Popen([a.sampo, "node", "--config", cfg, "--model", a.model, "--api-listen", "127.0.0.1:0",
-                             "--listen", "/ip4/127.0.0.1/tcp/0"], stderr=subprocess.DEVNULL)
-    try:
-        info = os.path.join(d, "data", "node.json")
-        url = None
-        for _ in range(600):
-            if os.path.exists(info):
-                try:
-                    url = json.load(open(info))["api_url"]
-                    break
-                except ValueError:
-                    pass
-            time.sleep(0.05)
-        if url is None:
-            raise SystemExit("the node did not start")
-        time.sleep(1.5)  # the node announces itself to its own registry
-        client = OpenAI(base_url=url + "/v1", api_key="x", timeout=600)
-        name = client.models.list().data[0].id
-        burst(client, name, 2)  # warm-up
-        for r in range(a.rounds):
-            for n in clients:
-                tokens, secs = burst(client, name, n)
-                api[n].append(tokens / secs)
-                bare[n].append(runtime(n))
-                print(f"round {r + 1}: {n} clients {tokens} tokens in {secs:.1f} s = {tokens / secs:.1f} tok/s; "
-                      f"sampo bench --streams {n}: {bare[n][-1]:.1f} tok/s", flush=True)
-    finally:
-        node.terminate()
-        node.wait()
+with local_node(a.sampo, a.model, f'[execution]\nthreads = {a.threads}\nmax_concurrent = {max(clients)}\n'
+                f'max_tokens_per_task = {max(512, a.max_tokens)}\n') as url:
+    client = OpenAI(base_url=url + "/v1", api_key="x", timeout=600)
+    name = client.models.list().data[0].id
+    burst(client, name, 2)  # warm-up
+    for r in range(a.rounds):
+        for n in clients:
+            tokens, secs = burst(client, name, n)
+            api[n].append(tokens / secs)
+            bare[n].append(runtime(n))
+            print(f"round {r + 1}: {n} clients {tokens} tokens in {secs:.1f} s = {tokens / secs:.1f} tok/s; "
+                  f"sampo bench --streams {n}: {bare[n][-1]:.1f} tok/s", flush=True)
 
 med = statistics.median
 mode = "streaming" if a.stream else "non-streaming"
