@@ -11,8 +11,8 @@ use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
-    ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_scaled, dot_rows, dot_rows_many,
-    many_supported, prepare_many, quantize_act, scales_stride,
+    ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_each, dot_row_scaled, dot_rows,
+    dot_rows_many, many_supported, prepare_many, quantize_act, scales_stride,
 };
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
@@ -174,6 +174,23 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                         }
                     }
                 }
+                return;
+            }
+            if w.ty.is_quantized() && n == 1 {
+                // A decode step: the task's rows in one call.
+                let rows = &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes];
+                // SAFETY: the task's outputs lo..hi of row 0 are its own and in bounds.
+                let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(lo), hi - lo) };
+                dot_row_each(
+                    w.ty,
+                    rows,
+                    w.row_bytes,
+                    &x.q[..nb],
+                    &x.sc.d[..stride],
+                    &x.sc.s[..stride],
+                    &x.sc.n[..stride],
+                    out,
+                );
                 return;
             }
             for o in lo..hi {

@@ -143,6 +143,29 @@ pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f
     dot_row_with(ty, row, x, xd, xs, xn, vnni)
 }
 
+/// [`dot_row_scaled`] of `out.len()` consecutive weight rows of `row_bytes` bytes each:
+/// `out[o] = rows[o] · x`, the same bits as one call per row.
+pub fn dot_row_each(
+    ty: GgmlType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[Q8Act],
+    xd: &[f32],
+    xs: &[f32],
+    xn: &[i32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 is present (VNNI only where found); the kernel asserts that
+        // `rows` holds every row, and each row's shapes as `dot_row_avx2` does.
+        return unsafe { x86::dot_row_each_avx2(ty, rows, row_bytes, x, xd, xs, xn, has_vnni(), out) };
+    }
+    for (o, v) in out.iter_mut().enumerate() {
+        *v = dot_row_scaled(ty, &rows[o * row_bytes..(o + 1) * row_bytes], x, xd, xs, xn);
+    }
+}
+
 /// [`dot_row_scaled`], with AVX-512 VNNI's integer dot or without (tests run both;
 /// `vnni` only where the CPU has it).
 #[inline]

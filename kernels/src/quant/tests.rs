@@ -546,3 +546,29 @@ fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
         }
     }
 }
+
+#[test]
+fn consecutive_weight_rows_in_one_call_are_the_scalar_bits() {
+    // A decode step's task: 1 to 9 consecutive weight rows against one activation row,
+    // every row length from 1 to 41 chunks, each row's dot as the reference's.
+    for ty in BLOCK_TYPES {
+        let per = ty.block_len() / QK;
+        for blocks in 1..=41usize.div_ceil(per) {
+            let nb = blocks * per;
+            let xq = acts(nb * QK, blocks as u32 + 5);
+            let sc = ActScales::new(&xq, nb);
+            for count in 1..=9usize {
+                let rows: Vec<u8> = (0..count)
+                    .flat_map(|o| random_blocks(ty, blocks, (blocks * 16 + o) as u64, (o + blocks) % 4 == 0))
+                    .collect();
+                let row_bytes = rows.len() / count;
+                let mut out = vec![f32::NAN; count];
+                dot_row_each(ty, &rows, row_bytes, &xq, &sc.d, &sc.s, &sc.n, &mut out);
+                for (o, got) in out.iter().enumerate() {
+                    let want = dot_row_scalar(ty, &rows[o * row_bytes..(o + 1) * row_bytes], &xq);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{ty} {nb} chunks, row {o} of {count}");
+                }
+            }
+        }
+    }
+}
