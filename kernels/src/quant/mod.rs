@@ -145,6 +145,7 @@ pub fn dot_row_scaled(ty: GgmlType, row: &[u8], x: &[Q8Act], xd: &[f32], xs: &[f
 
 /// [`dot_row_scaled`] of `out.len()` consecutive weight rows of `row_bytes` bytes each:
 /// `out[o] = rows[o] · x`, the same bits as one call per row.
+#[allow(clippy::too_many_arguments)]
 pub fn dot_row_each(
     ty: GgmlType,
     rows: &[u8],
