@@ -1,11 +1,13 @@
 //! `sampo bench`'s measurement without the node crate, for side-by-side runs against
 //! `llama-bench` (see `scripts/bench_vs_llamacpp.sh`):
 //!
-//! `cargo run -p sampo-kernels --release --example bench_model -- MODEL [THREADS] [REPS] [PROMPT] [GEN]`
+//! `cargo run -p sampo-kernels --release --example bench_model -- MODEL [THREADS] [REPS] [PROMPT] [GEN] [STREAMS]`
 //!
 //! Prefill: one `forward` of a PROMPT-token prompt (default 128) on a fresh sequence,
 //! tokenized from the same text `sampo bench` uses. Decode: one `generate_batch` of GEN
-//! tokens (default 128, greedy) after an 8-token prompt, tokens over the decode span.
+//! tokens (default 128, greedy) after an 8-token prompt, tokens over the decode span;
+//! STREAMS (default 1) sequences decoded as one batch, each prompt ending in its own
+//! token, as `sampo bench --streams` does.
 //! Each the median of REPS (default 3), after one unmeasured prefill (llama-bench warms up too). Prints one JSON line, with the peak RSS.
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ fn main() {
     let path = args.get(1).expect("usage: bench_model MODEL [THREADS] [REPS] [PROMPT] [GEN]");
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (threads, reps, prompt_tokens, gen_tokens) = (arg(2, 1), arg(3, 3).max(1), arg(4, 128), arg(5, 128));
+    let streams = arg(6, 1).max(1);
     let m = Arc::new(Model::load(std::path::Path::new(path)).expect("model"));
     let be = Arc::new(CpuBackend::new(threads).expect("pool"));
     let engine = Engine::new(m.clone(), be.clone());
@@ -53,17 +56,26 @@ fn main() {
     let mut decode = Vec::new();
     let short: Vec<u32> = prompt.iter().copied().take(8).collect();
     for _ in 0..reps {
-        let p = SamplingParams { max_tokens: gen_tokens as u32, ..Default::default() };
-        let gens = engine.generate_batch(&[(short.clone(), p)], &mut |_, _, _| true).expect("decode");
+        let reqs: Vec<(Vec<u32>, SamplingParams)> = (0..streams)
+            .map(|s| {
+                let mut p = short.clone();
+                if streams > 1 {
+                    p.push(s as u32 % m.hp.n_vocab as u32);
+                }
+                (p, SamplingParams { max_tokens: gen_tokens as u32, ..Default::default() })
+            })
+            .collect();
+        let gens = engine.generate_batch(&reqs, &mut |_, _, _| true).expect("decode");
         let tokens: usize = gens.iter().map(|g| g.tokens.len().saturating_sub(1)).sum();
         let span = gens.iter().map(|g| g.decode_secs).fold(0.0, f64::max);
         decode.push(tokens as f64 / span.max(1e-9));
     }
     println!(
-        "{{\"threads\": {threads}, \"prompt_tokens\": {}, \"gen_tokens\": {gen_tokens}, \"prefill_tokens_per_s\": {:.2}, \"decode_tokens_per_s\": {:.2}, \"peak_rss_bytes\": {}}}",
+        "{{\"threads\": {threads}, \"streams\": {streams}, \"prompt_tokens\": {}, \"gen_tokens\": {gen_tokens}, \"prefill_tokens_per_s\": {:.2}, \"decode_tokens_per_s\": {:.2}, \"peak_rss_bytes\": {}, \"prepared_bytes\": {}}}",
         prompt.len(),
         median(prefill),
         median(decode),
-        peak_rss_bytes()
+        peak_rss_bytes(),
+        m.prepared_bytes().unwrap_or(0)
     );
 }

@@ -11,8 +11,8 @@ use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
-    ActPack, ActScales, COLS, Q8Act, QK, RowPrep, dequantize_row, dot_row_each, dot_row_scaled, dot_rows,
-    dot_rows_many, many_supported, prepare_many, quantize_act, scales_stride,
+    ActPack, ActScales, COLS, PrepRef, PreparedRows, Q8Act, QK, RowPrep, dequantize_row, dot_row_each, dot_row_scaled,
+    dot_rows, dot_rows_many, many_supported, prepare_many, quantize_act, scales_stride,
 };
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
@@ -113,9 +113,65 @@ const BATCHED_MIN_ROWS: usize = 2;
 /// in cache while a task's weight rows pass over them.
 const ROW_TILE: usize = 64;
 
+/// Every weight matrix the batched kernel takes, prepared for it ([`PreparedRows`]),
+/// by its offset in the file: pieces of [`PREPARE_ROWS_PER_TASK`] rows, made in
+/// parallel and kept as made (no copy, so no peak of twice the size).
+pub(crate) struct Prepared(std::collections::HashMap<usize, Vec<PreparedRows>>);
+
+/// Rows per piece of a prepared matrix.
+const PREPARE_ROWS_PER_TASK: usize = 2048;
+
+impl Prepared {
+    fn build(model: &Model) -> Self {
+        let bytes = model.bytes();
+        let mut mats: Vec<&Matrix> = model
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
+            .chain(std::iter::once(&model.output))
+            .filter(|w| many_supported(w.ty) && w.cols.is_multiple_of(QK))
+            .collect();
+        mats.sort_by_key(|w| w.offset);
+        mats.dedup_by_key(|w| w.offset);
+        let pieces: Vec<(usize, usize)> = mats
+            .iter()
+            .enumerate()
+            .flat_map(|(m, w)| (0..w.rows).step_by(PREPARE_ROWS_PER_TASK).map(move |o| (m, o)))
+            .collect();
+        // `collect` keeps the order of `pieces`: each matrix's pieces in row order.
+        let done: Vec<PreparedRows> = pieces
+            .par_iter()
+            .map(|&(m, lo)| {
+                let w = mats[m];
+                let hi = (lo + PREPARE_ROWS_PER_TASK).min(w.rows);
+                let rows = &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes];
+                PreparedRows::new(w.ty, rows, w.row_bytes, w.cols / QK)
+            })
+            .collect();
+        let mut by_offset: std::collections::HashMap<usize, Vec<PreparedRows>> = std::collections::HashMap::new();
+        for (&(m, _), p) in pieces.iter().zip(done) {
+            by_offset.entry(mats[m].offset).or_default().push(p);
+        }
+        Self(by_offset)
+    }
+
+    /// `w`'s rows, if `w` was prepared (every row of it, then).
+    fn matrix(&self, w: &Matrix) -> Option<&[PreparedRows]> {
+        self.0.get(&w.offset).map(Vec::as_slice).filter(|p| p.len() == w.rows.div_ceil(PREPARE_ROWS_PER_TASK))
+    }
+
+    /// Bytes held by every prepared matrix.
+    pub(crate) fn bytes(&self) -> usize {
+        self.0.values().flatten().map(PreparedRows::bytes).sum()
+    }
+}
+
 /// `out_m[r * w.rows + o] = W_m[o] · x[r]` for several matrices sharing one input,
 /// in one parallel region.
-fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
+fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
+    let bytes = model.bytes();
+    // One row (a decode step of one sequence) reads the file's blocks directly.
+    let prepared = (x.rows() >= BATCHED_MIN_ROWS).then(|| model.prepared.get_or_init(|| Prepared::build(model)));
     let n = x.rows();
     let nb = x.cols / QK;
     let mut tasks = Vec::new();
@@ -137,19 +193,29 @@ fn matmul_many(bytes: &[u8], x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
         |(scratch, prep, tile, preps): &mut (Vec<f32>, RowPrep, Vec<f32>, Vec<RowPrep>), &(j, lo, hi, ptr)| {
             let w = mats[j];
             if n >= BATCHED_MIN_ROWS && many_supported(w.ty) {
-                // Each weight row unpacked once; per tile of activation rows, COLS weight
-                // rows at a time against every row of the tile.
-                preps.resize_with(preps.len().max(hi - lo), RowPrep::default);
-                for (o, p) in (lo..hi).zip(preps.iter_mut()) {
-                    prepare_many(w.ty, w.row(bytes, o), nb, p);
+                // Each weight row unpacked once (kept from the first batched pass, or
+                // here); per tile of activation rows, COLS weight rows at a time against
+                // every row of the tile.
+                let kept = prepared.and_then(|p| p.matrix(w));
+                if kept.is_none() {
+                    preps.resize_with(preps.len().max(hi - lo), RowPrep::default);
+                    for (o, p) in (lo..hi).zip(preps.iter_mut()) {
+                        prepare_many(w.ty, w.row(bytes, o), nb, p);
+                    }
                 }
+                let view = |o: usize| -> PrepRef<'_> {
+                    match kept {
+                        Some(pieces) => pieces[o / PREPARE_ROWS_PER_TASK].row(o % PREPARE_ROWS_PER_TASK),
+                        None => preps[o - lo].view(),
+                    }
+                };
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);
                     tile.resize((r1 - r0) * COLS, 0.0);
                     for g0 in (lo..hi).step_by(COLS) {
                         let m = (hi - g0).min(COLS);
                         // A short group repeats its last row (computed, not written).
-                        let ps: [&RowPrep; COLS] = std::array::from_fn(|i| &preps[g0 - lo + i.min(m - 1)]);
+                        let ps: [PrepRef<'_>; COLS] = std::array::from_fn(|i| view(g0 + i.min(m - 1)));
                         dot_rows_many(w.ty, ps, &x.pack, &x.sc, r0, r1, tile);
                         for (r, vals) in (r0..r1).zip(tile.chunks_exact(COLS)) {
                             for (i, &v) in vals[..m].iter().enumerate() {
@@ -324,7 +390,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             rms_norm(&x[r * d..(r + 1) * d], &layer.attn_norm, hp.rms_eps, &mut xn[r * d..(r + 1) * d]);
         }
         let act = Act::new(std::mem::take(&mut xn), d);
-        matmul_many(bytes, &act, &mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)]);
+        matmul_many(model, &act, &mut [(&layer.wq, &mut q), (&layer.wk, &mut k), (&layer.wv, &mut v)]);
         xn = act.f;
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             norm_each(&mut q, qn, hp.rms_eps, &mut tmp);
@@ -360,7 +426,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             weighted_rows(out, scores, &vc[first * kvd + kh * hd..], kvd);
         });
         let act = Act::new(std::mem::take(&mut attn), qd);
-        matmul_many(bytes, &act, &mut [(&layer.wo, &mut o)]);
+        matmul_many(model, &act, &mut [(&layer.wo, &mut o)]);
         attn = act.f;
         if let Some(w) = &layer.post_attn_norm {
             norm_each(&mut o, w, hp.rms_eps, &mut tmp);
@@ -372,7 +438,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             rms_norm(&x[r * d..(r + 1) * d], &layer.ffn_norm, hp.rms_eps, &mut xn[r * d..(r + 1) * d]);
         }
         let act = Act::new(std::mem::take(&mut xn), d);
-        matmul_many(bytes, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
+        matmul_many(model, &act, &mut [(&layer.w_gate, &mut g), (&layer.w_up, &mut u)]);
         xn = act.f;
         let glu = match model.spec.activation {
             Activation::Silu => silu_mul,
@@ -380,7 +446,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         };
         g.par_chunks_mut(hp.n_ff).zip(u.par_chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
         let act = Act::new(std::mem::take(&mut g), hp.n_ff);
-        matmul_many(bytes, &act, &mut [(&layer.w_down, &mut down)]);
+        matmul_many(model, &act, &mut [(&layer.w_down, &mut down)]);
         g = act.f;
         if let Some(w) = &layer.post_ffn_norm {
             norm_each(&mut down, w, hp.rms_eps, &mut tmp);
@@ -409,7 +475,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
     }
     let act = Act::new(h, d);
     let mut logits = Vec::new();
-    matmul_many(bytes, &act, &mut [(&model.output, &mut logits)]);
+    matmul_many(model, &act, &mut [(&model.output, &mut logits)]);
     if head_rows.len() == 1 {
         // One sequence's step: its logits as they are, not a copy.
         return Ok(vec![logits]);

@@ -154,6 +154,8 @@ pub struct Model {
     pub rope_local: Vec<(f32, f32)>,
     /// blake3 of the whole file: the model id.
     pub file_hash: [u8; 32],
+    /// The CPU's batched kernel's form of the weights, made on the first batched pass.
+    pub(crate) prepared: std::sync::OnceLock<crate::cpu::Prepared>,
 }
 
 impl std::fmt::Debug for Model {
@@ -328,6 +330,7 @@ impl Model {
             rope,
             rope_local,
             file_hash,
+            prepared: std::sync::OnceLock::new(),
         })
     }
 
@@ -343,6 +346,11 @@ impl Model {
             .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down))
             .sum::<usize>()
             + m(&self.output)
+    }
+
+    /// Bytes of the CPU's prepared weights (made on the first batched pass), if made.
+    pub fn prepared_bytes(&self) -> Option<usize> {
+        self.prepared.get().map(crate::cpu::Prepared::bytes)
     }
 
     pub fn model_id_hex(&self) -> String {

@@ -519,12 +519,16 @@ fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
             for (p, w) in preps.iter_mut().zip(&rows_w) {
                 prepare_many(ty, w, nb, p);
             }
+            // The same rows prepared once and kept, unpadded (the model's cache).
+            let kept = PreparedRows::new(ty, &rows_w.concat(), rows_w[0].len(), nb);
             for rows in 1..=17usize {
                 let xq = acts(nb * QK * rows, (3 * rows + blocks) as u32);
                 let sc = ActScales::new(&xq, nb);
                 let pack = ActPack::new(&xq, nb);
-                for m in 1..=COLS {
-                    let ps: [&RowPrep; COLS] = std::array::from_fn(|i| &preps[i.min(m - 1)]);
+                for (m, from_kept) in (1..=COLS).flat_map(|m| [(m, false), (m, true)]) {
+                    let ps: [PrepRef<'_>; COLS] = std::array::from_fn(|i| {
+                        if from_kept { kept.row(i.min(m - 1)) } else { preps[i.min(m - 1)].view() }
+                    });
                     for r0 in (0..rows).step_by(ROWS) {
                         let mut out = vec![f32::NAN; (rows - r0) * COLS];
                         dot_rows_many(ty, ps, &pack, &sc, r0, rows, &mut out);
@@ -536,7 +540,7 @@ fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
                                 assert_eq!(
                                     got.to_bits(),
                                     want.to_bits(),
-                                    "{ty} {nb} chunks, {rows} rows from {r0}, row {r} col {i}"
+                                    "{ty} {nb} chunks, {rows} rows from {r0}, row {r} col {i}, kept {from_kept}"
                                 );
                             }
                         }

@@ -928,7 +928,7 @@ pub(super) unsafe fn dot_rows_many_vnni(
     rows: usize,
     dt: &[f32],
     st: &[f32],
-    preps: [&RowPrep; COLS],
+    preps: [PrepRef<'_>; COLS],
     out: &mut [f32],
 ) {
     macro_rules! by_type {
@@ -944,6 +944,8 @@ pub(super) unsafe fn dot_rows_many_vnni(
     unsafe { by_type!(0, 1, 2, 3, 4, 5, 6, 7, 8) }
 }
 
+const PF: usize = 4;
+
 /// The body of [`dot_rows_many_vnni`] for type `RTYPES[T]`.
 ///
 /// # Safety
@@ -955,7 +957,7 @@ unsafe fn many_body<const T: usize>(
     rows: usize,
     dt: &[f32],
     st: &[f32],
-    preps: [&RowPrep; COLS],
+    preps: [PrepRef<'_>; COLS],
     out: &mut [f32],
 ) {
     let ty = RTYPES[T];
@@ -993,6 +995,15 @@ unsafe fn many_body<const T: usize>(
                     }
                     None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
                 };
+                if PF > 0 {
+                    for i in 0..COLS {
+                        _mm_prefetch::<_MM_HINT_T0>(wp[i].wrapping_add(8 * (b + PF)) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(dwp[i].wrapping_add(b + 4 * PF) as *const i8);
+                        if form == Form::Min {
+                            _mm_prefetch::<_MM_HINT_T0>(mwp[i].wrapping_add(b + 4 * PF) as *const i8);
+                        }
+                    }
+                }
                 for i in 0..COLS {
                     let w = wp[i].add(8 * b);
                     let bc = |j: usize| _mm256_set1_epi32(std::ptr::read_unaligned(w.add(j)));
