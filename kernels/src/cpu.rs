@@ -133,6 +133,11 @@ impl Prepared {
             .collect();
         mats.sort_by_key(|w| w.offset);
         mats.dedup_by_key(|w| w.offset);
+        let need: usize = mats.iter().map(|w| w.rows * PreparedRows::bytes_per_row(w.ty, w.cols / QK)).sum();
+        if need > model.prepared_budget.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(need, "prepared weight rows over budget: batched passes unpack them each time");
+            return Self(std::collections::HashMap::new());
+        }
         let pieces: Vec<(usize, usize)> = mats
             .iter()
             .enumerate()

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 pub use chat::ChatMessage;
 pub use cpu::{BatchItem, Sequence};
-pub use model::{Hparams, Model, ModelError};
+pub use model::{DEFAULT_PREPARED_BUDGET, Hparams, Model, ModelError};
 pub use replay::{Divergence, Replay};
 pub use sampling::SamplingParams;
 pub use tokenizer::{StreamDecoder, Tokenizer};

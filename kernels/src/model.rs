@@ -156,7 +156,12 @@ pub struct Model {
     pub file_hash: [u8; 32],
     /// The CPU's batched kernel's form of the weights, made on the first batched pass.
     pub(crate) prepared: std::sync::OnceLock<crate::cpu::Prepared>,
+    /// The most bytes that form may take; over it, none is kept.
+    pub(crate) prepared_budget: std::sync::atomic::AtomicUsize,
 }
+
+/// Default cap on the CPU's kept prepared weights ([`Model::set_prepared_budget`]).
+pub const DEFAULT_PREPARED_BUDGET: usize = 1 << 30;
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -331,6 +336,7 @@ impl Model {
             rope_local,
             file_hash,
             prepared: std::sync::OnceLock::new(),
+            prepared_budget: std::sync::atomic::AtomicUsize::new(DEFAULT_PREPARED_BUDGET),
         })
     }
 
@@ -346,6 +352,15 @@ impl Model {
             .map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo) + m(&l.w_gate) + m(&l.w_up) + m(&l.w_down))
             .sum::<usize>()
             + m(&self.output)
+    }
+
+    /// Cap the memory the CPU backend may keep for this model's prepared weight rows
+    /// (made on its first batched pass; about twice a 4-bit model's weights). A model
+    /// whose prepared rows would need more keeps none, and every batched pass unpacks
+    /// the rows it needs: the same bits, slower batches. Takes effect only before the
+    /// first batched pass.
+    pub fn set_prepared_budget(&self, bytes: usize) {
+        self.prepared_budget.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Bytes of the CPU's prepared weights (made on the first batched pass), if made.

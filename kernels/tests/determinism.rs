@@ -264,3 +264,38 @@ fn every_weight_type_prefill_is_the_decode_bits_for_every_row_count_and_thread_c
         }
     }
 }
+
+#[test]
+fn kept_prepared_rows_and_a_zero_budget_give_the_same_bits() {
+    // The batched kernel reads weight rows kept from the first batched pass, or (over
+    // the budget) unpacks them on every pass: a prompt, then a batch of decode steps.
+    let run = |budget: Option<usize>| {
+        let m = synth_model();
+        if let Some(b) = budget {
+            m.set_prepared_budget(b);
+        }
+        let be = CpuBackend::new(2).expect("pool");
+        let prompts: Vec<Vec<u32>> = (0..3u32).map(|s| vec![1, 2 + s, 3, 4 + s, 5]).collect();
+        let mut seqs: Vec<Sequence> = prompts.iter().map(|_| Sequence::new(&m)).collect();
+        let mut out = Vec::new();
+        let mut batch: Vec<BatchItem<'_>> =
+            seqs.iter_mut().zip(&prompts).map(|(seq, p)| BatchItem { seq, tokens: p }).collect();
+        out.extend(be.forward(&m, &mut batch).expect("prefill"));
+        for step in 0..4u32 {
+            let next: Vec<[u32; 1]> = (0..3u32).map(|s| [7 + s + step]).collect();
+            let mut batch: Vec<BatchItem<'_>> =
+                seqs.iter_mut().zip(&next).map(|(seq, t)| BatchItem { seq, tokens: &t[..] }).collect();
+            out.extend(be.forward(&m, &mut batch).expect("decode"));
+        }
+        (out.iter().map(|r| bits(r)).collect::<Vec<_>>(), m.prepared_bytes())
+    };
+    let (kept, kept_bytes) = run(None);
+    let (unpacked, none) = run(Some(0));
+    assert_eq!(kept, unpacked, "kept rows vs unpacked each pass");
+    // (The multi-row kernel, and so the kept rows, exist only with AVX-512 VNNI.)
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") {
+        assert!(kept_bytes.is_some_and(|b| b > 0), "rows kept under the default budget: {kept_bytes:?}");
+    }
+    assert_eq!(none, Some(0), "nothing kept over the budget");
+}

@@ -163,6 +163,10 @@ pub struct ExecutionConfig {
     /// Prompt tokens that newcomers may add to one batch step (a long prompt is
     /// prefilled in chunks so that running streams keep flowing).
     pub prefill_chunk_tokens: usize,
+    /// MiB the CPU backend may keep per model for its batched kernel's unpacked weight
+    /// rows (about twice a 4-bit model's weights; batches decode ~1.5x faster with
+    /// them). A model that needs more keeps none. 0: never keep them.
+    pub prepared_weights_mib: u64,
     /// Bounded execution queue length.
     pub queue_capacity: usize,
     pub max_tokens_per_task: u32,
@@ -258,6 +262,7 @@ impl Default for ExecutionConfig {
             threads: 0,
             max_concurrent: 8,
             prefill_chunk_tokens: crate::executor::PREFILL_CHUNK,
+            prepared_weights_mib: (sampo_kernels::DEFAULT_PREPARED_BUDGET >> 20) as u64,
             queue_capacity: 64,
             max_tokens_per_task: 512,
             stream_write_timeout_ms: 10_000,
@@ -355,6 +360,10 @@ max_concurrent = 8
 # Prompt tokens newcomers add to one batch step (long prompts are prefilled in
 # chunks so that running streams keep flowing; a GPU node can raise it).
 prefill_chunk_tokens = 64
+# MiB the CPU backend may keep per model for its batched kernel's unpacked weight
+# rows (about twice a 4-bit model's weights; batched decode is faster with them).
+# A model that needs more keeps none; 0 = never.
+prepared_weights_mib = 1024
 queue_capacity = 64
 max_tokens_per_task = 512
 # A streaming client that leaves a token unread this long is dropped.

@@ -126,6 +126,8 @@ pub async fn run_with(
     for (i, m) in cfg.models.iter().enumerate() {
         let model = sampo_kernels::Model::load(&m.path)
             .map_err(|e| NodeError::Model(format!("models[{i}] ({}): {e}", m.path.display())))?;
+        let budget = usize::try_from(cfg.execution.prepared_weights_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        model.set_prepared_budget(budget);
         loaded.push(Arc::new(model));
     }
     let chosen = crate::backend::choose(

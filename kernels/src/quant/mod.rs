@@ -365,6 +365,12 @@ impl PreparedRows {
         PrepRef { w: &self.w[r.clone()], dw: &self.dw[r], mw, sc }
     }
 
+    /// Bytes one row of `nb` blocks of `ty` takes, prepared.
+    pub fn bytes_per_row(ty: GgmlType, nb: usize) -> usize {
+        let min = chunk::form(ty) == chunk::Form::Min;
+        nb * (QK + 4 + if min { 4 } else { 0 } + if pair_scaled(ty) { 32 } else { 0 })
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.w.len() * QK + (self.dw.len() + self.mw.len()) * 4 + self.sc.len() * 32
