@@ -191,12 +191,15 @@ async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
         until("a rounds mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
     }
     let forger = key(9);
-    // A bad signature, a forged sender, an oversized announcement, plain junk.
+    // A bad signature, a signer swapped for another key, an oversized announcement,
+    // plain junk.
     let mut flipped = commit(&a.key, 1).to_bytes();
     let last = flipped.len() - 1;
     flipped[last] ^= 1;
     a.handle.publish_raw(ROUNDS_TOPIC, flipped).await.expect("raw");
-    a.handle.publish_raw(ROUNDS_TOPIC, commit(&forger, 2).to_bytes()).await.expect("raw");
+    let mut renamed = commit(&a.key, 2).to_bytes();
+    renamed[last - 95..last - 63].copy_from_slice(&forger.public());
+    a.handle.publish_raw(ROUNDS_TOPIC, renamed).await.expect("raw");
     let big = NodeAnnouncement {
         models: Vec::new(),
         price_per_1k: 0,
@@ -222,6 +225,43 @@ async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
     let score = b.handle.peer_score(a.key.peer_id()).await.expect("score");
     let honest = b.handle.peer_score(c.key.peer_id()).await.expect("score");
     assert!(score < honest, "junk sender {score:?} vs honest {honest:?}");
+}
+
+/// Gossip frames carry no author of their own: a message's author is its envelope's
+/// signer, whoever published or relayed it, and a re-published envelope is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_its_signers_whoever_relays_it() {
+    let line = |b: Option<&Multiaddr>| P2pConfig { dial_discovered: false, ..cfg(b) };
+    let b = start(key(1), line(None)).await;
+    let a = start(key(0), line(Some(&b.addr))).await;
+    let mut c = start(key(2), line(Some(&b.addr))).await;
+    for h in [a.handle.clone(), c.handle.clone()] {
+        until("a rounds mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
+    }
+    let signer = key(9);
+    let env = commit(&signer, 4);
+    a.handle.publish_raw(ROUNDS_TOPIC, env.to_bytes()).await.expect("raw");
+    // Again, from a: the same content is the same message, dropped as a duplicate.
+    a.handle.publish_raw(ROUNDS_TOPIC, env.to_bytes()).await.ok();
+    let first = timeout(WAIT, async {
+        loop {
+            match c.events.recv().await {
+                Some(P2pEvent::Message { envelope, from, .. }) => break (envelope, from),
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await
+    .expect("message in time");
+    assert_eq!(first, (env.clone(), signer.peer_id()), "attributed to its signer, not to a or b");
+    // The next message c hears is a new one, not the copy.
+    let next = commit(&b.key, 5);
+    b.handle.publish(GossipTopic::Rounds, next.clone()).await.expect("publish");
+    assert_eq!(next_message(&mut c).await, next);
+    for n in [a, b, c] {
+        n.handle.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
