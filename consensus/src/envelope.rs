@@ -232,6 +232,12 @@ impl SignedEnvelope {
         if used != bytes.len() {
             return Err(EnvelopeError::TrailingBytes(bytes.len() - used));
         }
+        // One envelope, one byte string: varints decode from longer forms too, and each
+        // form would be a different gossip message (its id hashes the bytes) carrying
+        // the same signed envelope — copies a relay could make without any key.
+        if bincode::encode_to_vec(&wire, wire_config()).ok().as_deref() != Some(bytes) {
+            return Err(EnvelopeError::Malformed("not the canonical encoding".into()));
+        }
         let kind = MessageKind::from_wire(wire.kind).ok_or(EnvelopeError::UnknownKind(wire.kind))?;
         let signer_peer = identity::peer_id_of(&wire.signer).map_err(|_| EnvelopeError::BadSignerKey)?;
         if !identity::verify(&wire.signer, &signing_bytes(kind, &wire.body), &wire.signature) {
@@ -361,6 +367,25 @@ mod tests {
 
     fn key() -> NodeKey {
         NodeKey::from_seed([42; 32])
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_decodes() {
+        let bytes = SignedEnvelope::seal(&key(), &Other { n: 7 }).expect("seal").to_bytes();
+        assert!(SignedEnvelope::from_bytes(&bytes).is_ok());
+        // The version (a one-byte varint, 3) written as a three-byte varint.
+        assert_eq!(bytes[0], PROTOCOL_VERSION as u8);
+        let long_version: Vec<u8> = [0xFB, PROTOCOL_VERSION as u8, 0].iter().chain(&bytes[1..]).copied().collect();
+        // The body's length (after version and kind) written as a three-byte varint.
+        let len = bytes[2];
+        assert!(len < 0xFB, "a one-byte length");
+        let long_len: Vec<u8> = bytes[..2].iter().chain(&[0xFB, len, 0]).chain(&bytes[3..]).copied().collect();
+        for (what, v) in [("version", long_version), ("body length", long_len)] {
+            assert!(
+                matches!(SignedEnvelope::from_bytes(&v), Err(EnvelopeError::Malformed(_))),
+                "a longer varint for the {what} is refused"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
-use sampo_consensus::{EnvelopeError, Hash32, MessageKind, ModelId, NodeAnnouncement, SignedEnvelope};
+use sampo_consensus::{
+    EnvelopeError, Hash32, MessageKind, ModelId, NodeAnnouncement, SignedEnvelope, TaskAnnouncement,
+};
 
 /// Node announcements.
 pub const NODES_TOPIC: &str = "sampo/v1/nodes";
@@ -117,8 +119,10 @@ impl ReplayGuard {
 /// Decode and check one gossiped message: size, envelope, signature, topic,
 /// freshness. Returns the verified envelope. The envelope's signer is the message's
 /// author: gossipsub frames carry none of their own, so a relay that re-publishes a
-/// signed envelope is only forwarding it (its id is the content's: a duplicate), and
-/// one that alters it breaks the signature and pays in score.
+/// signed envelope is only forwarding it — one envelope has one encoding (others are
+/// refused as malformed) and one topic (a task announcement only its model's), so the
+/// copy has the same id and is a duplicate — and one that alters it breaks the
+/// signature and pays in score.
 pub fn validate(
     topic: &TopicHash,
     data: &[u8],
@@ -137,6 +141,11 @@ pub fn validate(
         MessageKind::TaskAnnouncement => t.starts_with("sampo/v1/tasks/"),
         _ => t == ROUNDS_TOPIC,
     };
+    // A task announcement goes on its own model's topic: a relay must not move it to
+    // another (there it would be a second message, a replay where both topics meet).
+    let topic_ok = topic_ok
+        && (kind != MessageKind::TaskAnnouncement
+            || env.open::<TaskAnnouncement>().is_ok_and(|a| t == tasks_topic(&a.spec.model).hash().as_str()));
     if !topic_ok {
         if !(t == NODES_TOPIC || t == ROUNDS_TOPIC || t.starts_with("sampo/v1/tasks/")) {
             return Err(GossipReject::UnknownTopic(t.to_owned()));
@@ -264,6 +273,42 @@ mod tests {
         let mut renamed = bytes.clone();
         renamed[n - 96..n - 64].copy_from_slice(&other.public());
         let err = validate(&rounds, &renamed, &mut fresh, 0).expect_err("signer swapped");
+        assert_eq!(err.acceptance(), MessageAcceptance::Reject);
+    }
+
+    #[test]
+    fn a_task_announcement_only_on_its_models_topic() {
+        use sampo_consensus::{Prompt, SamplingParams, TaskSpec};
+        let key = NodeKey::from_seed([1; 32]);
+        let model = ModelId(Hash32::of(b"m"));
+        let spec = TaskSpec {
+            coordinator: key.peer_id(),
+            nonce: 1,
+            created_ms: 1,
+            model,
+            prompt: Prompt::Text("hi".into()),
+            params: SamplingParams::default(),
+            k: 1,
+            max_escalations: 0,
+            fee: 1,
+            client_entropy: [0; 32],
+        };
+        let ann = TaskAnnouncement {
+            spec,
+            attempt: 0,
+            revision: 0,
+            committee: vec![key.peer_id()],
+            commit_deadline_ms: 10,
+            reveal_deadline_ms: 20,
+            candidates: Vec::new(),
+        };
+        let bytes = SignedEnvelope::seal(&key, &ann).expect("seal").to_bytes();
+        let own = tasks_topic(&model).hash();
+        assert!(validate(&own, &bytes, &mut ReplayGuard::default(), 0).is_ok());
+        // Moved by a relay to another model's topic: refused there.
+        let other = tasks_topic(&ModelId(Hash32::of(b"other"))).hash();
+        let err = validate(&other, &bytes, &mut ReplayGuard::default(), 0).expect_err("another model's topic");
+        assert!(matches!(err, GossipReject::WrongTopic { .. }), "{err:?}");
         assert_eq!(err.acceptance(), MessageAcceptance::Reject);
     }
 
