@@ -123,6 +123,17 @@ const PREPARE_ROWS_PER_TASK: usize = 2048;
 
 impl Prepared {
     fn build(model: &Model) -> Self {
+        let t0 = std::time::Instant::now();
+        let built = Self::build_within_budget(model);
+        tracing::info!(
+            bytes = built.bytes(),
+            ms = t0.elapsed().as_millis() as u64,
+            "prepared the batched kernel's weight rows"
+        );
+        built
+    }
+
+    fn build_within_budget(model: &Model) -> Self {
         let bytes = model.bytes();
         let mut mats: Vec<&Matrix> = model
             .layers
@@ -171,12 +182,17 @@ impl Prepared {
     }
 }
 
+/// Make `model`'s prepared weight rows (within its budget) if not made yet.
+pub(crate) fn prepare(model: &Model) -> &Prepared {
+    model.prepared.get_or_init(|| Prepared::build(model))
+}
+
 /// `out_m[r * w.rows + o] = W_m[o] · x[r]` for several matrices sharing one input,
 /// in one parallel region.
 fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     let bytes = model.bytes();
     // One row (a decode step of one sequence) reads the file's blocks directly.
-    let prepared = (x.rows() >= BATCHED_MIN_ROWS).then(|| model.prepared.get_or_init(|| Prepared::build(model)));
+    let prepared = (x.rows() >= BATCHED_MIN_ROWS).then(|| prepare(model));
     let n = x.rows();
     let nb = x.cols / QK;
     let mut tasks = Vec::new();

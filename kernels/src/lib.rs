@@ -79,6 +79,11 @@ pub trait Backend: Send + Sync {
     fn device_status(&self) -> Option<DeviceStatus> {
         None
     }
+    /// Make what this backend builds lazily for `model` now (the CPU's prepared weight
+    /// rows), so that no request waits for it. Nothing by default.
+    fn warm(&self, model: &Model) {
+        let _ = model;
+    }
     /// Run `batch` through `model`; logits after each item's last token.
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError>;
     /// Run `batch` through `model` and choose each item's next token as
@@ -153,6 +158,10 @@ impl Backend for CpuBackend {
         let simd =
             if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx2") { "avx2" } else { "scalar" };
         format!("{} ({simd}), {} threads", std::env::consts::ARCH, self.threads)
+    }
+
+    fn warm(&self, model: &Model) {
+        self.pool.install(|| cpu::prepare(model));
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {

@@ -299,3 +299,21 @@ fn kept_prepared_rows_and_a_zero_budget_give_the_same_bits() {
     }
     assert_eq!(none, Some(0), "nothing kept over the budget");
 }
+
+#[test]
+fn warming_the_cpu_backend_prepares_the_rows_once() {
+    let m = synth_model();
+    assert_eq!(m.prepared_bytes(), None, "made lazily");
+    let be = CpuBackend::new(1).expect("pool");
+    be.warm(&m);
+    let made = m.prepared_bytes();
+    assert!(made.is_some(), "made by warm");
+    // A batched pass afterwards reuses them (same size) and gets the same bits as a
+    // cold model's.
+    let cold = synth_model();
+    let p: Vec<u32> = vec![1, 2, 3, 4];
+    let a = Engine::new(m.clone(), Arc::new(CpuBackend::new(1).expect("pool"))).logits(&p).expect("warm");
+    let b = Engine::new(cold, Arc::new(CpuBackend::new(1).expect("pool"))).logits(&p).expect("cold");
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(m.prepared_bytes(), made);
+}

@@ -146,6 +146,12 @@ pub async fn run_with(
         models.push(Arc::new(lm));
     }
     let models = Models(models);
+    // Whatever the backend builds lazily per model (the CPU's prepared weight rows) is
+    // made now, beside the start-up, not during the first request.
+    for m in &models.0 {
+        let engine = m.engine.clone();
+        tokio::task::spawn_blocking(move || engine.backend().warm(&engine.model));
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.api.listen).await.map_err(|source| {
         if source.kind() == std::io::ErrorKind::AddrInUse {
