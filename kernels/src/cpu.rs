@@ -8,7 +8,7 @@
 use rayon::prelude::*;
 
 use crate::arch::{Activation, RopePairs};
-use crate::math::{dot_f32, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
+use crate::math::{dot_f32, dot_f32_rows_scaled, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
     ActPack, ActScales, COLS, PrepRef, PreparedRows, Q8Act, QK, RowPrep, dequantize_row, dot_row_each, dot_row_scaled,
@@ -437,10 +437,8 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             let qh = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
             let first = (pos + 1).saturating_sub(window);
             scores.clear();
-            for t in first..=pos {
-                let kt = &kc[t * kvd + kh * hd..t * kvd + (kh + 1) * hd];
-                scores.push(dot_f32(qh, kt) * scale);
-            }
+            scores.resize(pos + 1 - first, 0.0);
+            dot_f32_rows_scaled(qh, &kc[first * kvd + kh * hd..], kvd, scale, scores);
             softmax(scores);
             // SAFETY: each (r, h) task owns attn[r*qd + h*hd ..][..hd].
             let out = unsafe { std::slice::from_raw_parts_mut(attn_ptr.get().add(r * qd + h * hd), hd) };

@@ -58,6 +58,25 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     canonical_sum(a.len(), |i| a[i] * b[i])
 }
 
+/// `out[t] = dot_f32(q, row_t) * scale` with `row_t = rows[t·stride..][..q.len()]`:
+/// attention's scores over a run of cached keys, in one call (one feature check, one
+/// loop) instead of one per position; each the bits of its own [`dot_f32`].
+pub fn dot_f32_rows_scaled(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let n = q.len();
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + n, "{} rows of {n} values", out.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if n.is_multiple_of(LANES) && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: AVX is present; every row's length is asserted above.
+        unsafe { x86::dot_f32_rows_scaled_avx(q, rows, stride, scale, out) };
+        return;
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = dot_f32(q, &rows[t * stride..t * stride + n]) * scale;
+    }
+}
+
 /// Canonical sum of squares.
 #[inline]
 pub fn sum_sq(a: &[f32]) -> f32 {
@@ -271,6 +290,22 @@ mod x86 {
         butterfly4(acc)
     }
 
+    /// [`super::dot_f32_rows_scaled`] on AVX: [`dot_f32_avx`] per row.
+    ///
+    /// # Safety
+    /// AVX is present; `q.len() % 32 == 0`; `rows` holds `(out.len() - 1) * stride +
+    /// q.len()` values.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn dot_f32_rows_scaled_avx(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let n = q.len();
+        for (t, o) in out.iter_mut().enumerate() {
+            // SAFETY: the caller's contract: row t lies inside `rows`.
+            let row = unsafe { std::slice::from_raw_parts(rows.as_ptr().add(t * stride), n) };
+            // SAFETY: AVX is enabled here; the lengths are equal multiples of 32.
+            *o = unsafe { dot_f32_avx(q, row) } * scale;
+        }
+    }
+
     /// [`super::butterfly`] of 32 lanes held in 4 registers (lane `8k + i` in lane `i`
     /// of register `k`): the same additions of the same pairs, several at a time.
     #[inline]
@@ -405,6 +440,25 @@ pub fn canonicalize_nans(logits: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scores_of_a_run_of_rows_are_each_rows_dot() {
+        // Head dims on and off the 32-lane path, 0 to 9 rows, a stride wider than a row.
+        let val = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 97.0 - 5.0;
+        for n in [32usize, 64, 96, 7, 40] {
+            let stride = n + 13;
+            let q: Vec<f32> = (0..n).map(|i| val(i + 3)).collect();
+            let rows: Vec<f32> = (0..9 * stride + n).map(val).collect();
+            for count in 0..=9usize {
+                let mut out = vec![f32::NAN; count];
+                dot_f32_rows_scaled(&q, &rows, stride, 0.125, &mut out);
+                for (t, o) in out.iter().enumerate() {
+                    let want = dot_f32(&q, &rows[t * stride..t * stride + n]) * 0.125;
+                    assert_eq!(o.to_bits(), want.to_bits(), "n {n}, row {t} of {count}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp_is_accurate() {
