@@ -4,14 +4,14 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::registry::Registry as Metrics;
-use sampo_consensus::{
-    AdmissionCertificate, Commit, Hash32, ModelId, ModelRef, NodeAnnouncement, NodeKey, PeerId, SignedEnvelope, TaskId,
-};
+use sampo_consensus::{AdmissionCertificate, Commit, Hash32, NodeKey, PeerId, SignedEnvelope, TaskId};
 use sampo_p2p::{GossipTopic, Multiaddr, P2pConfig, P2pError, P2pEvent, P2pHandle};
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{Instant, timeout};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+
+use common::WAIT;
 const DAY_MS: u64 = 86_400_000;
 
 struct Node {
@@ -30,52 +30,11 @@ fn key(i: u8) -> NodeKey {
 }
 
 fn cfg(bootstrap: Option<&Multiaddr>, admission_keys: Vec<[u8; 32]>, cert: Option<AdmissionCertificate>) -> P2pConfig {
-    P2pConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-        bootstrap: bootstrap.into_iter().cloned().collect(),
-        announce_interval: Duration::from_millis(500),
-        discovery_interval: Duration::from_millis(500),
-        allow_private_addresses: true,
-        // Loopback is exempt from the IP colocation penalty by configuration.
-        colocation_whitelist: vec!["127.0.0.1".parse().expect("ip")],
-        max_connections_per_ip: 256,
-        admission_keys,
-        certificate: cert,
-        ..P2pConfig::default()
-    }
+    P2pConfig { admission_keys, certificate: cert, ..common::loopback(bootstrap) }
 }
 
 async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
-    let mut metrics = Metrics::default();
-    let (handle, mut events) = sampo_p2p::spawn(key.clone(), cfg, &mut metrics).await.expect("spawn");
-    let addr = timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Some(P2pEvent::Listening(a)) => break a,
-                Some(_) => {}
-                None => panic!("p2p stopped"),
-            }
-        }
-    })
-    .await
-    .expect("listening in time");
-    let addr = addr.with(sampo_p2p::Protocol::P2p(key.peer_id()));
-    handle
-        .set_announcement(NodeAnnouncement {
-            models: vec![ModelRef { id: ModelId(Hash32::of(b"m")), name: "m".into() }],
-            price_per_1k: 1,
-            free_slots: 1,
-            backend: "cpu".into(),
-            device: "test".into(),
-            version: "test".into(),
-            addrs: Vec::new(),
-            api_url: None,
-            sent_ms: 0,
-            // The p2p layer attaches the configured certificate.
-            certificate: None,
-        })
-        .await
-        .expect("announce");
+    let common::Started { handle, events, addr, .. } = common::spawn_listening(&key, cfg).await;
     Node { key, handle, events, addr }
 }
 

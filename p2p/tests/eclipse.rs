@@ -7,11 +7,13 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as Metrics;
-use sampo_consensus::{Hash32, ModelId, ModelRef, NodeAnnouncement, NodeKey, PeerId};
-use sampo_p2p::{Multiaddr, P2pConfig, P2pEvent, P2pHandle, Protocol};
-use tokio::time::{Instant, timeout};
+use sampo_consensus::{NodeKey, PeerId};
+use sampo_p2p::{Multiaddr, P2pConfig, P2pHandle};
+use tokio::time::Instant;
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+
+use common::WAIT;
 
 struct Node {
     handle: P2pHandle,
@@ -59,49 +61,14 @@ fn key(i: u8) -> NodeKey {
 
 /// A loopback node; `private` = whether it uses private addresses learned from peers.
 fn cfg(bootstrap: Option<&Multiaddr>, private: bool) -> P2pConfig {
-    P2pConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-        bootstrap: bootstrap.into_iter().cloned().collect(),
-        announce_interval: Duration::from_millis(500),
-        discovery_interval: Duration::from_millis(500),
-        allow_private_addresses: private,
-        max_connections_per_ip: 256,
-        ..P2pConfig::default()
-    }
+    P2pConfig { allow_private_addresses: private, colocation_whitelist: Vec::new(), ..common::loopback(bootstrap) }
 }
 
 async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
-    let mut metrics = Metrics::default();
-    let (handle, mut events) = sampo_p2p::spawn(key.clone(), cfg, &mut metrics).await.expect("spawn");
-    let addr = timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Some(P2pEvent::Listening(a)) => break a,
-                Some(_) => {}
-                None => panic!("p2p stopped"),
-            }
-        }
-    })
-    .await
-    .expect("listening in time");
+    let common::Started { handle, mut events, addr, metrics } = common::spawn_listening(&key, cfg).await;
     // Nobody reads the events from here on; a full queue only drops them.
     tokio::spawn(async move { while events.recv().await.is_some() {} });
-    handle
-        .set_announcement(NodeAnnouncement {
-            models: vec![ModelRef { id: ModelId(Hash32::of(b"m")), name: "m".into() }],
-            price_per_1k: 1,
-            free_slots: 1,
-            backend: "cpu".into(),
-            device: "test".into(),
-            version: "test".into(),
-            addrs: Vec::new(),
-            api_url: None,
-            sent_ms: 0,
-            certificate: None,
-        })
-        .await
-        .expect("announce");
-    Node { addr: addr.with(Protocol::P2p(key.peer_id())), handle, metrics }
+    Node { addr, handle, metrics }
 }
 
 /// Poll `cond` until it holds; the deadline fails the test.

@@ -3,13 +3,15 @@
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as Metrics;
-use sampo_consensus::{Commit, Hash32, ModelId, ModelRef, NodeAnnouncement, NodeKey, SignedEnvelope, TaskId};
+use sampo_consensus::{Commit, Hash32, NodeAnnouncement, NodeKey, SignedEnvelope, TaskId};
 use sampo_p2p::gossip::{NODES_TOPIC, ROUNDS_TOPIC};
 use sampo_p2p::{FetchRequest, FetchResponse, GossipTopic, Multiaddr, P2pConfig, P2pEvent, P2pHandle};
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{Instant, timeout};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+
+use common::WAIT;
 
 struct Node {
     key: NodeKey,
@@ -23,55 +25,12 @@ fn key(i: u8) -> NodeKey {
 }
 
 fn cfg(bootstrap: Option<&Multiaddr>) -> P2pConfig {
-    P2pConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-        bootstrap: bootstrap.into_iter().cloned().collect(),
-        announce_interval: Duration::from_millis(500),
-        discovery_interval: Duration::from_millis(500),
-        // Every node is on 127.0.0.1.
-        allow_private_addresses: true,
-        // Loopback is exempt from the IP colocation penalty by configuration.
-        colocation_whitelist: vec!["127.0.0.1".parse().expect("ip")],
-        max_connections_per_ip: 256,
-        ..P2pConfig::default()
-    }
+    common::loopback(bootstrap)
 }
 
 async fn start(key: NodeKey, cfg: P2pConfig) -> Node {
-    let mut metrics = Metrics::default();
-    let (handle, mut events) = sampo_p2p::spawn(key.clone(), cfg, &mut metrics).await.expect("spawn");
-    let addr = timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Some(P2pEvent::Listening(a)) => break a,
-                Some(_) => {}
-                None => panic!("p2p stopped"),
-            }
-        }
-    })
-    .await
-    .expect("listening in time");
-    let addr = addr.with(libp2p_p2p(&key));
-    handle
-        .set_announcement(NodeAnnouncement {
-            models: vec![ModelRef { id: ModelId(Hash32::of(b"m")), name: "m".into() }],
-            price_per_1k: 1,
-            free_slots: 1,
-            backend: "cpu".into(),
-            device: "test".into(),
-            version: "test".into(),
-            addrs: Vec::new(),
-            api_url: None,
-            sent_ms: 0,
-            certificate: None,
-        })
-        .await
-        .expect("announce");
+    let common::Started { handle, events, addr, .. } = common::spawn_listening(&key, cfg).await;
     Node { key, handle, events, addr }
-}
-
-fn libp2p_p2p(key: &NodeKey) -> sampo_p2p::Protocol<'static> {
-    sampo_p2p::Protocol::P2p(key.peer_id())
 }
 
 /// Poll `cond` until it holds; the deadline fails the test.
