@@ -122,9 +122,12 @@ pub(crate) struct Prepared(std::collections::HashMap<usize, Vec<PreparedRows>>);
 const PREPARE_ROWS_PER_TASK: usize = 2048;
 
 impl Prepared {
-    fn build(model: &Model) -> Self {
+    /// `parallel`: over the current rayon pool. Never inside the `OnceLock`'s
+    /// initializer: a worker waiting in a parallel loop may steal another forward pass
+    /// of the same model, whose `get_or_init` on this thread would then wait for itself.
+    fn build(model: &Model, parallel: bool) -> Self {
         let t0 = std::time::Instant::now();
-        let built = Self::build_within_budget(model);
+        let built = Self::build_within_budget(model, parallel);
         tracing::info!(
             bytes = built.bytes(),
             ms = t0.elapsed().as_millis() as u64,
@@ -133,7 +136,7 @@ impl Prepared {
         built
     }
 
-    fn build_within_budget(model: &Model) -> Self {
+    fn build_within_budget(model: &Model, parallel: bool) -> Self {
         let bytes = model.bytes();
         let mut mats: Vec<&Matrix> = model
             .layers
@@ -154,16 +157,15 @@ impl Prepared {
             .enumerate()
             .flat_map(|(m, w)| (0..w.rows).step_by(PREPARE_ROWS_PER_TASK).map(move |o| (m, o)))
             .collect();
+        let piece = |&(m, lo): &(usize, usize)| {
+            let w = mats[m];
+            let hi = (lo + PREPARE_ROWS_PER_TASK).min(w.rows);
+            let rows = &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes];
+            PreparedRows::new(w.ty, rows, w.row_bytes, w.cols / QK)
+        };
         // `collect` keeps the order of `pieces`: each matrix's pieces in row order.
-        let done: Vec<PreparedRows> = pieces
-            .par_iter()
-            .map(|&(m, lo)| {
-                let w = mats[m];
-                let hi = (lo + PREPARE_ROWS_PER_TASK).min(w.rows);
-                let rows = &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes];
-                PreparedRows::new(w.ty, rows, w.row_bytes, w.cols / QK)
-            })
-            .collect();
+        let done: Vec<PreparedRows> =
+            if parallel { pieces.par_iter().map(piece).collect() } else { pieces.iter().map(piece).collect() };
         let mut by_offset: std::collections::HashMap<usize, Vec<PreparedRows>> = std::collections::HashMap::new();
         for (&(m, _), p) in pieces.iter().zip(done) {
             by_offset.entry(mats[m].offset).or_default().push(p);
@@ -182,9 +184,18 @@ impl Prepared {
     }
 }
 
-/// Make `model`'s prepared weight rows (within its budget) if not made yet.
+/// `model`'s prepared weight rows (within its budget), made here if not made yet — on
+/// this thread alone (see [`Prepared::build`]).
 pub(crate) fn prepare(model: &Model) -> &Prepared {
-    model.prepared.get_or_init(|| Prepared::build(model))
+    model.prepared.get_or_init(|| Prepared::build(model, false))
+}
+
+/// Make `model`'s prepared weight rows over the current pool, unless made already; a
+/// pass that needs them meanwhile makes its own (one of the two is kept).
+pub(crate) fn warm(model: &Model) {
+    if model.prepared.get().is_none() {
+        let _ = model.prepared.set(Prepared::build(model, true));
+    }
 }
 
 /// `out_m[r * w.rows + o] = W_m[o] · x[r]` for several matrices sharing one input,

@@ -161,7 +161,7 @@ impl Backend for CpuBackend {
     }
 
     fn warm(&self, model: &Model) {
-        self.pool.install(|| cpu::prepare(model));
+        self.pool.install(|| cpu::warm(model));
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {

@@ -317,3 +317,37 @@ fn warming_the_cpu_backend_prepares_the_rows_once() {
     assert_eq!(bits(&a), bits(&b));
     assert_eq!(m.prepared_bytes(), made);
 }
+
+#[test]
+fn warming_beside_forward_passes_never_deadlocks() {
+    // A worker running the warm-up's parallel loop may steal a forward pass of the same
+    // model; that pass must not wait for the warm-up (which waits for it). Each round a
+    // fresh model, warmed while two threads run batched passes on the same pool.
+    let be = Arc::new(CpuBackend::new(2).expect("pool"));
+    for round in 0..30 {
+        let m = synth_model();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for who in 0..3 {
+            let (be, m, tx) = (be.clone(), m.clone(), tx.clone());
+            threads.push(std::thread::spawn(move || {
+                if who == 0 {
+                    be.warm(&m);
+                } else {
+                    let mut seq = Sequence::new(&m);
+                    let tokens = [1u32, 2, 3 + who];
+                    be.forward(&m, &mut [BatchItem { seq: &mut seq, tokens: &tokens }]).expect("forward");
+                }
+                let _ = tx.send(who);
+            }));
+        }
+        drop(tx);
+        for _ in 0..3 {
+            rx.recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("round {round}: a pass or the warm-up never finished"));
+        }
+        for t in threads {
+            t.join().expect("thread");
+        }
+    }
+}
