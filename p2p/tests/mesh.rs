@@ -139,16 +139,22 @@ async fn connections_stay_bounded_while_discovery_and_gossip_reach_everyone() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
-    // A line a — b — c, so everything c hears from a passes through b.
+/// A line a — b — c (nobody dials what it discovers), so everything c hears from a
+/// passes through b; returned once a and c each have a rounds mesh.
+async fn line() -> (Node, Node, Node) {
     let line = |b: Option<&Multiaddr>| P2pConfig { dial_discovered: false, ..cfg(b) };
     let b = start(key(1), line(None)).await;
     let a = start(key(0), line(Some(&b.addr))).await;
-    let mut c = start(key(2), line(Some(&b.addr))).await;
+    let c = start(key(2), line(Some(&b.addr))).await;
     for h in [a.handle.clone(), c.handle.clone()] {
         until("a rounds mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
     }
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
+    let (a, b, mut c) = line().await;
     let forger = key(9);
     // A bad signature, a signer swapped for another key, an oversized announcement,
     // plain junk.
@@ -190,13 +196,7 @@ async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
 /// signer, whoever published or relayed it, and a re-published envelope is a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_is_its_signers_whoever_relays_it() {
-    let line = |b: Option<&Multiaddr>| P2pConfig { dial_discovered: false, ..cfg(b) };
-    let b = start(key(1), line(None)).await;
-    let a = start(key(0), line(Some(&b.addr))).await;
-    let mut c = start(key(2), line(Some(&b.addr))).await;
-    for h in [a.handle.clone(), c.handle.clone()] {
-        until("a rounds mesh", async || !h.mesh_peers(GossipTopic::Rounds).await.expect("mesh").is_empty()).await;
-    }
+    let (a, b, mut c) = line().await;
     let signer = key(9);
     let env = commit(&signer, 4);
     a.handle.publish_raw(ROUNDS_TOPIC, env.to_bytes()).await.expect("raw");
