@@ -26,6 +26,39 @@ thread_local! {
     static NESTED_LEFT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
 }
 
+/// The wire bytes (by blake3) of envelopes whose signature this process has checked,
+/// the oldest forgotten first. Verdicts nest every envelope of their round, and
+/// re-checking those was half of a testnet's signature work. Only bytes that verified
+/// get in, so nothing unverified can pass through it.
+static VERIFIED: std::sync::LazyLock<std::sync::Mutex<VerifiedIds>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(VerifiedIds::default()));
+/// A few minutes of a busy network's rounds.
+const VERIFIED_CAPACITY: usize = 16_384;
+
+#[derive(Default)]
+struct VerifiedIds {
+    ids: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl VerifiedIds {
+    fn contains(&self, id: &[u8; 32]) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: [u8; 32]) {
+        if !self.ids.insert(id) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > VERIFIED_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
 /// Domain-separation prefix of every signature.
 pub const SIGNING_DOMAIN: &[u8] = b"sampo/v1/";
 
@@ -128,7 +161,7 @@ impl EnvelopeError {
     }
 }
 
-#[derive(bincode::Encode, bincode::Decode)]
+#[derive(Clone, bincode::Encode, bincode::Decode)]
 struct WireEnvelope {
     version: u16,
     kind: u8,
@@ -190,10 +223,12 @@ impl SignedEnvelope {
         let body = encode_body(message)?;
         let signature = key.sign(&signing_bytes(M::KIND, &body));
         let env = Self { kind: M::KIND, body, signer: key.public(), signature, signer_peer: key.peer_id() };
-        let size = env.encoded_len();
-        if size > MAX_ENVELOPE_BYTES {
-            return Err(EnvelopeError::TooLarge { size, max: MAX_ENVELOPE_BYTES });
+        let bytes = env.to_bytes();
+        if bytes.len() > MAX_ENVELOPE_BYTES {
+            return Err(EnvelopeError::TooLarge { size: bytes.len(), max: MAX_ENVELOPE_BYTES });
         }
+        // Valid by construction: our own messages come back nested in verdicts.
+        VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).insert(*blake3::hash(&bytes).as_bytes());
         Ok(env)
     }
 
@@ -210,10 +245,6 @@ impl SignedEnvelope {
     pub fn to_bytes(&self) -> Vec<u8> {
         // Encoding a struct of byte arrays into a Vec cannot fail.
         bincode::encode_to_vec(self.wire(), wire_config()).unwrap_or_default()
-    }
-
-    fn encoded_len(&self) -> usize {
-        self.to_bytes().len()
     }
 
     /// Decode and verify untrusted bytes.
@@ -239,9 +270,15 @@ impl SignedEnvelope {
             return Err(EnvelopeError::Malformed("not the canonical encoding".into()));
         }
         let kind = MessageKind::from_wire(wire.kind).ok_or(EnvelopeError::UnknownKind(wire.kind))?;
-        let signer_peer = identity::peer_id_of(&wire.signer).map_err(|_| EnvelopeError::BadSignerKey)?;
-        if !identity::verify(&wire.signer, &signing_bytes(kind, &wire.body), &wire.signature) {
-            return Err(EnvelopeError::BadSignature);
+        let (signer_peer, key) = identity::signer_key(&wire.signer).map_err(|_| EnvelopeError::BadSignerKey)?;
+        // These exact bytes verified before (a verdict nests the round's messages, which
+        // every node checked as they arrived): the same bytes, the same answer.
+        let id = *blake3::hash(bytes).as_bytes();
+        if !VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+            if !identity::verify_with(&key, &signing_bytes(kind, &wire.body), &wire.signature) {
+                return Err(EnvelopeError::BadSignature);
+            }
+            VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
         }
         Ok(Self { kind, body: wire.body, signer: wire.signer, signature: wire.signature, signer_peer })
     }
@@ -451,6 +488,42 @@ mod tests {
         wire.kind = MessageKind::Commit as u8;
         let bytes = bincode::encode_to_vec(wire, wire_config()).expect("encode");
         assert_eq!(SignedEnvelope::from_bytes(&bytes), Err(EnvelopeError::BadSignature));
+    }
+
+    #[test]
+    fn bytes_checked_once_are_not_checked_again_and_altered_copies_still_are() {
+        let checks = || crate::identity::SIGNATURE_CHECKS.with(|n| n.get());
+        let signer = NodeKey::from_seed([42; 32]);
+        let other = NodeKey::from_seed([43; 32]);
+        let theirs =
+            SignedEnvelope::seal(&other, &Ping { n: 42, text: "once".into(), data: vec![4, 2] }).expect("seal");
+        // Bytes this process did not seal (`seal` marks its own as checked): a new
+        // body, signed by hand.
+        let mut wire = theirs.wire();
+        wire.body = encode_body(&Ping { n: 43, text: "once".into(), data: vec![] }).expect("encode");
+        wire.signature = other.sign(&signing_bytes(MessageKind::Commit, &wire.body));
+        let fresh = bincode::encode_to_vec(&wire, wire_config()).expect("encode");
+        let before = checks();
+        assert!(SignedEnvelope::from_bytes(&fresh).is_ok());
+        assert_eq!(checks(), before + 1, "first sight: checked");
+        assert!(SignedEnvelope::from_bytes(&fresh).is_ok());
+        assert_eq!(checks(), before + 1, "the same bytes again: not checked again");
+        // The same body and signer with another signature, or another signer: new bytes,
+        // checked, refused.
+        let mut forged = wire.clone();
+        forged.signature[0] ^= 1;
+        let forged = bincode::encode_to_vec(&forged, wire_config()).expect("encode");
+        assert_eq!(SignedEnvelope::from_bytes(&forged), Err(EnvelopeError::BadSignature));
+        let mut resigned = wire;
+        resigned.signer = signer.public();
+        let resigned = bincode::encode_to_vec(&resigned, wire_config()).expect("encode");
+        assert_eq!(SignedEnvelope::from_bytes(&resigned), Err(EnvelopeError::BadSignature));
+        assert_eq!(checks(), before + 3);
+        // What this process sealed itself is known valid: nested in a reply, not re-checked.
+        let ours = SignedEnvelope::seal(&signer, &Ping { n: 44, text: "mine".into(), data: vec![] }).expect("seal");
+        let before = checks();
+        assert!(SignedEnvelope::from_bytes(&ours.to_bytes()).is_ok());
+        assert_eq!(checks(), before);
     }
 
     proptest! {

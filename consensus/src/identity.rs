@@ -1,6 +1,9 @@
 //! A node's ed25519 identity. The libp2p `PeerId` derives from the same key, so a
 //! signature on an application message can be checked against the sender's peer id.
 
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use libp2p_identity::PeerId;
 
@@ -19,6 +22,8 @@ pub enum IdentityError {
 #[derive(Clone)]
 pub struct NodeKey {
     signing: SigningKey,
+    /// Derived once: every envelope this key seals names it.
+    peer: PeerId,
 }
 
 impl std::fmt::Debug for NodeKey {
@@ -31,12 +36,19 @@ impl NodeKey {
     /// A fresh key from the operating system's random source.
     pub fn generate() -> Self {
         let mut rng = rand::rngs::OsRng;
-        Self { signing: SigningKey::generate(&mut rng) }
+        Self::from_signing(SigningKey::generate(&mut rng))
     }
 
     /// A key from a 32-byte seed (tests and simulations derive keys this way).
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self { signing: SigningKey::from_bytes(&seed) }
+        Self::from_signing(SigningKey::from_bytes(&seed))
+    }
+
+    fn from_signing(signing: SigningKey) -> Self {
+        let public = signing.verifying_key().to_bytes();
+        // A valid dalek key is always a valid libp2p ed25519 key.
+        let peer = peer_id_of(&public).unwrap_or_else(|_| unreachable!("dalek key is a valid ed25519 key"));
+        Self { signing, peer }
     }
 
     pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
@@ -54,8 +66,7 @@ impl NodeKey {
     }
 
     pub fn peer_id(&self) -> PeerId {
-        // A valid dalek key is always a valid libp2p ed25519 key.
-        peer_id_of(&self.public()).unwrap_or_else(|_| unreachable!("dalek key is a valid ed25519 key"))
+        self.peer
     }
 
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
@@ -81,10 +92,47 @@ pub fn peer_id_of(public: &[u8; 32]) -> Result<PeerId, IdentityError> {
     Ok(libp2p_identity::PublicKey::from(pk).to_peer_id())
 }
 
+/// Signer keys seen recently, decompressed, with their `PeerId`s. Uncached, every
+/// envelope decompressed its signer's key twice (once for the `PeerId`, once for the
+/// signature check): a square root each, ~5 % of a testnet's CPU. The few keys of a
+/// network's rounds are signers again and again. Bounded: a flood of fresh keys only
+/// empties it, which costs what no cache costs.
+static SIGNER_KEYS: LazyLock<Mutex<HashMap<[u8; 32], SignerKey>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+type SignerKey = (PeerId, VerifyingKey);
+const SIGNER_KEYS_CAPACITY: usize = 4096;
+
+/// The `PeerId` and decompressed key of an ed25519 public key, from the cache when there.
+pub(crate) fn signer_key(public: &[u8; 32]) -> Result<SignerKey, IdentityError> {
+    let cached = SIGNER_KEYS.lock().unwrap_or_else(|e| e.into_inner()).get(public).copied();
+    if let Some(hit) = cached {
+        return Ok(hit);
+    }
+    let key = VerifyingKey::from_bytes(public).map_err(|_| IdentityError::BadPublicKey)?;
+    let entry = (peer_id_of(public)?, key);
+    let mut keys = SIGNER_KEYS.lock().unwrap_or_else(|e| e.into_inner());
+    if keys.len() >= SIGNER_KEYS_CAPACITY {
+        keys.clear();
+    }
+    keys.insert(*public, entry);
+    Ok(entry)
+}
+
 /// Strict ed25519 verification (rejects small-order and non-canonical keys/signatures).
 pub(crate) fn verify(public: &[u8; 32], msg: &[u8], signature: &[u8; 64]) -> bool {
-    let Ok(vk) = VerifyingKey::from_bytes(public) else { return false };
-    vk.verify_strict(msg, &Signature::from_bytes(signature)).is_ok()
+    let Ok((_, vk)) = signer_key(public) else { return false };
+    verify_with(&vk, msg, signature)
+}
+
+pub(crate) fn verify_with(key: &VerifyingKey, msg: &[u8], signature: &[u8; 64]) -> bool {
+    #[cfg(test)]
+    SIGNATURE_CHECKS.with(|n| n.set(n.get() + 1));
+    key.verify_strict(msg, &Signature::from_bytes(signature)).is_ok()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Signature checks run on this thread (tests count what a cache saves).
+    pub(crate) static SIGNATURE_CHECKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 #[cfg(test)]

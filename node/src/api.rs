@@ -799,6 +799,7 @@ async fn chat_completions(
     Extension(caller): Extension<Caller>,
     body: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
+    tracing::debug!(target: "sampo::timeline", "request");
     let Json(req) = match body {
         Ok(b) => b,
         Err(r) => return json_rejection(r),
@@ -832,6 +833,7 @@ async fn completions(
 }
 
 async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller: Caller) -> Response {
+    tracing::debug!(target: "sampo::timeline", "prepared");
     let t0 = Instant::now();
     let created = now_ms() / 1000;
     // Run the local inference first when streaming: a full queue is a 429 before any
@@ -874,10 +876,12 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
     let model_name = p.model.name.clone();
     let object = if chat { "chat.completion" } else { "text_completion" };
     if !stream {
+        tracing::debug!(target: "sampo::timeline", %task, "submitted");
         let st = match wait_verdict(&s, &task).await {
             Ok(st) => st,
             Err(r) => return r,
         };
+        tracing::debug!(target: "sampo::timeline", %task, "verdict seen");
         let Some(output) = st.output.clone().filter(|_| st.status == "finalized") else {
             return error_response(
                 StatusCode::BAD_GATEWAY,

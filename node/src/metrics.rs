@@ -107,7 +107,9 @@ impl NodeMetrics {
     }
 
     pub fn observe_phase(&self, phase: &'static str, since: std::time::Instant) {
-        self.round_phase_seconds.get_or_create(&PhaseLabel { phase }).observe(since.elapsed().as_secs_f64());
+        let took = since.elapsed();
+        tracing::debug!(target: "sampo::timeline", phase, us = took.as_micros() as u64, "phase done");
+        self.round_phase_seconds.get_or_create(&PhaseLabel { phase }).observe(took.as_secs_f64());
     }
 
     pub fn register(root: &mut Registry) -> Self {

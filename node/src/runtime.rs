@@ -297,7 +297,9 @@ pub async fn run(mut p: LoopParts) {
                     }
                     Vec::new()
                 }
-                Some(P2pEvent::Message { envelope, from, validation }) => match p.consensus.handle(&envelope, now_ms()) {
+                Some(P2pEvent::Message { envelope, from, validation }) => {
+                    debug!(target: "sampo::timeline", kind = ?envelope.kind(), task = ?envelope_task(&envelope), %from, "received");
+                    match p.consensus.handle(&envelope, now_ms()) {
                     Ok(a) => {
                         p.p2p.report(validation, Acceptance::Accept);
                         if envelope.kind() == MessageKind::FraudProof {
@@ -312,7 +314,8 @@ pub async fn run(mut p: LoopParts) {
                         p.metrics.refused_messages.inc();
                         Vec::new()
                     }
-                },
+                    }
+                }
                 Some(P2pEvent::FetchRequested { id, request, .. }) => {
                     let resp = fetch_answer(&p.store, &request);
                     let _ = p.p2p.respond(id, resp).await;
@@ -647,6 +650,7 @@ async fn act(
                 p.metrics.observe_phase(phase, *clock);
                 *clock = Instant::now();
             }
+            debug!(target: "sampo::timeline", kind = ?envelope.kind(), task = ?envelope_task(&envelope), "publish");
             publish(&p.p2p, topic, envelope).await
         }
         // Stored by the loop before the commit it precedes is published.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sampo_testnet::{Testnet, TestnetConfig, percentile, rss_mib};
+use sampo_testnet::{Testnet, TestnetConfig, cpu_ms, percentile, rss_mib};
 
 fn latencies(net: &Testnet, k: usize, tasks: usize) -> Vec<f64> {
     (0..tasks)
@@ -68,7 +68,10 @@ fn main() {
     let t0 = Instant::now();
     let net = Testnet::start(TestnetConfig::new(nodes, model, dir.join("net"), sampo)).expect("testnet");
     let ready = t0.elapsed().as_secs_f64();
+    let cpu = |net: &Testnet| net.nodes.iter().map(|n| cpu_ms(n.child.id())).sum::<f64>();
+    let cpu_before = cpu(&net);
     let verified = latencies(&net, 3, tasks);
+    let cpu_per_task = (cpu(&net) - cpu_before) / tasks as f64;
     let phases = phase_means(&net);
 
     // Saturation: 8 clients, each submitting to its own coordinator, for 20 s.
@@ -109,6 +112,7 @@ fn main() {
         percentile(&verified, 0.5),
         percentile(&verified, 0.99)
     );
+    println!("CPU per sequential verified task, all nodes together: {cpu_per_task:.1} ms");
     println!("where a verified round's time goes (means over all nodes, sequential tasks):");
     println!("| phase | mean | count |");
     println!("| --- | ---: | ---: |");

@@ -468,6 +468,18 @@ pub fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time a process has used (user + system), in milliseconds (0 when it cannot be
+/// read): fields 14 and 15 of `/proc/PID/stat`, in clock ticks of 10 ms.
+pub fn cpu_ms(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after it may not.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    (ticks(11) + ticks(12)) * 10.0
+}
+
 /// The `p` quantile (0..=1) of `v`, nearest rank; 0 for an empty slice.
 pub fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
