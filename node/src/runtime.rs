@@ -675,27 +675,46 @@ async fn act(
             tokio::spawn(
                 async move {
                     let back = |cmd| async { tx.send(cmd).await.is_ok() };
-                    // Seated before (re-announced, or before a restart): the same commit.
-                    let stored = tokio::task::spawn_blocking(move || store.stored_commit(&task, attempt)).await;
-                    if let Ok(Ok(Some(stored))) = stored {
-                        back(LoopCmd::Resume { task, attempt, tokens: stored.tokens }).await;
-                        return;
-                    }
                     let decline = |reason| LoopCmd::Decline { task, attempt, reason };
+                    // Decided before any blocking work, acted on after the stored-commit
+                    // check (a seat committed before commits the same whatever now holds).
                     let price = DeclineReason::Price { price_per_1k: model.price_per_1k };
-                    if price.holds_for(&spec, committee_size(spec.k, attempt)) {
-                        back(decline(price)).await;
-                        return;
-                    }
-                    if spec.params.max_tokens > max_tokens_per_task {
-                        metrics.queue_rejections.inc();
-                        back(decline(DeclineReason::MaxTokens { limit: max_tokens_per_task })).await;
-                        return;
-                    }
-                    let (m, prompt) = (model.clone(), spec.prompt.clone());
-                    let prompt = match tokio::task::spawn_blocking(move || m.prompt_tokens(&prompt)).await {
-                        Ok(Ok(t)) => t,
-                        Ok(Err(e)) => {
+                    let refusal = if price.holds_for(&spec, committee_size(spec.k, attempt)) {
+                        Some(price)
+                    } else if spec.params.max_tokens > max_tokens_per_task {
+                        Some(DeclineReason::MaxTokens { limit: max_tokens_per_task })
+                    } else {
+                        None
+                    };
+                    // One trip to the blocking pool (each costs a thread wake-up, which a
+                    // busy two-core machine pays for in milliseconds): the store read,
+                    // then the prompt's tokens when the seat is to be run.
+                    let (m, text) = (model.clone(), spec.prompt.clone());
+                    let prepared = tokio::task::spawn_blocking(move || {
+                        // Seated before (re-announced, or before a restart): the same commit.
+                        if let Ok(Some(stored)) = store.stored_commit(&task, attempt) {
+                            return SeatPrep::Stored(stored.tokens);
+                        }
+                        if let Some(reason) = refusal {
+                            return SeatPrep::Refuse(reason);
+                        }
+                        SeatPrep::Prompt(m.prompt_tokens(&text))
+                    })
+                    .await;
+                    let prompt = match prepared {
+                        Ok(SeatPrep::Stored(tokens)) => {
+                            back(LoopCmd::Resume { task, attempt, tokens }).await;
+                            return;
+                        }
+                        Ok(SeatPrep::Refuse(reason)) => {
+                            if matches!(reason, DeclineReason::MaxTokens { .. }) {
+                                metrics.queue_rejections.inc();
+                            }
+                            back(decline(reason)).await;
+                            return;
+                        }
+                        Ok(SeatPrep::Prompt(Ok(t))) => t,
+                        Ok(SeatPrep::Prompt(Err(e))) => {
                             warn!(%task, error = %e, "cannot build the prompt");
                             return;
                         }
@@ -831,6 +850,16 @@ async fn act(
             }
         }
     }
+}
+
+/// What a seat's one trip to the blocking pool found.
+enum SeatPrep {
+    /// A commit stored for this seat before.
+    Stored(Vec<u32>),
+    /// Not to be run, for a reason decided before the trip.
+    Refuse(DeclineReason),
+    /// The prompt's tokens, or why they could not be built.
+    Prompt(Result<Vec<u32>, sampo_kernels::KernelError>),
 }
 
 /// A verdict's synced write finished: what follows needs the loop's state.
