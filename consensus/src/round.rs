@@ -103,6 +103,11 @@ pub enum Action {
     Publish {
         topic: Topic,
         envelope: SignedEnvelope,
+        /// Who needs it: empty for everyone. A round's commits, declines and reveals
+        /// concern the coordinator, its reveal request the committee; everyone else
+        /// learns them from the verdict. The transport may still send to more (the
+        /// protocol never relies on who else sees a message).
+        to: Vec<PeerId>,
     },
     /// Store this seat's commit durably (synced), then carry out the actions after it:
     /// the commit is published only once it can be answered again after a restart.
@@ -114,12 +119,7 @@ pub enum Action {
     },
     /// Run the inference for a committee seat, then call [`Consensus::executed`] (or
     /// [`Consensus::resume`] with the commit stored for this seat before).
-    Execute {
-        task: TaskId,
-        attempt: u8,
-        spec: Box<TaskSpec>,
-        commit_deadline_ms: u64,
-    },
+    Execute { task: TaskId, attempt: u8, spec: Box<TaskSpec>, commit_deadline_ms: u64 },
     /// A verdict whose evidence checked out: apply it to storage.
     Apply(Box<VerifiedVerdict>),
     /// An announcement for `model` whose candidate list (not full) leaves this node
@@ -133,10 +133,7 @@ pub enum Action {
         offered_per_1k: u64,
     },
     /// A task this node coordinates is over.
-    Finished {
-        task: TaskId,
-        outcome: Outcome,
-    },
+    Finished { task: TaskId, outcome: Outcome },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -478,8 +475,13 @@ impl Consensus {
     }
 
     fn publish(&mut self, topic: Topic, envelope: SignedEnvelope, actions: &mut Vec<Action>) {
+        self.publish_to(topic, envelope, Vec::new(), actions);
+    }
+
+    /// Publish for `to` (see [`Action::Publish`]); this node sees its own message too.
+    fn publish_to(&mut self, topic: Topic, envelope: SignedEnvelope, to: Vec<PeerId>, actions: &mut Vec<Action>) {
         self.loopback.push_back(envelope.clone());
-        actions.push(Action::Publish { topic, envelope });
+        actions.push(Action::Publish { topic, envelope, to });
     }
 
     fn drain_loopback(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
@@ -648,8 +650,9 @@ impl Consensus {
             return actions;
         }
         duty.state = DutyState::Done;
+        let coordinator = duty.coordinator;
         let env = seal(&self.key, &Decline { task, attempt, reason });
-        self.publish(Topic::Rounds, env, &mut actions);
+        self.publish_to(Topic::Rounds, env, vec![coordinator], &mut actions);
         self.drain_loopback(now_ms, &mut actions);
         actions
     }
@@ -663,16 +666,17 @@ impl Consensus {
         let salt = self.key.commit_salt(&task, attempt);
         let hash = commit_hash(&task, &self.me, &tokens, &salt);
         duty.state = DutyState::Committed { tokens: tokens.clone(), salt, hash };
+        let coordinator = duty.coordinator;
         if store {
             actions.push(Action::StoreCommit { task, attempt, tokens: tokens.clone() });
         }
         let commit = seal(&self.key, &Commit { task, attempt, hash });
-        self.publish(Topic::Rounds, commit, &mut actions);
+        self.publish_to(Topic::Rounds, commit, vec![coordinator], &mut actions);
         if self.behaviour == Behaviour::Equivocate {
             let mut other = tokens;
             corrupt(&mut other);
             let second = seal(&self.key, &Commit { task, attempt, hash: commit_hash(&task, &self.me, &other, &salt) });
-            self.publish(Topic::Rounds, second, &mut actions);
+            self.publish_to(Topic::Rounds, second, vec![coordinator], &mut actions);
         }
         self.drain_loopback(now_ms, &mut actions);
         actions
@@ -780,7 +784,9 @@ impl Consensus {
         let env = seal(&self.key, &req);
         round.request = Some((env.clone(), accepted));
         round.phase = Phase::Revealing;
-        self.publish(Topic::Rounds, env, actions);
+        // The whole committee: a member left out learns that its seat is over.
+        let committee = round.ann.committee.clone();
+        self.publish_to(Topic::Rounds, env, committee, actions);
     }
 
     fn on_reveal_request(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
@@ -799,11 +805,12 @@ impl Consensus {
         if !matches!(duty.state, DutyState::Copying { .. }) {
             duty.state = DutyState::Done;
         }
+        let coordinator = duty.coordinator;
         if let Some(r) = reveal
             && self.behaviour != Behaviour::NeverReveal
         {
             let env = seal(&self.key, &r);
-            self.publish(Topic::Rounds, env, actions);
+            self.publish_to(Topic::Rounds, env, vec![coordinator], actions);
         }
         Ok(())
     }

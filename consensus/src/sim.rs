@@ -184,6 +184,8 @@ impl SimNet {
     pub fn act(&mut self, i: usize, actions: Vec<Action>) {
         for a in actions {
             match a {
+                // Delivered to every node, whoever it is for (`to`): the protocol must
+                // hold when anyone sees anything, so the simulation lets everyone.
                 Action::Publish { envelope, .. } => {
                     let env = match &mut self.tamper {
                         Some(t) => t(i, &envelope),

@@ -214,7 +214,7 @@ fn commit_after_the_reveal_request_is_ignored() {
     net.tamper = None;
     let held: Vec<_> = held.borrow_mut().drain(..).collect();
     for (from, envelope) in held {
-        net.act(from, vec![Action::Publish { topic: Topic::Rounds, envelope }]);
+        net.act(from, vec![Action::Publish { topic: Topic::Rounds, envelope, to: Vec::new() }]);
     }
     net.run(60_000);
     assert_eq!(finalized(&net, &task), reference_output(&spec));

@@ -437,8 +437,8 @@ pub async fn run(mut p: LoopParts) {
                             warn!(%task, "could not store a commit; not publishing it");
                             return;
                         }
-                        if let Some(Action::Publish { topic, envelope }) = commit {
-                            publish(&p2p, topic, envelope).await;
+                        if let Some(Action::Publish { topic, envelope, to }) = commit {
+                            deliver(&p2p, topic, envelope, to).await;
                         }
                     }
                     .instrument(tracing::info_span!("store-commit")),
@@ -636,7 +636,7 @@ async fn act(
     (started, phase_clock): (&mut HashMap<TaskId, Instant>, &mut HashMap<TaskId, Instant>),
 ) {
     match action {
-        Action::Publish { topic, envelope } => {
+        Action::Publish { topic, envelope, to } => {
             // A coordinator's phase boundaries: the reveal request closes the commits, the
             // verdict the reveals.
             let phase = match envelope.kind() {
@@ -650,8 +650,8 @@ async fn act(
                 p.metrics.observe_phase(phase, *clock);
                 *clock = Instant::now();
             }
-            debug!(target: "sampo::timeline", kind = ?envelope.kind(), task = ?envelope_task(&envelope), "publish");
-            publish(&p.p2p, topic, envelope).await
+            debug!(target: "sampo::timeline", kind = ?envelope.kind(), task = ?envelope_task(&envelope), direct = !to.is_empty(), "publish");
+            deliver(&p.p2p, topic, envelope, to).await
         }
         // Stored by the loop before the commit it precedes is published.
         Action::StoreCommit { .. } => {}
@@ -1022,7 +1022,7 @@ async fn replayed(
             match p.consensus.sign(&msg) {
                 Some(env) => {
                     p.metrics.fraud_proofs_sent.inc();
-                    actions.push(Action::Publish { topic: Topic::Rounds, envelope: env.clone() });
+                    actions.push(Action::Publish { topic: Topic::Rounds, envelope: env.clone(), to: Vec::new() });
                     Some(env)
                 }
                 None => None,
@@ -1064,6 +1064,17 @@ async fn replayed(
 async fn publish(p2p: &P2pHandle, topic: Topic, envelope: SignedEnvelope) {
     if let Err(e) = p2p.publish(gossip_topic(topic), envelope).await {
         warn!(error = %e, "publish failed");
+    }
+}
+
+/// Gossip to everyone (`to` empty), or send straight to the peers in `to` (the p2p
+/// layer gossips it to any it cannot reach that way).
+async fn deliver(p2p: &P2pHandle, topic: Topic, envelope: SignedEnvelope, to: Vec<PeerId>) {
+    if to.is_empty() {
+        return publish(p2p, topic, envelope).await;
+    }
+    if let Err(e) = p2p.send(to, gossip_topic(topic), envelope).await {
+        warn!(error = %e, "send failed");
     }
 }
 

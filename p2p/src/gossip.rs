@@ -88,6 +88,11 @@ impl GossipReject {
     pub fn acceptance(&self) -> MessageAcceptance {
         match self {
             GossipReject::Envelope(e) if !e.merits_penalty() => MessageAcceptance::Ignore,
+            // Seen before, so not forwarded; but honest relays pass on copies of what
+            // reached this node another way (a round message sent directly, then
+            // gossiped when that was slow), and a replay costs only a hash
+            // (`validate` checks the replay memory before decoding).
+            GossipReject::Replay => MessageAcceptance::Ignore,
             _ => MessageAcceptance::Reject,
         }
     }
@@ -101,6 +106,17 @@ pub struct ReplayGuard {
 }
 
 impl ReplayGuard {
+    /// Whether an id was seen (without recording it).
+    pub fn seen(&self, id: &Hash32) -> bool {
+        self.seen.contains(id)
+    }
+
+    /// Forget an id (a message seen but not taken), so a later copy is not a replay.
+    /// Its place in the eviction order stays: it may be forgotten early, never late.
+    pub fn forget(&mut self, id: &Hash32) {
+        self.seen.remove(id);
+    }
+
     /// True the first time an id is seen.
     pub fn first_sight(&mut self, id: Hash32) -> bool {
         if !self.seen.insert(id) {
@@ -129,6 +145,12 @@ pub fn validate(
     replay: &mut ReplayGuard,
     now_ms: u64,
 ) -> Result<SignedEnvelope, GossipReject> {
+    // Seen before: refused for the price of a hash, before any decoding or signature
+    // check (an envelope's id is the hash of its one, canonical, encoding).
+    let id = Hash32::of(data);
+    if replay.seen(&id) {
+        return Err(GossipReject::Replay);
+    }
     let env = SignedEnvelope::from_bytes(data)?;
     let kind = env.kind();
     let max = max_bytes(kind);
@@ -158,10 +180,24 @@ pub fn validate(
             return Err(GossipReject::StaleAnnouncement { sent_ms: ann.sent_ms, now_ms });
         }
     }
-    if !replay.first_sight(env.id()) {
+    if !replay.first_sight(id) {
         return Err(GossipReject::Replay);
     }
     Ok(env)
+}
+
+/// The checks a round message sent directly passes besides its envelope's (already
+/// verified while decoding): a kind that may travel that way, and its size.
+pub fn check_direct(env: &SignedEnvelope) -> Result<(), GossipReject> {
+    let kind = env.kind();
+    if !matches!(kind, MessageKind::Commit | MessageKind::Decline | MessageKind::Reveal | MessageKind::RevealRequest) {
+        return Err(GossipReject::WrongTopic { kind: kind.as_str(), topic: "a direct send".into() });
+    }
+    let (size, max) = (env.to_bytes().len(), max_bytes(kind));
+    if size > max {
+        return Err(GossipReject::TooLarge { kind: kind.as_str(), size, max });
+    }
+    Ok(())
 }
 
 /// Peer-scoring thresholds. A peer at `GRAYLIST` is ignored entirely; one rejected
@@ -247,6 +283,42 @@ mod tests {
     fn commit_env(key: &NodeKey) -> SignedEnvelope {
         SignedEnvelope::seal(key, &Commit { task: TaskId(Hash32::of(b"t")), attempt: 0, hash: Hash32::of(b"h") })
             .expect("seal")
+    }
+
+    #[test]
+    fn a_forgotten_id_is_no_replay() {
+        let key = NodeKey::from_seed([1; 32]);
+        let rounds = TopicHash::from_raw(ROUNDS_TOPIC);
+        let bytes = commit_env(&key).to_bytes();
+        let mut guard = ReplayGuard::default();
+        let env = validate(&rounds, &bytes, &mut guard, 0).expect("valid");
+        assert_eq!(validate(&rounds, &bytes, &mut guard, 0), Err(GossipReject::Replay));
+        // Not taken by the node (a full queue): a later copy is welcome.
+        guard.forget(&env.id());
+        assert!(validate(&rounds, &bytes, &mut guard, 0).is_ok());
+    }
+
+    #[test]
+    fn only_round_messages_within_their_size_travel_directly() {
+        let key = NodeKey::from_seed([1; 32]);
+        assert_eq!(check_direct(&commit_env(&key)), Ok(()));
+        let ann = NodeAnnouncement {
+            models: Vec::new(),
+            price_per_1k: 0,
+            free_slots: 1,
+            backend: "cpu".into(),
+            device: "x".into(),
+            version: "0".into(),
+            addrs: Vec::new(),
+            api_url: None,
+            sent_ms: 0,
+            certificate: None,
+        };
+        let ann = SignedEnvelope::seal(&key, &ann).expect("seal");
+        assert!(matches!(check_direct(&ann), Err(GossipReject::WrongTopic { kind: "node_announcement", .. })));
+        // A seen message is dropped without a penalty for whoever relayed it: an honest
+        // relay passes on what reached this node directly first.
+        assert_eq!(GossipReject::Replay.acceptance(), MessageAcceptance::Ignore);
     }
 
     #[test]

@@ -31,6 +31,21 @@ use crate::registry::{Admission, AdmissionStatus, LiveNode, Registry};
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/kad/1.0.0");
 /// Request-response protocol for fetching a task's evidence or result from a peer.
 pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/fetch/1.0.0");
+/// Request-response protocol for the round messages that concern a few peers only
+/// (commits, declines and reveals go to the coordinator, a reveal request to the
+/// committee): sent straight to them instead of gossiped to every node.
+pub const ROUND_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/round/1.0.0");
+/// A direct send not answered within this long goes out as gossip instead.
+const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Direct sends in flight at most; beyond, messages go out as gossip.
+const MAX_DIRECT_IN_FLIGHT: usize = 1024;
+/// Largest direct request (the largest direct kind, a reveal, is 24 KiB; the codec
+/// buffers a whole request before anything else is checked).
+const MAX_DIRECT_BYTES: u64 = 32 * 1024;
+/// Direct messages a peer may send per second, and in a burst: a task's round takes a
+/// few, so only a flood meets the limit (refused, so it goes to gossip's scoring).
+const DIRECT_PER_SECOND: f64 = 50.0;
+const DIRECT_BURST: f64 = 100.0;
 /// identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/sampo/id/1.0.0";
 /// Gossipsub's protocol ids become `/sampo/meshsub/1.x.0`: anonymous frames (see
@@ -201,13 +216,23 @@ pub enum P2pEvent {
     },
 }
 
-/// Which gossiped message a validation result is for.
+/// A receiver's answer to a direct round message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectAck {
+    /// This node has the message now (or had it already).
+    Taken,
+    /// Refused or not taken now (full queue, not admitted): gossip it instead.
+    Refused,
+}
+
+/// Which received message a validation result is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Validation(Box<ValidationInner>);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ValidationInner {
-    id: gossipsub::MessageId,
+    /// The gossip message id; none for a message sent directly (nothing to forward).
+    id: Option<gossipsub::MessageId>,
     source: PeerId,
     /// The envelope's signer.
     author: PeerId,
@@ -227,6 +252,7 @@ pub enum Acceptance {
 enum Command {
     Report { validation: Validation, acceptance: Acceptance },
     Publish { topic: GossipTopic, envelope: SignedEnvelope, reply: oneshot::Sender<Result<(), P2pError>> },
+    Send { peers: Vec<PeerId>, topic: GossipTopic, envelope: SignedEnvelope },
     Subscribe { topic: GossipTopic },
     PublishRaw { topic: String, data: Vec<u8> },
     SetAnnouncement(Box<NodeAnnouncement>),
@@ -278,6 +304,13 @@ impl P2pHandle {
     /// Gossip an envelope (and subscribe to its topic if needed).
     pub async fn publish(&self, topic: GossipTopic, envelope: SignedEnvelope) -> Result<(), P2pError> {
         self.ask(|reply| Command::Publish { topic, envelope, reply }).await?
+    }
+
+    /// Send a round message straight to `peers` (this node itself skipped); to any of
+    /// them not connected, or that does not take it in time, it goes out on `topic` as
+    /// gossip instead.
+    pub async fn send(&self, peers: Vec<PeerId>, topic: GossipTopic, envelope: SignedEnvelope) -> Result<(), P2pError> {
+        self.tx.send(Command::Send { peers, topic, envelope }).await.map_err(|_| P2pError::Stopped)
     }
 
     /// Publish arbitrary bytes, bypassing every local check: only for tests that play a
@@ -370,6 +403,8 @@ struct Behaviour {
     gossipsub: gossipsub::Behaviour,
     /// Fetching evidence and results by task id.
     fetch: request_response::cbor::Behaviour<FetchRequest, FetchResponse>,
+    /// Round messages sent straight to the peers they concern.
+    round: request_response::cbor::Behaviour<SignedEnvelope, DirectAck>,
 }
 
 fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) -> Result<Swarm<Behaviour>, P2pError> {
@@ -448,6 +483,15 @@ fn build_swarm(key: &NodeKey, cfg: &P2pConfig, metrics: &mut MetricsRegistry) ->
                     [(FETCH_PROTOCOL, ProtocolSupport::Full)],
                     request_response::Config::default().with_request_timeout(fetch_timeout),
                 ),
+                round: request_response::cbor::Behaviour::with_codec(
+                    request_response::cbor::codec::Codec::default()
+                        .set_request_size_maximum(MAX_DIRECT_BYTES)
+                        .set_response_size_maximum(64),
+                    [(ROUND_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(DIRECT_TIMEOUT)
+                        .with_max_concurrent_streams(8),
+                ),
             })
         })
         .map_err(|e| P2pError::Gossipsub(e.to_string()))?
@@ -520,6 +564,8 @@ pub async fn spawn(
         metrics: libp2p_metrics,
         announcement: None,
         pending_fetches: HashMap::new(),
+        pending_direct: HashMap::new(),
+        direct_budget: HashMap::new(),
         inbound: HashMap::new(),
         next_inbound: 0,
         subscribed_models: HashSet::new(),
@@ -545,6 +591,11 @@ struct Actor {
     /// Fetches this node asked for: with the peer asked, which pruning leaves alone.
     pending_fetches:
         HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<FetchResponse, P2pError>>)>,
+    /// Direct sends in flight: what to gossip if one is not taken.
+    pending_direct: HashMap<request_response::OutboundRequestId, (GossipTopic, SignedEnvelope)>,
+    /// Per connected peer: direct messages it may still send now, and when that was
+    /// last topped up.
+    direct_budget: HashMap<PeerId, (f64, std::time::Instant)>,
     /// Fetches asked of this node, awaiting its answer: with the asker.
     inbound: HashMap<u64, (PeerId, request_response::ResponseChannel<FetchResponse>)>,
     next_inbound: u64,
@@ -613,21 +664,24 @@ impl Actor {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Publish { topic, envelope, reply } => {
-                self.subscribe(&topic);
+                let _ = reply.send(self.gossip(&topic, &envelope));
+            }
+            Command::Send { peers, topic, envelope } => {
                 // Remember our own message so an echo is not mistaken for fresh input.
                 self.replay.first_sight(envelope.id());
-                let r = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(topic.ident(), envelope.to_bytes())
-                    .map(|_| ())
-                    .or_else(|e| match e {
-                        // Alone in the network: nothing to send to, nothing lost.
-                        gossipsub::PublishError::NoPeersSubscribedToTopic => Ok(()),
-                        e => Err(P2pError::Publish(e.to_string())),
-                    });
-                let _ = reply.send(r);
+                let me = *self.swarm.local_peer_id();
+                let mut gossip = false;
+                for peer in peers.into_iter().filter(|p| *p != me) {
+                    if self.swarm.is_connected(&peer) && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
+                        let id = self.swarm.behaviour_mut().round.send_request(&peer, envelope.clone());
+                        self.pending_direct.insert(id, (topic.clone(), envelope.clone()));
+                    } else {
+                        gossip = true;
+                    }
+                }
+                if gossip && let Err(e) = self.gossip(&topic, &envelope) {
+                    debug!(error = %e, "publish failed");
+                }
             }
             Command::Subscribe { topic } => self.subscribe(&topic),
             Command::PublishRaw { topic, data } => {
@@ -683,11 +737,21 @@ impl Actor {
                     Acceptance::Reject => MessageAcceptance::Reject,
                     Acceptance::Ignore => MessageAcceptance::Ignore,
                 };
-                let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &validation.id,
-                    &validation.source,
-                    a,
-                );
+                match &validation.id {
+                    Some(id) => {
+                        let _ = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                            id,
+                            &validation.source,
+                            a,
+                        );
+                    }
+                    // Sent directly, by its author: no gossip score to charge, so the
+                    // connection goes.
+                    None if acceptance == Acceptance::Reject => {
+                        let _ = self.swarm.disconnect_peer_id(validation.source);
+                    }
+                    None => {}
+                }
             }
             Command::MeshPeers { topic, reply } => {
                 let _ =
@@ -741,6 +805,7 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.peers.disconnected(&peer_id, std::time::Instant::now());
+                self.direct_budget.remove(&peer_id);
                 if let Ok(mut r) = self.registry.write() {
                     r.disconnected(&peer_id);
                 }
@@ -790,6 +855,7 @@ impl Actor {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Fetch(ev)) => self.fetch_event(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Round(ev)) => self.round_event(ev),
             _ => {}
         }
     }
@@ -847,12 +913,16 @@ impl Actor {
         };
         if let Some(acceptance) = not_admitted {
             debug!(from = %source, %signer, "message from a peer not admitted refused");
+            if acceptance == MessageAcceptance::Ignore {
+                // Its author may yet be admitted: a later copy is not a replay.
+                self.replay.forget(&envelope.id());
+            }
             self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
             return;
         }
         // Everything else is judged by the node (the protocol's rules) before it is
         // forwarded; if the node cannot take it now, it is not forwarded either.
-        let validation = Validation(Box::new(ValidationInner { id: id.clone(), source, author: signer }));
+        let validation = Validation(Box::new(ValidationInner { id: Some(id.clone()), source, author: signer }));
         if !self.cfg.node_validates {
             self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                 &id,
@@ -860,12 +930,18 @@ impl Actor {
                 MessageAcceptance::Accept,
             );
             self.emit(P2pEvent::Message { envelope, from: signer, validation });
-        } else if !self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
-            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                &id,
-                &source,
-                MessageAcceptance::Ignore,
-            );
+        } else {
+            let envelope_id = envelope.id();
+            if !self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
+                // Not taken: a later copy (gossiped, or sent directly) must not be
+                // dropped as a replay.
+                self.replay.forget(&envelope_id);
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &id,
+                    &source,
+                    MessageAcceptance::Ignore,
+                );
+            }
         }
     }
 
@@ -935,6 +1011,111 @@ impl Actor {
         if removed.unwrap_or(false) {
             self.emit(P2pEvent::NodeLeft(peer));
         }
+    }
+
+    /// Gossip `envelope` on `topic` (subscribing first), remembering it as seen.
+    fn gossip(&mut self, topic: &GossipTopic, envelope: &SignedEnvelope) -> Result<(), P2pError> {
+        self.subscribe(topic);
+        // Remember our own message so an echo is not mistaken for fresh input.
+        self.replay.first_sight(envelope.id());
+        match self.swarm.behaviour_mut().gossipsub.publish(topic.ident(), envelope.to_bytes()) {
+            Ok(_) => Ok(()),
+            // Alone in the network: nothing to send to, nothing lost. Already sent (a
+            // direct send that fell back twice): nothing more to do.
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => Ok(()),
+            Err(e) => Err(P2pError::Publish(e.to_string())),
+        }
+    }
+
+    fn round_event(&mut self, ev: request_response::Event<SignedEnvelope, DirectAck>) {
+        match ev {
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let ack = self.direct_message(peer, request);
+                let _ = self.swarm.behaviour_mut().round.send_response(channel, ack);
+            }
+            request_response::Event::Message {
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                if let Some((topic, envelope)) = self.pending_direct.remove(&request_id)
+                    && response != DirectAck::Taken
+                    && let Err(e) = self.gossip(&topic, &envelope)
+                {
+                    debug!(error = %e, "publish failed");
+                }
+            }
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                if let Some((topic, envelope)) = self.pending_direct.remove(&request_id) {
+                    debug!(%peer, %error, "direct send failed; gossiping it");
+                    if let Err(e) = self.gossip(&topic, &envelope) {
+                        debug!(error = %e, "publish failed");
+                    }
+                }
+            }
+            request_response::Event::InboundFailure { .. } | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A round message sent to this node directly: the gossip path's checks (the
+    /// envelope, its size, that it is a round message, not seen before, an admitted
+    /// author), then the node's. Nothing is forwarded.
+    fn direct_message(&mut self, from: PeerId, envelope: SignedEnvelope) -> DirectAck {
+        let now = now_ms();
+        let signer = envelope.signer();
+        if !self.direct_allowed(from) {
+            debug!(%from, "direct messages over their rate; refused");
+            return DirectAck::Refused;
+        }
+        // Honest nodes send only their own messages directly (others' travel as gossip),
+        // so whatever is refused here is the sending peer's doing: it is disconnected.
+        let refusal = if from != signer {
+            Some("not the sender's own message".to_owned())
+        } else if let Err(e) = gossip::check_direct(&envelope) {
+            Some(e.to_string())
+        } else {
+            match self.admission.status(&signer, now) {
+                AdmissionStatus::Admitted => None,
+                // Its announcement may still be on its way: refused, not punished.
+                AdmissionStatus::Unknown => return DirectAck::Refused,
+                AdmissionStatus::Refused => Some("author not admitted".to_owned()),
+            }
+        };
+        if let Some(why) = refusal {
+            debug!(%from, %signer, %why, "direct message refused; disconnecting");
+            let _ = self.swarm.disconnect_peer_id(from);
+            return DirectAck::Refused;
+        }
+        let id = envelope.id();
+        if self.replay.seen(&id) {
+            return DirectAck::Taken;
+        }
+        let validation = Validation(Box::new(ValidationInner { id: None, source: from, author: signer }));
+        // Seen only once the node has it: if it cannot take it now, the gossiped copy
+        // the sender falls back to must not look like a replay.
+        if self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
+            self.replay.first_sight(id);
+            DirectAck::Taken
+        } else {
+            DirectAck::Refused
+        }
+    }
+
+    /// Takes one from `peer`'s direct-message budget (topped up at
+    /// [`DIRECT_PER_SECOND`] up to [`DIRECT_BURST`]); false when it is spent.
+    fn direct_allowed(&mut self, peer: PeerId) -> bool {
+        let now = std::time::Instant::now();
+        let (tokens, last) = self.direct_budget.entry(peer).or_insert((DIRECT_BURST, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * DIRECT_PER_SECOND).min(DIRECT_BURST);
+        *last = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
     }
 
     fn fetch_event(&mut self, ev: request_response::Event<FetchRequest, FetchResponse>) {

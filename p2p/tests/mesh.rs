@@ -192,6 +192,56 @@ async fn invalid_messages_are_rejected_not_forwarded_and_cost_score() {
     assert!(score < honest, "junk sender {score:?} vs honest {honest:?}");
 }
 
+/// A round message for a few peers goes straight to them: nobody relays it, and to a
+/// peer this node has no connection to it goes out as gossip instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_message_reaches_its_peer_only_and_falls_back_to_gossip() {
+    let (a, mut b, mut c) = line().await;
+    let direct = commit(&a.key, 6);
+    a.handle.send(vec![a.key.peer_id(), b.key.peer_id()], GossipTopic::Rounds, direct.clone()).await.expect("send");
+    assert_eq!(next_message(&mut b).await, direct);
+    // Then b publishes on the b — c link: had b relayed the direct message, c would
+    // have heard that first.
+    let after = commit(&b.key, 7);
+    b.handle.publish(GossipTopic::Rounds, after.clone()).await.expect("publish");
+    assert_eq!(next_message(&mut c).await, after);
+    // To a peer nobody is connected to: gossiped, so b and c hear it.
+    let far = commit(&a.key, 8);
+    a.handle.send(vec![key(9).peer_id()], GossipTopic::Rounds, far.clone()).await.expect("send");
+    assert_eq!(next_message(&mut b).await, far);
+    assert_eq!(next_message(&mut c).await, far);
+    for n in [a, b, c] {
+        n.handle.shutdown().await;
+    }
+}
+
+/// Honest nodes send only their own messages directly: a peer that sends another
+/// key's is cut off (it cannot be charged in gossip score: nothing was gossiped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_others_messages_directly_is_disconnected() {
+    let (a, mut b, c) = line().await;
+    let theirs = commit(&key(9), 10);
+    a.handle.send(vec![b.key.peer_id()], GossipTopic::Rounds, theirs).await.expect("send");
+    let a_id = a.key.peer_id();
+    timeout(WAIT, async {
+        loop {
+            match b.events.recv().await {
+                Some(P2pEvent::PeerDisconnected(p)) if p == a_id => break,
+                Some(P2pEvent::Message { envelope, .. }) if envelope.signer() == key(9).peer_id() => {
+                    panic!("taken from a peer that did not sign it")
+                }
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await
+    .expect("a disconnected in time");
+    for n in [a, b, c] {
+        n.handle.shutdown().await;
+    }
+}
+
 /// Gossip frames carry no author of their own: a message's author is its envelope's
 /// signer, whoever published or relayed it, and a re-published envelope is a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
