@@ -13,9 +13,14 @@ pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The checkout; `SAMPO_REPO_ROOT` overrides it for a test binary run elsewhere (the
 /// GPU machines get binaries built here, see scripts/gpu-pack.sh).
 fn repo_root() -> PathBuf {
-    std::env::var_os("SAMPO_REPO_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+    // Cargo sets CARGO_MANIFEST_DIR when it runs a test too: that one names this
+    // checkout even when the binary was built from another one sharing the target dir.
+    std::env::var_os("SAMPO_REPO_ROOT").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+            .join("..")
+    })
 }
 
 /// Path of the real model, downloading it with `scripts/fetch-model.sh` if needed.
