@@ -403,10 +403,12 @@ max_evidence_mb = 2048
 prune_interval_secs = 600
 
 # Deliberate misbehaviour for testnets: "honest", "wrong_output", "never_reveal",
-# "copy_commit", "equivocate", "byzantine_coordinator" (forged absences, dropped
-# commits, re-announcements, two verdicts for one attempt) or "collude" (lie with the
-# peer ids in `accomplices` when together they hold a quorum of a committee). Anything
-# but "honest" is refused unless the node is started with --unsafe-allow-faults.
+# "copy_commit" (copies a commit it sees: commits go to the coordinator directly, so
+# only one that falls back to gossip), "equivocate", "byzantine_coordinator" (forged
+# absences, dropped commits, re-announcements, two verdicts for one attempt) or
+# "collude" (lie with the peer ids in `accomplices` when together they hold a quorum
+# of a committee). Anything but "honest" is refused unless the node is started with
+# --unsafe-allow-faults.
 [testing]
 behaviour = "honest"
 accomplices = []
