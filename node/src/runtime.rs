@@ -773,7 +773,7 @@ async fn act(
             // The synced write happens off the loop (bounded), which hears back when done.
             let (store, rp, tx, slots) =
                 (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
-            let metrics = p.metrics.clone();
+            let (metrics, board) = (p.metrics.clone(), p.board.clone());
             // Only a coordinator holds fees (at its API): nobody else reads the ledger here.
             let coordinating = v.coordinator == me;
             tokio::spawn(
@@ -791,11 +791,13 @@ async fn act(
                             metrics.payouts.inc_by(c.paid);
                             metrics.fees_returned.inc_by(c.returned);
                         }
+                        let r = r.map_err(|e| e.to_string());
+                        record_applied(&board, &metrics, &me, &vv, &r);
                         r
                     })
                     .await
                     .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                    .and_then(|r| r);
                     let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
                 }
                 .instrument(tracing::info_span!("apply-verdict")),
@@ -865,22 +867,8 @@ enum SeatPrep {
 /// A verdict's synced write finished: what follows needs the loop's state.
 async fn after_apply(p: &mut LoopParts, me: PeerId, done: AppliedDone) {
     let AppliedDone { verdict: v, assessment, result } = done;
-    let role = if v.coordinator == me {
-        "coordinator"
-    } else if v.committee.contains(&me) {
-        "member"
-    } else {
-        "observer"
-    };
-    match result {
-        Ok(Applied::New) => {}
-        Ok(Applied::AlreadyApplied) => return,
-        Ok(Applied::CoordinatorEquivocation) => {
-            p.metrics.coordinator_equivocations.inc();
-            warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
-            return;
-        }
-        Err(e) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
+    if matches!(result, Ok(Applied::AlreadyApplied | Applied::CoordinatorEquivocation)) {
+        return;
     }
     // Independent of any proof already parked for it: a bogus early proof must
     // not stand in for this node's own replay.
@@ -891,11 +879,39 @@ async fn after_apply(p: &mut LoopParts, me: PeerId, done: AppliedDone) {
     for proof in p.pending_proofs.take((v.task(), v.verdict.attempt), now_ms()) {
         check_fraud_proof(p, &proof);
     }
-    p.metrics
+}
+
+/// What a verdict's synced write means for the task board and the metrics, right where
+/// the write finished: a client waiting on the board does not wait for the event loop.
+fn record_applied(
+    board: &TaskBoard,
+    metrics: &NodeMetrics,
+    me: &PeerId,
+    v: &VerifiedVerdict,
+    result: &Result<Applied, String>,
+) {
+    let role = if v.coordinator == *me {
+        "coordinator"
+    } else if v.committee.contains(me) {
+        "member"
+    } else {
+        "observer"
+    };
+    match result {
+        Ok(Applied::New) => {}
+        Ok(Applied::AlreadyApplied) => return,
+        Ok(Applied::CoordinatorEquivocation) => {
+            metrics.coordinator_equivocations.inc();
+            warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
+            return;
+        }
+        Err(e) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
+    }
+    metrics
         .tasks
         .get_or_create(&crate::metrics::TaskLabels { role: role.into(), outcome: v.verdict.outcome.as_str().into() })
         .inc();
-    let mine = v.verdict.marks.iter().find(|(peer, _)| *peer == me).map(|(_, m)| *m);
+    let mine = v.verdict.marks.iter().find(|(peer, _)| peer == me).map(|(_, m)| *m);
     if let Some(Mark::Wrong) = mine {
         warn!(task = %v.task(), "a verdict marked this node wrong");
     }
@@ -915,9 +931,9 @@ async fn after_apply(p: &mut LoopParts, me: PeerId, done: AppliedDone) {
         }
     };
     if role == "observer" {
-        p.board.update_existing(v.task(), fill);
+        board.update_existing(v.task(), fill);
     } else {
-        p.board.update(v.task(), fill);
+        board.update(v.task(), fill);
     }
 }
 
