@@ -868,6 +868,17 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
     } else {
         None
     };
+    // Registered before the task exists: this node's own seat on it (seated as the task
+    // is announced) takes the streamed run's tokens instead of decoding them again.
+    let shared = match (&local, &s.runtime) {
+        (Some(_), Some(rt)) => {
+            let task = p.spec.id();
+            rt.local_runs
+                .register(task, p.prompt_tokens.clone())
+                .map(|tx| (tx, LocalRunGuard { runs: rt.local_runs.clone(), task }))
+        }
+        _ => None,
+    };
     let task = match submit(&s, &p, &caller).await {
         Ok(t) => t,
         Err(r) => return r,
@@ -935,6 +946,8 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
         if chat && out_tx.send(chunk(None, true, None, None)).await.is_err() {
             return;
         }
+        // Forgets the shared run when this ends, however it ends.
+        let (share, _guard) = shared.unzip();
         let mut streamed: Option<Vec<u32>> = None;
         if let Some((mut rx, done_rx)) = local {
             let mut first = true;
@@ -949,8 +962,15 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
                     return;
                 }
             }
-            if let Ok(Ok(g)) = done_rx.await {
-                s2.metrics.observe_generation(&g);
+            let finished = match done_rx.await {
+                Ok(Ok(g)) => {
+                    s2.metrics.observe_generation(&g);
+                    (g.finish != sampo_kernels::FinishReason::Cancelled).then_some(g.tokens)
+                }
+                _ => None,
+            };
+            if let Some(share) = share {
+                let _ = share.send(Some(finished));
             }
             streamed = Some(ids);
         }
@@ -979,6 +999,18 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
         let _ = out_tx.send(Event::default().data("[DONE]")).await;
     });
     Sse::new(receiver_stream(out_rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Forgets a streamed run shared with this node's seat when the request ends.
+struct LocalRunGuard {
+    runs: Arc<crate::runtime::LocalRuns>,
+    task: TaskId,
+}
+
+impl Drop for LocalRunGuard {
+    fn drop(&mut self) {
+        self.runs.forget(&self.task);
+    }
 }
 
 fn receiver_stream(mut rx: mpsc::Receiver<Event>) -> impl Stream<Item = Result<Event, Infallible>> {

@@ -51,6 +51,65 @@ impl TaskState {
 /// Each task's state channel, and the insertion order for pruning.
 type BoardEntries = (HashMap<TaskId, watch::Sender<TaskState>>, VecDeque<TaskId>);
 
+/// What a coordinator's own streamed run of a task produced: its output, or `None` if
+/// it did not finish (cancelled, failed, its client gone).
+pub type LocalOutput = Option<Vec<u32>>;
+
+/// Streamed requests this node is running itself, by task: a seat this node holds on
+/// the same task takes that run's output (the same prompt and parameters give the same
+/// tokens, bit for bit) instead of decoding it a second time.
+#[derive(Default)]
+pub struct LocalRuns {
+    inner: Mutex<HashMap<TaskId, LocalRun>>,
+}
+
+/// A registered run: its prompt, and where its output appears.
+type LocalRun = (Vec<u32>, watch::Receiver<Option<LocalOutput>>);
+
+/// Local runs remembered at once (each is a streamed request in the executor).
+pub const LOCAL_RUNS_CAPACITY: usize = 1024;
+
+impl LocalRuns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, LocalRun>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Register the run of `task` on `prompt`; the sender reports its output once.
+    /// `None` (nothing registered) when full.
+    pub fn register(&self, task: TaskId, prompt: Vec<u32>) -> Option<watch::Sender<Option<LocalOutput>>> {
+        let mut runs = self.lock();
+        if runs.len() >= LOCAL_RUNS_CAPACITY {
+            return None;
+        }
+        let (tx, rx) = watch::channel(None);
+        runs.insert(task, (prompt, rx));
+        Some(tx)
+    }
+
+    /// The run is over and nobody took it (this node was not seated).
+    pub fn forget(&self, task: &TaskId) {
+        self.lock().remove(task);
+    }
+
+    /// The output of this node's own run of `task` on `prompt`, once it ends; `None`
+    /// if there is none or it did not finish (then the seat runs the task itself).
+    pub async fn take(&self, task: &TaskId, prompt: &[u32]) -> Option<Vec<u32>> {
+        let (registered, mut rx) = self.lock().remove(task)?;
+        if registered != prompt {
+            return None;
+        }
+        loop {
+            if let Some(out) = rx.borrow_and_update().clone() {
+                return out;
+            }
+            if rx.changed().await.is_err() {
+                // The run's sender is gone without a word: it did not finish.
+                return rx.borrow().clone().flatten();
+            }
+        }
+    }
+}
+
 /// Task states with waiters; bounded, oldest entries pruned first.
 #[derive(Default)]
 pub struct TaskBoard {
@@ -210,6 +269,8 @@ pub struct LoopParts {
     pub models: Models,
     pub store: Arc<Store>,
     pub board: Arc<TaskBoard>,
+    /// This node's own streamed runs, which its seats on the same tasks reuse.
+    pub local_runs: Arc<LocalRuns>,
     pub metrics: Arc<NodeMetrics>,
     pub reputation: ReputationParams,
     /// Probation, trusted peers, prefix groups.
@@ -662,8 +723,8 @@ async fn act(
             };
             // Everything that reads the store, tokenizes or waits runs off the loop; what
             // it decides comes back as a command.
-            let (store, tx, executor, metrics) =
-                (p.store.clone(), p.self_tx.clone(), p.executor.clone(), p.metrics.clone());
+            let (store, tx, executor, metrics, local_runs) =
+                (p.store.clone(), p.self_tx.clone(), p.executor.clone(), p.metrics.clone(), p.local_runs.clone());
             let max_tokens_per_task = p.max_tokens_per_task;
             let seated = Instant::now();
             // One host's clock: the announcement's way from the coordinator's submission
@@ -726,6 +787,15 @@ async fn act(
                         back(decline(DeclineReason::Context { limit })).await;
                         return;
                     }
+                    metrics.observe_phase("seat_prepare", seated);
+                    let queued = Instant::now();
+                    // This node streams the same task to its own client: that run's tokens
+                    // are this seat's (decoding them twice would halve its throughput).
+                    if let Some(tokens) = local_runs.take(&task, &prompt).await {
+                        metrics.observe_phase("inference", queued);
+                        back(LoopCmd::Executed { task, attempt, tokens: Ok(tokens) }).await;
+                        return;
+                    }
                     let (done, rx) = oneshot::channel();
                     let job = Job {
                         // +1: replays (priority 0) run behind all paid and unpaid work.
@@ -736,8 +806,6 @@ async fn act(
                         stream: None,
                         done,
                     };
-                    metrics.observe_phase("seat_prepare", seated);
-                    let queued = Instant::now();
                     if let Err(e) = executor.submit(job) {
                         metrics.queue_rejections.inc();
                         warn!(%task, error = %e, "declining a seat");
@@ -1099,6 +1167,7 @@ async fn deliver(p2p: &P2pHandle, topic: Topic, envelope: SignedEnvelope, to: Ve
 pub struct Runtime {
     pub tx: mpsc::Sender<LoopCmd>,
     pub board: Arc<TaskBoard>,
+    pub local_runs: Arc<LocalRuns>,
 }
 
 impl Runtime {
@@ -1148,6 +1217,43 @@ mod tests {
 
     /// A flood of other tasks (e.g. forged verdicts) cannot evict the entry a client is
     /// waiting on; the board stays bounded otherwise.
+    #[tokio::test]
+    async fn a_seat_takes_its_own_streamed_run_only_when_it_finished_on_the_same_prompt() {
+        let runs = LocalRuns::default();
+        // Finished: the seat gets its tokens, once.
+        let tx = runs.register(id(1), vec![1, 2]).expect("room");
+        tx.send(Some(Some(vec![7, 8, 9]))).expect("send");
+        assert_eq!(runs.take(&id(1), &[1, 2]).await, Some(vec![7, 8, 9]));
+        assert_eq!(runs.take(&id(1), &[1, 2]).await, None, "taken once");
+        // Another prompt (whatever the reason): not this seat's output.
+        let tx = runs.register(id(2), vec![1, 2]).expect("room");
+        tx.send(Some(Some(vec![7]))).expect("send");
+        assert_eq!(runs.take(&id(2), &[1, 3]).await, None);
+        // Cancelled, or gone without a word: the seat runs the task itself.
+        let tx = runs.register(id(3), vec![1]).expect("room");
+        tx.send(Some(None)).expect("send");
+        assert_eq!(runs.take(&id(3), &[1]).await, None);
+        let tx = runs.register(id(4), vec![1]).expect("room");
+        drop(tx);
+        assert_eq!(runs.take(&id(4), &[1]).await, None);
+        // Waits for a run still going.
+        let tx = runs.register(id(5), vec![1]).expect("room");
+        let finish = async move {
+            tokio::task::yield_now().await;
+            tx.send(Some(Some(vec![4]))).expect("send");
+        };
+        let five = id(5);
+        let (taken, ()) = tokio::join!(runs.take(&five, &[1]), finish);
+        assert_eq!(taken, Some(vec![4]));
+        // Forgotten when its request ends, and bounded.
+        let _tx = runs.register(id(6), vec![1]).expect("room");
+        runs.forget(&id(6));
+        assert_eq!(runs.take(&id(6), &[1]).await, None);
+        let held: Vec<_> = (0..LOCAL_RUNS_CAPACITY as u64).map(|i| runs.register(id(100 + i), vec![])).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(runs.register(id(99), vec![]).is_none(), "full");
+    }
+
     #[test]
     fn a_flood_never_evicts_an_awaited_task() {
         let board = TaskBoard::default();

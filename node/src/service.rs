@@ -20,7 +20,7 @@ use crate::executor::{Executor, ExecutorConfig};
 use crate::keys;
 use crate::metrics::NodeMetrics;
 use crate::models::{LoadedModel, Models};
-use crate::runtime::{self, LoopParts, Runtime, TaskBoard};
+use crate::runtime::{self, LocalRuns, LoopParts, Runtime, TaskBoard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -217,6 +217,7 @@ pub async fn run_with(
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (stop_tx, stop_rx) = watch::channel(false);
     let board = Arc::new(TaskBoard::default());
+    let local_runs = Arc::new(LocalRuns::default());
     let announcement = runtime::announcement(&models, chosen.kind, &device, &api_url);
     let event_loop = tokio::spawn(
         runtime::run(LoopParts {
@@ -229,6 +230,7 @@ pub async fn run_with(
             models: models.clone(),
             store: store.clone(),
             board: board.clone(),
+            local_runs: local_runs.clone(),
             metrics: metrics.clone(),
             reputation: reputation.clone(),
             trust: trust.clone(),
@@ -314,7 +316,7 @@ pub async fn run_with(
         backend_reason: chosen.cpu_reason.clone(),
     };
     let mut state = ApiState::new(info, models, registry, metrics, policy);
-    state.runtime = Some(Runtime { tx: cmd_tx, board });
+    state.runtime = Some(Runtime { tx: cmd_tx, board, local_runs });
     state.store = Some(store.clone());
     state.p2p = Some(p2p.clone());
     state.executor = Some(executor.clone());

@@ -31,6 +31,15 @@ fn openai_endpoints_streaming_and_task_api() {
     let content = v["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
 
     // The same request streamed: chunks as tokens come, then the verdict, then [DONE].
+    let tokens_made = || {
+        let (_, text) = curl(&[&format!("{u}/metrics")]);
+        text.lines()
+            .find(|l| l.starts_with("sampo_inference_tokens_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("sampo_inference_tokens_total")
+    };
+    let before = tokens_made();
     let sbody = body.replace("\"max_tokens\":8", "\"max_tokens\":8,\"stream\":true");
     let (code, sse) =
         curl(&["-N", "-H", "content-type: application/json", "-d", &sbody, &format!("{u}/v1/chat/completions")]);
@@ -45,6 +54,9 @@ fn openai_endpoints_streaming_and_task_api() {
     let last = chunks.last().expect("final chunk");
     assert_eq!(last["sampo"]["verdict"], "finalized");
     assert_eq!(last["sampo"]["streamed_tokens_match_verdict"], true);
+    // Decoded once: the node's own seat on the task took the streamed run's tokens.
+    let completion = v["usage"]["completion_tokens"].as_f64().expect("usage");
+    assert_eq!(tokens_made() - before, completion, "the stream and the seat decoded it once between them");
 
     // Plain completions.
     let (code, v) =
