@@ -13,6 +13,6 @@ pub use libp2p::Multiaddr;
 pub use libp2p::multiaddr::Protocol;
 pub use registry::{Admission, AdmissionStatus, LiveNode, Registry};
 pub use service::{
-    Acceptance, AdmissionInfo, FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES, P2pConfig, P2pError,
-    P2pEvent, P2pHandle, Validation, spawn,
+    Acceptance, AdmissionInfo, DIRECT_RESERVE, FetchRequest, FetchResponse, GossipTopic, MAX_PENDING_FETCHES,
+    P2pConfig, P2pError, P2pEvent, P2pHandle, QUEUE_DEPTH, Validation, spawn,
 };

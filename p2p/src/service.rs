@@ -53,6 +53,9 @@ pub const IDENTIFY_PROTOCOL: &str = "/sampo/id/1.0.0";
 pub const GOSSIP_PROTOCOL_PREFIX: &str = "/sampo/meshsub";
 /// Bound of the command and event queues.
 pub const QUEUE_DEPTH: usize = 1024;
+/// Room in the event queue that gossip may not take: a flood of (valid) gossip fills
+/// the rest, and a round's messages sent to this node directly still get in.
+pub const DIRECT_RESERVE: usize = QUEUE_DEPTH / 8;
 /// How often the connection count is checked against its high watermark.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Inbound fetches awaiting the node's answer.
@@ -649,6 +652,15 @@ impl Actor {
         }
     }
 
+    /// [`Self::emit`] for a gossiped message: not into the room kept for direct ones.
+    fn emit_gossip(&self, ev: P2pEvent) -> bool {
+        if self.events.capacity() <= DIRECT_RESERVE {
+            debug!("node event queue nearly full; gossip message dropped");
+            return false;
+        }
+        self.emit(ev)
+    }
+
     fn subscribe(&mut self, topic: &GossipTopic) {
         if let GossipTopic::Tasks(m) = topic
             && self.subscribed_models.insert(*m)
@@ -929,10 +941,10 @@ impl Actor {
                 &source,
                 MessageAcceptance::Accept,
             );
-            self.emit(P2pEvent::Message { envelope, from: signer, validation });
+            self.emit_gossip(P2pEvent::Message { envelope, from: signer, validation });
         } else {
             let envelope_id = envelope.id();
-            if !self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
+            if !self.emit_gossip(P2pEvent::Message { envelope, from: signer, validation }) {
                 // Not taken: a later copy (gossiped, or sent directly) must not be
                 // dropped as a replay.
                 self.replay.forget(&envelope_id);
