@@ -595,7 +595,7 @@ struct Actor {
     pending_fetches:
         HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<FetchResponse, P2pError>>)>,
     /// Direct sends in flight: what to gossip if one is not taken.
-    pending_direct: HashMap<request_response::OutboundRequestId, (GossipTopic, SignedEnvelope)>,
+    pending_direct: HashMap<request_response::OutboundRequestId, (PeerId, GossipTopic, SignedEnvelope)>,
     /// Per connected peer: direct messages it may still send now, and when that was
     /// last topped up.
     direct_budget: HashMap<PeerId, (f64, std::time::Instant)>,
@@ -686,7 +686,7 @@ impl Actor {
                 for peer in peers.into_iter().filter(|p| *p != me) {
                     if self.swarm.is_connected(&peer) && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
                         let id = self.swarm.behaviour_mut().round.send_request(&peer, envelope.clone());
-                        self.pending_direct.insert(id, (topic.clone(), envelope.clone()));
+                        self.pending_direct.insert(id, (peer, topic.clone(), envelope.clone()));
                     } else {
                         gossip = true;
                     }
@@ -998,8 +998,9 @@ impl Actor {
     fn prune(&mut self) {
         let gossipsub = &self.swarm.behaviour().gossipsub;
         let mut kept: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
-        // A fetch in flight either way keeps its connection.
+        // A fetch or a direct round message in flight either way keeps its connection.
         kept.extend(self.pending_fetches.values().map(|(p, _)| *p));
+        kept.extend(self.pending_direct.values().map(|(p, _, _)| *p));
         kept.extend(self.inbound.values().map(|(p, _)| *p));
         let surplus = self.peers.surplus(
             self.cfg.target_connections,
@@ -1053,7 +1054,7 @@ impl Actor {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => {
-                if let Some((topic, envelope)) = self.pending_direct.remove(&request_id)
+                if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id)
                     && response != DirectAck::Taken
                     && let Err(e) = self.gossip(&topic, &envelope)
                 {
@@ -1061,7 +1062,7 @@ impl Actor {
                 }
             }
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
-                if let Some((topic, envelope)) = self.pending_direct.remove(&request_id) {
+                if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id) {
                     debug!(%peer, %error, "direct send failed; gossiping it");
                     if let Err(e) = self.gossip(&topic, &envelope) {
                         debug!(error = %e, "publish failed");
