@@ -60,6 +60,8 @@ pub const DIRECT_RESERVE: usize = QUEUE_DEPTH / 8;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 /// Inbound fetches awaiting the node's answer.
 pub const MAX_PENDING_FETCHES: usize = 256;
+/// Events dropped on a full queue are logged at most once per this long.
+const DROP_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct P2pConfig {
@@ -575,6 +577,7 @@ pub async fn spawn(
         peers: PeerSet::default(),
         named,
         unheard: true,
+        dropped: std::cell::Cell::new((0, None)),
     };
     tokio::spawn(actor.run(cmd_rx).instrument(info_span!("p2p-swarm", %peer_id)));
     Ok((P2pHandle { tx: cmd_tx, peer_id, registry, admission }, ev_rx))
@@ -609,6 +612,8 @@ struct Actor {
     named: HashSet<PeerId>,
     /// The last announcement found nobody on the nodes topic.
     unheard: bool,
+    /// Events dropped on a full queue since the last warning, and when that was.
+    dropped: std::cell::Cell<(u64, Option<std::time::Instant>)>,
 }
 
 impl Actor {
@@ -645,7 +650,15 @@ impl Actor {
         match self.events.try_send(ev) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(ev)) => {
-                warn!(?ev, "node event queue full; event dropped");
+                // At most one line per interval: a flood must not turn into a log flood.
+                let (n, last) = self.dropped.get();
+                let now = std::time::Instant::now();
+                if last.is_none_or(|t| now.duration_since(t) >= DROP_WARN_INTERVAL) {
+                    warn!(dropped = n + 1, last = ?ev, "node event queue full; events dropped");
+                    self.dropped.set((0, Some(now)));
+                } else {
+                    self.dropped.set((n + 1, last));
+                }
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
