@@ -27,6 +27,7 @@ use sampo_storage::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::executor::{Executor, Job, SubmitError, TokenPiece};
 use crate::metrics::{ApiLabels, NodeMetrics};
@@ -936,6 +937,28 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
         }
         Event::default().data(body.to_string())
     };
+    // The run's end goes to the seat sharing it (and the metrics) at once, not after
+    // its tokens reached a client that may read slowly or not at all.
+    let (share, guard) = shared.unzip();
+    let local = local.map(|(rx, done_rx)| {
+        let metrics = s.metrics.clone();
+        tokio::spawn(
+            async move {
+                let finished = match done_rx.await {
+                    Ok(Ok(g)) => {
+                        metrics.observe_generation(&g);
+                        (g.finish != sampo_kernels::FinishReason::Cancelled).then_some(g.tokens)
+                    }
+                    _ => None,
+                };
+                if let Some(share) = share {
+                    let _ = share.send(Some(finished));
+                }
+            }
+            .instrument(tracing::info_span!("local-run")),
+        );
+        rx
+    });
     let s2 = s.clone();
     let max_tokens = p.spec.params.max_tokens;
     let model = p.model.clone();
@@ -947,9 +970,9 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
             return;
         }
         // Forgets the shared run when this ends, however it ends.
-        let (share, _guard) = shared.unzip();
+        let _guard = guard;
         let mut streamed: Option<Vec<u32>> = None;
-        if let Some((mut rx, done_rx)) = local {
+        if let Some(mut rx) = local {
             let mut first = true;
             let mut ids = Vec::new();
             while let Some(piece) = rx.recv().await {
@@ -961,16 +984,6 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
                 if !piece.text.is_empty() && out_tx.send(chunk(Some(&piece.text), false, None, None)).await.is_err() {
                     return;
                 }
-            }
-            let finished = match done_rx.await {
-                Ok(Ok(g)) => {
-                    s2.metrics.observe_generation(&g);
-                    (g.finish != sampo_kernels::FinishReason::Cancelled).then_some(g.tokens)
-                }
-                _ => None,
-            };
-            if let Some(share) = share {
-                let _ = share.send(Some(finished));
             }
             streamed = Some(ids);
         }

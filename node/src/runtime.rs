@@ -716,7 +716,7 @@ async fn act(
         }
         // Stored by the loop before the commit it precedes is published.
         Action::StoreCommit { .. } => {}
-        Action::Execute { task, attempt, spec, .. } => {
+        Action::Execute { task, attempt, spec, commit_deadline_ms } => {
             let Some(model) = p.models.by_id(&spec.model).cloned() else {
                 debug!(%task, "seated for a model we do not serve");
                 return;
@@ -791,7 +791,10 @@ async fn act(
                     let queued = Instant::now();
                     // This node streams the same task to its own client: that run's tokens
                     // are this seat's (decoding them twice would halve its throughput).
-                    if let Some(tokens) = local_runs.take(&task, &prompt).await {
+                    // Never past the commit deadline (a run that is not done by then would
+                    // make the seat absent anyway).
+                    let until = Duration::from_millis(commit_deadline_ms.saturating_sub(now_ms()));
+                    if let Ok(Some(tokens)) = tokio::time::timeout(until, local_runs.take(&task, &prompt)).await {
                         metrics.observe_phase("inference", queued);
                         back(LoopCmd::Executed { task, attempt, tokens: Ok(tokens) }).await;
                         return;
@@ -984,6 +987,10 @@ fn record_applied(
         warn!(task = %v.task(), "a verdict marked this node wrong");
     }
     let fill = |s: &mut TaskState| {
+        // Verdicts of one task's attempts may be applied out of order: the latest stands.
+        if v.verdict.attempt < s.attempt {
+            return;
+        }
         s.attempt = v.verdict.attempt;
         s.committee = v.committee.iter().map(|c| c.to_string()).collect();
         s.marks = v.verdict.marks.iter().map(|(peer, m)| (peer.to_string(), format!("{m:?}").to_lowercase())).collect();

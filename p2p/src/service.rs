@@ -53,8 +53,9 @@ pub const IDENTIFY_PROTOCOL: &str = "/sampo/id/1.0.0";
 pub const GOSSIP_PROTOCOL_PREFIX: &str = "/sampo/meshsub";
 /// Bound of the command and event queues.
 pub const QUEUE_DEPTH: usize = 1024;
-/// Room in the event queue that gossip may not take: a flood of (valid) gossip fills
-/// the rest, and a round's messages sent to this node directly still get in.
+/// Room in the event queue that only round messages sent directly may take: a flood
+/// of valid gossip, fresh node announcements, fetches or connections fills the rest,
+/// and a round's messages still get in.
 pub const DIRECT_RESERVE: usize = QUEUE_DEPTH / 8;
 /// How often the connection count is checked against its high watermark.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
@@ -646,32 +647,38 @@ impl Actor {
 
     /// Events go to a bounded queue; if the node can't keep up, we drop (and say so)
     /// rather than block the network loop.
+    /// Every event a peer can cause (gossip, joins, fetches, connections) stays out of
+    /// the last [`DIRECT_RESERVE`] places, which only direct round messages may take.
     fn emit(&self, ev: P2pEvent) -> bool {
+        if self.events.capacity() <= DIRECT_RESERVE {
+            self.dropped_event(&ev);
+            return false;
+        }
+        self.emit_reserved(ev)
+    }
+
+    /// [`Self::emit`] that may take the reserve: for direct round messages only.
+    fn emit_reserved(&self, ev: P2pEvent) -> bool {
         match self.events.try_send(ev) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(ev)) => {
-                // At most one line per interval: a flood must not turn into a log flood.
-                let (n, last) = self.dropped.get();
-                let now = std::time::Instant::now();
-                if last.is_none_or(|t| now.duration_since(t) >= DROP_WARN_INTERVAL) {
-                    warn!(dropped = n + 1, last = ?ev, "node event queue full; events dropped");
-                    self.dropped.set((0, Some(now)));
-                } else {
-                    self.dropped.set((n + 1, last));
-                }
+                self.dropped_event(&ev);
                 false
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
-    /// [`Self::emit`] for a gossiped message: not into the room kept for direct ones.
-    fn emit_gossip(&self, ev: P2pEvent) -> bool {
-        if self.events.capacity() <= DIRECT_RESERVE {
-            debug!("node event queue nearly full; gossip message dropped");
-            return false;
+    fn dropped_event(&self, ev: &P2pEvent) {
+        // At most one line per interval: a flood must not turn into a log flood.
+        let (n, last) = self.dropped.get();
+        let now = std::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= DROP_WARN_INTERVAL) {
+            warn!(dropped = n + 1, last = ?ev, "node event queue full; events dropped");
+            self.dropped.set((0, Some(now)));
+        } else {
+            self.dropped.set((n + 1, last));
         }
-        self.emit(ev)
     }
 
     fn subscribe(&mut self, topic: &GossipTopic) {
@@ -954,10 +961,10 @@ impl Actor {
                 &source,
                 MessageAcceptance::Accept,
             );
-            self.emit_gossip(P2pEvent::Message { envelope, from: signer, validation });
+            self.emit(P2pEvent::Message { envelope, from: signer, validation });
         } else {
             let envelope_id = envelope.id();
-            if !self.emit_gossip(P2pEvent::Message { envelope, from: signer, validation }) {
+            if !self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
                 // Not taken: a later copy (gossiped, or sent directly) must not be
                 // dropped as a replay.
                 self.replay.forget(&envelope_id);
@@ -1122,7 +1129,7 @@ impl Actor {
         let validation = Validation(Box::new(ValidationInner { id: None, source: from, author: signer }));
         // Seen only once the node has it: if it cannot take it now, the gossiped copy
         // the sender falls back to must not look like a replay.
-        if self.emit(P2pEvent::Message { envelope, from: signer, validation }) {
+        if self.emit_reserved(P2pEvent::Message { envelope, from: signer, validation }) {
             self.replay.first_sight(id);
             DirectAck::Taken
         } else {
