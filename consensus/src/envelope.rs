@@ -30,34 +30,10 @@ thread_local! {
 /// the oldest forgotten first. Verdicts nest every envelope of their round, and
 /// re-checking those was half of a testnet's signature work. Only bytes that verified
 /// get in, so nothing unverified can pass through it.
-static VERIFIED: std::sync::LazyLock<std::sync::Mutex<VerifiedIds>> =
-    std::sync::LazyLock::new(|| std::sync::Mutex::new(VerifiedIds::default()));
+static VERIFIED: std::sync::LazyLock<std::sync::Mutex<crate::RecentIds>> =
+    std::sync::LazyLock::new(|| std::sync::Mutex::new(crate::RecentIds::new(VERIFIED_CAPACITY)));
 /// A few minutes of a busy network's rounds.
 const VERIFIED_CAPACITY: usize = 16_384;
-
-#[derive(Default)]
-struct VerifiedIds {
-    ids: std::collections::HashSet<[u8; 32]>,
-    order: std::collections::VecDeque<[u8; 32]>,
-}
-
-impl VerifiedIds {
-    fn contains(&self, id: &[u8; 32]) -> bool {
-        self.ids.contains(id)
-    }
-
-    fn insert(&mut self, id: [u8; 32]) {
-        if !self.ids.insert(id) {
-            return;
-        }
-        self.order.push_back(id);
-        while self.order.len() > VERIFIED_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-    }
-}
 
 /// Domain-separation prefix of every signature.
 pub const SIGNING_DOMAIN: &[u8] = b"sampo/v1/";
@@ -228,7 +204,7 @@ impl SignedEnvelope {
             return Err(EnvelopeError::TooLarge { size: bytes.len(), max: MAX_ENVELOPE_BYTES });
         }
         // Valid by construction: our own messages come back nested in verdicts.
-        VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).insert(*blake3::hash(&bytes).as_bytes());
+        VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).insert(crate::Hash32::of(&bytes));
         Ok(env)
     }
 
@@ -273,7 +249,7 @@ impl SignedEnvelope {
         let (signer_peer, key) = identity::signer_key(&wire.signer).map_err(|_| EnvelopeError::BadSignerKey)?;
         // These exact bytes verified before (a verdict nests the round's messages, which
         // every node checked as they arrived): the same bytes, the same answer.
-        let id = *blake3::hash(bytes).as_bytes();
+        let id = crate::Hash32::of(bytes);
         if !VERIFIED.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
             if !identity::verify_with(&key, &signing_bytes(kind, &wire.body), &wire.signature) {
                 return Err(EnvelopeError::BadSignature);

@@ -2,6 +2,45 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The ids inserted most recently, at most `capacity` of them: the oldest go first.
+/// For memories that anyone's traffic feeds (replays seen, signatures checked).
+#[derive(Debug)]
+pub struct RecentIds {
+    ids: std::collections::HashSet<Hash32>,
+    order: std::collections::VecDeque<Hash32>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    pub fn new(capacity: usize) -> Self {
+        Self { ids: Default::default(), order: Default::default(), capacity }
+    }
+
+    pub fn contains(&self, id: &Hash32) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// True when `id` was not held (it is now).
+    pub fn insert(&mut self, id: Hash32) -> bool {
+        if !self.ids.insert(id) {
+            return false;
+        }
+        self.order.push_back(id);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Drop `id` now. Its place in the eviction order stays: an id removed and
+    /// inserted again may be forgotten early, never late.
+    pub fn remove(&mut self, id: &Hash32) {
+        self.ids.remove(id);
+    }
+}
+
 /// A 32-byte blake3 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Hash32(pub [u8; 32]);

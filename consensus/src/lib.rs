@@ -27,7 +27,7 @@ pub use envelope::{
     EnvelopeError, MAX_ENVELOPE_BYTES, MAX_NESTED_ENVELOPES, Message, MessageKind, PROTOCOL_VERSION, SignedEnvelope,
 };
 pub use identity::{IdentityError, NodeKey};
-pub use ids::{Hash32, ModelId, TaskId, commit_hash};
+pub use ids::{Hash32, ModelId, RecentIds, TaskId, commit_hash};
 pub use libp2p_identity::PeerId;
 pub use messages::{
     ChatMessage, Commit, Decline, DeclineReason, Evidence, FraudProof, MAX_CANDIDATES, MAX_COMMITTEE, Mark, ModelRef,

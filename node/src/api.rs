@@ -951,8 +951,8 @@ async fn respond(s: Arc<ApiState>, p: Prepared, stream: bool, chat: bool, caller
                     }
                     _ => None,
                 };
-                if let Some(share) = share {
-                    let _ = share.send(Some(finished));
+                if let (Some(share), Some(tokens)) = (share, finished) {
+                    let _ = share.send(tokens);
                 }
             }
             .instrument(tracing::info_span!("local-run")),

@@ -51,10 +51,6 @@ impl TaskState {
 /// Each task's state channel, and the insertion order for pruning.
 type BoardEntries = (HashMap<TaskId, watch::Sender<TaskState>>, VecDeque<TaskId>);
 
-/// What a coordinator's own streamed run of a task produced: its output, or `None` if
-/// it did not finish (cancelled, failed, its client gone).
-pub type LocalOutput = Option<Vec<u32>>;
-
 /// Streamed requests this node is running itself, by task: a seat this node holds on
 /// the same task takes that run's output (the same prompt and parameters give the same
 /// tokens, bit for bit) instead of decoding it a second time.
@@ -63,8 +59,9 @@ pub struct LocalRuns {
     inner: Mutex<HashMap<TaskId, LocalRun>>,
 }
 
-/// A registered run: its prompt, and where its output appears.
-type LocalRun = (Vec<u32>, watch::Receiver<Option<LocalOutput>>);
+/// A registered run: its prompt, and its output once it finished (the sender is dropped
+/// unsent when it did not: cancelled, failed, its client gone).
+type LocalRun = (Vec<u32>, oneshot::Receiver<Vec<u32>>);
 
 /// Local runs remembered at once (each is a streamed request in the executor).
 pub const LOCAL_RUNS_CAPACITY: usize = 1024;
@@ -74,14 +71,14 @@ impl LocalRuns {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Register the run of `task` on `prompt`; the sender reports its output once.
-    /// `None` (nothing registered) when full.
-    pub fn register(&self, task: TaskId, prompt: Vec<u32>) -> Option<watch::Sender<Option<LocalOutput>>> {
+    /// Register the run of `task` on `prompt`; the sender takes its output if it
+    /// finished. `None` (nothing registered) when full.
+    pub fn register(&self, task: TaskId, prompt: Vec<u32>) -> Option<oneshot::Sender<Vec<u32>>> {
         let mut runs = self.lock();
         if runs.len() >= LOCAL_RUNS_CAPACITY {
             return None;
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = oneshot::channel();
         runs.insert(task, (prompt, rx));
         Some(tx)
     }
@@ -94,19 +91,11 @@ impl LocalRuns {
     /// The output of this node's own run of `task` on `prompt`, once it ends; `None`
     /// if there is none or it did not finish (then the seat runs the task itself).
     pub async fn take(&self, task: &TaskId, prompt: &[u32]) -> Option<Vec<u32>> {
-        let (registered, mut rx) = self.lock().remove(task)?;
+        let (registered, rx) = self.lock().remove(task)?;
         if registered != prompt {
             return None;
         }
-        loop {
-            if let Some(out) = rx.borrow_and_update().clone() {
-                return out;
-            }
-            if rx.changed().await.is_err() {
-                // The run's sender is gone without a word: it did not finish.
-                return rx.borrow().clone().flatten();
-            }
-        }
+        rx.await.ok()
     }
 }
 
@@ -361,20 +350,20 @@ pub async fn run(mut p: LoopParts) {
                 Some(P2pEvent::Message { envelope, from, validation }) => {
                     debug!(target: "sampo::timeline", kind = ?envelope.kind(), task = ?envelope_task(&envelope), %from, "received");
                     match p.consensus.handle(&envelope, now_ms()) {
-                    Ok(a) => {
-                        p.p2p.report(validation, Acceptance::Accept);
-                        if envelope.kind() == MessageKind::FraudProof {
-                            check_fraud_proof(&p, &envelope);
+                        Ok(a) => {
+                            p.p2p.report(validation, Acceptance::Accept);
+                            if envelope.kind() == MessageKind::FraudProof {
+                                check_fraud_proof(&p, &envelope);
+                            }
+                            a
                         }
-                        a
-                    }
-                    Err(e) => {
-                        debug!(%from, error = %e, "protocol message refused");
-                        // The protocol's refusals reach the sender's gossip score.
-                        p.p2p.report(validation, if e.merits_penalty() { Acceptance::Reject } else { Acceptance::Ignore });
-                        p.metrics.refused_messages.inc();
-                        Vec::new()
-                    }
+                        Err(e) => {
+                            debug!(%from, error = %e, "protocol message refused");
+                            // The protocol's refusals reach the sender's gossip score.
+                            p.p2p.report(validation, if e.merits_penalty() { Acceptance::Reject } else { Acceptance::Ignore });
+                            p.metrics.refused_messages.inc();
+                            Vec::new()
+                        }
                     }
                 }
                 Some(P2pEvent::FetchRequested { id, request, .. }) => {
@@ -1229,17 +1218,14 @@ mod tests {
         let runs = LocalRuns::default();
         // Finished: the seat gets its tokens, once.
         let tx = runs.register(id(1), vec![1, 2]).expect("room");
-        tx.send(Some(Some(vec![7, 8, 9]))).expect("send");
+        tx.send(vec![7, 8, 9]).expect("send");
         assert_eq!(runs.take(&id(1), &[1, 2]).await, Some(vec![7, 8, 9]));
         assert_eq!(runs.take(&id(1), &[1, 2]).await, None, "taken once");
         // Another prompt (whatever the reason): not this seat's output.
         let tx = runs.register(id(2), vec![1, 2]).expect("room");
-        tx.send(Some(Some(vec![7]))).expect("send");
+        tx.send(vec![7]).expect("send");
         assert_eq!(runs.take(&id(2), &[1, 3]).await, None);
-        // Cancelled, or gone without a word: the seat runs the task itself.
-        let tx = runs.register(id(3), vec![1]).expect("room");
-        tx.send(Some(None)).expect("send");
-        assert_eq!(runs.take(&id(3), &[1]).await, None);
+        // Not finished (cancelled, failed, its client gone): the seat runs it itself.
         let tx = runs.register(id(4), vec![1]).expect("room");
         drop(tx);
         assert_eq!(runs.take(&id(4), &[1]).await, None);
@@ -1247,7 +1233,7 @@ mod tests {
         let tx = runs.register(id(5), vec![1]).expect("room");
         let finish = async move {
             tokio::task::yield_now().await;
-            tx.send(Some(Some(vec![4]))).expect("send");
+            tx.send(vec![4]).expect("send");
         };
         let five = id(5);
         let (taken, ()) = tokio::join!(runs.take(&five, &[1]), finish);

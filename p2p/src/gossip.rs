@@ -2,17 +2,17 @@
 //! gossiped message before it is forwarded, and peer-scoring parameters derived from
 //! the protocol's timing.
 
-use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
 use sampo_consensus::{
-    EnvelopeError, Hash32, MessageKind, ModelId, NodeAnnouncement, SignedEnvelope, TaskAnnouncement,
+    EnvelopeError, Hash32, MessageKind, ModelId, NodeAnnouncement, RecentIds, SignedEnvelope, TaskAnnouncement,
 };
 
 /// Node announcements.
 pub const NODES_TOPIC: &str = "sampo/v1/nodes";
-/// Commits, reveal requests, reveals, verdicts.
+/// Verdicts and fraud proofs; commits, reveal requests and reveals when they cannot
+/// go to their peers directly.
 pub const ROUNDS_TOPIC: &str = "sampo/v1/rounds";
 
 /// Task announcements for one model.
@@ -99,36 +99,29 @@ impl GossipReject {
 }
 
 /// Remembers envelope ids for longer than gossipsub's duplicate cache.
-#[derive(Debug, Default)]
-pub struct ReplayGuard {
-    seen: HashSet<Hash32>,
-    order: VecDeque<Hash32>,
+#[derive(Debug)]
+pub struct ReplayGuard(RecentIds);
+
+impl Default for ReplayGuard {
+    fn default() -> Self {
+        Self(RecentIds::new(REPLAY_MEMORY))
+    }
 }
 
 impl ReplayGuard {
     /// Whether an id was seen (without recording it).
     pub fn seen(&self, id: &Hash32) -> bool {
-        self.seen.contains(id)
+        self.0.contains(id)
     }
 
     /// Forget an id (a message seen but not taken), so a later copy is not a replay.
-    /// Its place in the eviction order stays: it may be forgotten early, never late.
     pub fn forget(&mut self, id: &Hash32) {
-        self.seen.remove(id);
+        self.0.remove(id);
     }
 
     /// True the first time an id is seen.
     pub fn first_sight(&mut self, id: Hash32) -> bool {
-        if !self.seen.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        if self.order.len() > REPLAY_MEMORY
-            && let Some(old) = self.order.pop_front()
-        {
-            self.seen.remove(&old);
-        }
-        true
+        self.0.insert(id)
     }
 }
 
@@ -280,6 +273,21 @@ mod tests {
     use super::*;
     use sampo_consensus::{Commit, NodeKey, TaskId};
 
+    fn announcement(device: String, sent_ms: u64) -> NodeAnnouncement {
+        NodeAnnouncement {
+            models: Vec::new(),
+            price_per_1k: 0,
+            free_slots: 1,
+            backend: "cpu".into(),
+            device,
+            version: "0".into(),
+            addrs: Vec::new(),
+            api_url: None,
+            sent_ms,
+            certificate: None,
+        }
+    }
+
     fn commit_env(key: &NodeKey) -> SignedEnvelope {
         SignedEnvelope::seal(key, &Commit { task: TaskId(Hash32::of(b"t")), attempt: 0, hash: Hash32::of(b"h") })
             .expect("seal")
@@ -302,19 +310,7 @@ mod tests {
     fn only_round_messages_within_their_size_travel_directly() {
         let key = NodeKey::from_seed([1; 32]);
         assert_eq!(check_direct(&commit_env(&key)), Ok(()));
-        let ann = NodeAnnouncement {
-            models: Vec::new(),
-            price_per_1k: 0,
-            free_slots: 1,
-            backend: "cpu".into(),
-            device: "x".into(),
-            version: "0".into(),
-            addrs: Vec::new(),
-            api_url: None,
-            sent_ms: 0,
-            certificate: None,
-        };
-        let ann = SignedEnvelope::seal(&key, &ann).expect("seal");
+        let ann = SignedEnvelope::seal(&key, &announcement("x".into(), 0)).expect("seal");
         assert!(matches!(check_direct(&ann), Err(GossipReject::WrongTopic { kind: "node_announcement", .. })));
         // A seen message is dropped without a penalty for whoever relayed it: an honest
         // relay passes on what reached this node directly first.
@@ -387,19 +383,7 @@ mod tests {
     #[test]
     fn oversized_announcement_is_rejected() {
         let key = NodeKey::from_seed([1; 32]);
-        let ann = NodeAnnouncement {
-            models: Vec::new(),
-            price_per_1k: 0,
-            free_slots: 1,
-            backend: "cpu".into(),
-            device: "x".repeat(20_000),
-            version: "0".into(),
-            addrs: Vec::new(),
-            api_url: None,
-            sent_ms: 5,
-            certificate: None,
-        };
-        let env = SignedEnvelope::seal(&key, &ann).expect("seal");
+        let env = SignedEnvelope::seal(&key, &announcement("x".repeat(20_000), 5)).expect("seal");
         let err =
             validate(&nodes_topic().hash(), &env.to_bytes(), &mut ReplayGuard::default(), 5).expect_err("too large");
         assert!(matches!(err, GossipReject::TooLarge { .. }));

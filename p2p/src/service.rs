@@ -647,6 +647,7 @@ impl Actor {
 
     /// Events go to a bounded queue; if the node can't keep up, we drop (and say so)
     /// rather than block the network loop.
+    ///
     /// Every event a peer can cause (gossip, joins, fetches, connections) stays out of
     /// the last [`DIRECT_RESERVE`] places, which only direct round messages may take.
     fn emit(&self, ev: P2pEvent) -> bool {
@@ -711,8 +712,8 @@ impl Actor {
                         gossip = true;
                     }
                 }
-                if gossip && let Err(e) = self.gossip(&topic, &envelope) {
-                    debug!(error = %e, "publish failed");
+                if gossip {
+                    self.gossip_instead(&topic, &envelope);
                 }
             }
             Command::Subscribe { topic } => self.subscribe(&topic),
@@ -1060,6 +1061,13 @@ impl Actor {
         }
     }
 
+    /// A direct send that could not be made or was not taken goes out as gossip.
+    fn gossip_instead(&mut self, topic: &GossipTopic, envelope: &SignedEnvelope) {
+        if let Err(e) = self.gossip(topic, envelope) {
+            debug!(error = %e, "publish failed");
+        }
+    }
+
     fn round_event(&mut self, ev: request_response::Event<SignedEnvelope, DirectAck>) {
         match ev {
             request_response::Event::Message {
@@ -1076,17 +1084,14 @@ impl Actor {
             } => {
                 if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id)
                     && response != DirectAck::Taken
-                    && let Err(e) = self.gossip(&topic, &envelope)
                 {
-                    debug!(error = %e, "publish failed");
+                    self.gossip_instead(&topic, &envelope);
                 }
             }
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
                 if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id) {
                     debug!(%peer, %error, "direct send failed; gossiping it");
-                    if let Err(e) = self.gossip(&topic, &envelope) {
-                        debug!(error = %e, "publish failed");
-                    }
+                    self.gossip_instead(&topic, &envelope);
                 }
             }
             request_response::Event::InboundFailure { .. } | request_response::Event::ResponseSent { .. } => {}
