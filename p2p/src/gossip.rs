@@ -271,7 +271,7 @@ pub fn score_thresholds() -> gossipsub::PeerScoreThresholds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sampo_consensus::{Commit, NodeKey, TaskId};
+    use sampo_consensus::{Commit, NodeKey, Reveal, TaskId};
 
     fn announcement(device: String, sent_ms: u64) -> NodeAnnouncement {
         NodeAnnouncement {
@@ -312,6 +312,11 @@ mod tests {
         assert_eq!(check_direct(&commit_env(&key)), Ok(()));
         let ann = SignedEnvelope::seal(&key, &announcement("x".into(), 0)).expect("seal");
         assert!(matches!(check_direct(&ann), Err(GossipReject::WrongTopic { kind: "node_announcement", .. })));
+        // A reveal longer than any answer may be (each token a five-byte varint).
+        let tokens = vec![u32::MAX; max_bytes(MessageKind::Reveal) / 5 + 1];
+        let reveal = Reveal { task: TaskId(Hash32::of(b"t")), attempt: 0, tokens, salt: [0; 32] };
+        let reveal = SignedEnvelope::seal(&key, &reveal).expect("seal");
+        assert!(matches!(check_direct(&reveal), Err(GossipReject::TooLarge { kind: "reveal", .. })));
         // A seen message is dropped without a penalty for whoever relayed it: an honest
         // relay passes on what reached this node directly first.
         assert_eq!(GossipReject::Replay.acceptance(), MessageAcceptance::Ignore);
