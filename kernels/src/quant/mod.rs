@@ -562,6 +562,168 @@ pub fn dot_rows_many(
     let _ = (preps, sc, p0, p1, out);
 }
 
+/// Weight rows per group of [`dot_rows_wide`]: one row per 32-bit lane.
+pub const WIDE: usize = 8;
+
+/// Whether [`dot_rows_wide`] has a kernel for `ty` on this CPU (x86 with AVX-512 VNNI;
+/// Q4_0, Q4_1 and Q8_0, whose blocks are one scale, maybe a minimum, and 32 quants).
+pub fn wide_supported(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_vnni() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
+/// Whether `ty`'s quants are two 4-bit values per byte (quant `i` in the low nibble of
+/// byte `i`, quant `i + 16` in its high nibble): [`dot_rows_wide`] keeps them packed
+/// and unpacks in registers.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn nibble_packed(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+}
+
+/// 32-byte vectors per block of a [`WideRows`] group: 4 words of packed nibbles or 8 of
+/// bytes, for each of the [`WIDE`] rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn wide_vectors(ty: GgmlType) -> usize {
+    if nibble_packed(ty) { 4 } else { 8 }
+}
+
+/// One 32-byte vector, aligned for whole-vector loads.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(32))]
+pub struct V32(pub [u8; 32]);
+
+/// Rows of one weight matrix (a [`wide_supported`] type) laid out for [`dot_rows_wide`],
+/// [`WIDE`] rows per group, the last group padded with zero rows: per block, the rows'
+/// quant words interleaved (lane `r` of vector `v` is row `r`'s word `v`), their scales
+/// and minimums as f32. Made once per matrix (kept, like [`PreparedRows`]) or per task.
+/// Per 32 weights: 20 bytes for Q4_0, 24 for Q4_1 (the file's 18 and 20), 36 for Q8_0.
+#[derive(Default)]
+pub struct WideRows {
+    q: Vec<V32>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+    nb: usize,
+    /// [`wide_vectors`] of the type.
+    vecs: usize,
+    rows: usize,
+}
+
+/// One group of [`WideRows`].
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub struct WideRef<'a> {
+    q: &'a [V32],
+    d: &'a [f32],
+    m: &'a [f32],
+    nb: usize,
+}
+
+impl WideRows {
+    /// Lay out the consecutive rows of `row_bytes` bytes in `rows`, each `nb` blocks of
+    /// `ty` (a type [`wide_supported`] accepts).
+    pub fn new(ty: GgmlType, rows: &[u8], row_bytes: usize, nb: usize) -> Self {
+        assert!(wide_supported(ty), "no wide kernel for {ty}");
+        let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
+        assert!(row_bytes as u64 >= need, "rows of {row_bytes} bytes for {nb} chunks of {ty}");
+        let n = rows.len() / row_bytes.max(1);
+        let groups = n.div_ceil(WIDE);
+        let vecs = wide_vectors(ty);
+        let min = chunk::form(ty) == chunk::Form::Min;
+        let mut out = Self {
+            q: vec![V32::default(); groups * nb * vecs],
+            d: vec![0.0; groups * nb * WIDE],
+            m: if min { vec![0.0; groups * nb * WIDE] } else { Vec::new() },
+            nb,
+            vecs,
+            rows: n,
+        };
+        for g in 0..groups {
+            let rs: Vec<&[u8]> =
+                (g * WIDE..((g + 1) * WIDE).min(n)).map(|o| &rows[o * row_bytes..(o + 1) * row_bytes]).collect();
+            let q = &mut out.q[g * nb * vecs..(g + 1) * nb * vecs];
+            let d = &mut out.d[g * nb * WIDE..(g + 1) * nb * WIDE];
+            let m = if min { &mut out.m[g * nb * WIDE..(g + 1) * nb * WIDE] } else { &mut [][..] };
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: F16C is present (`wide_supported` checked it with VNNI); each row
+            // holds `nb` blocks (asserted above); the group's slices are sized for `nb`.
+            unsafe {
+                x86::prepare_wide(ty, &rs, nb, bytemuck_v32(q), d, m)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (rs, q, d, m);
+        }
+        out
+    }
+
+    /// Group `g` (rows `8g..8g + 8`).
+    pub fn group(&self, g: usize) -> WideRef<'_> {
+        let (nb, vecs) = (self.nb, self.vecs);
+        let m = if self.m.is_empty() { &self.m[..] } else { &self.m[g * nb * WIDE..(g + 1) * nb * WIDE] };
+        WideRef {
+            q: &self.q[g * nb * vecs..(g + 1) * nb * vecs],
+            d: &self.d[g * nb * WIDE..(g + 1) * nb * WIDE],
+            m,
+            nb,
+        }
+    }
+
+    /// Rows held (without the padding).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes `rows` rows of `nb` blocks of `ty` take.
+    pub fn bytes_for(ty: GgmlType, rows: usize, nb: usize) -> usize {
+        let min = chunk::form(ty) == chunk::Form::Min;
+        rows.div_ceil(WIDE) * nb * (wide_vectors(ty) * 32 + WIDE * 4 * if min { 2 } else { 1 })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() * 32 + (self.d.len() + self.m.len()) * 4
+    }
+}
+
+/// The vectors' bytes, as the preparing code writes them.
+#[cfg(target_arch = "x86_64")]
+fn bytemuck_v32(q: &mut [V32]) -> &mut [[u8; 32]] {
+    // SAFETY: `V32` is `repr(C)` around one `[u8; 32]` (size 32, no padding).
+    unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut [u8; 32], q.len()) }
+}
+
+/// Canonical dots of the [`WIDE`] weight rows of `w` (a group of [`WideRows`]) with
+/// activation rows `x` (`rows` of `nb` blocks; `sc` their scales from [`ActScales`], any
+/// rows `r0..` of it): `out[r·WIDE + i] = dot_row(ty, row_i, x_r)` bit for bit (padding
+/// rows give 0). The weights of a block are loaded and unpacked once for every
+/// activation row, each activation word broadcast against the 8 rows' words.
+pub fn dot_rows_wide(ty: GgmlType, w: WideRef<'_>, x: &[Q8Act], sc: ActScalesRef<'_>, out: &mut [f32]) {
+    assert!(wide_supported(ty), "no wide kernel for {ty}");
+    let nb = w.nb;
+    let rows = x.len().checked_div(nb).unwrap_or(0);
+    let stride = scales_stride(nb);
+    assert!(x.len() == rows * nb && sc.n.len() >= rows * stride, "activations for {rows} rows");
+    assert!(out.len() >= rows * WIDE, "output for {rows} rows");
+    let min = chunk::form(ty) == chunk::Form::Min;
+    assert!(
+        w.q.len() >= nb * wide_vectors(ty) && w.d.len() >= nb * WIDE && (!min || w.m.len() >= nb * WIDE),
+        "weights laid out for {nb} blocks"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
+    unsafe {
+        x86::dot_rows_wide_vnni(ty, w, x, sc.n, nb, stride, rows, out)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, sc, out, stride);
+}
+
 /// Types with a scale per 16 elements inside the integer sum.
 fn pair_scaled(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q6_K)

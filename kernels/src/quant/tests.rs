@@ -552,6 +552,54 @@ fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
 }
 
 #[test]
+fn wide_dots_are_the_scalar_bits_for_every_width_and_row_count() {
+    // Every row length from 1 to 41 chunks (lane accumulators reused past 32), 1 to 17
+    // weight rows (groups padded with zero rows), 1 to 17 activation rows from every
+    // tile start, extreme blocks (all bits set) and activations (±127, huge and tiny
+    // scales) included.
+    for ty in BLOCK_TYPES {
+        if !wide_supported(ty) {
+            assert!(!matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) || !has_vnni(), "{ty}");
+            continue;
+        }
+        for nb in 1..=41usize {
+            let n_w = 1 + nb % 17;
+            let rows_w: Vec<Vec<u8>> =
+                (0..n_w).map(|i| random_blocks(ty, nb, (nb * 11 + i) as u64 + 7, (nb + i) % 6 == 0)).collect();
+            let wide = WideRows::new(ty, &rows_w.concat(), rows_w[0].len(), nb);
+            assert_eq!(wide.rows(), n_w);
+            assert_eq!(wide.bytes(), WideRows::bytes_for(ty, n_w, nb));
+            for rows in [1usize, 2, 7, 8, 9, 16, 17] {
+                let xq = acts(nb * QK * rows, (5 * rows + nb) as u32);
+                let sc = ActScales::new(&xq, nb);
+                for r0 in (0..rows).step_by(ROWS) {
+                    for g in 0..n_w.div_ceil(WIDE) {
+                        let mut out = vec![f32::NAN; (rows - r0) * WIDE];
+                        dot_rows_wide(ty, wide.group(g), &xq[r0 * nb..], sc.rows(r0, rows), &mut out);
+                        for r in r0..rows {
+                            for i in 0..WIDE {
+                                let o = g * WIDE + i;
+                                let got = out[(r - r0) * WIDE + i];
+                                if o >= n_w {
+                                    assert_eq!(got.to_bits(), 0, "{ty} padding row {o}");
+                                    continue;
+                                }
+                                let want = dot_row_scalar(ty, &rows_w[o], &xq[r * nb..(r + 1) * nb]);
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{ty} {nb} chunks, row {r} from {r0}, weight row {o}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn consecutive_weight_rows_in_one_call_are_the_scalar_bits() {
     // A decode step's task: 1 to 9 consecutive weight rows against one activation row,
     // every row length from 1 to 41 chunks, each row's dot as the reference's.

@@ -1117,3 +1117,186 @@ pub(super) unsafe fn quantize_block_avx2(x: &[f32]) -> Option<Q8Act> {
     b.s = d * sum as f32;
     Some(b)
 }
+
+/// The types [`dot_rows_wide_vnni`] has a body for.
+const WTYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+/// [`super::WideRows`]' layout of `rows` (at most [`WIDE`]; missing rows are zero) of `nb`
+/// blocks of `ty`: per block, [`wide_vectors`] vectors whose lane `r` holds row `r`'s
+/// quant word `v` (the packed nibbles as stored, Q8_0's quants offset by 128 to
+/// unsigned), then the 8 rows' scales and (Q4_1) minimums widened as the other paths
+/// widen them.
+///
+/// # Safety
+/// The CPU has F16C; every row holds `nb` blocks of `ty`, a type of [`WTYPES`].
+#[target_feature(enable = "avx2,f16c")]
+pub(super) unsafe fn prepare_wide(
+    ty: GgmlType,
+    rows: &[&[u8]],
+    nb: usize,
+    q: &mut [[u8; 32]],
+    d: &mut [f32],
+    m: &mut [f32],
+) {
+    let bb = ty.block_bytes();
+    let vecs = wide_vectors(ty);
+    let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
+    for (r, row) in rows.iter().enumerate() {
+        for b in 0..nb {
+            let blk = &row[b * bb..(b + 1) * bb];
+            d[b * WIDE + r] = widen(u16::from_le_bytes([blk[0], blk[1]]));
+            let quants = match ty {
+                GgmlType::Q4_1 => {
+                    m[b * WIDE + r] = widen(u16::from_le_bytes([blk[2], blk[3]]));
+                    &blk[4..20]
+                }
+                GgmlType::Q4_0 => &blk[2..18],
+                _ => &blk[2..34],
+            };
+            for v in 0..vecs {
+                let dst = &mut q[b * vecs + v][4 * r..4 * r + 4];
+                dst.copy_from_slice(&quants[4 * v..4 * v + 4]);
+                if ty == GgmlType::Q8_0 {
+                    for x in dst.iter_mut() {
+                        *x ^= 0x80;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`super::dot_rows_wide`]'s kernel: activation rows `x` (`rows` of `nb` blocks, their
+/// quant sums `xn` at `stride` per row) against the [`WIDE`] weight rows of `w`;
+/// `out[r·WIDE + i]`. Per block the weight words are loaded (and the nibbles unpacked)
+/// once, as 8 vectors with one weight row per lane, and serve every activation row:
+/// each activation word is broadcast against them, so `vpdpbusd` leaves the 8 rows'
+/// exact integer sums lane-wise; then the same f32 operations per block as
+/// [`super::dot_row`], into lane accumulator `b % 32`, and the butterfly lane-wise.
+///
+/// # Safety
+/// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `w` holds `nb` blocks; `x` holds
+/// `rows·nb` blocks and `xn` `rows·stride` sums (`stride ≥ nb`); `out` holds `rows·WIDE`
+/// values; `ty` is one of [`WTYPES`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
+pub(super) unsafe fn dot_rows_wide_vnni(
+    ty: GgmlType,
+    w: WideRef<'_>,
+    x: &[Q8Act],
+    xn: &[i32],
+    nb: usize,
+    stride: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    // One copy per type, so that the branches on the type fold away.
+    // SAFETY: same contract.
+    unsafe {
+        match ty {
+            GgmlType::Q4_0 => wide_body::<0>(w, x, xn, nb, stride, rows, out),
+            GgmlType::Q4_1 => wide_body::<1>(w, x, xn, nb, stride, rows, out),
+            GgmlType::Q8_0 => wide_body::<2>(w, x, xn, nb, stride, rows, out),
+            _ => unreachable!("no wide kernel for {ty}"),
+        }
+    }
+}
+
+/// The body of [`dot_rows_wide_vnni`] for type `WTYPES[T]`.
+///
+/// # Safety
+/// As [`dot_rows_wide_vnni`].
+#[inline(always)]
+unsafe fn wide_body<const T: usize>(
+    w: WideRef<'_>,
+    x: &[Q8Act],
+    xn: &[i32],
+    nb: usize,
+    stride: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    let ty = WTYPES[T];
+    let (packed, min, sh) = (nibble_packed(ty), chunk::form(ty) == Form::Min, offset_shift(ty));
+    let vecs = wide_vectors(ty);
+    let qp = w.q.as_ptr() as *const __m256i;
+    // SAFETY: the instructions are enabled by the caller; every pointer read stays
+    // inside the lengths of the caller's contract (block b < nb, row r < rows).
+    unsafe {
+        // Lanes `nb..32` would stay +0.0 and the lanes written are never −0.0 (each
+        // starts as +0.0 + t), so adding them is the identity: only the first
+        // `min(nb, 32)` lanes are kept and summed.
+        let live = nb.min(LANES);
+        for (p, o8) in out[..rows * WIDE].chunks_mut(ROWS * WIDE).enumerate() {
+            let pr = o8.len() / WIDE;
+            let mut acc = [[std::mem::MaybeUninit::<__m256>::uninit(); LANES]; ROWS];
+            for b in 0..nb {
+                let v = qp.add(b * vecs);
+                _mm_prefetch::<_MM_HINT_T0>(v.wrapping_add(WIDE_PF * vecs) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(w.d.as_ptr().wrapping_add((b + WIDE_PF) * WIDE) as *const i8);
+                if min {
+                    _mm_prefetch::<_MM_HINT_T0>(w.m.as_ptr().wrapping_add((b + WIDE_PF) * WIDE) as *const i8);
+                }
+                // Word j of the block's 32 quants, for the 8 weight rows.
+                let wv: [__m256i; 8] = if packed {
+                    let m4 = _mm256_set1_epi8(0x0f);
+                    let raw: [__m256i; 4] = std::array::from_fn(|k| _mm256_load_si256(v.add(k)));
+                    // Word k's low nibbles are quants 4k.., its high nibbles 16 + 4k...
+                    std::array::from_fn(|j| {
+                        if j < 4 {
+                            _mm256_and_si256(raw[j], m4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16(raw[j - 4], 4), m4)
+                        }
+                    })
+                } else {
+                    std::array::from_fn(|j| _mm256_load_si256(v.add(j)))
+                };
+                let dw = _mm256_loadu_ps(w.d.as_ptr().add(b * WIDE));
+                let mw = if min { _mm256_loadu_ps(w.m.as_ptr().add(b * WIDE)) } else { dw };
+                for k in 0..pr {
+                    let r = p * ROWS + k;
+                    let xb = &*x.as_ptr().add(r * nb + b);
+                    let xw = xb.qs.as_ptr() as *const i32;
+                    let dp = |acc: __m256i, j: usize| {
+                        _mm256_dpbusd_epi32(acc, wv[j], _mm256_set1_epi32(std::ptr::read_unaligned(xw.add(j))))
+                    };
+                    // Minus the offset times the row's quant sum: the integer chain starts
+                    // from it (exact, in any order).
+                    let init = match sh {
+                        Some(s) => _mm256_set1_epi32(-(*xn.as_ptr().add(r * stride + b) << s)),
+                        None => _mm256_setzero_si256(),
+                    };
+                    // Two independent chains of four.
+                    let a = dp(dp(dp(dp(init, 0), 2), 4), 6);
+                    let c = dp(dp(dp(dp(_mm256_setzero_si256(), 1), 3), 5), 7);
+                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(a, c));
+                    let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb.d)), isum);
+                    if min {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(xb.s)));
+                    }
+                    let l = &mut acc[k][b % LANES];
+                    let prev = if b < LANES { _mm256_setzero_ps() } else { l.assume_init() };
+                    l.write(_mm256_add_ps(prev, t));
+                }
+            }
+            // The butterfly, lane-wise: the same additions of the same pairs for each
+            // weight row (those with a +0.0 lane skipped, see above).
+            for (a, ok) in acc.iter_mut().zip(o8.chunks_exact_mut(WIDE)) {
+                let (mut off, mut n) = (LANES / 2, live);
+                while off > 0 {
+                    for j in 0..n.saturating_sub(off) {
+                        a[j].write(_mm256_add_ps(a[j].assume_init(), a[j + off].assume_init()));
+                    }
+                    n = n.min(off);
+                    off /= 2;
+                }
+                let sum = if live == 0 { _mm256_setzero_ps() } else { a[0].assume_init() };
+                _mm256_storeu_ps(ok.as_mut_ptr(), sum);
+            }
+        }
+    }
+}
+
+/// Blocks ahead that [`wide_body`] prefetches.
+const WIDE_PF: usize = 4;
