@@ -48,6 +48,24 @@ impl Sequence {
         }
     }
 
+    /// A new sequence holding this one's first `n` tokens: their keys and values
+    /// copied. Every position's keys and values depend on the tokens up to it alone (the
+    /// determinism contract), so another prompt that starts with the same `n` tokens
+    /// may go on from it and get the bits it would get from scratch. `None` when the
+    /// cache lives on a device or holds fewer than `n` tokens.
+    pub fn fork_prefix(&self, n: usize) -> Option<Sequence> {
+        if self.device.is_some() || n > self.pos {
+            return None;
+        }
+        let cut = |l: &Vec<f32>| l[..l.len() / self.pos.max(1) * n].to_vec();
+        Some(Sequence {
+            k: self.k.iter().map(cut).collect(),
+            v: self.v.iter().map(cut).collect(),
+            device: None,
+            pos: n,
+        })
+    }
+
     pub fn kv_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
     }

@@ -351,3 +351,32 @@ fn warming_beside_forward_passes_never_deadlocks() {
         }
     }
 }
+
+#[test]
+fn a_forked_prompt_prefix_gives_the_bits_of_a_fresh_prefill() {
+    // The prefix cache's premise: a sequence that starts from another's first n tokens
+    // (copied) and feeds the rest of its own prompt gets the logits of a fresh prefill,
+    // on both architectures (Gemma 3's local layers slide their window over the fork).
+    for m in [synth_model(), synth_gemma3()] {
+        let be = CpuBackend::new(2).expect("pool");
+        let a = m.tokenizer.encode("the quick brown fox jumps over the lazy dog and then some more", false);
+        let mut b = a[..a.len() - 3].to_vec();
+        b.extend(m.tokenizer.encode(" a different ending entirely", false));
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        assert!(shared > 8 && shared < b.len(), "{shared} of {}", b.len());
+        let mut first = Sequence::new(&m);
+        be.forward(&m, &mut [BatchItem { seq: &mut first, tokens: &a }]).expect("a");
+        for n in [0, 1, shared / 2, shared] {
+            let mut fork = first.fork_prefix(n).expect("held on the host");
+            assert_eq!(fork.pos, n);
+            let got = be.forward(&m, &mut [BatchItem { seq: &mut fork, tokens: &b[n..] }]).expect("fork");
+            let mut fresh = Sequence::new(&m);
+            let want = be.forward(&m, &mut [BatchItem { seq: &mut fresh, tokens: &b }]).expect("fresh");
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(bits(g), bits(w), "forked at {n}");
+            }
+        }
+        assert!(first.fork_prefix(a.len() + 1).is_none(), "more tokens than held");
+    }
+}

@@ -426,7 +426,13 @@ async fn node_info(State(s): State<Arc<ApiState>>) -> Response {
     if let (Some(ex), Value::Object(map)) = (&s.executor, &mut v) {
         map.insert(
             "queue".into(),
-            json!({"queued": ex.queued(), "running": ex.running(), "free_slots": ex.free_slots(), "cancelled": ex.cancelled()}),
+            json!({
+                "queued": ex.queued(),
+                "running": ex.running(),
+                "free_slots": ex.free_slots(),
+                "cancelled": ex.cancelled(),
+                "reused_prompt_tokens": ex.reused_prompt_tokens(),
+            }),
         );
     }
     Json(v).into_response()

@@ -163,6 +163,10 @@ pub struct ExecutionConfig {
     /// Prompt tokens that newcomers may add to one batch step (a long prompt is
     /// prefilled in chunks so that running streams keep flowing).
     pub prefill_chunk_tokens: usize,
+    /// MiB of prompt prefixes' keys and values kept for later prompts that start with
+    /// them (a chat template's opening, a conversation resent with a turn added): those
+    /// tokens are copied, not prefilled. CPU backends; 0: keep none.
+    pub prefix_cache_mib: u64,
     /// MiB the CPU backend may keep per model for its batched kernel's unpacked weight
     /// rows (about twice a 4-bit model's weights; batches decode ~1.5x faster with
     /// them). A model that needs more keeps none. 0: never keep them.
@@ -262,6 +266,7 @@ impl Default for ExecutionConfig {
             threads: 0,
             max_concurrent: 8,
             prefill_chunk_tokens: crate::executor::PREFILL_CHUNK,
+            prefix_cache_mib: (crate::executor::PREFIX_CACHE_BYTES >> 20) as u64,
             prepared_weights_mib: (sampo_kernels::DEFAULT_PREPARED_BUDGET >> 20) as u64,
             queue_capacity: 64,
             max_tokens_per_task: 512,
@@ -360,6 +365,9 @@ max_concurrent = 8
 # Prompt tokens newcomers add to one batch step (long prompts are prefilled in
 # chunks so that running streams keep flowing; a GPU node can raise it).
 prefill_chunk_tokens = 64
+# MiB of prompt prefixes' keys and values kept for later prompts that start with
+# them (a chat template's opening): those tokens are copied, not prefilled. 0 = none.
+prefix_cache_mib = 64
 # MiB the CPU backend may keep per model for its batched kernel's unpacked weight
 # rows (about twice a 4-bit model's weights; batched decode is faster with them).
 # A model that needs more keeps none; 0 = never.

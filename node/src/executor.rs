@@ -3,10 +3,11 @@
 //! `max_concurrent` of them — as one batch per step, off the async runtime
 //! ([`scheduler`]).
 
+mod prefix;
 mod scheduler;
 
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,9 @@ pub struct ExecutorConfig {
     pub stream_timeout: Duration,
     /// Prompt rows that newcomers may add to one step (a long prompt goes in chunks).
     pub prefill_chunk: usize,
+    /// Bytes of prompt prefixes' keys and values kept for later prompts that start
+    /// with them (CPU backends; 0: none).
+    pub prefix_cache_bytes: usize,
 }
 
 /// Default for [`ExecutorConfig::stream_timeout`].
@@ -113,6 +117,10 @@ pub const STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// kernels (`quant::dot_rows` takes up to 64 rows).
 pub const PREFILL_CHUNK: usize = 64;
 
+/// Default for [`ExecutorConfig::prefix_cache_bytes`]: a few hundred chat prompts'
+/// openings on a small model.
+pub const PREFIX_CACHE_BYTES: usize = 64 << 20;
+
 impl Default for ExecutorConfig {
     fn default() -> Self {
         Self {
@@ -120,6 +128,7 @@ impl Default for ExecutorConfig {
             queue_capacity: 64,
             stream_timeout: STREAM_WRITE_TIMEOUT,
             prefill_chunk: PREFILL_CHUNK,
+            prefix_cache_bytes: PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -131,6 +140,9 @@ pub struct Executor {
     capacity: usize,
     max_batch: usize,
     prefill_chunk: usize,
+    prefix_cache_bytes: usize,
+    /// Prompt tokens not prefilled because a kept prefix held them.
+    reused_prompt_tokens: Arc<AtomicU64>,
     /// Sequences (and calls) in flight.
     running: Arc<AtomicUsize>,
     /// Jobs stopped early because their client went away (or the node stopped).
@@ -155,6 +167,8 @@ impl Executor {
             capacity: cfg.queue_capacity.max(1),
             max_batch: cfg.max_concurrent.max(1),
             prefill_chunk: cfg.prefill_chunk.max(1),
+            prefix_cache_bytes: cfg.prefix_cache_bytes,
+            reused_prompt_tokens: Arc::new(AtomicU64::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
             cancelled: Arc::new(AtomicUsize::new(0)),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -202,6 +216,11 @@ impl Executor {
     /// Jobs waiting (not running).
     pub fn queued(&self) -> usize {
         self.lock().heap.len()
+    }
+
+    /// Prompt tokens taken from kept prefixes instead of prefilled.
+    pub fn reused_prompt_tokens(&self) -> u64 {
+        self.reused_prompt_tokens.load(Ordering::Relaxed)
     }
 
     pub fn cancelled(&self) -> usize {
@@ -366,6 +385,38 @@ mod tests {
             assert_eq!(g.finish, FinishReason::Length);
         }
         ex.shutdown(Duration::from_secs(5));
+    }
+
+    /// A prompt that starts like an earlier one goes on from its kept keys and values:
+    /// the tokens it gets alone, with the shared rows not prefilled again; a prompt for
+    /// another model (a second copy) never takes them, and a zero budget keeps none.
+    #[test]
+    fn a_shared_prompt_prefix_is_reused_with_the_tokens_it_gets_alone() {
+        let a = dummy_engine();
+        let b = dummy_engine();
+        let base: Vec<u32> = (1..=40).collect();
+        let mut branch = base[..30].to_vec();
+        branch.extend([77, 78, 79]);
+        let params = SamplingParams { max_tokens: 8, ..SamplingParams::default() };
+        let alone = |e: &Engine, p: &[u32]| e.generate(p, &params, &mut |_, _| true).expect("alone").tokens;
+        for (budget, reuse) in [(PREFIX_CACHE_BYTES, true), (0, false)] {
+            let ex = Executor::start(ExecutorConfig { prefix_cache_bytes: budget, ..config(2, 8) }).expect("start");
+            let run = |e: &Engine, p: &[u32]| {
+                let (j, rx) = job(e, 1, p.to_vec(), params.clone());
+                ex.submit(j).expect("submit");
+                finished(rx).tokens
+            };
+            assert_eq!(run(&a, &base), alone(&a, &base));
+            assert_eq!(ex.reused_prompt_tokens(), 0, "nothing kept yet");
+            assert_eq!(run(&a, &branch), alone(&a, &branch));
+            assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 } else { 0 }, "the shared 30 tokens");
+            // The same prompt again: all but its last token (fed for the logits).
+            assert_eq!(run(&a, &base), alone(&a, &base));
+            assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 + 39 } else { 0 });
+            assert_eq!(run(&b, &base), alone(&b, &base));
+            assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 + 39 } else { 0 }, "another model's cache");
+            ex.shutdown(Duration::from_secs(5));
+        }
     }
 
     /// A request that arrives while another one decodes starts at the next step: it is

@@ -64,6 +64,8 @@ pub struct NodeMetrics {
     pub decode_tokens_per_second: Histogram,
     pub time_to_first_token_seconds: Histogram,
     pub queue_depth: Gauge,
+    /// Prompt tokens taken from the executor's kept prefixes instead of prefilled.
+    pub prompt_tokens_reused: Counter,
     /// Sequences in flight: the executor's current batch.
     pub inference_sequences: Gauge,
     pub queue_rejections: Counter,
@@ -121,6 +123,7 @@ impl NodeMetrics {
             decode_tokens_per_second: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             time_to_first_token_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             queue_depth: Gauge::default(),
+            prompt_tokens_reused: Counter::default(),
             inference_sequences: Gauge::default(),
             queue_rejections: Counter::default(),
             reputation_peers: Family::default(),
@@ -168,6 +171,11 @@ impl NodeMetrics {
             m.time_to_first_token_seconds.clone(),
         );
         r.register("queue_depth", "Inference jobs waiting", m.queue_depth.clone());
+        r.register(
+            "prompt_tokens_reused",
+            "Prompt tokens whose keys and values came from a kept prompt prefix instead of a prefill",
+            m.prompt_tokens_reused.clone(),
+        );
         r.register(
             "inference_sequences",
             "Sequences in flight, decoded together as one batch per step",

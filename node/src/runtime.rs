@@ -443,6 +443,8 @@ pub async fn run(mut p: LoopParts) {
             _ = tick.tick() => {
                 p.metrics.queue_depth.set(p.executor.queued() as i64);
                 p.metrics.inference_sequences.set(p.executor.running() as i64);
+                let reused = p.executor.reused_prompt_tokens();
+                p.metrics.prompt_tokens_reused.inc_by(reused.saturating_sub(p.metrics.prompt_tokens_reused.get()));
                 // Only coordinated rounds need candidates (substitutes, escalation): don't
                 // read every peer's reputation five times a second for nothing.
                 let cands = if p.consensus.load().0 > 0 { candidates(&p.p2p, &p.store, &p.trust) } else { Vec::new() };

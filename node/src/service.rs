@@ -175,6 +175,8 @@ pub async fn run_with(
         queue_capacity: cfg.execution.queue_capacity,
         stream_timeout: Duration::from_millis(cfg.execution.stream_write_timeout_ms),
         prefill_chunk: cfg.execution.prefill_chunk_tokens,
+        prefix_cache_bytes: usize::try_from(cfg.execution.prefix_cache_mib.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX),
     })
     .map_err(|e| NodeError::Model(format!("starting inference threads: {e}")))?;
     let c = &cfg.consensus;

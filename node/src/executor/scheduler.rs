@@ -25,6 +25,7 @@ use sampo_kernels::{
 };
 use tokio::sync::mpsc;
 
+use super::prefix::PrefixCache;
 use super::{Executor, Job, JobError, TokenPiece, Work};
 
 /// How long the loop sleeps when every sequence in flight waits on a slow reader (a new
@@ -56,12 +57,13 @@ struct Active {
 }
 
 impl Active {
-    fn new(job: Job) -> Self {
-        let seq = Sequence::new(&job.engine.model);
+    /// A sequence for `job`, starting from the longest kept prefix of its prompt.
+    fn new(job: Job, cache: &mut PrefixCache) -> Self {
+        let (seq, fed) = cache.take(&job.engine, &job.prompt).unwrap_or_else(|| (Sequence::new(&job.engine.model), 0));
         Self {
             job,
             seq,
-            fed: 0,
+            fed,
             last: [0],
             rows: 0,
             next: None,
@@ -167,6 +169,7 @@ impl Executor {
         let span = tracing::info_span!("executor");
         let _entered = span.enter();
         let mut active: Vec<Active> = Vec::new();
+        let mut cache = PrefixCache::new(self.prefix_cache_bytes);
         loop {
             // Admit between steps, by priority, into free slots; block only when idle.
             let mut calls = Vec::new();
@@ -176,7 +179,11 @@ impl Executor {
                     while active.len() + calls.len() < self.max_batch {
                         let Some(q) = g.heap.pop() else { break };
                         match q.job {
-                            Work::Generate(job) => active.push(Active::new(job)),
+                            Work::Generate(job) => {
+                                let a = Active::new(job, &mut cache);
+                                self.reused_prompt_tokens.fetch_add(a.fed as u64, Ordering::Relaxed);
+                                active.push(a);
+                            }
                             Work::Call(call) => calls.push(call),
                         }
                     }
@@ -196,13 +203,13 @@ impl Executor {
                     tracing::error!("work on the inference threads panicked");
                 }
             }
-            self.step(&mut active);
+            self.step(&mut active, &mut cache);
             self.running.store(active.len(), Ordering::Relaxed);
         }
     }
 
     /// One step: sample, stream and retire; then one forward pass per model.
-    fn step(&self, active: &mut Vec<Active>) {
+    fn step(&self, active: &mut Vec<Active>, cache: &mut PrefixCache) {
         let timeout = self.stream_timeout;
         let stopping = self.stopping.load(Ordering::Relaxed);
         let mut failed: Vec<(usize, JobError)> = Vec::new();
@@ -307,6 +314,7 @@ impl Executor {
                                 continue;
                             }
                             a.prefilled = Some(Instant::now());
+                            cache.put(&a.job.engine, &a.job.prompt, &a.seq);
                         }
                         a.next = Some(id);
                     }
