@@ -415,6 +415,15 @@ mod tests {
             assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 + 39 } else { 0 });
             assert_eq!(run(&b, &base), alone(&b, &base));
             assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 + 39 } else { 0 }, "another model's cache");
+            // A cancelled request (a stream whose client left) keeps nothing.
+            let secret: Vec<u32> = (100..140).collect();
+            let long = SamplingParams { max_tokens: 200, ..params.clone() };
+            let (j, rx, tokens) = streamed(&a, secret.clone(), long);
+            ex.submit(j).expect("submit");
+            drop(tokens);
+            assert_eq!(finished(rx).finish, FinishReason::Cancelled);
+            assert_eq!(run(&a, &secret), alone(&a, &secret));
+            assert_eq!(ex.reused_prompt_tokens(), if reuse { 30 + 39 } else { 0 }, "nothing kept from a cancelled run");
             ex.shutdown(Duration::from_secs(5));
         }
     }

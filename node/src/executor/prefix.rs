@@ -7,10 +7,13 @@
 //! prefill from scratch (every position depends on the tokens up to it alone, the
 //! determinism contract; `kernels/tests/determinism.rs` checks it), fewer rows.
 //!
-//! Bounded by bytes, least recently used out first; CPU caches only (a device's cache
-//! is not the host's to copy). Prompts are the network's to see already (a task's
-//! announcement carries its prompt), so the time a request saves tells a client
-//! nothing it could not read.
+//! Bounded by bytes (a prompt's opening is sized before it is copied), least recently
+//! used out first; CPU caches only (a device's cache is not the host's to copy). Only
+//! prompts that ran to their end are kept, never a cancelled one (a stream whose task
+//! was never announced): the prompts kept are the network's to see already (a task's
+//! announcement carries its prompt), so the time a request saves, or the reuse counter,
+//! tells a client nothing it could not read. A kept prefix is taken only by a job that
+//! passed its checks, off the queue's lock.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -78,14 +81,20 @@ impl PrefixCache {
         Some((seq, n))
     }
 
-    /// Keep `prompt`'s opening (up to [`MAX_KEPT_TOKENS`]) from `seq`, which has just
-    /// prefilled it, unless a kept prompt covers it already.
+    /// Keep `prompt`'s opening from `seq`, which holds it: up to [`MAX_KEPT_TOKENS`]
+    /// and what the budget holds (sized before anything is copied), unless a kept
+    /// prompt covers it already.
     pub(super) fn put(&mut self, engine: &Engine, prompt: &[u32], seq: &Sequence) {
-        if self.cap == 0 || !cached_here(engine) || prompt.len() <= MIN_REUSE {
+        if self.cap == 0 || !cached_here(engine) {
             return;
         }
-        let tokens = &prompt[..prompt.len().min(MAX_KEPT_TOKENS)];
         let m = &engine.model;
+        let per_token = 2 * m.hp.n_layer * m.hp.kv_dim() * 4 + 4;
+        let keep = prompt.len().min(MAX_KEPT_TOKENS).min(self.cap / per_token.max(1));
+        if keep <= MIN_REUSE || keep > seq.pos {
+            return;
+        }
+        let tokens = &prompt[..keep];
         if let Some(i) = self.entries.iter().position(|e| same_model(e, m) && e.tokens.starts_with(tokens)) {
             if let Some(e) = self.entries.remove(i) {
                 self.entries.push_back(e);
@@ -93,6 +102,7 @@ impl PrefixCache {
             return;
         }
         let Some(kept) = seq.fork_prefix(tokens.len()) else { return };
+        // Exact capacities: within the size computed above.
         let bytes = kept.kv_bytes() + tokens.len() * 4;
         if bytes > self.cap {
             return;
@@ -153,10 +163,6 @@ mod tests {
         assert!(cache.take(&e, &prompt(0)).is_none(), "the oldest is gone");
         let (seq, n) = cache.take(&e, &prompt(4)).expect("the newest is kept");
         assert_eq!((n, seq.pos), (19, 19), "all but the last token");
-        // A prompt too large for the whole budget is not kept, and evicts nothing.
-        let long: Vec<u32> = (0..200).map(|t| 1 + t % 200).collect();
-        cache.put(&e, &long, &prefilled(&e, &long));
-        assert_eq!(cache.entries.len(), 2);
         // A prompt that extends a kept one replaces it.
         let mut ext = prompt(4);
         ext.extend([5, 6]);
@@ -164,5 +170,17 @@ mod tests {
         assert_eq!(cache.entries.back().map(|x| x.tokens.len()), Some(22));
         assert!(cache.entries.iter().all(|x| x.tokens != prompt(4)));
         assert!(cache.bytes <= cache.cap);
+        // A prompt larger than the whole budget keeps the opening the budget holds.
+        let long: Vec<u32> = (0..200).map(|t| 1 + t % 200).collect();
+        cache.put(&e, &long, &prefilled(&e, &long));
+        let kept = cache.entries.back().map_or(0, |x| x.tokens.len());
+        assert!(kept > 20 && kept < long.len(), "kept {kept} tokens");
+        assert!(cache.bytes <= cache.cap);
+        let (_, n) = cache.take(&e, &long).expect("its opening");
+        assert_eq!(n, kept);
+        // A budget smaller than a few tokens keeps nothing.
+        let mut tiny = PrefixCache::new(one / 10);
+        tiny.put(&e, &long, &prefilled(&e, &long));
+        assert!(tiny.entries.is_empty() && tiny.bytes == 0);
     }
 }

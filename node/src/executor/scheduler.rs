@@ -57,13 +57,12 @@ struct Active {
 }
 
 impl Active {
-    /// A sequence for `job`, starting from the longest kept prefix of its prompt.
-    fn new(job: Job, cache: &mut PrefixCache) -> Self {
-        let (seq, fed) = cache.take(&job.engine, &job.prompt).unwrap_or_else(|| (Sequence::new(&job.engine.model), 0));
+    fn new(job: Job) -> Self {
+        let seq = Sequence::new(&job.engine.model);
         Self {
             job,
             seq,
-            fed,
+            fed: 0,
             last: [0],
             rows: 0,
             next: None,
@@ -179,11 +178,7 @@ impl Executor {
                     while active.len() + calls.len() < self.max_batch {
                         let Some(q) = g.heap.pop() else { break };
                         match q.job {
-                            Work::Generate(job) => {
-                                let a = Active::new(job, &mut cache);
-                                self.reused_prompt_tokens.fetch_add(a.fed as u64, Ordering::Relaxed);
-                                active.push(a);
-                            }
+                            Work::Generate(job) => active.push(Active::new(job)),
                             Work::Call(call) => calls.push(call),
                         }
                     }
@@ -220,6 +215,13 @@ impl Executor {
                     continue;
                 }
                 a.started = Some(Instant::now());
+                // A checked job starts from the longest kept prefix of its prompt (off the
+                // queue's lock: the copy may be megabytes).
+                if let Some((seq, n)) = cache.take(&a.job.engine, &a.job.prompt) {
+                    a.seq = seq;
+                    a.fed = n;
+                    self.reused_prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
             let gone = a.job.stream.as_ref().is_some_and(|tx| tx.is_closed());
             if stopping || gone || !a.flush(timeout) {
@@ -240,7 +242,13 @@ impl Executor {
         let mut k = 0;
         while k < active.len() {
             if active[k].finish.is_some() && active[k].pending.is_none() {
-                let (job, g) = active.swap_remove(k).generation();
+                let a = active.swap_remove(k);
+                // Only a prompt that ran to its end is kept: a cancelled one may be a
+                // stream whose task was never announced (its prompt never public).
+                if a.finish != Some(FinishReason::Cancelled) && !a.prefilling() {
+                    cache.put(&a.job.engine, &a.job.prompt, &a.seq);
+                }
+                let (job, g) = a.generation();
                 if g.finish == FinishReason::Cancelled {
                     self.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
@@ -314,7 +322,6 @@ impl Executor {
                                 continue;
                             }
                             a.prefilled = Some(Instant::now());
-                            cache.put(&a.job.engine, &a.job.prompt, &a.seq);
                         }
                         a.next = Some(id);
                     }
