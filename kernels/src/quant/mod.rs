@@ -235,6 +235,9 @@ pub struct ActScales {
     pub s: Vec<f32>,
     /// [`act_sums`].
     pub n: Vec<i32>,
+    /// Each block's sum of its first 16 quants, in the same layout (the wide kernel's
+    /// types with a scale per 16 take each half's offset back).
+    pub h: Vec<i32>,
     pub dt: Vec<f32>,
     pub st: Vec<f32>,
     nb: usize,
@@ -245,6 +248,14 @@ impl ActScales {
         let mut sc = Self { nb, ..Default::default() };
         act_scales(x, nb, &mut sc.d, &mut sc.s);
         act_sums(x, nb, &mut sc.n);
+        let stride = scales_stride(nb);
+        let rows = x.len().checked_div(nb).unwrap_or(0);
+        sc.h.resize(rows * stride, 0);
+        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
+            for (b, xb) in xr.iter().enumerate() {
+                sc.h[r * stride + b] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
+            }
+        }
         let rows = x.len().checked_div(nb).unwrap_or(0);
         let len = rows.div_ceil(ROWS) * ROWS * nb;
         sc.dt.resize(len, 0.0);
@@ -268,6 +279,7 @@ impl ActScales {
             d: &self.d[r0 * stride..r1 * stride],
             s: &self.s[r0 * stride..r1 * stride],
             n: &self.n[r0 * stride..r1 * stride],
+            h: &self.h[r0 * stride..r1 * stride],
             dt: &self.dt[t.clone()],
             st: &self.st[t],
         }
@@ -280,6 +292,8 @@ pub struct ActScalesRef<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
     pub n: &'a [i32],
+    /// [`ActScales::h`].
+    pub h: &'a [i32],
     pub dt: &'a [f32],
     pub st: &'a [f32],
 }
@@ -566,11 +580,11 @@ pub fn dot_rows_many(
 pub const WIDE: usize = 8;
 
 /// Whether [`dot_rows_wide`] has a kernel for `ty` on this CPU (x86 with AVX-512 VNNI;
-/// Q4_0, Q4_1 and Q8_0, whose blocks are one scale, maybe a minimum, and 32 quants).
+/// every quantized type but Q2_K, whose minimums change every 16 quants).
 pub fn wide_supported(ty: GgmlType) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_vnni() && matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        has_vnni() && ty.is_quantized() && ty != GgmlType::Q2_K
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -579,12 +593,26 @@ pub fn wide_supported(ty: GgmlType) -> bool {
     }
 }
 
-/// Whether `ty`'s quants are two 4-bit values per byte (quant `i` in the low nibble of
-/// byte `i`, quant `i + 16` in its high nibble): [`dot_rows_wide`] keeps them packed
-/// and unpacks in registers.
+/// Whether [`dot_rows_wide`] keeps `ty`'s quants as 4-bit values, two per byte (quant
+/// `i` of a 32-chunk in the low nibble of byte `i`, quant `i + 16` in its high nibble)
+/// and unpacks them in registers.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn nibble_packed(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K)
+}
+
+/// The offset that makes `ty`'s quants unsigned bytes for `vpdpbusd`, as a power of two
+/// (`q + 2^s`); the kernels take `2^s · Σx` back.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const fn offset_shift(ty: GgmlType) -> Option<i32> {
+    match ty {
+        GgmlType::Q3_K => Some(2),
+        GgmlType::Q4_0 => Some(3),
+        GgmlType::Q5_0 => Some(4),
+        GgmlType::Q6_K => Some(5),
+        GgmlType::Q8_0 => Some(7),
+        _ => None,
+    }
 }
 
 /// 32-byte vectors per block of a [`WideRows`] group: 4 words of packed nibbles or 8 of
@@ -609,6 +637,8 @@ pub struct WideRows {
     q: Vec<V32>,
     d: Vec<f32>,
     m: Vec<f32>,
+    /// Q3_K and Q6_K: per block, the 8 rows' scales of the first half, then the second.
+    sc: Vec<i32>,
     nb: usize,
     /// [`wide_vectors`] of the type.
     vecs: usize,
@@ -622,6 +652,7 @@ pub struct WideRef<'a> {
     q: &'a [V32],
     d: &'a [f32],
     m: &'a [f32],
+    sc: &'a [i32],
     nb: usize,
 }
 
@@ -635,29 +666,44 @@ impl WideRows {
         let n = rows.len() / row_bytes.max(1);
         let groups = n.div_ceil(WIDE);
         let vecs = wide_vectors(ty);
-        let min = chunk::form(ty) == chunk::Form::Min;
+        let (min, paired) = (chunk::form(ty) == chunk::Form::Min, pair_scaled(ty));
         let mut out = Self {
             q: vec![V32::default(); groups * nb * vecs],
             d: vec![0.0; groups * nb * WIDE],
             m: if min { vec![0.0; groups * nb * WIDE] } else { Vec::new() },
+            sc: if paired { vec![0; groups * nb * 2 * WIDE] } else { Vec::new() },
             nb,
             vecs,
             rows: n,
         };
-        for g in 0..groups {
-            let rs: Vec<&[u8]> =
-                (g * WIDE..((g + 1) * WIDE).min(n)).map(|o| &rows[o * row_bytes..(o + 1) * row_bytes]).collect();
-            let q = &mut out.q[g * nb * vecs..(g + 1) * nb * vecs];
-            let d = &mut out.d[g * nb * WIDE..(g + 1) * nb * WIDE];
-            let m = if min { &mut out.m[g * nb * WIDE..(g + 1) * nb * WIDE] } else { &mut [][..] };
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: F16C is present (`wide_supported` checked it with VNNI); each row
-            // holds `nb` blocks (asserted above); the group's slices are sized for `nb`.
-            unsafe {
-                x86::prepare_wide(ty, &rs, nb, bytemuck_v32(q), d, m)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (rs, q, d, m);
+        // Each chunk as the reference decodes it (its factors are the reference's bits),
+        // its quants offset to unsigned bytes.
+        let off = offset_shift(ty).map_or(0, |s| 1i32 << s);
+        for o in 0..n {
+            let (g, r) = (o / WIDE, o % WIDE);
+            let row = &rows[o * row_bytes..(o + 1) * row_bytes];
+            for c in 0..nb {
+                let ch = chunk::decode(ty, row, c);
+                let at = (g * nb + c) * WIDE + r;
+                out.d[at] = ch.dw;
+                if min {
+                    out.m[at] = ch.mw;
+                }
+                if paired {
+                    let sc = (g * nb + c) * 2 * WIDE + r;
+                    (out.sc[sc], out.sc[sc + WIDE]) = (ch.sc[0], ch.sc[1]);
+                }
+                let u: [u8; QK] = std::array::from_fn(|i| (i32::from(ch.q[i]) + off) as u8);
+                let mut bytes = u;
+                if vecs == 4 {
+                    for i in 0..QK / 2 {
+                        bytes[i] = u[i] | (u[i + 16] << 4);
+                    }
+                }
+                for v in 0..vecs {
+                    out.q[(g * nb + c) * vecs + v].0[4 * r..4 * r + 4].copy_from_slice(&bytes[4 * v..4 * v + 4]);
+                }
+            }
         }
         out
     }
@@ -666,10 +712,12 @@ impl WideRows {
     pub fn group(&self, g: usize) -> WideRef<'_> {
         let (nb, vecs) = (self.nb, self.vecs);
         let m = if self.m.is_empty() { &self.m[..] } else { &self.m[g * nb * WIDE..(g + 1) * nb * WIDE] };
+        let sc = if self.sc.is_empty() { &self.sc[..] } else { &self.sc[g * nb * 2 * WIDE..(g + 1) * nb * 2 * WIDE] };
         WideRef {
             q: &self.q[g * nb * vecs..(g + 1) * nb * vecs],
             d: &self.d[g * nb * WIDE..(g + 1) * nb * WIDE],
             m,
+            sc,
             nb,
         }
     }
@@ -682,20 +730,14 @@ impl WideRows {
     /// Bytes `rows` rows of `nb` blocks of `ty` take.
     pub fn bytes_for(ty: GgmlType, rows: usize, nb: usize) -> usize {
         let min = chunk::form(ty) == chunk::Form::Min;
-        rows.div_ceil(WIDE) * nb * (wide_vectors(ty) * 32 + WIDE * 4 * if min { 2 } else { 1 })
+        let factors = 1 + usize::from(min) + if pair_scaled(ty) { 2 } else { 0 };
+        rows.div_ceil(WIDE) * nb * (wide_vectors(ty) * 32 + WIDE * 4 * factors)
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.q.len() * 32 + (self.d.len() + self.m.len()) * 4
+        self.q.len() * 32 + (self.d.len() + self.m.len() + self.sc.len()) * 4
     }
-}
-
-/// The vectors' bytes, as the preparing code writes them.
-#[cfg(target_arch = "x86_64")]
-fn bytemuck_v32(q: &mut [V32]) -> &mut [[u8; 32]] {
-    // SAFETY: `V32` is `repr(C)` around one `[u8; 32]` (size 32, no padding).
-    unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut [u8; 32], q.len()) }
 }
 
 /// Canonical dots of the [`WIDE`] weight rows of `w` (a group of [`WideRows`]) with
@@ -708,17 +750,23 @@ pub fn dot_rows_wide(ty: GgmlType, w: WideRef<'_>, x: &[Q8Act], sc: ActScalesRef
     let nb = w.nb;
     let rows = x.len().checked_div(nb).unwrap_or(0);
     let stride = scales_stride(nb);
-    assert!(x.len() == rows * nb && sc.n.len() >= rows * stride, "activations for {rows} rows");
+    assert!(
+        x.len() == rows * nb && sc.n.len() >= rows * stride && sc.h.len() >= rows * stride,
+        "activations for {rows} rows"
+    );
     assert!(out.len() >= rows * WIDE, "output for {rows} rows");
     let min = chunk::form(ty) == chunk::Form::Min;
     assert!(
-        w.q.len() >= nb * wide_vectors(ty) && w.d.len() >= nb * WIDE && (!min || w.m.len() >= nb * WIDE),
+        w.q.len() >= nb * wide_vectors(ty)
+            && w.d.len() >= nb * WIDE
+            && (!min || w.m.len() >= nb * WIDE)
+            && (!pair_scaled(ty) || w.sc.len() >= nb * 2 * WIDE),
         "weights laid out for {nb} blocks"
     );
     #[cfg(target_arch = "x86_64")]
     // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
     unsafe {
-        x86::dot_rows_wide_vnni(ty, w, x, sc.n, nb, stride, rows, out)
+        x86::dot_rows_wide_vnni(ty, w, x, sc.n, sc.h, nb, stride, rows, out)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (x, sc, out, stride);

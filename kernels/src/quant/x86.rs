@@ -842,19 +842,6 @@ unsafe fn dot_rows_body<const T: usize, const V: bool>(
     }
 }
 
-/// `log2` of the offset that makes a signed type's quants unsigned (`q + 2^s` in
-/// `0..=255`); `None` for the unsigned types.
-const fn offset_shift(ty: GgmlType) -> Option<i32> {
-    match ty {
-        GgmlType::Q3_K => Some(2),
-        GgmlType::Q4_0 => Some(3),
-        GgmlType::Q5_0 => Some(4),
-        GgmlType::Q6_K => Some(5),
-        GgmlType::Q8_0 => Some(7),
-        _ => None,
-    }
-}
-
 /// A weight row of `nb` blocks unpacked for [`dot_rows_many_vnni`]: each quant as the
 /// unsigned byte `q + offset` ([`offset_shift`]) in `prep.w`, the factors `dw`, `mw`
 /// and (Q3_K, Q6_K) the pair multipliers in `prep.sc`, as [`prepare_row_avx2`] has them
@@ -1119,52 +1106,17 @@ pub(super) unsafe fn quantize_block_avx2(x: &[f32]) -> Option<Q8Act> {
 }
 
 /// The types [`dot_rows_wide_vnni`] has a body for.
-const WTYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
-
-/// [`super::WideRows`]' layout of `rows` (at most [`WIDE`]; missing rows are zero) of `nb`
-/// blocks of `ty`: per block, [`wide_vectors`] vectors whose lane `r` holds row `r`'s
-/// quant word `v` (the packed nibbles as stored, Q8_0's quants offset by 128 to
-/// unsigned), then the 8 rows' scales and (Q4_1) minimums widened as the other paths
-/// widen them.
-///
-/// # Safety
-/// The CPU has F16C; every row holds `nb` blocks of `ty`, a type of [`WTYPES`].
-#[target_feature(enable = "avx2,f16c")]
-pub(super) unsafe fn prepare_wide(
-    ty: GgmlType,
-    rows: &[&[u8]],
-    nb: usize,
-    q: &mut [[u8; 32]],
-    d: &mut [f32],
-    m: &mut [f32],
-) {
-    let bb = ty.block_bytes();
-    let vecs = wide_vectors(ty);
-    let widen = |h: u16| _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))));
-    for (r, row) in rows.iter().enumerate() {
-        for b in 0..nb {
-            let blk = &row[b * bb..(b + 1) * bb];
-            d[b * WIDE + r] = widen(u16::from_le_bytes([blk[0], blk[1]]));
-            let quants = match ty {
-                GgmlType::Q4_1 => {
-                    m[b * WIDE + r] = widen(u16::from_le_bytes([blk[2], blk[3]]));
-                    &blk[4..20]
-                }
-                GgmlType::Q4_0 => &blk[2..18],
-                _ => &blk[2..34],
-            };
-            for v in 0..vecs {
-                let dst = &mut q[b * vecs + v][4 * r..4 * r + 4];
-                dst.copy_from_slice(&quants[4 * v..4 * v + 4]);
-                if ty == GgmlType::Q8_0 {
-                    for x in dst.iter_mut() {
-                        *x ^= 0x80;
-                    }
-                }
-            }
-        }
-    }
-}
+const WTYPES: [GgmlType; 9] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::Q3_K,
+];
 
 /// [`super::dot_rows_wide`]'s kernel: activation rows `x` (`rows` of `nb` blocks, their
 /// quant sums `xn` at `stride` per row) against the [`WIDE`] weight rows of `w`;
@@ -1176,7 +1128,7 @@ pub(super) unsafe fn prepare_wide(
 ///
 /// # Safety
 /// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `w` holds `nb` blocks; `x` holds
-/// `rows·nb` blocks and `xn` `rows·stride` sums (`stride ≥ nb`); `out` holds `rows·WIDE`
+/// `rows·nb` blocks, `xn` and `xh` `rows·stride` sums (`stride ≥ nb`); `out` holds `rows·WIDE`
 /// values; `ty` is one of [`WTYPES`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
@@ -1185,21 +1137,23 @@ pub(super) unsafe fn dot_rows_wide_vnni(
     w: WideRef<'_>,
     x: &[Q8Act],
     xn: &[i32],
+    xh: &[i32],
     nb: usize,
     stride: usize,
     rows: usize,
     out: &mut [f32],
 ) {
+    macro_rules! by_type {
+        ($($i:literal),*) => {
+            match ty {
+                $(t if t == WTYPES[$i] => wide_body::<$i>(w, x, xn, xh, nb, stride, rows, out),)*
+                _ => unreachable!("no wide kernel for {ty}"),
+            }
+        };
+    }
     // One copy per type, so that the branches on the type fold away.
     // SAFETY: same contract.
-    unsafe {
-        match ty {
-            GgmlType::Q4_0 => wide_body::<0>(w, x, xn, nb, stride, rows, out),
-            GgmlType::Q4_1 => wide_body::<1>(w, x, xn, nb, stride, rows, out),
-            GgmlType::Q8_0 => wide_body::<2>(w, x, xn, nb, stride, rows, out),
-            _ => unreachable!("no wide kernel for {ty}"),
-        }
-    }
+    unsafe { by_type!(0, 1, 2, 3, 4, 5, 6, 7, 8) }
 }
 
 /// The body of [`dot_rows_wide_vnni`] for type `WTYPES[T]`.
@@ -1207,10 +1161,12 @@ pub(super) unsafe fn dot_rows_wide_vnni(
 /// # Safety
 /// As [`dot_rows_wide_vnni`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn wide_body<const T: usize>(
     w: WideRef<'_>,
     x: &[Q8Act],
     xn: &[i32],
+    xh: &[i32],
     nb: usize,
     stride: usize,
     rows: usize,
@@ -1218,6 +1174,7 @@ unsafe fn wide_body<const T: usize>(
 ) {
     let ty = WTYPES[T];
     let (packed, min, sh) = (nibble_packed(ty), chunk::form(ty) == Form::Min, offset_shift(ty));
+    let paired = pair_scaled(ty);
     let vecs = wide_vectors(ty);
     let qp = w.q.as_ptr() as *const __m256i;
     // SAFETY: the instructions are enabled by the caller; every pointer read stays
@@ -1254,6 +1211,13 @@ unsafe fn wide_body<const T: usize>(
                 };
                 let dw = _mm256_loadu_ps(w.d.as_ptr().add(b * WIDE));
                 let mw = if min { _mm256_loadu_ps(w.m.as_ptr().add(b * WIDE)) } else { dw };
+                // Q3_K/Q6_K: each half's multiplier, per weight row.
+                let (s0, s1) = if paired {
+                    let sp = w.sc.as_ptr().add(b * 2 * WIDE) as *const __m256i;
+                    (_mm256_loadu_si256(sp), _mm256_loadu_si256(sp.add(1)))
+                } else {
+                    (_mm256_setzero_si256(), _mm256_setzero_si256())
+                };
                 for k in 0..pr {
                     let r = p * ROWS + k;
                     let xb = &*x.as_ptr().add(r * nb + b);
@@ -1261,16 +1225,32 @@ unsafe fn wide_body<const T: usize>(
                     let dp = |acc: __m256i, j: usize| {
                         _mm256_dpbusd_epi32(acc, wv[j], _mm256_set1_epi32(std::ptr::read_unaligned(xw.add(j))))
                     };
-                    // Minus the offset times the row's quant sum: the integer chain starts
+                    // Minus the offset times the row's quant sum: the integer chains start
                     // from it (exact, in any order).
-                    let init = match sh {
-                        Some(s) => _mm256_set1_epi32(-(*xn.as_ptr().add(r * stride + b) << s)),
-                        None => _mm256_setzero_si256(),
+                    let isum = if paired {
+                        // Each half's sum (less its offset), times its multiplier.
+                        let (lo, hi) = match sh {
+                            Some(s) => {
+                                let h = *xh.as_ptr().add(r * stride + b);
+                                let n = *xn.as_ptr().add(r * stride + b);
+                                (_mm256_set1_epi32(-(h << s)), _mm256_set1_epi32(-((n - h) << s)))
+                            }
+                            None => (_mm256_setzero_si256(), _mm256_setzero_si256()),
+                        };
+                        let lo = dp(dp(dp(dp(lo, 0), 1), 2), 3);
+                        let hi = dp(dp(dp(dp(hi, 4), 5), 6), 7);
+                        _mm256_add_epi32(_mm256_mullo_epi32(lo, s0), _mm256_mullo_epi32(hi, s1))
+                    } else {
+                        let init = match sh {
+                            Some(s) => _mm256_set1_epi32(-(*xn.as_ptr().add(r * stride + b) << s)),
+                            None => _mm256_setzero_si256(),
+                        };
+                        // Two independent chains of four.
+                        let a = dp(dp(dp(dp(init, 0), 2), 4), 6);
+                        let c = dp(dp(dp(dp(_mm256_setzero_si256(), 1), 3), 5), 7);
+                        _mm256_add_epi32(a, c)
                     };
-                    // Two independent chains of four.
-                    let a = dp(dp(dp(dp(init, 0), 2), 4), 6);
-                    let c = dp(dp(dp(dp(_mm256_setzero_si256(), 1), 3), 5), 7);
-                    let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(a, c));
+                    let isum = _mm256_cvtepi32_ps(isum);
                     let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xb.d)), isum);
                     if min {
                         t = _mm256_add_ps(t, _mm256_mul_ps(mw, _mm256_set1_ps(xb.s)));
