@@ -11,9 +11,8 @@ use crate::arch::{Activation, RopePairs};
 use crate::math::{dot_f32, dot_f32_rows_scaled, gelu_mul, rms_norm, silu_mul, softmax, weighted_rows};
 use crate::model::{Matrix, Model, ModelError};
 use crate::quant::{
-    ActPack, ActScales, COLS, PrepRef, PreparedRows, Q8Act, QK, RowPrep, WIDE, WideRows, dequantize_row, dot_row_each,
-    dot_row_scaled, dot_rows, dot_rows_many, dot_rows_wide, many_supported, prepare_many, quantize_act, scales_stride,
-    wide_supported,
+    ActScales, Q8Act, QK, RowPrep, WIDE, WideRows, dequantize_row, dot_row_each, dot_row_scaled, dot_rows,
+    dot_rows_wide, quantize_act, scales_stride, wide_supported,
 };
 
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
@@ -72,13 +71,11 @@ impl Sequence {
 }
 
 /// Activations in both forms a matrix product may need, and the quantized form's
-/// block scales laid out for [`dot_rows`] when there are several rows, and its quants
-/// packed for [`dot_rows_many`].
+/// block scales and sums laid out for the multi-row kernels.
 struct Act {
     f: Vec<f32>,
     q: Vec<Q8Act>,
     sc: ActScales,
-    pack: ActPack,
     cols: usize,
 }
 
@@ -97,8 +94,7 @@ impl Act {
             quantize_act(&f, &mut q);
         }
         let sc = ActScales::new(&q, cols / QK);
-        let pack = if rows >= BATCHED_MIN_ROWS { ActPack::new(&q, cols / QK) } else { ActPack::default() };
-        Self { f, q, sc, pack, cols }
+        Self { f, q, sc, cols }
     }
     fn rows(&self) -> usize {
         self.f.len() / self.cols
@@ -132,38 +128,10 @@ const BATCHED_MIN_ROWS: usize = 2;
 /// in cache while a task's weight rows pass over them.
 const ROW_TILE: usize = 64;
 
-/// Every weight matrix the batched kernels take, prepared for them ([`WideRows`] where
-/// [`wide_supported`], else [`PreparedRows`]), by its offset in the file: pieces of
-/// [`PREPARE_ROWS_PER_TASK`] rows, made in parallel and kept as made (no copy, so no
-/// peak of twice the size).
-pub(crate) struct Prepared(std::collections::HashMap<usize, Vec<Kept>>);
-
-/// One piece of a prepared matrix.
-enum Kept {
-    Wide(WideRows),
-    Cols(PreparedRows),
-}
-
-impl Kept {
-    fn new(ty: crate::gguf::GgmlType, rows: &[u8], row_bytes: usize, nb: usize) -> Self {
-        if wide_supported(ty) {
-            Kept::Wide(WideRows::new(ty, rows, row_bytes, nb))
-        } else {
-            Kept::Cols(PreparedRows::new(ty, rows, row_bytes, nb))
-        }
-    }
-
-    fn bytes_for(ty: crate::gguf::GgmlType, rows: usize, nb: usize) -> usize {
-        if wide_supported(ty) { WideRows::bytes_for(ty, rows, nb) } else { rows * PreparedRows::bytes_per_row(ty, nb) }
-    }
-
-    fn bytes(&self) -> usize {
-        match self {
-            Kept::Wide(w) => w.bytes(),
-            Kept::Cols(p) => p.bytes(),
-        }
-    }
-}
+/// Every weight matrix the wide kernel takes, laid out for it ([`WideRows`]), by its
+/// offset in the file: pieces of [`PREPARE_ROWS_PER_TASK`] rows, made in parallel and
+/// kept as made (no copy, so no peak of twice the size).
+pub(crate) struct Prepared(std::collections::HashMap<usize, Vec<WideRows>>);
 
 /// Rows per piece of a prepared matrix.
 const PREPARE_ROWS_PER_TASK: usize = 2048;
@@ -193,11 +161,11 @@ impl Prepared {
             .iter()
             .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
             .chain(std::iter::once(&model.output))
-            .filter(|w| many_supported(w.ty) && w.cols.is_multiple_of(QK))
+            .filter(|w| wide_supported(w.ty) && w.cols.is_multiple_of(QK))
             .collect();
         mats.sort_by_key(|w| w.offset);
         mats.dedup_by_key(|w| w.offset);
-        let need: usize = mats.iter().map(|w| Kept::bytes_for(w.ty, w.rows, w.cols / QK)).sum();
+        let need: usize = mats.iter().map(|w| WideRows::bytes_for(w.ty, w.rows, w.cols / QK)).sum();
         if need > model.prepared_budget.load(std::sync::atomic::Ordering::Relaxed) {
             tracing::info!(need, "prepared weight rows over budget: batched passes unpack them each time");
             return Self(std::collections::HashMap::new());
@@ -211,12 +179,12 @@ impl Prepared {
             let w = mats[m];
             let hi = (lo + PREPARE_ROWS_PER_TASK).min(w.rows);
             let rows = &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes];
-            Kept::new(w.ty, rows, w.row_bytes, w.cols / QK)
+            WideRows::new(w.ty, rows, w.row_bytes, w.cols / QK)
         };
         // `collect` keeps the order of `pieces`: each matrix's pieces in row order.
-        let done: Vec<Kept> =
+        let done: Vec<WideRows> =
             if parallel { pieces.par_iter().map(piece).collect() } else { pieces.iter().map(piece).collect() };
-        let mut by_offset: std::collections::HashMap<usize, Vec<Kept>> = std::collections::HashMap::new();
+        let mut by_offset: std::collections::HashMap<usize, Vec<WideRows>> = std::collections::HashMap::new();
         for (&(m, _), p) in pieces.iter().zip(done) {
             by_offset.entry(mats[m].offset).or_default().push(p);
         }
@@ -224,13 +192,13 @@ impl Prepared {
     }
 
     /// `w`'s rows, if `w` was prepared (every row of it, then).
-    fn matrix(&self, w: &Matrix) -> Option<&[Kept]> {
+    fn matrix(&self, w: &Matrix) -> Option<&[WideRows]> {
         self.0.get(&w.offset).map(Vec::as_slice).filter(|p| p.len() == w.rows.div_ceil(PREPARE_ROWS_PER_TASK))
     }
 
     /// Bytes held by every prepared matrix.
     pub(crate) fn bytes(&self) -> usize {
-        self.0.values().flatten().map(Kept::bytes).sum()
+        self.0.values().flatten().map(WideRows::bytes).sum()
     }
 }
 
@@ -271,8 +239,8 @@ fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
     let stride = scales_stride(nb);
     tasks.par_iter().for_each_init(
-        || (Vec::new(), RowPrep::default(), Vec::new(), Vec::new()),
-        |(scratch, prep, tile, preps): &mut (Vec<f32>, RowPrep, Vec<f32>, Vec<RowPrep>), &(j, lo, hi, ptr)| {
+        || (Vec::new(), RowPrep::default(), Vec::new()),
+        |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
             let w = mats[j];
             if n >= BATCHED_MIN_ROWS && wide_supported(w.ty) {
                 // WIDE weight rows at a time (laid out once and kept, or here for the
@@ -292,54 +260,15 @@ fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
                     tile.resize((r1 - r0) * WIDE, 0.0);
                     for g0 in (lo..hi).step_by(WIDE) {
                         let group = match (kept, &own) {
-                            (Some(pieces), _) => match &pieces[g0 / PREPARE_ROWS_PER_TASK] {
-                                Kept::Wide(p) => p.group(g0 % PREPARE_ROWS_PER_TASK / WIDE),
-                                Kept::Cols(_) => unreachable!("a wide type kept for the column kernel"),
-                            },
+                            (Some(pieces), _) => {
+                                pieces[g0 / PREPARE_ROWS_PER_TASK].group(g0 % PREPARE_ROWS_PER_TASK / WIDE)
+                            }
                             (None, Some(own)) => own.group((g0 - lo) / WIDE),
                             (None, None) => unreachable!("laid out above"),
                         };
                         dot_rows_wide(w.ty, group, &x.q[r0 * nb..r1 * nb], x.sc.rows(r0, r1), tile);
                         let m = (hi - g0).min(WIDE);
                         for (r, vals) in (r0..r1).zip(tile.chunks_exact(WIDE)) {
-                            for (i, &v) in vals[..m].iter().enumerate() {
-                                // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
-                                unsafe { *ptr.get().add(r * w.rows + g0 + i) = v };
-                            }
-                        }
-                    }
-                }
-                return;
-            }
-            if n >= BATCHED_MIN_ROWS && many_supported(w.ty) {
-                // Each weight row unpacked once (kept from the first batched pass, or
-                // here); per tile of activation rows, COLS weight rows at a time against
-                // every row of the tile.
-                let kept = prepared.and_then(|p| p.matrix(w));
-                if kept.is_none() {
-                    preps.resize_with(preps.len().max(hi - lo), RowPrep::default);
-                    for (o, p) in (lo..hi).zip(preps.iter_mut()) {
-                        prepare_many(w.ty, w.row(bytes, o), nb, p);
-                    }
-                }
-                let view = |o: usize| -> PrepRef<'_> {
-                    match kept {
-                        Some(pieces) => match &pieces[o / PREPARE_ROWS_PER_TASK] {
-                            Kept::Cols(p) => p.row(o % PREPARE_ROWS_PER_TASK),
-                            Kept::Wide(_) => unreachable!("a column type kept for the wide kernel"),
-                        },
-                        None => preps[o - lo].view(),
-                    }
-                };
-                for r0 in (0..n).step_by(ROW_TILE) {
-                    let r1 = (r0 + ROW_TILE).min(n);
-                    tile.resize((r1 - r0) * COLS, 0.0);
-                    for g0 in (lo..hi).step_by(COLS) {
-                        let m = (hi - g0).min(COLS);
-                        // A short group repeats its last row (computed, not written).
-                        let ps: [PrepRef<'_>; COLS] = std::array::from_fn(|i| view(g0 + i.min(m - 1)));
-                        dot_rows_many(w.ty, ps, &x.pack, &x.sc, r0, r1, tile);
-                        for (r, vals) in (r0..r1).zip(tile.chunks_exact(COLS)) {
                             for (i, &v) in vals[..m].iter().enumerate() {
                                 // SAFETY: (r, o) pairs are disjoint across tasks and in bounds.
                                 unsafe { *ptr.get().add(r * w.rows + g0 + i) = v };

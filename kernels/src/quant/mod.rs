@@ -313,84 +313,6 @@ pub struct RowPrep {
     sc: Vec<[i16; 16]>,
 }
 
-impl RowPrep {
-    /// This row as [`dot_rows_many`] reads it.
-    pub fn view(&self) -> PrepRef<'_> {
-        PrepRef { w: &self.w, dw: &self.dw, mw: &self.mw, sc: &self.sc }
-    }
-}
-
-/// One prepared weight row as [`dot_rows_many`] reads it: from a [`RowPrep`] made for
-/// the call, or from [`PreparedRows`] made once per matrix.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub struct PrepRef<'a> {
-    w: &'a [[u8; QK]],
-    dw: &'a [f32],
-    mw: &'a [f32],
-    sc: &'a [[i16; 16]],
-}
-
-/// Rows of one weight matrix prepared by [`prepare_many`], kept: a batched decode step
-/// would otherwise unpack every weight row again for a handful of activation rows (30 %
-/// of an 8-stream decode step on SmolLM2). The price is memory beside the file's: per
-/// 32 weights, 36 bytes (40 with a minimum, 68 for Q3_K and Q6_K's pair multipliers).
-pub struct PreparedRows {
-    w: Vec<[u8; QK]>,
-    dw: Vec<f32>,
-    mw: Vec<f32>,
-    sc: Vec<[i16; 16]>,
-    nb: usize,
-}
-
-impl PreparedRows {
-    /// Prepare the consecutive rows of `row_bytes` bytes in `rows`, each `nb` blocks of
-    /// `ty` (a type [`many_supported`] accepts).
-    pub fn new(ty: GgmlType, rows: &[u8], row_bytes: usize, nb: usize) -> Self {
-        let n = rows.len() / row_bytes.max(1);
-        let (min, paired) = (chunk::form(ty) == chunk::Form::Min, pair_scaled(ty));
-        let mut out = Self {
-            w: Vec::with_capacity(n * nb),
-            dw: Vec::with_capacity(n * nb),
-            mw: Vec::with_capacity(if min { n * nb } else { 0 }),
-            sc: Vec::with_capacity(if paired { n * nb } else { 0 }),
-            nb,
-        };
-        let mut prep = RowPrep::default();
-        for row in rows.chunks_exact(row_bytes.max(1)) {
-            prepare_many(ty, row, nb, &mut prep);
-            out.w.extend_from_slice(&prep.w[..nb]);
-            out.dw.extend_from_slice(&prep.dw[..nb]);
-            if min {
-                out.mw.extend_from_slice(&prep.mw[..nb]);
-            }
-            if paired {
-                out.sc.extend_from_slice(&prep.sc[..nb]);
-            }
-        }
-        out
-    }
-
-    /// Row `o`, prepared.
-    pub fn row(&self, o: usize) -> PrepRef<'_> {
-        let r = o * self.nb..(o + 1) * self.nb;
-        let mw = if self.mw.is_empty() { &self.mw[..] } else { &self.mw[r.clone()] };
-        let sc = if self.sc.is_empty() { &self.sc[..] } else { &self.sc[r.clone()] };
-        PrepRef { w: &self.w[r.clone()], dw: &self.dw[r], mw, sc }
-    }
-
-    /// Bytes one row of `nb` blocks of `ty` takes, prepared.
-    pub fn bytes_per_row(ty: GgmlType, nb: usize) -> usize {
-        let min = chunk::form(ty) == chunk::Form::Min;
-        nb * (QK + 4 + if min { 4 } else { 0 } + if pair_scaled(ty) { 32 } else { 0 })
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.w.len() * QK + (self.dw.len() + self.mw.len()) * 4 + self.sc.len() * 32
-    }
-}
-
 /// Canonical dots of one quantized weight row with several activation rows:
 /// `out[r] = dot_row(ty, row, x[r*nb..(r+1)*nb])` bit for bit, where `nb = x.len() /
 /// out.len()`; `sc` holds the same rows' scales ([`ActScales`]). The weight row is
@@ -445,137 +367,6 @@ fn dot_rows_with(
     }
 }
 
-/// Weight rows per call of [`dot_rows_many`]: each activation block loaded serves this
-/// many weight rows.
-pub const COLS: usize = 4;
-
-/// One block of [`ROWS`] activation rows packed for [`dot_rows_many`]: vector `j` holds
-/// bytes `4j..4j + 4` of each row's quants, row `k` in 32-bit lane `k`, so that one
-/// broadcast weight word against it gives all rows' partial sums lane-wise; `lo`, `hi`
-/// each row's integer sum of its first and its last 16 quants (for the offset that
-/// makes signed weights unsigned). Rows past the last are zero.
-#[derive(Clone, Copy)]
-#[repr(C, align(32))]
-pub struct PackedBlock {
-    pub q: [[i8; QK]; 8],
-    pub lo: [i32; ROWS],
-    pub hi: [i32; ROWS],
-}
-
-/// Quantized activation rows packed for [`dot_rows_many`]: pass `p` (rows `8p..8p + 8`),
-/// block `b` is `blocks[p·nb + b]`. The same integers as the rows, rearranged.
-#[derive(Default)]
-pub struct ActPack {
-    blocks: Vec<PackedBlock>,
-    nb: usize,
-    rows: usize,
-}
-
-impl ActPack {
-    /// Pack `x`, rows of `nb` blocks.
-    pub fn new(x: &[Q8Act], nb: usize) -> Self {
-        let rows = x.len().checked_div(nb).unwrap_or(0);
-        let zero = PackedBlock { q: [[0; QK]; 8], lo: [0; ROWS], hi: [0; ROWS] };
-        let mut blocks = vec![zero; rows.div_ceil(ROWS) * nb];
-        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
-            let (p, k) = (r / ROWS, r % ROWS);
-            for (b, xb) in xr.iter().enumerate() {
-                let pb = &mut blocks[p * nb + b];
-                for j in 0..8 {
-                    pb.q[j][4 * k..4 * k + 4].copy_from_slice(&xb.qs[4 * j..4 * j + 4]);
-                }
-                pb.lo[k] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
-                pb.hi[k] = xb.qs[16..].iter().map(|&v| i32::from(v)).sum();
-            }
-        }
-        Self { blocks, nb, rows }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-}
-
-/// Whether [`dot_rows_many`] has a kernel for `ty` on this CPU (x86 with AVX-512 VNNI;
-/// every quantized type but Q2_K).
-pub fn many_supported(ty: GgmlType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_vnni() && ty.is_quantized() && ty != GgmlType::Q2_K
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        false
-    }
-}
-
-/// Unpack one weight row of `nb` blocks for [`dot_rows_many`]. Only where
-/// [`many_supported`].
-pub fn prepare_many(ty: GgmlType, row: &[u8], nb: usize, prep: &mut RowPrep) {
-    assert!(many_supported(ty), "no multi-row kernel for {ty}");
-    let need = ty.bytes_for((nb * QK) as u64).unwrap_or(u64::MAX);
-    assert!(row.len() as u64 >= need, "row of {} bytes for {nb} chunks of {ty}", row.len());
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX2, F16C, AVX-512 BW and VL are present (`many_supported` checked them with
-    // VNNI); the row's length is asserted.
-    unsafe {
-        x86::prepare_row_unsigned(ty, row, nb, prep)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = prep;
-}
-
-/// Canonical dots of up to [`COLS`] weight rows with activation rows `r0..r1` of `pack`:
-/// `out[(r − r0)·COLS + i] = dot_row(ty, row_i, x_r)` bit for bit, for the rows
-/// `preps[i]` was prepared from by [`prepare_many`] (repeat one to fill the array; its
-/// columns are computed and ignored). `sc` holds the same activations' scales; `r0` is
-/// a multiple of [`ROWS`]. Per block and pass of 8 activation rows, each weight word is
-/// broadcast against the packed activations, so AVX-512 VNNI's `vpdpbusd` leaves every
-/// row's exact integer sum in its own lane (signed weights offset to unsigned, the
-/// offset times the activations' sum taken back: the same integer); then the same f32
-/// operations per block as [`dot_row`], into lane accumulator `b % 32`, and the
-/// butterfly lane-wise.
-pub fn dot_rows_many(
-    ty: GgmlType,
-    preps: [PrepRef<'_>; COLS],
-    pack: &ActPack,
-    sc: &ActScales,
-    r0: usize,
-    r1: usize,
-    out: &mut [f32],
-) {
-    assert!(many_supported(ty), "no multi-row kernel for {ty}");
-    let nb = pack.nb;
-    assert!(r0.is_multiple_of(ROWS) && r0 <= r1 && r1 <= pack.rows, "rows {r0}..{r1} of {}", pack.rows);
-    assert!(out.len() >= (r1 - r0) * COLS, "output for {} rows", r1 - r0);
-    // The kernel reads blocks 0..nb of each row: minimums only where the type has
-    // them, pair multipliers only where it has those.
-    let min = chunk::form(ty) == chunk::Form::Min;
-    for p in preps {
-        assert!(p.w.len() >= nb && p.dw.len() >= nb && (!min || p.mw.len() >= nb), "weights prepared for {nb} blocks");
-        assert!(!pair_scaled(ty) || p.sc.len() >= nb, "scales prepared for {nb} blocks");
-    }
-    let (p0, p1) = (r0 / ROWS, r1.div_ceil(ROWS));
-    assert!(sc.dt.len() >= p1 * ROWS * nb && sc.st.len() >= p1 * ROWS * nb, "transposed activation scales");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
-    unsafe {
-        x86::dot_rows_many_vnni(
-            ty,
-            &pack.blocks[p0 * nb..p1 * nb],
-            nb,
-            r1 - r0,
-            &sc.dt[p0 * ROWS * nb..],
-            &sc.st[p0 * ROWS * nb..],
-            preps,
-            out,
-        )
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (preps, sc, p0, p1, out);
-}
-
 /// Weight rows per group of [`dot_rows_wide`]: one row per 32-bit lane.
 pub const WIDE: usize = 8;
 
@@ -628,10 +419,14 @@ fn wide_vectors(ty: GgmlType) -> usize {
 pub struct V32(pub [u8; 32]);
 
 /// Rows of one weight matrix (a [`wide_supported`] type) laid out for [`dot_rows_wide`],
-/// [`WIDE`] rows per group, the last group padded with zero rows: per block, the rows'
-/// quant words interleaved (lane `r` of vector `v` is row `r`'s word `v`), their scales
-/// and minimums as f32. Made once per matrix (kept, like [`PreparedRows`]) or per task.
-/// Per 32 weights: 20 bytes for Q4_0, 24 for Q4_1 (the file's 18 and 20), 36 for Q8_0.
+/// [`WIDE`] rows per group, the last group padded with zero rows: per 32-chunk, the
+/// rows' quant words interleaved (lane `r` of vector `v` is row `r`'s word `v`) as
+/// unsigned bytes (nibbles for the 4-bit types), their factors as f32 and (Q3_K, Q6_K)
+/// their multipliers per half. Made once per matrix at the first batched pass and kept
+/// (a batched decode step would otherwise lay out every weight row again for a handful
+/// of activation rows), or per task when over the budget. Per 32 weights: 20 bytes for
+/// Q4_0, 24 for Q4_1 and Q4_K, 36 for Q8_0 and Q5_0, 40 for Q5_1 and Q5_K, 44 for Q3_K
+/// and Q6_K.
 #[derive(Default)]
 pub struct WideRows {
     q: Vec<V32>,

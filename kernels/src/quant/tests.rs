@@ -500,58 +500,6 @@ fn simd_activation_quantization_is_the_reference_bits() {
 }
 
 #[test]
-fn many_row_dots_are_the_scalar_bits_for_every_width_and_row_count() {
-    // Every row length from 1 to 41 chunks, 1 to 9 activation rows in tiles starting
-    // at every pass, 1 to 4 distinct weight rows (short groups repeat the last), extreme
-    // blocks (all bits set) and activations (±127, huge and tiny scales) included.
-    for ty in BLOCK_TYPES {
-        if !many_supported(ty) {
-            assert!(ty == GgmlType::Q2_K || !has_vnni(), "{ty} has no multi-row kernel");
-            continue;
-        }
-        let per = ty.block_len() / QK;
-        for blocks in 1..=41usize.div_ceil(per) {
-            let nb = blocks * per;
-            let rows_w: Vec<Vec<u8>> = (0..COLS)
-                .map(|i| random_blocks(ty, blocks, (blocks * 7 + i) as u64 + 90, (blocks + i) % 5 == 0))
-                .collect();
-            let mut preps: Vec<RowPrep> = (0..COLS).map(|_| RowPrep::default()).collect();
-            for (p, w) in preps.iter_mut().zip(&rows_w) {
-                prepare_many(ty, w, nb, p);
-            }
-            // The same rows prepared once and kept, unpadded (the model's cache).
-            let kept = PreparedRows::new(ty, &rows_w.concat(), rows_w[0].len(), nb);
-            for rows in 1..=17usize {
-                let xq = acts(nb * QK * rows, (3 * rows + blocks) as u32);
-                let sc = ActScales::new(&xq, nb);
-                let pack = ActPack::new(&xq, nb);
-                for (m, from_kept) in (1..=COLS).flat_map(|m| [(m, false), (m, true)]) {
-                    let ps: [PrepRef<'_>; COLS] = std::array::from_fn(|i| {
-                        if from_kept { kept.row(i.min(m - 1)) } else { preps[i.min(m - 1)].view() }
-                    });
-                    for r0 in (0..rows).step_by(ROWS) {
-                        let mut out = vec![f32::NAN; (rows - r0) * COLS];
-                        dot_rows_many(ty, ps, &pack, &sc, r0, rows, &mut out);
-                        for r in r0..rows {
-                            let want_x = &xq[r * nb..(r + 1) * nb];
-                            for i in 0..COLS {
-                                let want = dot_row_scalar(ty, &rows_w[i.min(m - 1)], want_x);
-                                let got = out[(r - r0) * COLS + i];
-                                assert_eq!(
-                                    got.to_bits(),
-                                    want.to_bits(),
-                                    "{ty} {nb} chunks, {rows} rows from {r0}, row {r} col {i}, kept {from_kept}"
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[test]
 fn wide_dots_are_the_scalar_bits_for_every_width_and_row_count() {
     // Every row length from 1 to 41 chunks (lane accumulators reused past 32), 1 to 17
     // weight rows (groups padded with zero rows), 1 to 17 activation rows from every
@@ -566,8 +514,9 @@ fn wide_dots_are_the_scalar_bits_for_every_width_and_row_count() {
         for blocks in 1..=41usize.div_ceil(per) {
             let nb = blocks * per;
             let n_w = 1 + (nb + blocks) % 17;
-            let rows_w: Vec<Vec<u8>> =
-                (0..n_w).map(|i| random_blocks(ty, blocks, (nb * 11 + i) as u64 + 7, (nb + i).is_multiple_of(6))).collect();
+            let rows_w: Vec<Vec<u8>> = (0..n_w)
+                .map(|i| random_blocks(ty, blocks, (nb * 11 + i) as u64 + 7, (nb + i).is_multiple_of(6)))
+                .collect();
             let wide = WideRows::new(ty, &rows_w.concat(), rows_w[0].len(), nb);
             assert_eq!(wide.rows(), n_w);
             assert_eq!(wide.bytes(), WideRows::bytes_for(ty, n_w, nb));
