@@ -355,8 +355,8 @@ impl Model {
     }
 
     /// Cap the memory the CPU backend may keep for this model's prepared weight rows
-    /// (made on its first batched pass; about twice a 4-bit model's weights). A model
-    /// whose prepared rows would need more keeps none, and every batched pass unpacks
+    /// (made on its first batched pass; about 1.2x a 4-bit model's weights). A model
+    /// whose prepared rows would need more keeps none, and every batched pass lays out
     /// the rows it needs: the same bits, slower batches. Takes effect only before the
     /// first batched pass.
     pub fn set_prepared_budget(&self, bytes: usize) {

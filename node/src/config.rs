@@ -167,8 +167,8 @@ pub struct ExecutionConfig {
     /// them (a chat template's opening, a conversation resent with a turn added): those
     /// tokens are copied, not prefilled. CPU backends; 0: keep none.
     pub prefix_cache_mib: u64,
-    /// MiB the CPU backend may keep per model for its batched kernel's unpacked weight
-    /// rows (about twice a 4-bit model's weights; batches decode ~1.5x faster with
+    /// MiB the CPU backend may keep per model for its batched kernel's weight rows laid
+    /// out 8 to a vector (about 1.2x a 4-bit model's weights; batches decode faster with
     /// them). A model that needs more keeps none. 0: never keep them.
     pub prepared_weights_mib: u64,
     /// Bounded execution queue length.
@@ -368,8 +368,8 @@ prefill_chunk_tokens = 64
 # MiB of prompt prefixes' keys and values kept for later prompts that start with
 # them (a chat template's opening): those tokens are copied, not prefilled. 0 = none.
 prefix_cache_mib = 64
-# MiB the CPU backend may keep per model for its batched kernel's unpacked weight
-# rows (about twice a 4-bit model's weights; batched decode is faster with them).
+# MiB the CPU backend may keep per model for its batched kernel's weight rows laid
+# out 8 to a vector (about 1.2x a 4-bit model's weights; batched decode is faster).
 # A model that needs more keeps none; 0 = never.
 prepared_weights_mib = 1024
 queue_capacity = 64
