@@ -1146,14 +1146,7 @@ impl Actor {
     /// [`DIRECT_PER_SECOND`] up to [`DIRECT_BURST`]); false when it is spent.
     fn direct_allowed(&mut self, peer: PeerId) -> bool {
         let now = std::time::Instant::now();
-        let (tokens, last) = self.direct_budget.entry(peer).or_insert((DIRECT_BURST, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * DIRECT_PER_SECOND).min(DIRECT_BURST);
-        *last = now;
-        if *tokens < 1.0 {
-            return false;
-        }
-        *tokens -= 1.0;
-        true
+        take_direct_token(self.direct_budget.entry(peer).or_insert((DIRECT_BURST, now)), now)
     }
 
     fn fetch_event(&mut self, ev: request_response::Event<FetchRequest, FetchResponse>) {
@@ -1191,5 +1184,43 @@ impl Actor {
             }
             _ => {}
         }
+    }
+}
+
+/// One peer's direct-message budget `(tokens, last)` at `now`: topped up at
+/// [`DIRECT_PER_SECOND`] since `last`, up to [`DIRECT_BURST`]; takes one if there is one.
+fn take_direct_token(budget: &mut (f64, std::time::Instant), now: std::time::Instant) -> bool {
+    let (tokens, last) = budget;
+    *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * DIRECT_PER_SECOND).min(DIRECT_BURST);
+    *last = (*last).max(now);
+    if *tokens < 1.0 {
+        return false;
+    }
+    *tokens -= 1.0;
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// A flood of direct messages from one peer: a burst gets in, then the rate; the
+    /// rest are refused (and go to gossip, where scoring sees them). Time that runs
+    /// backwards (a clock step) gives nothing.
+    #[test]
+    fn direct_messages_beyond_the_burst_get_the_rate_and_no_more() {
+        let t0 = Instant::now();
+        let mut budget = (DIRECT_BURST, t0);
+        let burst = (0..1000).filter(|_| take_direct_token(&mut budget, t0)).count();
+        assert_eq!(burst, DIRECT_BURST as usize);
+        // One second of a flood, a message every millisecond: the rate, not the flood.
+        let second = (1..=1000).filter(|&ms| take_direct_token(&mut budget, t0 + Duration::from_millis(ms))).count();
+        assert_eq!(second, DIRECT_PER_SECOND as usize);
+        // A quiet peer is topped up to the burst, never beyond.
+        let later = t0 + Duration::from_secs(3600);
+        let refilled = (0..1000).filter(|_| take_direct_token(&mut budget, later)).count();
+        assert_eq!(refilled, DIRECT_BURST as usize);
+        assert!(!take_direct_token(&mut budget, t0), "an earlier instant adds nothing");
     }
 }
