@@ -838,7 +838,9 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.peers.disconnected(&peer_id, std::time::Instant::now());
-                self.direct_budget.remove(&peer_id);
+                // A spent budget outlives the connection (reconnecting must not buy a
+                // fresh burst); the prune tick forgets it once it is full again.
+                forget_full_budget(&mut self.direct_budget, &peer_id, std::time::Instant::now());
                 if let Ok(mut r) = self.registry.write() {
                     r.disconnected(&peer_id);
                 }
@@ -1017,6 +1019,12 @@ impl Actor {
 
     /// Close the connections above the high watermark (see [`crate::peers`]).
     fn prune(&mut self) {
+        // Budgets of peers no longer connected, once full again: the same as none.
+        let now = std::time::Instant::now();
+        let gone: Vec<PeerId> = self.direct_budget.keys().filter(|p| !self.swarm.is_connected(p)).copied().collect();
+        for p in gone {
+            forget_full_budget(&mut self.direct_budget, &p, now);
+        }
         let gossipsub = &self.swarm.behaviour().gossipsub;
         let mut kept: HashSet<PeerId> = gossipsub.all_mesh_peers().copied().collect();
         // A fetch or a direct round message in flight either way keeps its connection.
@@ -1200,10 +1208,39 @@ fn take_direct_token(budget: &mut (f64, std::time::Instant), now: std::time::Ins
     true
 }
 
+/// Drop `peer`'s direct-message budget if it has topped up to the full burst by `now`
+/// (a new one would be the same).
+fn forget_full_budget(
+    budgets: &mut HashMap<PeerId, (f64, std::time::Instant)>,
+    peer: &PeerId,
+    now: std::time::Instant,
+) {
+    if let Some((tokens, last)) = budgets.get(peer)
+        && tokens + now.saturating_duration_since(*last).as_secs_f64() * DIRECT_PER_SECOND >= DIRECT_BURST
+    {
+        budgets.remove(peer);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// A peer that spent its budget and reconnects finds it spent: only time refills it.
+    #[test]
+    fn a_spent_direct_budget_outlives_the_connection_until_it_is_full_again() {
+        let t0 = Instant::now();
+        let peer = PeerId::random();
+        let mut budgets = HashMap::from([(peer, (DIRECT_BURST, t0))]);
+        while take_direct_token(budgets.get_mut(&peer).expect("budget"), t0) {}
+        forget_full_budget(&mut budgets, &peer, t0);
+        assert!(budgets.contains_key(&peer), "spent: kept");
+        forget_full_budget(&mut budgets, &peer, t0 + Duration::from_secs(1));
+        assert!(budgets.contains_key(&peer), "half full: kept");
+        forget_full_budget(&mut budgets, &peer, t0 + Duration::from_secs(2));
+        assert!(!budgets.contains_key(&peer), "full again: the same as none");
+    }
 
     /// A flood of direct messages from one peer: a burst gets in, then the rate; the
     /// rest are refused (and go to gossip, where scoring sees them). Time that runs
