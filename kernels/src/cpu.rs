@@ -167,7 +167,7 @@ impl Prepared {
         mats.dedup_by_key(|w| w.offset);
         let need: usize = mats.iter().map(|w| WideRows::bytes_for(w.ty, w.rows, w.cols / QK)).sum();
         if need > model.prepared_budget.load(std::sync::atomic::Ordering::Relaxed) {
-            tracing::info!(need, "prepared weight rows over budget: batched passes unpack them each time");
+            tracing::info!(need, "prepared weight rows over budget: batched passes lay them out each time");
             return Self(std::collections::HashMap::new());
         }
         let pieces: Vec<(usize, usize)> = mats
