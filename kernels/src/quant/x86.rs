@@ -916,7 +916,8 @@ const WTYPES: [GgmlType; 9] = [
 ];
 
 /// [`super::dot_rows_wide`]'s kernel: activation rows `x` (`rows` of `nb` blocks, their
-/// quant sums `xn` at `stride` per row) against the [`WIDE`] weight rows of `w`;
+/// quant sums `xn` and first-half sums `xh` at `stride` per row) against the [`WIDE`]
+/// weight rows of `w`;
 /// `out[r·WIDE + i]`. Per block the weight words are loaded (and the nibbles unpacked)
 /// once, as 8 vectors with one weight row per lane, and serve every activation row:
 /// each activation word is broadcast against them, so `vpdpbusd` leaves the 8 rows'
@@ -925,8 +926,8 @@ const WTYPES: [GgmlType; 9] = [
 ///
 /// # Safety
 /// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `w` holds `nb` blocks; `x` holds
-/// `rows·nb` blocks, `xn` and `xh` `rows·stride` sums (`stride ≥ nb`); `out` holds `rows·WIDE`
-/// values; `ty` is one of [`WTYPES`].
+/// `rows·nb` blocks, `xn` and `xh` `rows·stride` sums (`stride ≥ nb`); `out` holds
+/// `rows·WIDE` values; `ty` is one of [`WTYPES`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn dot_rows_wide_vnni(
