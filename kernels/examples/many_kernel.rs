@@ -46,7 +46,7 @@ fn main() {
             let mut sink = 0.0f32;
             for _ in 0..reps {
                 for g in 0..rows_w / WIDE {
-                    dot_rows_wide(ty, wide.group(g), &xq, sc.rows(0, 8), &mut out);
+                    dot_rows_wide(wide.group(g), &xq, sc.rows(0, 8), &mut out);
                     sink += out[0];
                 }
             }

@@ -245,28 +245,28 @@ fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
             if n >= BATCHED_MIN_ROWS && wide_supported(w.ty) {
                 // WIDE weight rows at a time (laid out once and kept, or here for the
                 // task) against every activation row of a tile.
-                let kept = prepared.and_then(|p| p.matrix(w));
-                let own = match kept {
-                    Some(_) => None,
-                    None => Some(WideRows::new(
-                        w.ty,
-                        &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes],
-                        w.row_bytes,
-                        nb,
-                    )),
+                // Pieces of the kept layout and the row they start at (the task's own
+                // rows make one piece: fewer than a kept piece holds).
+                let own;
+                let (pieces, base) = match prepared.and_then(|p| p.matrix(w)) {
+                    Some(kept) => (kept, 0),
+                    None => {
+                        own = [WideRows::new(
+                            w.ty,
+                            &bytes[w.offset + lo * w.row_bytes..w.offset + hi * w.row_bytes],
+                            w.row_bytes,
+                            nb,
+                        )];
+                        (&own[..], lo)
+                    }
                 };
                 for r0 in (0..n).step_by(ROW_TILE) {
                     let r1 = (r0 + ROW_TILE).min(n);
                     tile.resize((r1 - r0) * WIDE, 0.0);
                     for g0 in (lo..hi).step_by(WIDE) {
-                        let group = match (kept, &own) {
-                            (Some(pieces), _) => {
-                                pieces[g0 / PREPARE_ROWS_PER_TASK].group(g0 % PREPARE_ROWS_PER_TASK / WIDE)
-                            }
-                            (None, Some(own)) => own.group((g0 - lo) / WIDE),
-                            (None, None) => unreachable!("laid out above"),
-                        };
-                        dot_rows_wide(w.ty, group, &x.q[r0 * nb..r1 * nb], x.sc.rows(r0, r1), tile);
+                        let at = g0 - base;
+                        let group = pieces[at / PREPARE_ROWS_PER_TASK].group(at % PREPARE_ROWS_PER_TASK / WIDE);
+                        dot_rows_wide(group, &x.q[r0 * nb..r1 * nb], x.sc.rows(r0, r1), tile);
                         let m = (hi - g0).min(WIDE);
                         for (r, vals) in (r0..r1).zip(tile.chunks_exact(WIDE)) {
                             for (i, &v) in vals[..m].iter().enumerate() {

@@ -72,6 +72,12 @@ impl Hparams {
         self.n_head_kv * self.head_dim
     }
 
+    /// Bytes one token takes in a CPU sequence's cache: its keys and values, f32, in
+    /// every layer.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.n_layer * self.kv_dim() * 4
+    }
+
     /// Width of the queries and of the attention output: `n_head · head_dim` (Gemma 3
     /// 270M: 4 · 256 = 1024 for a 640-wide residual stream).
     pub fn q_dim(&self) -> usize {

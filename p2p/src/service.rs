@@ -600,8 +600,9 @@ struct Actor {
         HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<FetchResponse, P2pError>>)>,
     /// Direct sends in flight: what to gossip if one is not taken.
     pending_direct: HashMap<request_response::OutboundRequestId, (PeerId, GossipTopic, SignedEnvelope)>,
-    /// Per connected peer: direct messages it may still send now, and when that was
-    /// last topped up.
+    /// Per peer: direct messages it may still send now, and when that was last topped
+    /// up. A spent budget outlives the connection (reconnecting must not buy a fresh
+    /// burst); the prune tick forgets a disconnected peer's once it is full again.
     direct_budget: HashMap<PeerId, (f64, std::time::Instant)>,
     /// Fetches asked of this node, awaiting its answer: with the asker.
     inbound: HashMap<u64, (PeerId, request_response::ResponseChannel<FetchResponse>)>,
@@ -838,9 +839,6 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.peers.disconnected(&peer_id, std::time::Instant::now());
-                // A spent budget outlives the connection (reconnecting must not buy a
-                // fresh burst); the prune tick forgets it once it is full again.
-                forget_full_budget(&mut self.direct_budget, &peer_id, std::time::Instant::now());
                 if let Ok(mut r) = self.registry.write() {
                     r.disconnected(&peer_id);
                 }

@@ -250,19 +250,14 @@ impl ActScales {
         act_sums(x, nb, &mut sc.n);
         let stride = scales_stride(nb);
         let rows = x.len().checked_div(nb).unwrap_or(0);
-        sc.h.resize(rows * stride, 0);
-        for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
-            for (b, xb) in xr.iter().enumerate() {
-                sc.h[r * stride + b] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
-            }
-        }
-        let rows = x.len().checked_div(nb).unwrap_or(0);
         let len = rows.div_ceil(ROWS) * ROWS * nb;
+        sc.h.resize(sc.n.len(), 0);
         sc.dt.resize(len, 0.0);
         sc.st.resize(len, 0.0);
         for (r, xr) in x.chunks_exact(nb.max(1)).take(rows).enumerate() {
             let (p, k) = (r / ROWS, r % ROWS);
             for (b, xb) in xr.iter().enumerate() {
+                sc.h[r * stride + b] = xb.qs[..16].iter().map(|&v| i32::from(v)).sum();
                 sc.dt[(p * nb + b) * ROWS + k] = xb.d;
                 sc.st[(p * nb + b) * ROWS + k] = xb.s;
             }
@@ -427,16 +422,14 @@ pub struct V32(pub [u8; 32]);
 /// of activation rows), or per task when over the budget. Per 32 weights: 20 bytes for
 /// Q4_0, 24 for Q4_1 and Q4_K, 36 for Q8_0 and Q5_0, 40 for Q5_1 and Q5_K, 44 for Q3_K
 /// and Q6_K.
-#[derive(Default)]
 pub struct WideRows {
+    ty: GgmlType,
     q: Vec<V32>,
     d: Vec<f32>,
     m: Vec<f32>,
     /// Q3_K and Q6_K: per block, the 8 rows' scales of the first half, then the second.
     sc: Vec<i32>,
     nb: usize,
-    /// [`wide_vectors`] of the type.
-    vecs: usize,
     rows: usize,
 }
 
@@ -444,6 +437,7 @@ pub struct WideRows {
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct WideRef<'a> {
+    ty: GgmlType,
     q: &'a [V32],
     d: &'a [f32],
     m: &'a [f32],
@@ -463,12 +457,12 @@ impl WideRows {
         let vecs = wide_vectors(ty);
         let (min, paired) = (chunk::form(ty) == chunk::Form::Min, pair_scaled(ty));
         let mut out = Self {
+            ty,
             q: vec![V32::default(); groups * nb * vecs],
             d: vec![0.0; groups * nb * WIDE],
             m: if min { vec![0.0; groups * nb * WIDE] } else { Vec::new() },
             sc: if paired { vec![0; groups * nb * 2 * WIDE] } else { Vec::new() },
             nb,
-            vecs,
             rows: n,
         };
         // Each chunk as the reference decodes it (its factors are the reference's bits),
@@ -505,10 +499,11 @@ impl WideRows {
 
     /// Group `g` (rows `8g..8g + 8`).
     pub fn group(&self, g: usize) -> WideRef<'_> {
-        let (nb, vecs) = (self.nb, self.vecs);
+        let (nb, vecs) = (self.nb, wide_vectors(self.ty));
         let m = if self.m.is_empty() { &self.m[..] } else { &self.m[g * nb * WIDE..(g + 1) * nb * WIDE] };
         let sc = if self.sc.is_empty() { &self.sc[..] } else { &self.sc[g * nb * 2 * WIDE..(g + 1) * nb * 2 * WIDE] };
         WideRef {
+            ty: self.ty,
             q: &self.q[g * nb * vecs..(g + 1) * nb * vecs],
             d: &self.d[g * nb * WIDE..(g + 1) * nb * WIDE],
             m,
@@ -537,12 +532,12 @@ impl WideRows {
 
 /// Canonical dots of the [`WIDE`] weight rows of `w` (a group of [`WideRows`]) with
 /// activation rows `x` (`rows` of `nb` blocks; `sc` their scales from [`ActScales`], any
-/// rows `r0..` of it): `out[r·WIDE + i] = dot_row(ty, row_i, x_r)` bit for bit (padding
-/// rows give 0). The weights of a block are loaded and unpacked once for every
-/// activation row, each activation word broadcast against the 8 rows' words.
-pub fn dot_rows_wide(ty: GgmlType, w: WideRef<'_>, x: &[Q8Act], sc: ActScalesRef<'_>, out: &mut [f32]) {
-    assert!(wide_supported(ty), "no wide kernel for {ty}");
-    let nb = w.nb;
+/// rows `r0..` of it): `out[r·WIDE + i] = dot_row(ty, row_i, x_r)` bit for bit (a
+/// padding row's values mean nothing). The weights of a block are loaded and unpacked
+/// once for every activation row, each activation word broadcast against the 8 rows'
+/// words.
+pub fn dot_rows_wide(w: WideRef<'_>, x: &[Q8Act], sc: ActScalesRef<'_>, out: &mut [f32]) {
+    let (ty, nb) = (w.ty, w.nb);
     let rows = x.len().checked_div(nb).unwrap_or(0);
     let stride = scales_stride(nb);
     assert!(
@@ -559,12 +554,13 @@ pub fn dot_rows_wide(ty: GgmlType, w: WideRef<'_>, x: &[Q8Act], sc: ActScalesRef
         "weights laid out for {nb} blocks"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: VNNI (with AVX2, F16C) is present; the lengths read are asserted above.
+    // SAFETY: VNNI (with AVX2, F16C) is present (a `WideRows` is only made where
+    // `wide_supported`); the lengths read are asserted above.
     unsafe {
-        x86::dot_rows_wide_vnni(ty, w, x, sc.n, sc.h, nb, stride, rows, out)
+        x86::dot_rows_wide_vnni(w, x, sc.n, sc.h, nb, stride, rows, out)
     };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (x, sc, out, stride);
+    let _ = (w, x, sc, out, stride);
 }
 
 /// Types with a scale per 16 elements inside the integer sum.

@@ -526,7 +526,7 @@ fn wide_dots_are_the_scalar_bits_for_every_width_and_row_count() {
                 for r0 in (0..rows).step_by(ROWS) {
                     for g in 0..n_w.div_ceil(WIDE) {
                         let mut out = vec![f32::NAN; (rows - r0) * WIDE];
-                        dot_rows_wide(ty, wide.group(g), &xq[r0 * nb..], sc.rows(r0, rows), &mut out);
+                        dot_rows_wide(wide.group(g), &xq[r0 * nb..], sc.rows(r0, rows), &mut out);
                         for r in r0..rows {
                             for i in 0..WIDE {
                                 let o = g * WIDE + i;

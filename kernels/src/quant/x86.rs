@@ -927,11 +927,10 @@ const WTYPES: [GgmlType; 9] = [
 /// # Safety
 /// The CPU has AVX2, F16C, AVX-512 VNNI and VL; `w` holds `nb` blocks; `x` holds
 /// `rows·nb` blocks, `xn` and `xh` `rows·stride` sums (`stride ≥ nb`); `out` holds
-/// `rows·WIDE` values; `ty` is one of [`WTYPES`].
+/// `rows·WIDE` values; `w`'s type is one of [`WTYPES`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,f16c,avx512vnni,avx512vl")]
 pub(super) unsafe fn dot_rows_wide_vnni(
-    ty: GgmlType,
     w: WideRef<'_>,
     x: &[Q8Act],
     xn: &[i32],
@@ -943,9 +942,9 @@ pub(super) unsafe fn dot_rows_wide_vnni(
 ) {
     macro_rules! by_type {
         ($($i:literal),*) => {
-            match ty {
+            match w.ty {
                 $(t if t == WTYPES[$i] => wide_body::<$i>(w, x, xn, xh, nb, stride, rows, out),)*
-                _ => unreachable!("no wide kernel for {ty}"),
+                t => unreachable!("no wide kernel for {t}"),
             }
         };
     }

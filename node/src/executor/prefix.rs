@@ -89,7 +89,8 @@ impl PrefixCache {
             return;
         }
         let m = &engine.model;
-        let per_token = 2 * m.hp.n_layer * m.hp.kv_dim() * 4 + 4;
+        // Its keys and values, and the token itself.
+        let per_token = m.hp.kv_bytes_per_token() + 4;
         let keep = prompt.len().min(MAX_KEPT_TOKENS).min(self.cap / per_token.max(1));
         if keep <= MIN_REUSE || keep > seq.pos {
             return;
