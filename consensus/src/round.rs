@@ -103,10 +103,10 @@ pub enum Action {
     Publish {
         topic: Topic,
         envelope: SignedEnvelope,
-        /// Who needs it: empty for everyone. A round's commits, declines and reveals
-        /// concern the coordinator, its reveal request the committee; everyone else
-        /// learns them from the verdict. The transport may still send to more (the
-        /// protocol never relies on who else sees a message).
+        /// Who needs it: empty for everyone. A task's announcement and its reveal
+        /// request concern the committee, a round's commits, declines and reveals the
+        /// coordinator; everyone else learns them from the verdict. The transport may
+        /// still send to more (the protocol never relies on who else sees a message).
         to: Vec<PeerId>,
     },
     /// Store this seat's commit durably (synced), then carry out the actions after it:
@@ -122,9 +122,10 @@ pub enum Action {
     Execute { task: TaskId, attempt: u8, spec: Box<TaskSpec>, commit_deadline_ms: u64 },
     /// A verdict whose evidence checked out: apply it to storage.
     Apply(Box<VerifiedVerdict>),
-    /// An announcement for `model` whose candidate list (not full) leaves this node
-    /// out: if this node serves the model and the coordinator knows it, that is the
-    /// coordinator's choice, recorded first-hand against it.
+    /// A verdict whose announcement for `model` has a candidate list (not full) that
+    /// leaves this node out: if this node serves the model and the coordinator knows
+    /// it, that is the coordinator's choice, recorded first-hand against it (the
+    /// coordinator signed the list).
     LeftOut {
         coordinator: PeerId,
         model: ModelId,
@@ -446,7 +447,7 @@ impl Consensus {
             candidates,
         };
         let ann_env = seal(&self.key, &ann);
-        self.publish(Topic::Tasks(ann.spec.model), ann_env.clone(), actions);
+        self.publish_to(Topic::Tasks(ann.spec.model), ann_env.clone(), ann.committee.clone(), actions);
         let committee_deadlines = ann.committee.iter().map(|p| (*p, commit_deadline_ms)).collect();
         self.coordinated.insert(
             task,
@@ -545,21 +546,11 @@ impl Consensus {
                 escalations: ann.spec.max_escalations,
             }));
         }
-        // Announcements that don't seat us cost a decode and a hash, and leave no state.
+        // Announcements that don't seat us (gossiped when a member could not be sent
+        // one directly) cost a decode and a hash, and leave no state. Whether the
+        // candidate list left this node out is read from the verdict, which everyone
+        // gets.
         if !ann.committee.contains(&self.me) {
-            if ann.spec.coordinator != self.me
-                && ann.candidates.len() < crate::messages::MAX_CANDIDATES
-                && !ann.candidates.iter().any(|c| c.peer == self.me)
-            {
-                let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
-                let offered_per_1k =
-                    (ann.spec.fee / seats).saturating_mul(1000) / u64::from(ann.spec.params.max_tokens.max(1));
-                actions.push(Action::LeftOut {
-                    coordinator: ann.spec.coordinator,
-                    model: ann.spec.model,
-                    offered_per_1k,
-                });
-            }
             return Ok(());
         }
         // Our seat must follow from the announced candidates, not from the coordinator's
@@ -883,6 +874,11 @@ impl Consensus {
                 self.seen_verdicts.insert(key, id);
             }
         }
+        if let Ok(ann) = verified.verdict.evidence.announcement.open::<TaskAnnouncement>()
+            && let Some(left_out) = self.left_out(&ann)
+        {
+            actions.push(left_out);
+        }
         self.seen_order.push_back(key);
         while self.seen_order.len() > self.params.verdict_memory {
             if let Some(old) = self.seen_order.pop_front() {
@@ -890,6 +886,21 @@ impl Consensus {
             }
         }
         actions.push(Action::Apply(Box::new(verified)));
+    }
+
+    /// [`Action::LeftOut`] when `ann`'s candidate list (not full) leaves this node out
+    /// of a round it neither coordinates nor sits in.
+    fn left_out(&self, ann: &TaskAnnouncement) -> Option<Action> {
+        if ann.committee.contains(&self.me)
+            || ann.spec.coordinator == self.me
+            || ann.candidates.len() >= crate::messages::MAX_CANDIDATES
+            || ann.candidates.iter().any(|c| c.peer == self.me)
+        {
+            return None;
+        }
+        let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
+        let offered_per_1k = (ann.spec.fee / seats).saturating_mul(1000) / u64::from(ann.spec.params.max_tokens.max(1));
+        Some(Action::LeftOut { coordinator: ann.spec.coordinator, model: ann.spec.model, offered_per_1k })
     }
 
     /// Publish the verdict of a coordinated round.
@@ -1050,9 +1061,8 @@ impl Consensus {
         round.ann.commit_deadline_ms = deadline;
         round.ann.reveal_deadline_ms = round.ann.commit_deadline_ms + self.params.reveal_window_ms;
         round.ann_env = seal(&self.key, &round.ann);
-        let env = round.ann_env.clone();
-        let model = round.ann.spec.model;
-        self.publish(Topic::Tasks(model), env, actions);
+        let (env, model, to) = (round.ann_env.clone(), round.ann.spec.model, round.ann.committee.clone());
+        self.publish_to(Topic::Tasks(model), env, to, actions);
     }
 
     /// ByzantineCoordinator: announce a finished attempt again, keeping the first
@@ -1069,8 +1079,8 @@ impl Consensus {
         round.ann.commit_deadline_ms = now_ms + self.params.commit_window_ms;
         round.ann.reveal_deadline_ms = round.ann.commit_deadline_ms + self.params.reveal_window_ms;
         round.ann_env = seal(&self.key, &round.ann);
-        let (env, model) = (round.ann_env.clone(), round.ann.spec.model);
-        self.publish(Topic::Tasks(model), env, actions);
+        let (env, model, to) = (round.ann_env.clone(), round.ann.spec.model, round.ann.committee.clone());
+        self.publish_to(Topic::Tasks(model), env, to, actions);
     }
 
     fn escalate(&mut self, task: TaskId, now_ms: u64, candidates: &[Candidate], actions: &mut Vec<Action>) {

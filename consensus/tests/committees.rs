@@ -133,8 +133,10 @@ fn simulated_rounds_seat_recomputable_committees() {
     assert!(net.rejections.is_empty(), "{:?}", net.rejections);
 }
 
-/// A node that reads an announcement whose (not full) candidate list leaves it out is
-/// told so, to record first-hand against the coordinator; listed or outranked, it is not.
+/// A node that reads a verdict whose announcement's (not full) candidate list leaves it
+/// out is told so, once, to record first-hand against the coordinator; listed or
+/// outranked, it is not. The announcement itself goes to the committee only, and one
+/// that reaches a non-member anyway (gossiped) tells it nothing.
 #[test]
 fn a_node_left_off_the_list_notices() {
     let coordinator = NodeKey::from_seed([1; 32]);
@@ -155,7 +157,31 @@ fn a_node_left_off_the_list_notices() {
     let left_out = |candidates: Vec<Listed>| {
         let mut node = Consensus::new(me.clone(), RoundParams::default());
         let env = SignedEnvelope::seal(&coordinator, &ann(candidates)).expect("seal");
-        node.handle(&env, 1_000).expect("handled").iter().any(|a| matches!(a, Action::LeftOut { .. }))
+        assert!(node.handle(&env, 1_000).expect("handled").is_empty(), "an announcement that does not seat it");
+        // Nobody committed: every member absent (in peer order), the task disputed.
+        let mut marks: Vec<(PeerId, Mark)> = committee.iter().map(|p| (*p, Mark::Absent)).collect();
+        marks.sort_by_key(|(p, _)| *p);
+        let verdict = Verdict {
+            task: s.id(),
+            attempt: 0,
+            outcome: Outcome::Disputed,
+            marks,
+            payouts: Vec::new(),
+            evidence: Evidence {
+                announcement: env,
+                reveal_request: None,
+                commits: Vec::new(),
+                reveals: Vec::new(),
+                equivocations: Vec::new(),
+                declines: Vec::new(),
+            },
+            decided_ms: 7_000,
+        };
+        let v = SignedEnvelope::seal(&coordinator, &verdict).expect("seal");
+        let count = |actions: Vec<Action>| actions.iter().filter(|a| matches!(a, Action::LeftOut { .. })).count();
+        let first = count(node.handle(&v, 7_000).expect("a verdict that verifies"));
+        assert_eq!(count(node.handle(&v, 7_001).expect("again")), 0, "one verdict, one notice at most");
+        first == 1
     };
     assert!(left_out(list.clone()), "not on a short list");
     let mut with_me = list.clone();

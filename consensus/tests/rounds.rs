@@ -24,6 +24,25 @@ fn finalized(net: &SimNet, task: &TaskId) -> Vec<u32> {
     }
 }
 
+/// A task's announcement is addressed to its committee: everyone else learns the task
+/// from the verdict.
+#[test]
+fn the_announcement_is_for_the_committee() {
+    let mut net = net(6);
+    let spec = net.spec(0, 3, 0);
+    let candidates = net.candidates(0);
+    let (task, actions) = net.nodes[0].consensus.submit(spec, None, &candidates, 0).expect("submit");
+    let committee = net.nodes[0].consensus.view(&task).expect("coordinating").committee;
+    let to: Vec<&Vec<PeerId>> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish { envelope, to, .. } if envelope.kind() == MessageKind::TaskAnnouncement => Some(to),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(to, vec![&committee]);
+}
+
 #[test]
 fn honest_round_finalizes_and_every_node_verifies_it() {
     let mut net = net(6);

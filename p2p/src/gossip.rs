@@ -180,10 +180,18 @@ pub fn validate(
 }
 
 /// The checks a round message sent directly passes besides its envelope's (already
-/// verified while decoding): a kind that may travel that way, and its size.
+/// verified while decoding): a kind that may travel that way (a task's messages to
+/// the peers they concern, not the ones everyone needs), and its size.
 pub fn check_direct(env: &SignedEnvelope) -> Result<(), GossipReject> {
     let kind = env.kind();
-    if !matches!(kind, MessageKind::Commit | MessageKind::Decline | MessageKind::Reveal | MessageKind::RevealRequest) {
+    if !matches!(
+        kind,
+        MessageKind::TaskAnnouncement
+            | MessageKind::Commit
+            | MessageKind::Decline
+            | MessageKind::Reveal
+            | MessageKind::RevealRequest
+    ) {
         return Err(GossipReject::WrongTopic { kind: kind.as_str(), topic: "a direct send".into() });
     }
     let (size, max) = (env.to_bytes().len(), max_bytes(kind));
@@ -307,9 +315,11 @@ mod tests {
     }
 
     #[test]
-    fn only_round_messages_within_their_size_travel_directly() {
+    fn only_a_tasks_messages_within_their_size_travel_directly() {
         let key = NodeKey::from_seed([1; 32]);
         assert_eq!(check_direct(&commit_env(&key)), Ok(()));
+        // A task's announcement concerns its committee; a node's announcement everyone.
+        assert_eq!(check_direct(&task_announcement(&key, ModelId(Hash32::of(b"m")), "hi")), Ok(()));
         let ann = SignedEnvelope::seal(&key, &announcement("x".into(), 0)).expect("seal");
         assert!(matches!(check_direct(&ann), Err(GossipReject::WrongTopic { kind: "node_announcement", .. })));
         // A reveal longer than any answer may be (each token a five-byte varint).
@@ -349,17 +359,15 @@ mod tests {
         assert_eq!(err.acceptance(), MessageAcceptance::Reject);
     }
 
-    #[test]
-    fn a_task_announcement_only_on_its_models_topic() {
+    /// A task announcement for `model`, sealed by `key`, with a `prompt`.
+    fn task_announcement(key: &NodeKey, model: ModelId, prompt: &str) -> SignedEnvelope {
         use sampo_consensus::{Prompt, SamplingParams, TaskSpec};
-        let key = NodeKey::from_seed([1; 32]);
-        let model = ModelId(Hash32::of(b"m"));
         let spec = TaskSpec {
             coordinator: key.peer_id(),
             nonce: 1,
             created_ms: 1,
             model,
-            prompt: Prompt::Text("hi".into()),
+            prompt: Prompt::Text(prompt.into()),
             params: SamplingParams::default(),
             k: 1,
             max_escalations: 0,
@@ -375,7 +383,14 @@ mod tests {
             reveal_deadline_ms: 20,
             candidates: Vec::new(),
         };
-        let bytes = SignedEnvelope::seal(&key, &ann).expect("seal").to_bytes();
+        SignedEnvelope::seal(key, &ann).expect("seal")
+    }
+
+    #[test]
+    fn a_task_announcement_only_on_its_models_topic() {
+        let key = NodeKey::from_seed([1; 32]);
+        let model = ModelId(Hash32::of(b"m"));
+        let bytes = task_announcement(&key, model, "hi").to_bytes();
         let own = tasks_topic(&model).hash();
         assert!(validate(&own, &bytes, &mut ReplayGuard::default(), 0).is_ok());
         // Moved by a relay to another model's topic: refused there.

@@ -39,9 +39,12 @@ pub const ROUND_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/round/1.0
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Direct sends in flight at most; beyond, messages go out as gossip.
 const MAX_DIRECT_IN_FLIGHT: usize = 1024;
-/// Largest direct request (the largest direct kind, a reveal, is 24 KiB; the codec
-/// buffers a whole request before anything else is checked).
+/// Largest direct request (a reveal is 24 KiB at most; an announcement larger than
+/// this is gossiped; the codec buffers a whole request before anything else is
+/// checked).
 const MAX_DIRECT_BYTES: u64 = 32 * 1024;
+/// What the codec adds around an envelope's bytes (a CBOR byte-string header).
+const DIRECT_FRAMING_BYTES: u64 = 16;
 /// Direct messages a peer may send per second, and in a burst: a task's round takes a
 /// few, so only a flood meets the limit (refused, so it goes to gossip's scoring).
 const DIRECT_PER_SECOND: f64 = 50.0;
@@ -705,8 +708,10 @@ impl Actor {
                 self.replay.first_sight(envelope.id());
                 let me = *self.swarm.local_peer_id();
                 let mut gossip = false;
+                // A long prompt's announcement is more than a direct request may carry.
+                let fits = envelope.to_bytes().len() as u64 + DIRECT_FRAMING_BYTES <= MAX_DIRECT_BYTES;
                 for peer in peers.into_iter().filter(|p| *p != me) {
-                    if self.swarm.is_connected(&peer) && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
+                    if fits && self.swarm.is_connected(&peer) && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
                         let id = self.swarm.behaviour_mut().round.send_request(&peer, envelope.clone());
                         self.pending_direct.insert(id, (peer, topic.clone(), envelope.clone()));
                     } else {

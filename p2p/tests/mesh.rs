@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as Metrics;
-use sampo_consensus::{Commit, Hash32, NodeAnnouncement, NodeKey, SignedEnvelope, TaskId};
+use sampo_consensus::{
+    Commit, Hash32, ModelId, NodeAnnouncement, NodeKey, PeerId, Prompt, SamplingParams, SignedEnvelope,
+    TaskAnnouncement, TaskId, TaskSpec,
+};
 use sampo_p2p::gossip::{NODES_TOPIC, ROUNDS_TOPIC};
 use sampo_p2p::{
     DIRECT_RESERVE, FetchRequest, FetchResponse, GossipTopic, Multiaddr, P2pConfig, P2pEvent, P2pHandle, QUEUE_DEPTH,
@@ -212,6 +215,61 @@ async fn a_direct_message_reaches_its_peer_only_and_falls_back_to_gossip() {
     a.handle.send(vec![key(9).peer_id()], GossipTopic::Rounds, far.clone()).await.expect("send");
     assert_eq!(next_message(&mut b).await, far);
     assert_eq!(next_message(&mut c).await, far);
+    for n in [a, b, c] {
+        n.handle.shutdown().await;
+    }
+}
+
+fn task_announcement(key: &NodeKey, model: ModelId, committee: Vec<PeerId>, prompt: String) -> SignedEnvelope {
+    let spec = TaskSpec {
+        coordinator: key.peer_id(),
+        nonce: 1,
+        created_ms: 1,
+        model,
+        prompt: Prompt::Text(prompt),
+        params: SamplingParams::default(),
+        k: 1,
+        max_escalations: 0,
+        fee: 1,
+        client_entropy: [0; 32],
+    };
+    let ann = TaskAnnouncement {
+        spec,
+        attempt: 0,
+        revision: 0,
+        committee,
+        commit_deadline_ms: 10,
+        reveal_deadline_ms: 20,
+        candidates: Vec::new(),
+    };
+    SignedEnvelope::seal(key, &ann).expect("seal")
+}
+
+/// A task's announcement goes straight to its committee, unless it is longer than a
+/// direct request may be: then it is gossiped on its model's topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_announcement_goes_to_its_committee_and_a_long_one_is_gossiped() {
+    let (a, mut b, mut c) = line().await;
+    let model = ModelId(Hash32::of(b"m"));
+    for n in [&a, &b, &c] {
+        n.handle.subscribe(GossipTopic::Tasks(model)).await.expect("subscribe");
+    }
+    for h in [a.handle.clone(), c.handle.clone()] {
+        until("a tasks mesh", async || !h.mesh_peers(GossipTopic::Tasks(model)).await.expect("mesh").is_empty()).await;
+    }
+    let committee = vec![b.key.peer_id()];
+    let short = task_announcement(&a.key, model, committee.clone(), "hi".into());
+    a.handle.send(committee.clone(), GossipTopic::Tasks(model), short.clone()).await.expect("send");
+    assert_eq!(next_message(&mut b).await, short);
+    // Had b relayed it, c would hear it before what b publishes next.
+    let after = commit(&b.key, 11);
+    b.handle.publish(GossipTopic::Rounds, after.clone()).await.expect("publish");
+    assert_eq!(next_message(&mut c).await, after);
+    // A prompt too long for a direct request: gossiped, so c hears it too.
+    let long = task_announcement(&a.key, model, committee.clone(), "x".repeat(40_000));
+    a.handle.send(committee, GossipTopic::Tasks(model), long.clone()).await.expect("send");
+    assert_eq!(next_message(&mut b).await, long);
+    assert_eq!(next_message(&mut c).await, long);
     for n in [a, b, c] {
         n.handle.shutdown().await;
     }
