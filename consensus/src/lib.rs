@@ -35,5 +35,5 @@ pub use messages::{
     Verdict,
 };
 pub use reputation::{Reputation, ReputationParams};
-pub use round::{Action, Behaviour, Consensus, Phase, RoundError, RoundParams, RoundView, Topic};
+pub use round::{Action, Behaviour, Consensus, LEFT_OUT_FRESH_MS, Phase, RoundError, RoundParams, RoundView, Topic};
 pub use verdict::{Decision, EvidenceBundle, VerifiedVerdict, VerifyError, decide, split_fee, verify};

@@ -132,6 +132,9 @@ pub enum Action {
         /// What a seat would pay per 1,000 output tokens: a node whose price is above
         /// it was not eligible, and was rightly left out.
         offered_per_1k: u64,
+        /// When the task was created: whether this node could have been a candidate
+        /// then (announcing long enough, with a free slot) is the node's to judge.
+        created_ms: u64,
     },
     /// A task this node coordinates is over.
     Finished { task: TaskId, outcome: Outcome },
@@ -311,6 +314,10 @@ pub struct Consensus {
 
 /// Rounds whose excused members are remembered (until their verdicts are applied).
 const EXCUSED_MEMORY: usize = 1024;
+
+/// How old a verdict may be and still tell a node it was left out (see
+/// [`Action::LeftOut`]): old verdicts can be gossiped again by anyone.
+pub const LEFT_OUT_FRESH_MS: u64 = 120_000;
 
 impl std::fmt::Debug for Consensus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -507,7 +514,7 @@ impl Consensus {
             MessageKind::Commit => self.on_commit(env, now_ms, actions),
             MessageKind::RevealRequest => self.on_reveal_request(env, actions),
             MessageKind::Reveal => self.on_reveal(env, now_ms, actions),
-            MessageKind::Verdict => self.on_verdict(env, actions),
+            MessageKind::Verdict => self.on_verdict(env, now_ms, actions),
             MessageKind::Decline => self.on_decline(env, now_ms),
             // Fraud proofs are checked by replay, outside the round machine.
             MessageKind::FraudProof => Ok(()),
@@ -843,9 +850,9 @@ impl Consensus {
         Ok(())
     }
 
-    fn on_verdict(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
+    fn on_verdict(&mut self, env: &SignedEnvelope, now_ms: u64, actions: &mut Vec<Action>) -> Result<(), RoundError> {
         let verified = verify(env)?;
-        self.accept_verified(verified, env, actions);
+        self.accept_verified(verified, env, now_ms, actions);
         Ok(())
     }
 
@@ -854,12 +861,18 @@ impl Consensus {
     pub fn handle_verified(&mut self, verified: VerifiedVerdict, now_ms: u64) -> Vec<Action> {
         let mut actions = Vec::new();
         let env = verified.envelope.clone();
-        self.accept_verified(verified, &env, &mut actions);
+        self.accept_verified(verified, &env, now_ms, &mut actions);
         self.drain_loopback(now_ms, &mut actions);
         actions
     }
 
-    fn accept_verified(&mut self, verified: VerifiedVerdict, env: &SignedEnvelope, actions: &mut Vec<Action>) {
+    fn accept_verified(
+        &mut self,
+        verified: VerifiedVerdict,
+        env: &SignedEnvelope,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) {
         let key = (verified.task(), verified.verdict.attempt);
         let id = env.id();
         match self.seen_verdicts.get(&key) {
@@ -874,7 +887,10 @@ impl Consensus {
                 self.seen_verdicts.insert(key, id);
             }
         }
-        if let Ok(ann) = verified.verdict.evidence.announcement.open::<TaskAnnouncement>()
+        // Only a recent verdict: anyone may gossip an old one again, and a node that has
+        // forgotten it (restarted, or past `verdict_memory`) would count it once more.
+        if now_ms <= verified.verdict.decided_ms.saturating_add(LEFT_OUT_FRESH_MS)
+            && let Ok(ann) = verified.verdict.evidence.announcement.open::<TaskAnnouncement>()
             && let Some(left_out) = self.left_out(&ann)
         {
             actions.push(left_out);
@@ -900,7 +916,12 @@ impl Consensus {
         }
         let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
         let offered_per_1k = (ann.spec.fee / seats).saturating_mul(1000) / u64::from(ann.spec.params.max_tokens.max(1));
-        Some(Action::LeftOut { coordinator: ann.spec.coordinator, model: ann.spec.model, offered_per_1k })
+        Some(Action::LeftOut {
+            coordinator: ann.spec.coordinator,
+            model: ann.spec.model,
+            offered_per_1k,
+            created_ms: ann.spec.created_ms,
+        })
     }
 
     /// Publish the verdict of a coordinated round.

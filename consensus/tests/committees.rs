@@ -154,7 +154,7 @@ fn a_node_left_off_the_list_notices() {
         reveal_deadline_ms: 6_000,
         candidates,
     };
-    let left_out = |candidates: Vec<Listed>| {
+    let left_out_at = |candidates: Vec<Listed>, now: u64| {
         let mut node = Consensus::new(me.clone(), RoundParams::default());
         let env = SignedEnvelope::seal(&coordinator, &ann(candidates)).expect("seal");
         assert!(node.handle(&env, 1_000).expect("handled").is_empty(), "an announcement that does not seat it");
@@ -179,10 +179,15 @@ fn a_node_left_off_the_list_notices() {
         };
         let v = SignedEnvelope::seal(&coordinator, &verdict).expect("seal");
         let count = |actions: Vec<Action>| actions.iter().filter(|a| matches!(a, Action::LeftOut { .. })).count();
-        let first = count(node.handle(&v, 7_000).expect("a verdict that verifies"));
-        assert_eq!(count(node.handle(&v, 7_001).expect("again")), 0, "one verdict, one notice at most");
+        let first = count(node.handle(&v, now).expect("a verdict that verifies"));
+        assert_eq!(count(node.handle(&v, now + 1).expect("again")), 0, "one verdict, one notice at most");
         first == 1
     };
+    let left_out = |candidates: Vec<Listed>| left_out_at(candidates, 7_000);
+    // An old verdict gossiped again tells nobody anything: a node that forgot it would
+    // count it once more.
+    assert!(left_out_at(list.clone(), 7_000 + LEFT_OUT_FRESH_MS));
+    assert!(!left_out_at(list.clone(), 7_001 + LEFT_OUT_FRESH_MS), "a stale verdict");
     assert!(left_out(list.clone()), "not on a short list");
     let mut with_me = list.clone();
     with_me.push(Listed::new(me.peer_id(), 1e-9));

@@ -276,7 +276,10 @@ pub struct LoopParts {
     pub replays_in_flight: std::collections::HashSet<(TaskId, u8)>,
     /// Verdict writes in flight at once (each a synced RocksDB batch).
     pub apply_slots: Arc<tokio::sync::Semaphore>,
-    pub started_at: Instant,
+    /// When the node started (ms since the epoch).
+    pub started_ms: u64,
+    /// When this node last announced no free slot (0: never).
+    pub busy_announced_ms: u64,
     /// The minute each coordinator last left this node out (at most one record a minute).
     pub left_out_seen: HashMap<PeerId, u64>,
     pub shutdown: watch::Receiver<bool>,
@@ -284,6 +287,19 @@ pub struct LoopParts {
 
 /// How long a node announces itself before a coordinator is expected to know it.
 pub const LEFT_OUT_GRACE: Duration = Duration::from_secs(30);
+
+/// Whether a coordinator that created a task at `created_ms` should have listed this
+/// node: it had been announcing for [`LEFT_OUT_GRACE`] by then, and no announcement of a
+/// full house (no free slot) was recent enough for the coordinator to still go by it.
+/// The verdict that says so arrives a whole round later, so the node's state now is no
+/// guide.
+fn could_have_been_listed(started_ms: u64, busy_announced_ms: u64, interval: Duration, created_ms: u64) -> bool {
+    let known = started_ms.saturating_add(LEFT_OUT_GRACE.as_millis() as u64) <= created_ms;
+    // A registry entry lives three announcements; one more for the gossip on its way.
+    let busy_window = 4 * interval.as_millis() as u64;
+    let busy = busy_announced_ms != 0 && busy_announced_ms.saturating_add(busy_window) >= created_ms;
+    known && !busy
+}
 
 /// Replays queued or running at once: they never crowd paid work out of the queue.
 pub const MAX_REPLAYS_IN_FLIGHT: usize = 4;
@@ -453,6 +469,9 @@ pub async fn run(mut p: LoopParts) {
             _ = announce.tick() => {
                 let mut a = p.announcement.clone();
                 a.free_slots = p.executor.free_slots();
+                if a.free_slots == 0 {
+                    p.busy_announced_ms = now_ms();
+                }
                 let _ = p.p2p.set_announcement(a).await;
                 refresh_reputation_gauges(&p.store, &p.reputation, &p.metrics);
                 // Established peers are never evicted from a full registry for a newcomer.
@@ -865,17 +884,15 @@ async fn act(
                 .instrument(tracing::info_span!("apply-verdict")),
             );
         }
-        Action::LeftOut { coordinator, model, offered_per_1k } => {
-            // Only when this node was eligible (serves the model at that price, has a free
-            // slot), has been announcing long enough for the coordinator to know it, and
-            // at most once a minute per coordinator.
+        Action::LeftOut { coordinator, model, offered_per_1k, created_ms } => {
+            // Only when this node was eligible when the task was created (serves the model
+            // at that price, had been announcing long enough for the coordinator to know
+            // it, announced no full house lately), and at most once a minute per
+            // coordinator.
             let minute = now_ms() / 60_000;
-            let eligible =
-                p.models.by_id(&model).is_some_and(|m| m.price_per_1k <= offered_per_1k) && p.executor.free_slots() > 0;
-            if !eligible
-                || p.started_at.elapsed() < LEFT_OUT_GRACE
-                || p.left_out_seen.get(&coordinator) == Some(&minute)
-            {
+            let eligible = p.models.by_id(&model).is_some_and(|m| m.price_per_1k <= offered_per_1k)
+                && could_have_been_listed(p.started_ms, p.busy_announced_ms, p.announce_interval, created_ms);
+            if !eligible || p.left_out_seen.get(&coordinator) == Some(&minute) {
                 return;
             }
             if p.left_out_seen.len() >= 4096 {
@@ -1264,5 +1281,22 @@ mod tests {
         // Observers' verdicts only touch tasks already on the board.
         board.update_existing(id(u64::MAX), |_| {});
         assert!(board.get(&id(u64::MAX)).is_none());
+    }
+
+    /// A node learns it was left out a whole round after the task was created: what
+    /// counts is whether the coordinator could have listed it then.
+    #[test]
+    fn left_out_only_where_the_coordinator_could_have_listed_the_node() {
+        let interval = Duration::from_secs(5);
+        let grace = LEFT_OUT_GRACE.as_millis() as u64;
+        let start = 1_000_000;
+        // Created before the node had announced itself for the grace period.
+        assert!(!could_have_been_listed(start, 0, interval, start + grace - 1));
+        assert!(could_have_been_listed(start, 0, interval, start + grace));
+        // A full house announced shortly before the task: rightly left out, even if
+        // the node has a free slot by the time the verdict comes.
+        let busy = start + 2 * grace;
+        assert!(!could_have_been_listed(start, busy, interval, busy + 19_000));
+        assert!(could_have_been_listed(start, busy, interval, busy + 21_000));
     }
 }

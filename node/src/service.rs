@@ -244,7 +244,8 @@ pub async fn run_with(
             pending_proofs: crate::audit::PendingProofs::default(),
             replays_in_flight: std::collections::HashSet::new(),
             apply_slots: Arc::new(tokio::sync::Semaphore::new(4)),
-            started_at: std::time::Instant::now(),
+            started_ms: crate::runtime::now_ms(),
+            busy_announced_ms: 0,
             left_out_seen: std::collections::HashMap::new(),
             shutdown: stop_rx.clone(),
         })

@@ -34,7 +34,9 @@ pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/fetch/1.0
 /// Request-response protocol for the round messages that concern a few peers only
 /// (commits, declines and reveals go to the coordinator, a reveal request to the
 /// committee): sent straight to them instead of gossiped to every node.
-pub const ROUND_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/round/1.0.0");
+/// 1.1.0 added task announcements: a 1.0.0 node refuses them (and drops the connection),
+/// so the two do not speak to each other directly and fall back to gossip.
+pub const ROUND_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/round/1.1.0");
 /// A direct send not answered within this long goes out as gossip instead.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Direct sends in flight at most; beyond, messages go out as gossip.
@@ -1138,14 +1140,18 @@ impl Actor {
             let _ = self.swarm.disconnect_peer_id(from);
             return DirectAck::Refused;
         }
-        let id = envelope.id();
+        let (id, kind) = (envelope.id(), envelope.kind());
         if self.replay.seen(&id) {
             return DirectAck::Taken;
         }
         let validation = Validation(Box::new(ValidationInner { id: None, source: from, author: signer }));
         // Seen only once the node has it: if it cannot take it now, the gossiped copy
-        // the sender falls back to must not look like a replay.
-        if self.emit_reserved(P2pEvent::Message { envelope, from: signer, validation }) {
+        // the sender falls back to must not look like a replay. The queue's reserve is
+        // for rounds under way; an announcement (any key may sign one, and it costs the
+        // most to take in) waits with gossip.
+        let event = P2pEvent::Message { envelope, from: signer, validation };
+        let taken = if kind == MessageKind::TaskAnnouncement { self.emit(event) } else { self.emit_reserved(event) };
+        if taken {
             self.replay.first_sight(id);
             DirectAck::Taken
         } else {

@@ -297,6 +297,11 @@ async fn direct_messages_get_in_when_gossip_has_filled_the_queue() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A task announcement (any key may sign one) does not take the reserve: sent first,
+    // it is refused, and the commit after it is what gets in.
+    let model = ModelId(Hash32::of(b"m"));
+    let ann = task_announcement(&a.key, model, vec![b.key.peer_id()], "hi".into());
+    a.handle.send(vec![b.key.peer_id()], GossipTopic::Tasks(model), ann.clone()).await.expect("send");
     let direct = commit(&a.key, 200);
     a.handle.send(vec![b.key.peer_id()], GossipTopic::Rounds, direct.clone()).await.expect("send");
     // In while b still reads nothing (no gossip gets past the reserve, so this is it).
@@ -309,6 +314,9 @@ async fn direct_messages_get_in_when_gossip_has_filled_the_queue() {
         loop {
             match b.events.recv().await {
                 Some(P2pEvent::Message { envelope, .. }) if envelope == direct => break,
+                Some(P2pEvent::Message { envelope, .. }) => {
+                    assert_ne!(envelope, ann, "the announcement took the reserve")
+                }
                 Some(_) => {}
                 None => panic!("p2p stopped"),
             }
