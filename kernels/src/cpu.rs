@@ -15,6 +15,50 @@ use crate::quant::{
     dot_rows_wide, quantize_act, scales_stride, wide_supported,
 };
 
+thread_local! {
+    /// Set while a one-thread backend runs a pass on its caller's thread: the parallel
+    /// loops below then run in order where they are, with no pool to hand each pass to
+    /// (a wake-up and a switch each way) and no idle worker spinning after it.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` with this thread's parallel loops in order on this thread. Each output is
+/// still computed whole, in the canonical order, so the bits are those of any pool.
+pub(crate) fn serially<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
+fn serial() -> bool {
+    SERIAL.with(std::cell::Cell::get)
+}
+
+/// `items.par_iter().for_each_init(init, body)`, or in order on this thread.
+fn each_init<T: Sync, S>(items: &[T], init: impl Fn() -> S + Sync + Send, body: impl Fn(&mut S, &T) + Sync + Send) {
+    if serial() {
+        let mut state = init();
+        items.iter().for_each(|t| body(&mut state, t));
+    } else {
+        items.par_iter().for_each_init(init, body);
+    }
+}
+
+/// `(0..n).into_par_iter().for_each_init(init, body)`, or in order on this thread.
+fn each_index_init<S>(n: usize, init: impl Fn() -> S + Sync + Send, body: impl Fn(&mut S, usize) + Sync + Send) {
+    if serial() {
+        let mut state = init();
+        (0..n).for_each(|i| body(&mut state, i));
+    } else {
+        (0..n).into_par_iter().for_each_init(init, body);
+    }
+}
+
 /// One sequence's state: its KV cache (f32, per layer; on the device for a device
 /// backend) and how many tokens it holds.
 #[derive(Default)]
@@ -86,10 +130,16 @@ impl Act {
         if rows >= BATCHED_MIN_ROWS && cols >= QK && cols.is_multiple_of(QK) {
             // Each row's blocks on their own (the same bits as one call), rows in parallel.
             q.resize(f.len() / QK, Q8Act::default());
-            q.par_chunks_mut(cols / QK).zip(f.par_chunks(cols)).for_each_init(Vec::new, |tmp, (qr, fr)| {
+            let each = |tmp: &mut Vec<Q8Act>, (qr, fr): (&mut [Q8Act], &[f32])| {
                 quantize_act(fr, tmp);
                 qr.copy_from_slice(tmp);
-            });
+            };
+            if serial() {
+                let mut tmp = Vec::new();
+                q.chunks_mut(cols / QK).zip(f.chunks(cols)).for_each(|rows| each(&mut tmp, rows));
+            } else {
+                q.par_chunks_mut(cols / QK).zip(f.par_chunks(cols)).for_each_init(Vec::new, each);
+            }
         } else {
             quantize_act(&f, &mut q);
         }
@@ -212,7 +262,7 @@ pub(crate) fn prepare(model: &Model) -> &Prepared {
 /// pass that needs them meanwhile makes its own (one of the two is kept).
 pub(crate) fn warm(model: &Model) {
     if model.prepared.get().is_none() {
-        let _ = model.prepared.set(Prepared::build(model, true));
+        let _ = model.prepared.set(Prepared::build(model, !serial()));
     }
 }
 
@@ -238,7 +288,8 @@ fn matmul_many(model: &Model, x: &Act, jobs: &mut [(&Matrix, &mut Vec<f32>)]) {
     }
     let mats: Vec<&Matrix> = jobs.iter().map(|(w, _)| &**w).collect();
     let stride = scales_stride(nb);
-    tasks.par_iter().for_each_init(
+    each_init(
+        &tasks,
         || (Vec::new(), RowPrep::default(), Vec::new()),
         |(scratch, prep, tile): &mut (Vec<f32>, RowPrep, Vec<f32>), &(j, lo, hi, ptr)| {
             let w = mats[j];
@@ -459,7 +510,7 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
         let window = if layer.local { hp.sliding_window } else { usize::MAX };
         let caches: Vec<(&[f32], &[f32])> = batch.iter().map(|it| (&it.seq.k[li][..], &it.seq.v[li][..])).collect();
         let attn_ptr = OutPtr(attn.as_mut_ptr());
-        (0..n * hp.n_head).into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+        each_index_init(n * hp.n_head, Vec::new, |scores: &mut Vec<f32>, task| {
             let (r, h) = (task / hp.n_head, task % hp.n_head);
             let (i, pos, _) = rows[r];
             let (kc, vc) = caches[i];
@@ -493,7 +544,11 @@ fn forward_rows(model: &Model, batch: &mut [BatchItem<'_>], head: Head) -> Resul
             Activation::Silu => silu_mul,
             Activation::GeluTanh => gelu_mul,
         };
-        g.par_chunks_mut(hp.n_ff).zip(u.par_chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
+        if serial() {
+            g.chunks_mut(hp.n_ff).zip(u.chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
+        } else {
+            g.par_chunks_mut(hp.n_ff).zip(u.par_chunks(hp.n_ff)).for_each(|(gr, ur)| glu(gr, ur));
+        }
         let act = Act::new(std::mem::take(&mut g), hp.n_ff);
         matmul_many(model, &act, &mut [(&layer.w_down, &mut down)]);
         g = act.f;

@@ -131,5 +131,13 @@ mod tests {
         assert!(matches!(selftest, Err(crate::cuda::CudaError::FloatEnv(_))), "{selftest:?}");
         // On a clean thread both work.
         assert!(crate::CpuBackend::new(2).is_ok());
+        // A one-thread backend runs each pass on the caller's thread: that thread is
+        // checked, whichever made the backend.
+        use crate::Backend;
+        let pass =
+            with_mxcsr_bits(MXCSR_FTZ, || reference.forward_all(&m, &mut crate::Sequence::new(&m), &[1]).map(|_| ()));
+        let err = pass.expect_err("a pass on a flushing thread");
+        assert!(err.to_string().contains("FTZ true"), "{err}");
+        assert!(reference.forward_all(&m, &mut crate::Sequence::new(&m), &[1]).is_ok());
     }
 }

@@ -123,9 +123,10 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// The CPU backend on its own thread pool.
+/// The CPU backend on its own thread pool, or with one thread on the caller's own.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    /// `None` for one thread: each pass runs on the thread that asks for it.
+    pool: Option<rayon::ThreadPool>,
     threads: usize,
 }
 
@@ -135,13 +136,28 @@ impl CpuBackend {
     pub fn new(threads: usize) -> Result<Self, KernelError> {
         fpenv::check()?;
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        if threads == 1 {
+            return Ok(Self { pool: None, threads });
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sampo-cpu-{i}"))
             .build()
             .map_err(|e| KernelError::Threads { threads, reason: e.to_string() })?;
         fpenv::check_pool(&pool)?;
-        Ok(Self { pool, threads })
+        Ok(Self { pool: Some(pool), threads })
+    }
+
+    /// `f` over the pool, or in order on this thread (checked for subnormal flushing
+    /// first: it is not one the backend made).
+    fn run<R: Send>(&self, f: impl FnOnce() -> Result<R, ModelError> + Send) -> Result<R, ModelError> {
+        match &self.pool {
+            Some(pool) => pool.install(f),
+            None => {
+                fpenv::check().map_err(|e| ModelError::Device(e.to_string()))?;
+                cpu::serially(f)
+            }
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -161,17 +177,20 @@ impl Backend for CpuBackend {
     }
 
     fn warm(&self, model: &Model) {
-        self.pool.install(|| cpu::warm(model));
+        let _ = self.run(|| {
+            cpu::warm(model);
+            Ok(())
+        });
     }
 
     fn forward(&self, model: &Model, batch: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut out = self.pool.install(|| cpu::forward(model, batch))?;
+        let mut out = self.run(|| cpu::forward(model, batch))?;
         out.iter_mut().for_each(|l| math::canonicalize_nans(l));
         Ok(out)
     }
 
     fn forward_all(&self, model: &Model, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut out = self.pool.install(|| cpu::forward_all(model, seq, tokens))?;
+        let mut out = self.run(|| cpu::forward_all(model, seq, tokens))?;
         out.iter_mut().for_each(|l| math::canonicalize_nans(l));
         Ok(out)
     }
