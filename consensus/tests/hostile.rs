@@ -4,6 +4,16 @@
 use sampo_consensus::*;
 
 fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_ms: u64) -> SignedEnvelope {
+    announce_by(coordinator, member, nonce, 5_000, reveal_deadline_ms)
+}
+
+fn announce_by(
+    coordinator: &NodeKey,
+    member: &PeerId,
+    nonce: u64,
+    commit_deadline_ms: u64,
+    reveal_deadline_ms: u64,
+) -> SignedEnvelope {
     let spec = TaskSpec {
         coordinator: coordinator.peer_id(),
         nonce,
@@ -21,7 +31,7 @@ fn announce(coordinator: &NodeKey, member: &PeerId, nonce: u64, reveal_deadline_
         attempt: 0,
         revision: 0,
         committee: vec![*member],
-        commit_deadline_ms: 5_000,
+        commit_deadline_ms,
         reveal_deadline_ms,
         candidates: [*member].iter().map(|p| sampo_consensus::Listed::new(*p, 1.0)).collect(),
     };
@@ -106,6 +116,14 @@ fn nonsense_deadlines_are_refused() {
     let err = member.handle(&ann, 1_000).expect_err("reveal before commit");
     assert!(matches!(err, RoundError::BadDeadlines { .. }) && err.merits_penalty(), "{err}");
     assert_eq!(member.load().1, 0);
+    // A commit deadline one millisecond past the seat cap (on the member's clock).
+    let cap = 1_000 + params.max_seat_ms;
+    let err = member.handle(&announce_by(&attacker, &me, 2, cap + 1, cap + 2), 1_000).expect_err("past the cap");
+    assert!(matches!(err, RoundError::BadDeadlines { .. }) && err.merits_penalty(), "{err}");
+    assert_eq!(member.load().1, 0);
+    // At the cap: seated.
+    member.handle(&announce_by(&attacker, &me, 3, cap, cap + 1), 1_000).expect("at the cap");
+    assert_eq!(member.load().1, 1);
 }
 
 /// A seat whose inference is still running keeps counting against its coordinator,
