@@ -266,6 +266,7 @@ enum Command {
     Send { peers: Vec<PeerId>, topic: GossipTopic, envelope: SignedEnvelope },
     Subscribe { topic: GossipTopic },
     PublishRaw { topic: String, data: Vec<u8> },
+    SendDirectRaw { peer: PeerId, envelope: SignedEnvelope },
     SetAnnouncement(Box<NodeAnnouncement>),
     Dial(Multiaddr),
     Fetch { peer: PeerId, request: FetchRequest, reply: oneshot::Sender<Result<FetchResponse, P2pError>> },
@@ -322,6 +323,13 @@ impl P2pHandle {
     /// gossip instead.
     pub async fn send(&self, peers: Vec<PeerId>, topic: GossipTopic, envelope: SignedEnvelope) -> Result<(), P2pError> {
         self.tx.send(Command::Send { peers, topic, envelope }).await.map_err(|_| P2pError::Stopped)
+    }
+
+    /// Send `envelope` to `peer` directly whatever its size, with no gossip fallback:
+    /// only for tests that play a misbehaving peer.
+    #[doc(hidden)]
+    pub async fn send_direct_raw(&self, peer: PeerId, envelope: SignedEnvelope) -> Result<(), P2pError> {
+        self.tx.send(Command::SendDirectRaw { peer, envelope }).await.map_err(|_| P2pError::Stopped)
     }
 
     /// Publish arbitrary bytes, bypassing every local check: only for tests that play a
@@ -725,6 +733,9 @@ impl Actor {
                 }
             }
             Command::Subscribe { topic } => self.subscribe(&topic),
+            Command::SendDirectRaw { peer, envelope } => {
+                let _ = self.swarm.behaviour_mut().round.send_request(&peer, envelope);
+            }
             Command::PublishRaw { topic, data } => {
                 let _ = self.swarm.behaviour_mut().gossipsub.publish(gossipsub::IdentTopic::new(topic), data);
             }

@@ -275,6 +275,35 @@ async fn a_task_announcement_goes_to_its_committee_and_a_long_one_is_gossiped() 
     }
 }
 
+/// A direct request over 32 KiB is refused as it is read (the codec buffers a whole
+/// request first): it never reaches the node, and the connection still carries the
+/// next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_request_over_the_cap_never_gets_in() {
+    let (a, mut b, c) = line().await;
+    let model = ModelId(Hash32::of(b"m"));
+    let big = task_announcement(&a.key, model, vec![b.key.peer_id()], "x".repeat(40_000));
+    a.handle.send_direct_raw(b.key.peer_id(), big.clone()).await.expect("send");
+    let small = commit(&a.key, 12);
+    a.handle.send_direct_raw(b.key.peer_id(), small.clone()).await.expect("send");
+    let found = timeout(WAIT, async {
+        loop {
+            match b.events.recv().await {
+                Some(P2pEvent::Message { envelope, .. }) if envelope == small => break,
+                Some(P2pEvent::Message { envelope, .. }) => assert_ne!(envelope, big, "an oversized request got in"),
+                Some(_) => {}
+                None => panic!("p2p stopped"),
+            }
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "the small request after it never got in");
+    assert!(a.handle.connected_peers().await.expect("peers").contains(&b.key.peer_id()), "still connected");
+    for n in [a, b, c] {
+        n.handle.shutdown().await;
+    }
+}
+
 /// A flood of valid gossip cannot take the whole event queue: a round message sent
 /// directly still reaches a node whose loop has fallen behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
