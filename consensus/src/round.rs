@@ -242,6 +242,11 @@ struct Coordinated {
     fishing: Option<BTreeMap<PeerId, SignedEnvelope>>,
     /// ByzantineCoordinator: re-announce once the members' seats have expired.
     linger_until_ms: u64,
+    /// Verdicts of this task's escalated attempts, applied here but published only once
+    /// this attempt's commits are closed (or the task ends): their evidence holds the
+    /// outputs revealed so far, which this attempt's committee must not see before it
+    /// commits.
+    held: Vec<SignedEnvelope>,
 }
 
 /// A member gets two tries at a reveal that opens its commit; more is noise.
@@ -327,6 +332,12 @@ impl std::fmt::Debug for Consensus {
             .field("duties", &self.duties.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Publish verdicts held back (see `Coordinated::held`) to everyone; this node applied
+/// them when they were made.
+fn publish_held(held: Vec<SignedEnvelope>, actions: &mut Vec<Action>) {
+    actions.extend(held.into_iter().map(|envelope| Action::Publish { topic: Topic::Rounds, envelope, to: Vec::new() }));
 }
 
 fn seal<M: crate::Message>(key: &NodeKey, m: &M) -> SignedEnvelope {
@@ -478,6 +489,7 @@ impl Consensus {
                 late_commits: 0,
                 fishing: None,
                 linger_until_ms: 0,
+                held: Vec::new(),
             },
         );
     }
@@ -784,7 +796,10 @@ impl Consensus {
         round.phase = Phase::Revealing;
         // The whole committee: a member left out learns that its seat is over.
         let committee = round.ann.committee.clone();
+        let held = std::mem::take(&mut round.held);
         self.publish_to(Topic::Rounds, env, committee, actions);
+        // This attempt's commits are in: earlier attempts' outputs can be seen now.
+        publish_held(held, actions);
     }
 
     fn on_reveal_request(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
@@ -1005,9 +1020,15 @@ impl Consensus {
             round.linger_until_ms = round.ann.reveal_deadline_ms + 1000;
         } else if decision.outcome == Outcome::Escalated {
             round.phase = Phase::Escalating;
+            // Applied here now; published with the next attempt's reveal request.
+            round.held.push(env.clone());
+            self.loopback.push_back(env);
+            return;
         } else {
+            let held = std::mem::take(&mut round.held);
             self.coordinated.remove(&task);
             actions.push(Action::Finished { task, outcome: decision.outcome });
+            publish_held(held, actions);
         }
         self.publish(Topic::Rounds, env, actions);
     }
@@ -1114,9 +1135,13 @@ impl Consensus {
         if committee.len() < quorum(size) {
             // No larger committee can be seated: the task fails as disputed.
             actions.push(Action::Finished { task, outcome: Outcome::Disputed });
+            publish_held(round.held, actions);
             return;
         }
         self.announce(round.ann.spec, attempt, (committee, list), round.eligibility, now_ms, actions);
+        if let Some(next) = self.coordinated.get_mut(&task) {
+            next.held = round.held;
+        }
     }
 
     /// ByzantineCoordinator: a verdict on a task nobody ran, marking `victims` absent.

@@ -272,6 +272,28 @@ fn no_quorum_escalates_to_a_larger_committee() {
         assert_eq!(verdicts[0].verdict.outcome, Outcome::Escalated);
         assert_eq!(verdicts[1].committee.len(), 7, "escalation seats 2k + 1");
         assert_eq!(finalized(&net, &task), reference_output(&spec));
+        // The escalated verdict (whose evidence holds attempt 0's outputs) went out only
+        // after attempt 1's commits were closed: its committee could not copy them.
+        let sent = |kind: MessageKind, attempt: u8| {
+            net.log.iter().position(|(from, e)| {
+                *from == 0
+                    && e.kind() == kind
+                    && match kind {
+                        MessageKind::Verdict => e.open::<Verdict>().is_ok_and(|v| v.attempt == attempt),
+                        _ => e.open::<RevealRequest>().is_ok_and(|r| r.attempt == attempt),
+                    }
+            })
+        };
+        let escalated = sent(MessageKind::Verdict, 0).expect("the escalated verdict went out");
+        let second_request = sent(MessageKind::RevealRequest, 1).expect("attempt 1's reveal request");
+        assert!(
+            second_request < escalated,
+            "attempt 0's verdict at {escalated}, attempt 1's request at {second_request}"
+        );
+        // And every node still applied both verdicts.
+        for n in &net.nodes {
+            assert_eq!(n.applied.iter().filter(|a| a.task() == task).count(), 2);
+        }
         return;
     }
     panic!("never seated a committee with two members besides the coordinator");
