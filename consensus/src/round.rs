@@ -242,10 +242,10 @@ struct Coordinated {
     fishing: Option<BTreeMap<PeerId, SignedEnvelope>>,
     /// ByzantineCoordinator: re-announce once the members' seats have expired.
     linger_until_ms: u64,
-    /// Verdicts of this task's escalated attempts, applied here but published only once
-    /// this attempt's commits are closed (or the task ends): their evidence holds the
-    /// outputs revealed so far, which this attempt's committee must not see before it
-    /// commits.
+    /// Verdicts of this task's escalated attempts, applied (stored: the store serves
+    /// evidence to anyone who asks) and published only once this attempt's commits are
+    /// closed, or the task ends: their evidence holds the outputs revealed so far, which
+    /// this attempt's committee must not see before it commits.
     held: Vec<SignedEnvelope>,
 }
 
@@ -332,12 +332,6 @@ impl std::fmt::Debug for Consensus {
             .field("duties", &self.duties.len())
             .finish_non_exhaustive()
     }
-}
-
-/// Publish verdicts held back (see `Coordinated::held`) to everyone; this node applied
-/// them when they were made.
-fn publish_held(held: Vec<SignedEnvelope>, actions: &mut Vec<Action>) {
-    actions.extend(held.into_iter().map(|envelope| Action::Publish { topic: Topic::Rounds, envelope, to: Vec::new() }));
 }
 
 fn seal<M: crate::Message>(key: &NodeKey, m: &M) -> SignedEnvelope {
@@ -492,6 +486,13 @@ impl Consensus {
                 held: Vec::new(),
             },
         );
+    }
+
+    /// Apply and publish verdicts held back (see `Coordinated::held`).
+    fn publish_held(&mut self, held: Vec<SignedEnvelope>, actions: &mut Vec<Action>) {
+        for env in held {
+            self.publish(Topic::Rounds, env, actions);
+        }
     }
 
     fn publish(&mut self, topic: Topic, envelope: SignedEnvelope, actions: &mut Vec<Action>) {
@@ -799,7 +800,7 @@ impl Consensus {
         let held = std::mem::take(&mut round.held);
         self.publish_to(Topic::Rounds, env, committee, actions);
         // This attempt's commits are in: earlier attempts' outputs can be seen now.
-        publish_held(held, actions);
+        self.publish_held(held, actions);
     }
 
     fn on_reveal_request(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
@@ -1020,15 +1021,14 @@ impl Consensus {
             round.linger_until_ms = round.ann.reveal_deadline_ms + 1000;
         } else if decision.outcome == Outcome::Escalated {
             round.phase = Phase::Escalating;
-            // Applied here now; published with the next attempt's reveal request.
-            round.held.push(env.clone());
-            self.loopback.push_back(env);
+            // Applied and published with the next attempt's reveal request.
+            round.held.push(env);
             return;
         } else {
             let held = std::mem::take(&mut round.held);
             self.coordinated.remove(&task);
             actions.push(Action::Finished { task, outcome: decision.outcome });
-            publish_held(held, actions);
+            self.publish_held(held, actions);
         }
         self.publish(Topic::Rounds, env, actions);
     }
@@ -1135,7 +1135,7 @@ impl Consensus {
         if committee.len() < quorum(size) {
             // No larger committee can be seated: the task fails as disputed.
             actions.push(Action::Finished { task, outcome: Outcome::Disputed });
-            publish_held(round.held, actions);
+            self.publish_held(round.held, actions);
             return;
         }
         self.announce(round.ann.spec, attempt, (committee, list), round.eligibility, now_ms, actions);

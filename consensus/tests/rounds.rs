@@ -266,37 +266,85 @@ fn no_quorum_escalates_to_a_larger_committee() {
             Consensus::new(key, RoundParams::default()).with_behaviour(Behaviour::NeverReveal);
         let actions = net.nodes[silent].consensus.handle(&ann, net.now_ms).expect("ann");
         net.act(silent, actions);
-        net.run(600_000);
+        // Step by step: the coordinator stores (and so serves) attempt 0's verdict only
+        // once attempt 1's commits are closed.
+        let is_attempt = |e: &SignedEnvelope, kind: MessageKind, attempt: u8| {
+            e.kind() == kind
+                && match kind {
+                    MessageKind::Verdict => e.open::<Verdict>().is_ok_and(|v| v.task == task && v.attempt == attempt),
+                    _ => e.open::<RevealRequest>().is_ok_and(|r| r.task == task && r.attempt == attempt),
+                }
+        };
+        let request_sent =
+            |net: &SimNet| net.log.iter().any(|(f, e)| *f == 0 && is_attempt(e, MessageKind::RevealRequest, 1));
+        for _ in 0..600 {
+            if net.nodes.iter().all(|n| n.consensus.load().0 == 0) {
+                break;
+            }
+            net.tick(1000);
+            let applied = net.nodes[0].applied.iter().any(|v| v.task() == task && v.verdict.attempt == 0);
+            assert!(!applied || request_sent(&net), "attempt 0's verdict stored before attempt 1's commits closed");
+        }
         let verdicts = net.verdicts(0, &task);
         assert_eq!(verdicts.len(), 2, "attempt 0 escalated, attempt 1 ruled");
         assert_eq!(verdicts[0].verdict.outcome, Outcome::Escalated);
         assert_eq!(verdicts[1].committee.len(), 7, "escalation seats 2k + 1");
         assert_eq!(finalized(&net, &task), reference_output(&spec));
-        // The escalated verdict (whose evidence holds attempt 0's outputs) went out only
-        // after attempt 1's commits were closed: its committee could not copy them.
-        let sent = |kind: MessageKind, attempt: u8| {
-            net.log.iter().position(|(from, e)| {
-                *from == 0
-                    && e.kind() == kind
-                    && match kind {
-                        MessageKind::Verdict => e.open::<Verdict>().is_ok_and(|v| v.attempt == attempt),
-                        _ => e.open::<RevealRequest>().is_ok_and(|r| r.attempt == attempt),
-                    }
-            })
+        // On the network: attempt 0's verdict once, after attempt 1's reveal request (and
+        // so after every commit it accepted).
+        let at = |kind: MessageKind, attempt: u8| -> Vec<usize> {
+            net.log
+                .iter()
+                .enumerate()
+                .filter(|(_, (f, e))| *f == 0 && is_attempt(e, kind, attempt))
+                .map(|(i, _)| i)
+                .collect()
         };
-        let escalated = sent(MessageKind::Verdict, 0).expect("the escalated verdict went out");
-        let second_request = sent(MessageKind::RevealRequest, 1).expect("attempt 1's reveal request");
+        let (escalated, second_request) = (at(MessageKind::Verdict, 0), at(MessageKind::RevealRequest, 1));
+        assert_eq!(escalated.len(), 1, "published once");
+        assert_eq!(second_request.len(), 1);
         assert!(
-            second_request < escalated,
-            "attempt 0's verdict at {escalated}, attempt 1's request at {second_request}"
+            second_request[0] < escalated[0],
+            "attempt 0's verdict at {escalated:?}, attempt 1's request at {second_request:?}"
         );
-        // And every node still applied both verdicts.
+        // And every node applied both verdicts.
         for n in &net.nodes {
             assert_eq!(n.applied.iter().filter(|a| a.task() == task).count(), 2);
         }
         return;
     }
     panic!("never seated a committee with two members besides the coordinator");
+}
+
+/// An escalation that cannot seat a larger committee ends the task as disputed; the
+/// held verdict of the attempt that escalated goes out then, once.
+#[test]
+fn a_held_verdict_goes_out_when_no_larger_committee_can_be_seated() {
+    // Three nodes: the committee is all of them; attempt 1 would need four to reach a quorum.
+    let mut net = net(3);
+    let (task, _, committee) = start(&mut net, 3, 1);
+    assert_eq!(committee.len(), 3);
+    let ann = net.log[0].1.clone();
+    let others: Vec<usize> = committee.iter().copied().filter(|i| *i != 0).collect();
+    for (i, behaviour) in others.iter().zip([Behaviour::WrongOutput, Behaviour::NeverReveal]) {
+        let key = net.nodes[*i].key.clone();
+        net.nodes[*i].consensus = Consensus::new(key, RoundParams::default()).with_behaviour(behaviour);
+        let actions = net.nodes[*i].consensus.handle(&ann, net.now_ms).expect("ann");
+        net.act(*i, actions);
+    }
+    net.run(600_000);
+    assert_eq!(net.outcome(0, &task), Some(&Outcome::Disputed));
+    let sent: Vec<&SignedEnvelope> = net
+        .log
+        .iter()
+        .filter(|(f, e)| *f == 0 && e.open::<Verdict>().is_ok_and(|v| v.task == task))
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(sent.len(), 1, "the escalated verdict, once");
+    assert_eq!(sent[0].open::<Verdict>().expect("verdict").outcome, Outcome::Escalated);
+    for n in &net.nodes {
+        assert_eq!(n.applied.iter().filter(|a| a.task() == task).count(), 1);
+    }
 }
 
 #[test]
