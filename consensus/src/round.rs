@@ -906,8 +906,7 @@ impl Consensus {
         // Only a recent verdict: anyone may gossip an old one again, and a node that has
         // forgotten it (restarted, or past `verdict_memory`) would count it once more.
         if now_ms <= verified.verdict.decided_ms.saturating_add(LEFT_OUT_FRESH_MS)
-            && let Ok(ann) = verified.verdict.evidence.announcement.open::<TaskAnnouncement>()
-            && let Some(left_out) = self.left_out(&ann)
+            && let Some(left_out) = self.left_out(&verified)
         {
             actions.push(left_out);
         }
@@ -920,23 +919,24 @@ impl Consensus {
         actions.push(Action::Apply(Box::new(verified)));
     }
 
-    /// [`Action::LeftOut`] when `ann`'s candidate list (not full) leaves this node out
-    /// of a round it neither coordinates nor sits in.
-    fn left_out(&self, ann: &TaskAnnouncement) -> Option<Action> {
-        if ann.committee.contains(&self.me)
-            || ann.spec.coordinator == self.me
-            || ann.candidates.len() >= crate::messages::MAX_CANDIDATES
-            || ann.candidates.iter().any(|c| c.peer == self.me)
+    /// [`Action::LeftOut`] when the candidate list of `v`'s announcement (not full)
+    /// leaves this node out of a round it neither coordinates nor sits in.
+    fn left_out(&self, v: &VerifiedVerdict) -> Option<Action> {
+        if v.committee.contains(&self.me)
+            || v.coordinator == self.me
+            || v.candidates.len() >= crate::messages::MAX_CANDIDATES
+            || v.candidates.iter().any(|c| c.peer == self.me)
         {
             return None;
         }
-        let seats = committee_size(ann.spec.k, ann.attempt).max(1) as u64;
-        let offered_per_1k = (ann.spec.fee / seats).saturating_mul(1000) / u64::from(ann.spec.params.max_tokens.max(1));
+        let spec = &v.spec;
+        let seats = committee_size(spec.k, v.verdict.attempt).max(1) as u64;
+        let offered_per_1k = (spec.fee / seats).saturating_mul(1000) / u64::from(spec.params.max_tokens.max(1));
         Some(Action::LeftOut {
-            coordinator: ann.spec.coordinator,
-            model: ann.spec.model,
+            coordinator: v.coordinator,
+            model: spec.model,
             offered_per_1k,
-            created_ms: ann.spec.created_ms,
+            created_ms: spec.created_ms,
         })
     }
 

@@ -158,6 +158,8 @@ pub struct VerifiedVerdict {
     pub verdict: Verdict,
     pub spec: TaskSpec,
     pub committee: Vec<PeerId>,
+    /// The candidates the announcement lists (the committee was sampled from them).
+    pub candidates: Vec<crate::Listed>,
     pub coordinator: PeerId,
     pub envelope: SignedEnvelope,
     /// Each member's revealed output, for members whose reveal opened their accepted
@@ -378,6 +380,7 @@ pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError>
         proven_liars,
         spec: spec.clone(),
         committee: ann.committee.clone(),
+        candidates: ann.candidates.clone(),
         coordinator,
         envelope: envelope.clone(),
         verdict,
