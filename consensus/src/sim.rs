@@ -47,8 +47,12 @@ pub struct SimNet {
     /// Deliver verdicts to every node (each verifies them), not only to the coordinator.
     pub verdicts_to_all: bool,
     pub tamper: Option<Tamper>,
-    /// Gossip in flight: (publisher, envelope).
-    queue: VecDeque<(usize, SignedEnvelope)>,
+    /// Deliver a message addressed to some peers (`Action::Publish::to`) to them alone,
+    /// as the direct path does on a real network; by default everyone sees everything
+    /// (the protocol must hold then too).
+    pub as_addressed: bool,
+    /// Gossip in flight: (publisher, envelope, addressed to; empty for everyone).
+    queue: VecDeque<(usize, SignedEnvelope, Vec<PeerId>)>,
     /// Seats waiting for the stand-in model: (node, task, attempt, spec).
     pending_exec: Vec<(usize, TaskId, u8, TaskSpec)>,
     nonce: u64,
@@ -117,6 +121,7 @@ impl SimNet {
             reputation_params: ReputationParams::default(),
             verdicts_to_all: true,
             tamper: None,
+            as_addressed: false,
             queue: VecDeque::new(),
             pending_exec: Vec::new(),
             nonce: 0,
@@ -184,16 +189,16 @@ impl SimNet {
     pub fn act(&mut self, i: usize, actions: Vec<Action>) {
         for a in actions {
             match a {
-                // Delivered to every node, whoever it is for (`to`): the protocol must
-                // hold when anyone sees anything, so the simulation lets everyone.
-                Action::Publish { envelope, .. } => {
+                // Delivered to every node, whoever it is for (`to`), unless
+                // `as_addressed`: the protocol must hold when anyone sees anything.
+                Action::Publish { envelope, to, .. } => {
                     let env = match &mut self.tamper {
                         Some(t) => t(i, &envelope),
                         None => Some(envelope),
                     };
                     if let Some(env) = env {
                         self.log.push((i, env.clone()));
-                        self.queue.push_back((i, env));
+                        self.queue.push_back((i, env, to));
                     }
                 }
                 Action::Execute { task, attempt, spec, .. } => {
@@ -246,9 +251,9 @@ impl SimNet {
     /// Deliver all gossip and run all pending inferences until nothing moves.
     pub fn settle(&mut self) {
         loop {
-            if let Some((from, env)) = self.queue.pop_front() {
+            if let Some((from, env, to)) = self.queue.pop_front() {
                 for j in 0..self.nodes.len() {
-                    if j == from {
+                    if j == from || (self.as_addressed && !to.is_empty() && !to.contains(&self.peer(j))) {
                         continue;
                     }
                     if env.kind() == MessageKind::Verdict && !self.verdicts_to_all {

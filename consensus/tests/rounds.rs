@@ -43,6 +43,22 @@ fn the_announcement_is_for_the_committee() {
     assert_eq!(to, vec![&committee]);
 }
 
+/// Messages addressed to some peers (the announcement and reveal request to the
+/// committee, commits and reveals to the coordinator) reaching them alone: the round
+/// still finalizes, and every node verifies the verdict.
+#[test]
+fn an_honest_round_needs_only_what_is_addressed_to_each_node() {
+    let mut net = net(6);
+    net.as_addressed = true;
+    let (task, spec, _) = start(&mut net, 3, 0);
+    net.run(60_000);
+    assert_eq!(finalized(&net, &task), reference_output(&spec));
+    for n in &net.nodes {
+        assert_eq!(n.applied.iter().filter(|a| a.task() == task).count(), 1);
+    }
+    assert!(net.rejections.is_empty(), "{:?}", net.rejections);
+}
+
 #[test]
 fn honest_round_finalizes_and_every_node_verifies_it() {
     let mut net = net(6);
@@ -244,9 +260,21 @@ fn commit_after_the_reveal_request_is_ignored() {
 
 #[test]
 fn no_quorum_escalates_to_a_larger_committee() {
+    escalation(false);
+}
+
+/// The same with each message addressed to some peers delivered to them alone, as the
+/// direct path does on a real network.
+#[test]
+fn no_quorum_escalates_when_messages_reach_their_addressees_only() {
+    escalation(true);
+}
+
+fn escalation(as_addressed: bool) {
     // 1 honest, 1 liar, 1 silent of 3: no output has 2 votes.
     for seed_try in 0..64 {
         let mut net = net(12);
+        net.as_addressed = as_addressed;
         for _ in 0..seed_try {
             net.spec(0, 3, 1);
         }
