@@ -24,6 +24,36 @@ fn peers(n: u8) -> Vec<Listed> {
     (0..n).map(|i| Listed::new(NodeKey::from_seed([i + 50; 32]).peer_id(), 1.0)).collect()
 }
 
+/// The coordinator's verdict on a round nobody committed in: every member absent (in
+/// peer order), the task disputed.
+fn nobody_committed(
+    coordinator: &NodeKey,
+    spec: &TaskSpec,
+    announcement: SignedEnvelope,
+    committee: &[PeerId],
+    decided_ms: u64,
+) -> SignedEnvelope {
+    let mut marks: Vec<(PeerId, Mark)> = committee.iter().map(|p| (*p, Mark::Absent)).collect();
+    marks.sort_by_key(|(p, _)| *p);
+    let verdict = Verdict {
+        task: spec.id(),
+        attempt: 0,
+        outcome: Outcome::Disputed,
+        marks,
+        payouts: Vec::new(),
+        evidence: Evidence {
+            announcement,
+            reveal_request: None,
+            commits: Vec::new(),
+            reveals: Vec::new(),
+            equivocations: Vec::new(),
+            declines: Vec::new(),
+        },
+        decided_ms,
+    };
+    SignedEnvelope::seal(coordinator, &verdict).expect("seal")
+}
+
 #[test]
 fn the_coordinator_cannot_grind_the_seed() {
     let c = NodeKey::from_seed([1; 32]);
@@ -98,23 +128,7 @@ fn a_chosen_committee_is_refused_by_members_and_verifiers() {
     assert!(matches!(err, RoundError::Committee(CommitteeError::NotSampled(3))) && err.merits_penalty(), "{err}");
     assert_eq!(member.load().1, 0);
     // The verdict of such a round does not verify either.
-    let verdict = Verdict {
-        task: s.id(),
-        attempt: 0,
-        outcome: Outcome::Disputed,
-        marks: friends.iter().map(|p| (*p, Mark::Absent)).collect(),
-        payouts: Vec::new(),
-        evidence: Evidence {
-            announcement: env,
-            reveal_request: None,
-            commits: Vec::new(),
-            reveals: Vec::new(),
-            equivocations: Vec::new(),
-            declines: Vec::new(),
-        },
-        decided_ms: 0,
-    };
-    let v = SignedEnvelope::seal(&coordinator, &verdict).expect("seal");
+    let v = nobody_committed(&coordinator, &s, env, &friends, 0);
     assert!(matches!(verify(&v), Err(VerifyError::Committee(CommitteeError::NotSampled(3)))));
 }
 
@@ -158,26 +172,7 @@ fn a_node_left_off_the_list_notices() {
         let mut node = Consensus::new(me.clone(), RoundParams::default());
         let env = SignedEnvelope::seal(&coordinator, &ann(candidates)).expect("seal");
         assert!(node.handle(&env, 1_000).expect("handled").is_empty(), "an announcement that does not seat it");
-        // Nobody committed: every member absent (in peer order), the task disputed.
-        let mut marks: Vec<(PeerId, Mark)> = committee.iter().map(|p| (*p, Mark::Absent)).collect();
-        marks.sort_by_key(|(p, _)| *p);
-        let verdict = Verdict {
-            task: s.id(),
-            attempt: 0,
-            outcome: Outcome::Disputed,
-            marks,
-            payouts: Vec::new(),
-            evidence: Evidence {
-                announcement: env,
-                reveal_request: None,
-                commits: Vec::new(),
-                reveals: Vec::new(),
-                equivocations: Vec::new(),
-                declines: Vec::new(),
-            },
-            decided_ms: 7_000,
-        };
-        let v = SignedEnvelope::seal(&coordinator, &verdict).expect("seal");
+        let v = nobody_committed(&coordinator, &s, env, &committee, 7_000);
         let count = |actions: Vec<Action>| actions.iter().filter(|a| matches!(a, Action::LeftOut { .. })).count();
         let first = count(node.handle(&v, now).expect("a verdict that verifies"));
         assert_eq!(count(node.handle(&v, now + 1).expect("again")), 0, "one verdict, one notice at most");

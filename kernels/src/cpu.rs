@@ -41,12 +41,7 @@ fn serial() -> bool {
 
 /// `items.par_iter().for_each_init(init, body)`, or in order on this thread.
 fn each_init<T: Sync, S>(items: &[T], init: impl Fn() -> S + Sync + Send, body: impl Fn(&mut S, &T) + Sync + Send) {
-    if serial() {
-        let mut state = init();
-        items.iter().for_each(|t| body(&mut state, t));
-    } else {
-        items.par_iter().for_each_init(init, body);
-    }
+    each_index_init(items.len(), init, |state, i| body(state, &items[i]));
 }
 
 /// `(0..n).into_par_iter().for_each_init(init, body)`, or in order on this thread.

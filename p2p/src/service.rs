@@ -32,8 +32,9 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/kad/1.0.0")
 /// Request-response protocol for fetching a task's evidence or result from a peer.
 pub const FETCH_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/fetch/1.0.0");
 /// Request-response protocol for the round messages that concern a few peers only
-/// (commits, declines and reveals go to the coordinator, a reveal request to the
-/// committee): sent straight to them instead of gossiped to every node.
+/// (a task's announcement and reveal request go to the committee, commits, declines
+/// and reveals to the coordinator): sent straight to them instead of gossiped to every
+/// node.
 /// 1.1.0 added task announcements: a 1.0.0 node refuses them (and drops the connection),
 /// so the two do not speak to each other directly and fall back to gossip.
 pub const ROUND_PROTOCOL: StreamProtocol = StreamProtocol::new("/sampo/round/1.1.0");
