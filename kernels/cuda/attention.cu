@@ -68,10 +68,11 @@ __device__ __forceinline__ float sampo_head_scale(const float* __restrict__ x, c
 // quantize_act's blocks of 32 of the [rows][n_head * head_dim] output), which needs
 // head_dim a multiple of 32: then warp w's lanes hold block w of the head.
 // Scores beyond `shared_t` positions (or what fits) go to `scores`, rows * n_head * max_t
-// floats of scratch.
+// floats of scratch. The block's threads exchange them there across barriers, so
+// `scores` is not __restrict__ (sampling.cu sample_rows says why).
 extern "C" __global__ void attention(const float* __restrict__ q, const unsigned long long* __restrict__ kptr,
                                      const unsigned long long* __restrict__ vptr, const int* __restrict__ cap,
-                                     const int* __restrict__ pos, float* __restrict__ out, float* __restrict__ scores,
+                                     const int* __restrict__ pos, float* __restrict__ out, float* scores,
                                      int layer, int n_head, int n_head_kv, int head_dim, int max_t, float scale,
                                      int window, signed char* __restrict__ qs, float* __restrict__ d_out,
                                      float* __restrict__ s_out, const float* __restrict__ k,

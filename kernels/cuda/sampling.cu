@@ -178,9 +178,14 @@ __device__ void sampo_argmax_row(const float* l, int n, unsigned int* out, int* 
 // (f32 bits); [4, 5] seed (low, high); [6, 7] step (low, high).
 // keys: 2n words of scratch per row; aux: 16 * blockDim.x + 64 words per row.
 // blockDim.x: a multiple of 32, at most 1024. One block per row.
+// `out`, `keys` and `aux` are how the block's threads talk (written by some, read by
+// others after a barrier), so none of them is __restrict__: on a restrict pointer the
+// compiler may assume a barrier changes nothing behind it and move a load above the
+// barrier that orders it — which NVRTC did (the selection's slots were read before
+// thread 0 wrote them, on an H200; the emulator's barrier is an opaque call, so it
+// never showed).
 extern "C" __global__ void sample_rows(const float* __restrict__ logits, const unsigned int* __restrict__ params,
-                                       unsigned int* __restrict__ out, unsigned int* __restrict__ keys,
-                                       unsigned int* __restrict__ aux, int n, int rows) {
+                                       unsigned int* out, unsigned int* keys, unsigned int* aux, int n, int rows) {
     const int r = blockIdx.x;
     if (r >= rows) return;
     const int T = blockDim.x, t = threadIdx.x;

@@ -324,3 +324,35 @@ fn canonical_constants_are_the_same_bits_in_rust_and_cuda() {
         }
     }
 }
+
+/// Kernel parameters through which a block's threads exchange data across barriers
+/// (written by some threads, read by others after `__syncthreads`). On a `__restrict__`
+/// pointer the compiler may assume a barrier leaves the memory behind it unchanged and
+/// move a load above it: NVRTC 13 did, in `sample_rows` (the selection's slots were read
+/// before thread 0 wrote them; every top-k draw was wrong on an H200). The emulator's
+/// barrier is an opaque call, so only the declaration can be checked here.
+const EXCHANGED_THROUGH_GLOBAL: &[(&str, &[&str])] =
+    &[("sample_rows", &["out", "keys", "aux"]), ("attention", &["scores"])];
+
+#[test]
+fn memory_exchanged_across_barriers_is_not_restrict() {
+    for &(kernel, params) in EXCHANGED_THROUGH_GLOBAL {
+        let (_, src) = SOURCES
+            .iter()
+            .find(|(_, src)| src.contains(&format!("void {kernel}(")))
+            .unwrap_or_else(|| panic!("no kernel {kernel}"));
+        let start = src.find(&format!("void {kernel}(")).expect("signature");
+        let sig = &src[start..start + src[start..].find(')').expect("end of the signature")];
+        for &p in params {
+            let decl = sig
+                .split(',')
+                .map(str::trim)
+                .find(|d| d.split(|c: char| !c.is_alphanumeric() && c != '_').rfind(|w| !w.is_empty()) == Some(p))
+                .unwrap_or_else(|| panic!("{kernel} has no parameter {p}"));
+            assert!(
+                !decl.contains("__restrict__"),
+                "{kernel}: `{decl}` is exchanged across barriers; drop __restrict__"
+            );
+        }
+    }
+}

@@ -851,6 +851,28 @@ impl<D: Device> CudaBackend<D> {
         Ok(ids)
     }
 
+    /// Diagnostics for a device-only sampler fault: one row sampled alone, with the id
+    /// and the row's `aux` scratch as the kernel left it (16 radix counts per thread, then
+    /// the slots).
+    #[doc(hidden)]
+    pub fn sample_row_scratch(
+        &self,
+        row: &[f32],
+        params: (&SamplingParams, u64),
+    ) -> Result<(u32, Vec<u32>), CudaError> {
+        let vocab = row.len();
+        let mut sc = self.sampler_scratch(vocab)?;
+        let buf = self.dev.alloc(vocab * 4)?;
+        self.dev.upload(self.dev.addr(&buf), bytes_of(row))?;
+        let id = self.sample_on_device(&mut sc, self.dev.addr(&buf), &[params]).or_else(|e| match e {
+            CudaError::Launch { .. } => Ok(vec![u32::MAX]),
+            e => Err(e),
+        })?;
+        let mut aux = vec![0u32; SAMPLE_AUX_WORDS];
+        self.dev.download(self.dev.addr(&sc.aux), bytes_of_mut(&mut aux))?;
+        Ok((id[0], aux))
+    }
+
     /// Choose a token for each row of `logits` (`params.len()` rows of `vocab`) with the
     /// device sampler, as [`Backend::forward_sample`] does after a pass: the tests hold
     /// it to [`sampling::sample`]; tools can time it.

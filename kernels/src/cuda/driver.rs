@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, HostSlice, PinnedHostSlice, result, sys,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, result, sys,
 };
 
 use super::device::{Arg, CudaError, Device, Kernel, Shape};
@@ -236,6 +236,29 @@ impl Drop for GpuGraph {
 /// logits) take the pageable path.
 const PINNED_BYTES: usize = 64 * 1024;
 
+/// The pinned staging buffer and the event recorded on `stream` after each copy into or
+/// out of it. The event is ours, not cudarc's: with event tracking disabled (one
+/// stream), cudarc records none, and its `as_mut_slice` waits for nothing — so a pass's
+/// staging written while the previous pass's copy still sat in the queue behind its
+/// kernels became that pass's staging too (on an H200: a third pass of a long prompt
+/// read the zeroed rows of the next one and wrote through a null cache pointer).
+struct Staging {
+    host: PinnedHostSlice<u8>,
+    done: CudaEvent,
+}
+
+impl Staging {
+    /// The buffer, once the last copy through it has run.
+    fn ready(&mut self) -> Result<&mut [u8], CudaError> {
+        self.done.synchronize().map_err(drv("cuEventSynchronize"))?;
+        self.host.as_mut_slice().map_err(drv("cuEventSynchronize"))
+    }
+
+    fn copied(&self, stream: &CudaStream) -> Result<(), CudaError> {
+        self.done.record(stream).map_err(drv("cuEventRecord"))
+    }
+}
+
 pub struct CudarcDevice {
     ctx: Arc<CudaContext>,
     /// Every copy and launch, in order; graphs are captured from it.
@@ -252,10 +275,9 @@ pub struct CudarcDevice {
     graveyard: Arc<Graveyard<CudaSlice<u8>>>,
     /// Page-locked host memory that every small copy goes through: from pageable memory
     /// the driver first copies into a pinned buffer of its own, synchronously, on every
-    /// call; from here the copy is one DMA. Its event (cudarc's, recorded after each copy
-    /// out of or into it) is waited on before it is written again. `None` where it could
-    /// not be allocated: then every copy takes the pageable path, as before.
-    pinned: Mutex<Option<PinnedHostSlice<u8>>>,
+    /// call; from here the copy is one DMA. `None` where it could not be allocated: then
+    /// every copy takes the pageable path, as before.
+    pinned: Mutex<Option<Staging>>,
     /// A graph is being captured on `stream`: copies stay on the pageable path, so no
     /// graph ever holds a copy out of the reused buffer (none is made during capture).
     capturing: AtomicBool,
@@ -457,7 +479,7 @@ impl CudarcDevice {
     /// The pinned staging buffer, zeroed; `None` (with a warning) if the driver refuses it.
     /// Flags 0, not cudarc's `alloc_pinned` (WRITECOMBINED): the host reads the sampled
     /// ids back from it, and reads of write-combined memory are uncached.
-    fn alloc_staging(ctx: &Arc<CudaContext>) -> Option<PinnedHostSlice<u8>> {
+    fn alloc_staging(ctx: &Arc<CudaContext>) -> Option<Staging> {
         // SAFETY: the memory is uninitialized until zeroed below, before any read.
         let mut p = match unsafe { ctx.alloc_pinned_with_flags::<u8>(PINNED_BYTES, 0) } {
             Ok(p) => p,
@@ -474,7 +496,13 @@ impl CudarcDevice {
                 return None;
             }
         }
-        Some(p)
+        match ctx.new_event(None) {
+            Ok(done) => Some(Staging { host: p, done }),
+            Err(e) => {
+                tracing::warn!(error = %e, "no event for the pinned staging buffer; small copies stay pageable");
+                None
+            }
+        }
     }
 
     /// Run `f` on the pinned staging buffer when a copy of `bytes` can use it: it exists,
@@ -482,7 +510,7 @@ impl CudarcDevice {
     fn with_staging<T>(
         &self,
         bytes: usize,
-        f: impl FnOnce(&mut PinnedHostSlice<u8>) -> Result<T, CudaError>,
+        f: impl FnOnce(&mut Staging) -> Result<T, CudaError>,
     ) -> Option<Result<T, CudaError>> {
         if bytes > PINNED_BYTES || self.capturing.load(Ordering::Acquire) {
             return None;
@@ -539,15 +567,14 @@ impl Device for CudarcDevice {
         self.bind()?;
         let n = src.len();
         let pinned = self.with_staging(n, |p| {
-            // Waits for the previous copy out of the buffer (its event), then fills it.
-            p.as_mut_slice().map_err(drv("cuEventSynchronize"))?[..n].copy_from_slice(src);
-            // SAFETY: the slice is used only with `stream`; `recorded` records the
-            // buffer's event on `stream` after the copy, so the next use waits for it.
-            // `dst` lies in a live allocation with room for `n` bytes (backend contract).
-            let (host, recorded) = unsafe { p.stream_synced_slice(&self.stream) };
-            let copied = unsafe { result::memcpy_htod_async(dst, &host[..n], self.stream.cu_stream()) };
-            drop(recorded);
-            copied.map_err(drv("cuMemcpyHtoDAsync"))
+            let host = p.ready()?;
+            host[..n].copy_from_slice(src);
+            // SAFETY: `dst` lies in a live allocation with room for `n` bytes (backend
+            // contract); the host bytes are not written again before `done` (recorded
+            // right after) has passed this copy.
+            unsafe { result::memcpy_htod_async(dst, &host[..n], self.stream.cu_stream()) }
+                .map_err(drv("cuMemcpyHtoDAsync"))?;
+            p.copied(&self.stream)
         });
         if let Some(done) = pinned {
             return done;
@@ -561,15 +588,14 @@ impl Device for CudarcDevice {
         self.bind()?;
         let n = dst.len();
         let pinned = self.with_staging(n, |p| {
-            // SAFETY: as for `upload`: used only with `stream`, the event recorded after
-            // the copy; the stream is synchronized before the bytes are read.
-            let (host, recorded) = unsafe { p.stream_synced_mut_slice(&self.stream) };
-            let copied = unsafe { result::memcpy_dtoh_async(&mut host[..n], src, self.stream.cu_stream()) };
-            drop(recorded);
-            copied.map_err(drv("cuMemcpyDtoHAsync"))?;
+            let host = p.ready()?;
+            // SAFETY: `src` lies in a live allocation of `n` bytes (backend contract); the
+            // stream is synchronized before the bytes are read.
+            unsafe { result::memcpy_dtoh_async(&mut host[..n], src, self.stream.cu_stream()) }
+                .map_err(drv("cuMemcpyDtoHAsync"))?;
             self.stream.synchronize().map_err(drv("cuStreamSynchronize"))?;
-            dst.copy_from_slice(&p.as_slice().map_err(drv("cuEventSynchronize"))?[..n]);
-            Ok(())
+            dst.copy_from_slice(&host[..n]);
+            p.copied(&self.stream)
         });
         match pinned {
             Some(done) => done?,

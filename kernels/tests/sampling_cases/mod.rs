@@ -107,7 +107,45 @@ pub fn check_vocab<D: Device>(gpu: &CudaBackend<D>, vocab: usize, seed: u64, ste
     }
     let want: Vec<u32> =
         params.iter().enumerate().map(|(i, &(p, s))| sampling::sample(&logits[i * vocab..][..vocab], p, s)).collect();
-    let got = gpu.sample_logits(&logits, vocab, &params).expect("device sampler");
+    let got = match gpu.sample_logits(&logits, vocab, &params) {
+        Ok(got) => got,
+        Err(e) => {
+            // Name the rows that fail alone, so a device-only fault says which case.
+            let failing: Vec<String> = (0..params.len())
+                .filter_map(|i| {
+                    let alone = gpu.sample_logits(&logits[i * vocab..][..vocab], vocab, &params[i..=i]);
+                    match alone {
+                        Ok(ids) if ids[0] == want[i] => None,
+                        other => Some(format!("{} logits, {:?}, step {}: {other:?}", what[i].0, what[i].1, what[i].2)),
+                    }
+                })
+                .collect();
+            if let Some(i) = (0..params.len()).find(|&i| params[i].0.top_k == 1 && params[i].0.temperature > 0.0) {
+                let row = &logits[i * vocab..][..vocab];
+                let dump = gpu.sample_row_scratch(row, params[i]);
+                let mut idx: Vec<usize> = (0..vocab).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                eprintln!(
+                    "top_k 1 row {i}: want {} (top ids {:?}); device {:?}",
+                    want[i],
+                    &idx[..4],
+                    dump.as_ref().map(|(id, _)| id)
+                );
+                if let Ok((_, aux)) = dump {
+                    let t = (aux.len() - 64) / 16;
+                    let slots = &aux[16 * t..];
+                    eprintln!("slots[0..2] {:?} slots[32..48] {:?}", &slots[..2], &slots[32..48]);
+                    let per_digit: Vec<u32> = (0..16).map(|d| aux[d * t..(d + 1) * t].iter().sum()).collect();
+                    eprintln!("last level's counts summed on the host {per_digit:?}");
+                }
+            }
+            panic!(
+                "device sampler: {e}; vocab {vocab}; {} of {} rows fail alone: {failing:#?}",
+                failing.len(),
+                params.len()
+            );
+        }
+    };
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "vocab {vocab}, {} logits, {:?}, step {}", what[i].0, what[i].1, what[i].2);
