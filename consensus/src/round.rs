@@ -21,7 +21,7 @@ use crate::messages::{
     Commit, Decline, DeclineReason, Evidence, Mark, Outcome, Reveal, RevealRequest, SpecError, TaskAnnouncement,
     TaskSpec, Verdict,
 };
-use crate::verdict::{Tally, VerifiedVerdict, VerifyError, decide, verify};
+use crate::verdict::{Tally, VerifiedVerdict, VerifyError, check, decide, verify};
 use crate::{MAX_COMMITTEE, PeerId};
 
 /// Timing and memory bounds of the state machine.
@@ -246,8 +246,13 @@ struct Coordinated {
     /// evidence to anyone who asks) and published only once this attempt's commits are
     /// closed, or the task ends: their evidence holds the outputs revealed so far, which
     /// this attempt's committee must not see before it commits.
-    held: Vec<SignedEnvelope>,
+    held: Vec<Sealed>,
 }
+
+/// A verdict this node sealed, with the verdict itself: fed back to this node, it is
+/// checked without opening the envelope again (opening checks every nested signature,
+/// which this node checked as each message came in).
+type Sealed = (SignedEnvelope, Box<Verdict>);
 
 /// A member gets two tries at a reveal that opens its commit; more is noise.
 const REVEALS_PER_MEMBER: usize = 2;
@@ -311,8 +316,9 @@ pub struct Consensus {
     /// Content address of the first verdict seen per (task, attempt).
     seen_verdicts: HashMap<(TaskId, u8), Hash32>,
     seen_order: VecDeque<(TaskId, u8)>,
-    /// Envelopes this node published, fed back before control returns.
-    loopback: VecDeque<SignedEnvelope>,
+    /// Envelopes this node published, fed back before control returns (a verdict with
+    /// its open form).
+    loopback: VecDeque<(SignedEnvelope, Option<Box<Verdict>>)>,
     /// Members of this node's recent rounds that were in time but marked absent.
     excused: VecDeque<((TaskId, u8), BTreeSet<PeerId>)>,
 }
@@ -489,10 +495,15 @@ impl Consensus {
     }
 
     /// Apply and publish verdicts held back (see `Coordinated::held`).
-    fn publish_held(&mut self, held: Vec<SignedEnvelope>, actions: &mut Vec<Action>) {
-        for env in held {
-            self.publish(Topic::Rounds, env, actions);
+    fn publish_held(&mut self, held: Vec<Sealed>, actions: &mut Vec<Action>) {
+        for sealed in held {
+            self.publish_verdict(sealed, actions);
         }
+    }
+
+    fn publish_verdict(&mut self, (envelope, verdict): Sealed, actions: &mut Vec<Action>) {
+        self.loopback.push_back((envelope.clone(), Some(verdict)));
+        actions.push(Action::Publish { topic: Topic::Rounds, envelope, to: Vec::new() });
     }
 
     fn publish(&mut self, topic: Topic, envelope: SignedEnvelope, actions: &mut Vec<Action>) {
@@ -501,15 +512,24 @@ impl Consensus {
 
     /// Publish for `to` (see [`Action::Publish`]); this node sees its own message too.
     fn publish_to(&mut self, topic: Topic, envelope: SignedEnvelope, to: Vec<PeerId>, actions: &mut Vec<Action>) {
-        self.loopback.push_back(envelope.clone());
+        self.loopback.push_back((envelope.clone(), None));
         actions.push(Action::Publish { topic, envelope, to });
     }
 
     fn drain_loopback(&mut self, now_ms: u64, actions: &mut Vec<Action>) {
-        while let Some(env) = self.loopback.pop_front() {
+        while let Some((env, own_verdict)) = self.loopback.pop_front() {
             // Our own messages are valid by construction; an error here would only mean
             // a stale duplicate, which is safe to drop.
-            let _ = self.dispatch(&env, now_ms, actions);
+            match own_verdict {
+                Some(verdict) => {
+                    if let Ok(verified) = check(*verdict, &env) {
+                        self.accept_verified(verified, &env, now_ms, actions);
+                    }
+                }
+                None => {
+                    let _ = self.dispatch(&env, now_ms, actions);
+                }
+            }
         }
     }
 
@@ -1022,7 +1042,7 @@ impl Consensus {
         } else if decision.outcome == Outcome::Escalated {
             round.phase = Phase::Escalating;
             // Applied and published with the next attempt's reveal request.
-            round.held.push(env);
+            round.held.push((env, Box::new(verdict)));
             return;
         } else {
             let held = std::mem::take(&mut round.held);
@@ -1030,7 +1050,7 @@ impl Consensus {
             actions.push(Action::Finished { task, outcome: decision.outcome });
             self.publish_held(held, actions);
         }
-        self.publish(Topic::Rounds, env, actions);
+        self.publish_verdict((env, Box::new(verdict)), actions);
     }
 
     /// Advance deadlines: close commit phases (or seat substitutes), rule on rounds whose

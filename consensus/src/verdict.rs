@@ -192,7 +192,14 @@ fn same_task(part: &'static str, task: TaskId, attempt: u8, v: &Verdict) -> Resu
 /// reveal request, and the quorum arithmetic behind the outcome, the marks and the
 /// payouts. Trusts nothing the coordinator merely claims.
 pub fn verify(envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError> {
-    let verdict: Verdict = open(envelope, "verdict")?;
+    // Opening checks every nested envelope's signature (they are checked as decoded).
+    check(open(envelope, "verdict")?, envelope)
+}
+
+/// [`verify`] for a verdict already open: every check but the nested signatures, which
+/// were checked when its envelopes were decoded — or, for the verdict a coordinator has
+/// just sealed, when it received them. `envelope` must be `verdict` sealed.
+pub(crate) fn check(verdict: Verdict, envelope: &SignedEnvelope) -> Result<VerifiedVerdict, VerifyError> {
     let ev = &verdict.evidence;
     let ann: TaskAnnouncement = open(&ev.announcement, "announcement")?;
     let spec = &ann.spec;

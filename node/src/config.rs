@@ -158,6 +158,10 @@ pub struct ExecutionConfig {
     pub backend: BackendChoice,
     /// Inference worker threads; 0 means one per core.
     pub threads: usize,
+    /// Threads of the async runtime (network, API, consensus); 0 means one per core.
+    /// Nodes sharing one machine (a local testnet) do better with one each: every
+    /// extra thread is one more to wake and switch to.
+    pub runtime_threads: usize,
     /// Sequences in flight at once, decoded together as one batch per step.
     pub max_concurrent: usize,
     /// Prompt tokens that newcomers may add to one batch step (a long prompt is
@@ -264,6 +268,7 @@ impl Default for ExecutionConfig {
         Self {
             backend: BackendChoice::Auto,
             threads: 0,
+            runtime_threads: 0,
             max_concurrent: 8,
             prefill_chunk_tokens: crate::executor::PREFILL_CHUNK,
             prefix_cache_mib: (crate::executor::PREFIX_CACHE_BYTES >> 20) as u64,
@@ -360,6 +365,9 @@ rate_limit_per_minute = 0
 backend = "auto"
 # Inference threads; 0 = one per core.
 threads = 0
+# Threads of the async runtime (network, API, consensus); 0 = one per core. Nodes
+# sharing one machine (a local testnet) do better with 1.
+runtime_threads = 0
 # Sequences in flight, decoded together as one batch per step.
 max_concurrent = 8
 # Prompt tokens newcomers add to one batch step (long prompts are prefilled in

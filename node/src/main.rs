@@ -223,11 +223,11 @@ fn run() -> anyhow::Result<()> {
             }
             let config = cfg.load(extra)?;
             logging::init(config.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("sampo-rt")
-                .build()
-                .context("starting the async runtime")?;
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if config.execution.runtime_threads > 0 {
+                builder.worker_threads(config.execution.runtime_threads);
+            }
+            let rt = builder.enable_all().thread_name("sampo-rt").build().context("starting the async runtime")?;
             let opts = service::RunOptions { allow_faults: unsafe_allow_faults };
             rt.block_on(service::run_with(config, opts, service::shutdown_signal()))?;
         }

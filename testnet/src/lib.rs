@@ -259,7 +259,7 @@ impl Testnet {
         };
         let config = dir.join("sampo.toml");
         let text = format!(
-            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = {announce}\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\ncolocation_whitelist = [\"127.0.0.1\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\napi_keys = {api_keys:?}\nadmin_keys = {admin_keys:?}\n\n[execution]\nthreads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\ntrusted_peers = {founders:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
+            "data_dir = \"{data}\"\n\n[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nannounce_interval_secs = {announce}\n# Every node is on 127.0.0.1.\nallow_private_addresses = true\nmax_connections_per_ip = 256\ncolocation_whitelist = [\"127.0.0.1\"]\n\n[api]\nlisten = \"127.0.0.1:0\"\napi_keys = {api_keys:?}\nadmin_keys = {admin_keys:?}\n\n[execution]\nthreads = 1\nruntime_threads = 1\nmax_concurrent = 1\n\n[consensus]\nk = {k}\ncommit_timeout_ms = {c}\nreveal_timeout_ms = {r}\naudit_rate = {audit:?}\ntrusted_peers = {founders:?}\n\n[testing]\nbehaviour = \"{behaviour}\"\naccomplices = {accomplices:?}\nflood_per_second = {flood}\n",
             data = dir.join("data").display(),
             // N nodes announcing to all cost N² signed messages per interval: one host
             // carries 100 nodes at 10 s (a node is still heard at once when it joins).
