@@ -79,6 +79,43 @@ fn honest_round_finalizes_and_every_node_verifies_it() {
     assert_eq!(net.nodes[0].consensus.load().0, 0);
 }
 
+/// A coordinator applies the verdict it has just sealed without opening it again (its
+/// nested signatures were checked as the messages came in): what it applies must be
+/// exactly what every other node gets by verifying the envelope, liars and equivocators
+/// included.
+#[test]
+fn the_coordinator_applies_its_own_verdict_as_every_node_verifies_it() {
+    let mut cases = vec![("honest", net(6), None)];
+    for b in [Behaviour::WrongOutput, Behaviour::NeverReveal, Behaviour::Equivocate] {
+        let (n, _, _, _) = with_behaviour(6, 2, b);
+        cases.push(("misbehaving member", n, Some(b)));
+    }
+    for (what, mut net, b) in cases {
+        let task = match b {
+            None => start(&mut net, 3, 0).0,
+            Some(_) => net
+                .log
+                .iter()
+                .find(|(_, e)| e.kind() == MessageKind::TaskAnnouncement)
+                .expect("ann")
+                .1
+                .open::<TaskAnnouncement>()
+                .expect("ann")
+                .spec
+                .id(),
+        };
+        net.run(120_000);
+        let own = net.verdicts(0, &task);
+        assert_eq!(own.len(), 1, "{what} {b:?}");
+        let verified = verify(&own[0].envelope).expect("the coordinator's verdict verifies");
+        assert_eq!(&verified, own[0], "{what} {b:?}");
+        for (i, n) in net.nodes.iter().enumerate().skip(1) {
+            let theirs: Vec<&VerifiedVerdict> = n.applied.iter().filter(|a| a.task() == task).collect();
+            assert_eq!(theirs, vec![own[0]], "{what} {b:?}: node {i}");
+        }
+    }
+}
+
 fn with_behaviour(n: usize, bad: usize, b: Behaviour) -> (SimNet, TaskId, TaskSpec, Vec<usize>) {
     // Pick a task whose committee seats node `bad`, then make that node misbehave.
     for burn in 0..64 {
