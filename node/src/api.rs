@@ -718,7 +718,8 @@ fn hold_fee(store: &Store, metrics: &NodeMetrics, account: &str, spec: &TaskSpec
             metrics.deposits.inc_by(top_up);
         }
     }
-    match store.hold(account, &spec.id(), spec.fee, now) {
+    // Durable with the task's verdict (a synced write before any answer or settlement).
+    match store.hold_with_next_sync(account, &spec.id(), spec.fee, now) {
         Ok(sampo_storage::LedgerOutcome::Done) => {
             metrics.fees_held.inc_by(spec.fee);
             Ok(())
@@ -743,7 +744,7 @@ async fn submit(s: &ApiState, p: &Prepared, caller: &Caller) -> Result<TaskId, R
         return Err(error_response(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the node is not running tasks"));
     };
     if let Some(store) = &s.store {
-        // Synced writes: off the async workers.
+        // Database writes: off the async workers.
         let (store, metrics, account, spec) = (store.clone(), s.metrics.clone(), caller.0.clone(), p.spec.clone());
         tokio::task::spawn_blocking(move || hold_fee(&store, &metrics, &account, &spec))
             .await

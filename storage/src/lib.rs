@@ -319,6 +319,17 @@ impl Store {
 
     /// Apply every change in `batch` atomically and durably.
     pub fn commit(&self, batch: Batch) -> Result<(), StorageError> {
+        self.commit_with(batch, self.write_opts())
+    }
+
+    /// Apply `batch` atomically, durable with the next synced write: one write-ahead log,
+    /// so syncing a later write syncs this one too. For a write that nothing outside
+    /// this node can see before such a write follows it.
+    pub(crate) fn commit_with_next_sync(&self, batch: Batch) -> Result<(), StorageError> {
+        self.commit_with(batch, WriteOptions::default())
+    }
+
+    fn commit_with(&self, batch: Batch, opts: WriteOptions) -> Result<(), StorageError> {
         let mut wb = WriteBatch::default();
         for (col, key, value) in &batch.ops {
             let cf = self.cf(*col)?;
@@ -327,7 +338,7 @@ impl Store {
                 None => wb.delete_cf(cf, key),
             }
         }
-        self.db.write_opt(wb, &self.write_opts())?;
+        self.db.write_opt(wb, &opts)?;
         let mut cache = None;
         for (col, key, value) in &batch.ops {
             if *col != Column::Reputation {

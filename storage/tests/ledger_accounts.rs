@@ -152,3 +152,29 @@ fn holds_no_verdict_closed_are_refunded_when_stale() {
     assert_eq!(s.refund_stale(2_000, 1_000).expect("again"), Vec::<TaskId>::new());
     balanced(&s);
 }
+
+/// The coordinator's hold at submission is written without its own disk sync (the
+/// verdict's synced write covers it): the same ledger entry, the same checks, and
+/// durable once a later synced write has been made.
+#[test]
+fn a_hold_durable_with_the_next_sync_is_the_same_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let s = Store::open(dir.path()).expect("open");
+        s.deposit("alice", 100, 1).expect("deposit");
+        assert_eq!(s.hold_with_next_sync("alice", &task(1), 60, 2).expect("hold"), LedgerOutcome::Done);
+        assert_eq!(s.hold_with_next_sync("alice", &task(1), 60, 3).expect("again"), LedgerOutcome::AlreadyDone);
+        assert!(matches!(
+            s.hold_with_next_sync("alice", &task(2), 60, 3),
+            Err(LedgerError::InsufficientBalance { balance: 40, needed: 60 })
+        ));
+        let a = s.client_account("alice").expect("read").expect("acct");
+        assert_eq!((a.balance, a.held), (40, 60));
+        balanced(&s);
+        // A synced write after it (as the task's verdict is).
+        s.deposit("bob", 1, 4).expect("deposit");
+    }
+    let s = Store::open(dir.path()).expect("reopen");
+    assert_eq!(s.hold_of(&task(1)).expect("read").expect("hold").amount, 60);
+    balanced(&s);
+}
