@@ -730,12 +730,14 @@ impl Actor {
                 let _ = reply.send(self.gossip(&topic, &envelope));
             }
             Command::Send { peers, topic, envelope } => {
+                // Encoded once: its id (blake3 of these bytes, as `id()`) and its size.
+                let bytes = envelope.to_bytes();
                 // Remember our own message so an echo is not mistaken for fresh input.
-                self.replay.first_sight(envelope.id());
+                self.replay.first_sight(sampo_consensus::Hash32::of(&bytes));
                 let me = *self.swarm.local_peer_id();
                 let mut gossip = false;
                 // A long prompt's announcement is more than a direct request may carry.
-                let fits = envelope.to_bytes().len() as u64 + DIRECT_FRAMING_BYTES <= MAX_DIRECT_BYTES;
+                let fits = bytes.len() as u64 + DIRECT_FRAMING_BYTES <= MAX_DIRECT_BYTES;
                 let fallback = (!never_gossiped(envelope.kind())).then_some(&topic);
                 for peer in peers.into_iter().filter(|p| *p != me) {
                     // Without a fallback, a peer not connected is dialed (the request
