@@ -389,12 +389,6 @@ pub async fn run(mut p: LoopParts) {
                 }
                 Some(P2pEvent::NodeJoined(peer)) => { info!(%peer, "node joined"); Vec::new() }
                 Some(P2pEvent::NodeLeft(peer)) => { info!(%peer, "node left"); Vec::new() }
-                Some(P2pEvent::Undelivered { to, kind }) => {
-                    // A reveal is never gossiped instead (p2p `send`): this seat may be
-                    // marked absent.
-                    warn!(%to, ?kind, "could not send a round message directly");
-                    Vec::new()
-                }
                 Some(_) => Vec::new(),
             },
             cmd = p.commands.recv() => match cmd {

@@ -226,16 +226,6 @@ pub enum P2pEvent {
         from: PeerId,
         request: FetchRequest,
     },
-    /// A message that is never gossiped (a reveal) could not be sent to `to` directly.
-    Undelivered {
-        to: PeerId,
-        kind: MessageKind,
-    },
-}
-
-/// Messages that never fall back to gossip (see [`P2pHandle::send`]).
-fn never_gossiped(kind: MessageKind) -> bool {
-    kind == MessageKind::Reveal
 }
 
 /// A receiver's answer to a direct round message.
@@ -331,10 +321,7 @@ impl P2pHandle {
 
     /// Send a round message straight to `peers` (this node itself skipped); to any of
     /// them not connected, or that does not take it in time, it goes out on `topic` as
-    /// gossip instead — except a reveal, which is never gossiped: an output revealed to
-    /// everyone before an escalated attempt's committee has committed could be copied
-    /// by it. A reveal goes to its coordinator over a connection dialed for it if need
-    /// be; one that cannot be sent is reported as [`P2pEvent::Undelivered`].
+    /// gossip instead.
     pub async fn send(&self, peers: Vec<PeerId>, topic: GossipTopic, envelope: SignedEnvelope) -> Result<(), P2pError> {
         self.tx.send(Command::Send { peers, topic, envelope }).await.map_err(|_| P2pError::Stopped)
     }
@@ -626,9 +613,7 @@ struct Actor {
     pending_fetches:
         HashMap<request_response::OutboundRequestId, (PeerId, oneshot::Sender<Result<FetchResponse, P2pError>>)>,
     /// Direct sends in flight: what to gossip if one is not taken.
-    /// Direct sends awaiting their answer, with the topic to gossip on if they fail
-    /// (`None`: never gossiped).
-    pending_direct: HashMap<request_response::OutboundRequestId, (PeerId, Option<GossipTopic>, SignedEnvelope)>,
+    pending_direct: HashMap<request_response::OutboundRequestId, (PeerId, GossipTopic, SignedEnvelope)>,
     /// Per peer: direct messages it may still send now, and when that was last topped
     /// up. A spent budget outlives the connection (reconnecting must not buy a fresh
     /// burst); the prune tick forgets a disconnected peer's once it is full again.
@@ -738,18 +723,12 @@ impl Actor {
                 let mut gossip = false;
                 // A long prompt's announcement is more than a direct request may carry.
                 let fits = bytes.len() as u64 + DIRECT_FRAMING_BYTES <= MAX_DIRECT_BYTES;
-                let fallback = (!never_gossiped(envelope.kind())).then_some(&topic);
                 for peer in peers.into_iter().filter(|p| *p != me) {
-                    // Without a fallback, a peer not connected is dialed (the request
-                    // waits for the connection).
-                    let reachable = self.swarm.is_connected(&peer) || fallback.is_none();
-                    if fits && reachable && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
+                    if fits && self.swarm.is_connected(&peer) && self.pending_direct.len() < MAX_DIRECT_IN_FLIGHT {
                         let id = self.swarm.behaviour_mut().round.send_request(&peer, envelope.clone());
-                        self.pending_direct.insert(id, (peer, fallback.cloned(), envelope.clone()));
-                    } else if fallback.is_some() {
-                        gossip = true;
+                        self.pending_direct.insert(id, (peer, topic.clone(), envelope.clone()));
                     } else {
-                        self.undelivered(peer, &envelope);
+                        gossip = true;
                     }
                 }
                 if gossip {
@@ -1116,19 +1095,6 @@ impl Actor {
         }
     }
 
-    /// A direct send that failed: gossiped on its topic, or reported if it has none.
-    fn direct_failed(&mut self, peer: PeerId, topic: Option<GossipTopic>, envelope: SignedEnvelope) {
-        match topic {
-            Some(topic) => self.gossip_instead(&topic, &envelope),
-            None => self.undelivered(peer, &envelope),
-        }
-    }
-
-    fn undelivered(&self, to: PeerId, envelope: &SignedEnvelope) {
-        debug!(%to, kind = ?envelope.kind(), "a message that is never gossiped could not be sent directly");
-        self.emit(P2pEvent::Undelivered { to, kind: envelope.kind() });
-    }
-
     fn round_event(&mut self, ev: request_response::Event<SignedEnvelope, DirectAck>) {
         match ev {
             request_response::Event::Message {
@@ -1143,16 +1109,16 @@ impl Actor {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => {
-                if let Some((peer, topic, envelope)) = self.pending_direct.remove(&request_id)
+                if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id)
                     && response != DirectAck::Taken
                 {
-                    self.direct_failed(peer, topic, envelope);
+                    self.gossip_instead(&topic, &envelope);
                 }
             }
-            request_response::Event::OutboundFailure { request_id, error, .. } => {
-                if let Some((peer, topic, envelope)) = self.pending_direct.remove(&request_id) {
-                    debug!(%peer, %error, "direct send failed");
-                    self.direct_failed(peer, topic, envelope);
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                if let Some((_, topic, envelope)) = self.pending_direct.remove(&request_id) {
+                    debug!(%peer, %error, "direct send failed; gossiping it");
+                    self.gossip_instead(&topic, &envelope);
                 }
             }
             request_response::Event::InboundFailure { .. } | request_response::Event::ResponseSent { .. } => {}

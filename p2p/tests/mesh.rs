@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry as Metrics;
 use sampo_consensus::{
-    Commit, Hash32, MessageKind, ModelId, NodeAnnouncement, NodeKey, PeerId, Prompt, Reveal, SamplingParams,
-    SignedEnvelope, TaskAnnouncement, TaskId, TaskSpec,
+    Commit, Hash32, ModelId, NodeAnnouncement, NodeKey, PeerId, Prompt, SamplingParams, SignedEnvelope,
+    TaskAnnouncement, TaskId, TaskSpec,
 };
 use sampo_p2p::gossip::{NODES_TOPIC, ROUNDS_TOPIC};
 use sampo_p2p::{
@@ -270,50 +270,6 @@ async fn a_task_announcement_goes_to_its_committee_and_a_long_one_is_gossiped() 
     a.handle.send(committee, GossipTopic::Tasks(model), long.clone()).await.expect("send");
     assert_eq!(next_message(&mut b).await, long);
     assert_eq!(next_message(&mut c).await, long);
-    for n in [a, b, c] {
-        n.handle.shutdown().await;
-    }
-}
-
-/// A reveal is never gossiped: an output revealed to every node before an escalated
-/// attempt's committee has committed could be copied by it. To a connected peer it goes
-/// directly; to one the sender cannot reach, it is reported undelivered, and no other
-/// node hears it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reveal_is_never_gossiped() {
-    let (mut a, mut b, c) = line().await;
-    let reveal = |n: u8| {
-        SignedEnvelope::seal(
-            &a.key,
-            &Reveal { task: TaskId(Hash32::of(&[n])), attempt: 0, tokens: vec![7, 8], salt: [n; 32] },
-        )
-        .expect("seal")
-    };
-    // Connected: straight to the coordinator.
-    let to_b = reveal(1);
-    a.handle.send(vec![b.key.peer_id()], GossipTopic::Rounds, to_b.clone()).await.expect("send");
-    assert_eq!(next_message(&mut b).await, to_b);
-    // To a peer it cannot reach (no connection, no address): reported, not gossiped.
-    let ghost = key(9).peer_id();
-    a.handle.send(vec![ghost], GossipTopic::Rounds, reveal(2)).await.expect("send");
-    timeout(WAIT, async {
-        loop {
-            match a.events.recv().await {
-                Some(P2pEvent::Undelivered { to, kind }) => {
-                    assert_eq!((to, kind), (ghost, MessageKind::Reveal));
-                    break;
-                }
-                Some(_) => {}
-                None => panic!("p2p stopped"),
-            }
-        }
-    })
-    .await
-    .expect("the undelivered reveal reported in time");
-    // Had a gossiped it, b would have heard it before what a gossips next.
-    let after = commit(&a.key, 13);
-    a.handle.publish(GossipTopic::Rounds, after.clone()).await.expect("publish");
-    assert_eq!(next_message(&mut b).await, after);
     for n in [a, b, c] {
         n.handle.shutdown().await;
     }
