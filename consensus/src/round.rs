@@ -243,9 +243,10 @@ struct Coordinated {
     /// ByzantineCoordinator: re-announce once the members' seats have expired.
     linger_until_ms: u64,
     /// Verdicts of this task's escalated attempts, applied (stored: the store serves
-    /// evidence to anyone who asks) and published only once this attempt's commits are
-    /// closed, or the task ends: their evidence holds the outputs revealed so far, which
-    /// this attempt's committee must not see before it commits.
+    /// evidence to anyone who asks) and published only once the task ends: their
+    /// evidence holds the outputs revealed so far, which no later attempt's committee may
+    /// see before it commits (publishing them once the next attempt's commits closed let
+    /// a third attempt's committee see the first attempt's outputs).
     held: Vec<Sealed>,
 }
 
@@ -815,12 +816,11 @@ impl Consensus {
         let env = seal(&self.key, &req);
         round.request = Some((env.clone(), accepted));
         round.phase = Phase::Revealing;
-        // The whole committee: a member left out learns that its seat is over.
+        // The whole committee: a member left out learns that its seat is over. Earlier
+        // attempts' verdicts stay held: this attempt may escalate again, and the next
+        // committee must not see any output before it commits.
         let committee = round.ann.committee.clone();
-        let held = std::mem::take(&mut round.held);
         self.publish_to(Topic::Rounds, env, committee, actions);
-        // This attempt's commits are in: earlier attempts' outputs can be seen now.
-        self.publish_held(held, actions);
     }
 
     fn on_reveal_request(&mut self, env: &SignedEnvelope, actions: &mut Vec<Action>) -> Result<(), RoundError> {
@@ -1041,7 +1041,7 @@ impl Consensus {
             round.linger_until_ms = round.ann.reveal_deadline_ms + 1000;
         } else if decision.outcome == Outcome::Escalated {
             round.phase = Phase::Escalating;
-            // Applied and published with the next attempt's reveal request.
+            // Applied and published when the task ends (see `Coordinated::held`).
             round.held.push((env, Box::new(verdict)));
             return;
         } else {

@@ -332,7 +332,8 @@ fn escalation(as_addressed: bool) {
         let actions = net.nodes[silent].consensus.handle(&ann, net.now_ms).expect("ann");
         net.act(silent, actions);
         // Step by step: the coordinator stores (and so serves) attempt 0's verdict only
-        // once attempt 1's commits are closed.
+        // once the task has ended (a later attempt could escalate again, and its
+        // committee must not see attempt 0's outputs before it commits).
         let is_attempt = |e: &SignedEnvelope, kind: MessageKind, attempt: u8| {
             e.kind() == kind
                 && match kind {
@@ -349,6 +350,8 @@ fn escalation(as_addressed: bool) {
             net.tick(1000);
             let applied = net.nodes[0].applied.iter().any(|v| v.task() == task && v.verdict.attempt == 0);
             assert!(!applied || request_sent(&net), "attempt 0's verdict stored before attempt 1's commits closed");
+            let ruled = net.nodes[0].applied.iter().any(|v| v.task() == task && v.verdict.attempt == 1);
+            assert_eq!(applied, ruled, "attempt 0's verdict stored before the task ended");
         }
         let verdicts = net.verdicts(0, &task);
         assert_eq!(verdicts.len(), 2, "attempt 0 escalated, attempt 1 ruled");
@@ -356,7 +359,7 @@ fn escalation(as_addressed: bool) {
         assert_eq!(verdicts[1].committee.len(), 7, "escalation seats 2k + 1");
         assert_eq!(finalized(&net, &task), reference_output(&spec));
         // On the network: attempt 0's verdict once, after attempt 1's reveal request (and
-        // so after every commit it accepted).
+        // so after every commit it accepted), right before attempt 1's verdict.
         let at = |kind: MessageKind, attempt: u8| -> Vec<usize> {
             net.log
                 .iter()
@@ -372,6 +375,11 @@ fn escalation(as_addressed: bool) {
             second_request[0] < escalated[0],
             "attempt 0's verdict at {escalated:?}, attempt 1's request at {second_request:?}"
         );
+        let ruling = at(MessageKind::Verdict, 1);
+        let from_coordinator: Vec<usize> =
+            net.log.iter().enumerate().filter(|(_, (f, _))| *f == 0).map(|(i, _)| i).collect();
+        let next = from_coordinator.iter().position(|i| *i == escalated[0]).map(|k| from_coordinator[k + 1]);
+        assert_eq!(next, ruling.first().copied(), "attempt 0's verdict goes out with the task's last verdict");
         // And every node applied both verdicts.
         for n in &net.nodes {
             assert_eq!(n.applied.iter().filter(|a| a.task() == task).count(), 2);
