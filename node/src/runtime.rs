@@ -516,20 +516,6 @@ pub async fn run(mut p: LoopParts) {
                 );
                 continue;
             }
-            // This node's own verdict goes out once it is stored (see `apply_verdict`).
-            if let Action::Publish { topic, envelope, to } = action {
-                let own = envelope.kind() == MessageKind::Verdict && envelope.signer() == me;
-                let apply = own
-                    .then(|| actions.iter().position(|a| matches!(a, Action::Apply(v) if v.envelope == envelope)))
-                    .flatten();
-                match apply.map(|i| actions.remove(i)) {
-                    Some(Action::Apply(v)) => apply_verdict(&mut p, v, me, Some((topic, envelope, to))),
-                    _ => {
-                        act(&mut p, Action::Publish { topic, envelope, to }, me, (&mut started, &mut phase_clock)).await
-                    }
-                }
-                continue;
-            }
             act(&mut p, action, me, (&mut started, &mut phase_clock)).await;
         }
     }
@@ -714,15 +700,8 @@ fn envelope_task(env: &SignedEnvelope) -> Option<TaskId> {
     env.open::<sampo_consensus::RevealRequest>().ok().map(|r| r.task)
 }
 
-/// Apply a verdict (the synced write off the loop, bounded by `apply_slots`). `then`: this
-/// node's own verdict, published once it is stored — a coordinator's client, waiting on
-/// the write, then no longer shares the CPU with every observer checking the verdict.
-fn apply_verdict(
-    p: &mut LoopParts,
-    v: Box<VerifiedVerdict>,
-    me: PeerId,
-    then: Option<(Topic, SignedEnvelope, Vec<PeerId>)>,
-) {
+/// Apply a verdict (the synced write off the loop, bounded by `apply_slots`).
+fn apply_verdict(p: &mut LoopParts, v: Box<VerifiedVerdict>, me: PeerId) {
     // Only what the trust model allows this node to conclude is applied now.
     let coordinator_rep = p.store.reputation(&v.coordinator).ok().flatten().unwrap_or_default();
     let mut assessment = assess(&v, &me, p.trust.established(&v.coordinator, &coordinator_rep));
@@ -732,7 +711,7 @@ fn apply_verdict(
     let effects = Effects::from(&assessment);
     // The synced write happens off the loop (bounded), which hears back when done.
     let (store, rp, tx, slots) = (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
-    let (metrics, board, p2p) = (p.metrics.clone(), p.board.clone(), p.p2p.clone());
+    let (metrics, board) = (p.metrics.clone(), p.board.clone());
     // Only a coordinator holds fees (at its API): nobody else reads the ledger here.
     let coordinating = v.coordinator == me;
     tokio::spawn(
@@ -757,11 +736,6 @@ fn apply_verdict(
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r);
-            // Published whatever the write's outcome: the verdict stands as signed.
-            if let Some((topic, envelope, to)) = then {
-                debug!(target: "sampo::timeline", kind = ?envelope.kind(), "publish after apply");
-                deliver(&p2p, topic, envelope, to).await;
-            }
             let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
         }
         .instrument(tracing::info_span!("apply-verdict")),
@@ -911,7 +885,7 @@ async fn act(
                 .instrument(tracing::info_span!("seat", %task, attempt)),
             );
         }
-        Action::Apply(v) => apply_verdict(p, v, me, None),
+        Action::Apply(v) => apply_verdict(p, v, me),
         Action::LeftOut { coordinator, model, offered_per_1k, created_ms } => {
             // Only when this node was eligible when the task was created (serves the model
             // at that price, had been announcing long enough for the coordinator to know
