@@ -718,7 +718,7 @@ fn hold_fee(store: &Store, metrics: &NodeMetrics, account: &str, spec: &TaskSpec
             metrics.deposits.inc_by(top_up);
         }
     }
-    // Durable with the task's verdict (a synced write before any answer or settlement).
+    // Durable with the task's verdict or refund (synced writes, before any settlement).
     match store.hold_with_next_sync(account, &spec.id(), spec.fee, now) {
         Ok(sampo_storage::LedgerOutcome::Done) => {
             metrics.fees_held.inc_by(spec.fee);

@@ -211,12 +211,13 @@ impl Store {
         self.hold_with(name, task, amount, now_ms, true)
     }
 
-    /// [`Self::hold`], durable with the node's next synced write instead of at once. A
-    /// coordinator's hold at submission: the task's verdict is a synced write, made
-    /// before the client gets an answer and before the hold is settled, so the hold is
-    /// durable by then; a crash before it loses the hold together with the round (rounds
-    /// live in memory), so nobody was answered, paid or charged. Saves a disk sync on the
-    /// way to every announcement.
+    /// [`Self::hold`], durable with the node's next synced write instead of at once (one
+    /// write-ahead log: syncing a later write syncs this one). A coordinator's hold at
+    /// submission: the task's verdict or refund is such a write, made before the hold is
+    /// settled or refunded. A crash before it loses the hold with the round (rounds live
+    /// in memory): the balances are as if the task had not been submitted, where the
+    /// synced hold ended too (refunded as stale). Saves a disk sync on the way to every
+    /// announcement.
     pub fn hold_with_next_sync(
         &self,
         name: &str,
