@@ -44,7 +44,7 @@ pub struct TaskState {
 
 impl TaskState {
     pub fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "finalized" | "disputed" | "overturned")
+        matches!(self.status.as_str(), "finalized" | "disputed" | "overturned" | "unrecorded")
     }
 }
 
@@ -986,7 +986,19 @@ fn record_applied(
             warn!(task = %v.task(), coordinator = %v.coordinator, "two verdicts for one attempt: coordinator banned");
             return;
         }
-        Err(e) => warn!(task = %v.task(), error = %e, "could not store a verdict"),
+        Err(e) => {
+            warn!(task = %v.task(), error = %e, "could not store a verdict");
+            // No answer without a durable record: the hold stays unsettled (refunded as
+            // stale), so handing out the output would give it away unpaid.
+            board.update_existing(v.task(), |s| {
+                if v.verdict.attempt >= s.attempt {
+                    s.attempt = v.verdict.attempt;
+                    s.status = "unrecorded".into();
+                    s.output = None;
+                }
+            });
+            return;
+        }
     }
     metrics
         .tasks
@@ -1230,6 +1242,31 @@ mod tests {
 
     fn id(i: u64) -> TaskId {
         TaskId(Hash32::of(&i.to_le_bytes()))
+    }
+
+    /// A finalized verdict that could not be written gives its waiting client no output
+    /// (the fee's hold was not settled); one that was written does.
+    #[test]
+    fn a_verdict_the_store_could_not_write_answers_nobody_with_its_output() {
+        let mut net = sampo_consensus::sim::SimNet::new(5, sampo_consensus::RoundParams::default(), |_| {
+            sampo_consensus::Behaviour::Honest
+        });
+        let spec = net.spec(0, 3, 0);
+        let task = net.submit(0, spec).expect("submit");
+        net.run(60_000);
+        let v = net.verdicts(0, &task)[0].clone();
+        let me = net.peer(0);
+        let metrics = NodeMetrics::register(&mut prometheus_client::registry::Registry::default());
+        for (result, status, output) in
+            [(Err("disk full".to_owned()), "unrecorded", false), (Ok(Applied::New), "finalized", true)]
+        {
+            let board = TaskBoard::default();
+            board.update(task, |s| s.status = "running".into());
+            record_applied(&board, &metrics, &me, &v, &result);
+            let st = board.get(&task).expect("on the board");
+            assert!(st.is_final(), "{status}");
+            assert_eq!((st.status.as_str(), st.output.is_some()), (status, output));
+        }
     }
 
     /// A flood of other tasks (e.g. forged verdicts) cannot evict the entry a client is
