@@ -65,6 +65,35 @@ pub struct SimNet {
     pub trusted: std::collections::BTreeSet<PeerId>,
 }
 
+/// A task announcement sealed by `key` for tests of the layers around the protocol
+/// (gossip, direct sends): `prompt` for `model`, k = 1, fixed small nonce, fee and
+/// deadlines, `committee` as given.
+pub fn sealed_announcement(key: &NodeKey, model: ModelId, committee: Vec<PeerId>, prompt: &str) -> SignedEnvelope {
+    let spec = TaskSpec {
+        coordinator: key.peer_id(),
+        nonce: 1,
+        created_ms: 1,
+        model,
+        prompt: Prompt::Text(prompt.into()),
+        params: SamplingParams::default(),
+        k: 1,
+        max_escalations: 0,
+        fee: 1,
+        client_entropy: [0; 32],
+    };
+    let ann = crate::messages::TaskAnnouncement {
+        spec,
+        attempt: 0,
+        revision: 0,
+        committee,
+        commit_deadline_ms: 10,
+        reveal_deadline_ms: 20,
+        candidates: Vec::new(),
+    };
+    // A test fixture: an announcement of this size always seals.
+    SignedEnvelope::seal(key, &ann).expect("a small announcement seals")
+}
+
 /// The stand-in model: a deterministic function of the task, so honest nodes agree.
 pub fn reference_output(spec: &TaskSpec) -> Vec<u32> {
     let h = Hash32::of(&crate::envelope::encode_body(&(&spec.prompt, spec.params.seed)).unwrap_or_default());

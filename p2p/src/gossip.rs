@@ -361,29 +361,7 @@ mod tests {
 
     /// A task announcement for `model`, sealed by `key`, with a `prompt`.
     fn task_announcement(key: &NodeKey, model: ModelId, prompt: &str) -> SignedEnvelope {
-        use sampo_consensus::{Prompt, SamplingParams, TaskSpec};
-        let spec = TaskSpec {
-            coordinator: key.peer_id(),
-            nonce: 1,
-            created_ms: 1,
-            model,
-            prompt: Prompt::Text(prompt.into()),
-            params: SamplingParams::default(),
-            k: 1,
-            max_escalations: 0,
-            fee: 1,
-            client_entropy: [0; 32],
-        };
-        let ann = TaskAnnouncement {
-            spec,
-            attempt: 0,
-            revision: 0,
-            committee: vec![key.peer_id()],
-            commit_deadline_ms: 10,
-            reveal_deadline_ms: 20,
-            candidates: Vec::new(),
-        };
-        SignedEnvelope::seal(key, &ann).expect("seal")
+        sampo_consensus::sim::sealed_announcement(key, model, vec![key.peer_id()], prompt)
     }
 
     #[test]

@@ -3,10 +3,7 @@
 use std::time::Duration;
 
 use prometheus_client::registry::Registry as Metrics;
-use sampo_consensus::{
-    Commit, Hash32, ModelId, NodeAnnouncement, NodeKey, PeerId, Prompt, SamplingParams, SignedEnvelope,
-    TaskAnnouncement, TaskId, TaskSpec,
-};
+use sampo_consensus::{Commit, Hash32, ModelId, NodeAnnouncement, NodeKey, PeerId, SignedEnvelope, TaskId};
 use sampo_p2p::gossip::{NODES_TOPIC, ROUNDS_TOPIC};
 use sampo_p2p::{
     DIRECT_RESERVE, FetchRequest, FetchResponse, GossipTopic, Multiaddr, P2pConfig, P2pEvent, P2pHandle, QUEUE_DEPTH,
@@ -221,28 +218,7 @@ async fn a_direct_message_reaches_its_peer_only_and_falls_back_to_gossip() {
 }
 
 fn task_announcement(key: &NodeKey, model: ModelId, committee: Vec<PeerId>, prompt: String) -> SignedEnvelope {
-    let spec = TaskSpec {
-        coordinator: key.peer_id(),
-        nonce: 1,
-        created_ms: 1,
-        model,
-        prompt: Prompt::Text(prompt),
-        params: SamplingParams::default(),
-        k: 1,
-        max_escalations: 0,
-        fee: 1,
-        client_entropy: [0; 32],
-    };
-    let ann = TaskAnnouncement {
-        spec,
-        attempt: 0,
-        revision: 0,
-        committee,
-        commit_deadline_ms: 10,
-        reveal_deadline_ms: 20,
-        candidates: Vec::new(),
-    };
-    SignedEnvelope::seal(key, &ann).expect("seal")
+    sampo_consensus::sim::sealed_announcement(key, model, committee, &prompt)
 }
 
 /// A task's announcement goes straight to its committee, unless it is longer than a
