@@ -588,8 +588,10 @@ impl Config {
         if e.stream_write_timeout_ms == 0 {
             return bad("execution.stream_write_timeout_ms", "must be positive".into());
         }
-        if e.threads > 1024 {
-            return bad("execution.threads", format!("{} threads is absurd", e.threads));
+        for (key, n) in [("execution.threads", e.threads), ("execution.runtime_threads", e.runtime_threads)] {
+            if n > 1024 {
+                return bad(key, format!("{n} threads is absurd"));
+            }
         }
         let c = &self.consensus;
         let most_seats = sampo_consensus::MAX_COMMITTEE;
@@ -742,6 +744,9 @@ mod tests {
         assert!(load_str("[consensus]\nk = 3\nmax_escalations = 3\n", &[]).is_ok(), "3, 7, 15, 31 fit");
         let err = load_str("[consensus]\nk = 32\nmax_escalations = 0\n", &[]).expect_err("k too large");
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.k"), "{err}");
+        let err = load_str("[execution]\nruntime_threads = 100000\n", &[]).expect_err("threads");
+        assert!(matches!(&err, ConfigError::Key { key, .. } if key == "execution.runtime_threads"), "{err}");
+        assert!(load_str("[execution]\nruntime_threads = 1\n", &[]).is_ok());
         let err = load_str("[consensus]\naudit_rate = 1.5\n", &[]).expect_err("rate");
         assert!(matches!(&err, ConfigError::Key { key, .. } if key == "consensus.audit_rate"), "{err}");
         let err = load_str("[network]\nmax_connections = 16\n", &[]).expect_err("reserved >= max");

@@ -700,48 +700,6 @@ fn envelope_task(env: &SignedEnvelope) -> Option<TaskId> {
     env.open::<sampo_consensus::RevealRequest>().ok().map(|r| r.task)
 }
 
-/// Apply a verdict (the synced write off the loop, bounded by `apply_slots`).
-fn apply_verdict(p: &mut LoopParts, v: Box<VerifiedVerdict>, me: PeerId) {
-    // Only what the trust model allows this node to conclude is applied now.
-    let coordinator_rep = p.store.reputation(&v.coordinator).ok().flatten().unwrap_or_default();
-    let mut assessment = assess(&v, &me, p.trust.established(&v.coordinator, &coordinator_rep));
-    // Members whose commit came in time, after this node closed the phase early.
-    let excused = p.consensus.excused(&v.task(), v.verdict.attempt);
-    assessment.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
-    let effects = Effects::from(&assessment);
-    // The synced write happens off the loop (bounded), which hears back when done.
-    let (store, rp, tx, slots) = (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
-    let (metrics, board) = (p.metrics.clone(), p.board.clone());
-    // Only a coordinator holds fees (at its API): nobody else reads the ledger here.
-    let coordinating = v.coordinator == me;
-    tokio::spawn(
-        async move {
-            let Ok(_permit) = slots.acquire_owned().await else { return };
-            let vv = v.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let held = coordinating && store.hold_of(&vv.task()).ok().flatten().is_some();
-                let t0 = Instant::now();
-                let r = store.apply_verdict(&vv, &effects, now_ms(), &rp);
-                metrics.observe_phase("apply", t0);
-                // A hold this verdict closed: what it paid out and returned.
-                if held && let Ok(Some(c)) = store.closed_of(&vv.task()) {
-                    metrics.fees_settled.inc_by(c.paid.saturating_add(c.returned));
-                    metrics.payouts.inc_by(c.paid);
-                    metrics.fees_returned.inc_by(c.returned);
-                }
-                let r = r.map_err(|e| e.to_string());
-                record_applied(&board, &metrics, &me, &vv, &r);
-                r
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
-        }
-        .instrument(tracing::info_span!("apply-verdict")),
-    );
-}
-
 async fn act(
     p: &mut LoopParts,
     action: Action,
@@ -885,7 +843,47 @@ async fn act(
                 .instrument(tracing::info_span!("seat", %task, attempt)),
             );
         }
-        Action::Apply(v) => apply_verdict(p, v, me),
+        Action::Apply(v) => {
+            // Only what the trust model allows this node to conclude is applied now.
+            let coordinator_rep = p.store.reputation(&v.coordinator).ok().flatten().unwrap_or_default();
+            let mut assessment = assess(&v, &me, p.trust.established(&v.coordinator, &coordinator_rep));
+            // Members whose commit came in time, after this node closed the phase early.
+            let excused = p.consensus.excused(&v.task(), v.verdict.attempt);
+            assessment.marks.retain(|(peer, m)| !(*m == Mark::Absent && excused.contains(peer)));
+            let effects = Effects::from(&assessment);
+            // The synced write happens off the loop (bounded), which hears back when done.
+            let (store, rp, tx, slots) =
+                (p.store.clone(), p.reputation.clone(), p.self_tx.clone(), p.apply_slots.clone());
+            let (metrics, board) = (p.metrics.clone(), p.board.clone());
+            // Only a coordinator holds fees (at its API): nobody else reads the ledger here.
+            let coordinating = v.coordinator == me;
+            tokio::spawn(
+                async move {
+                    let Ok(_permit) = slots.acquire_owned().await else { return };
+                    let vv = v.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        let held = coordinating && store.hold_of(&vv.task()).ok().flatten().is_some();
+                        let t0 = Instant::now();
+                        let r = store.apply_verdict(&vv, &effects, now_ms(), &rp);
+                        metrics.observe_phase("apply", t0);
+                        // A hold this verdict closed: what it paid out and returned.
+                        if held && let Ok(Some(c)) = store.closed_of(&vv.task()) {
+                            metrics.fees_settled.inc_by(c.paid.saturating_add(c.returned));
+                            metrics.payouts.inc_by(c.paid);
+                            metrics.fees_returned.inc_by(c.returned);
+                        }
+                        let r = r.map_err(|e| e.to_string());
+                        record_applied(&board, &metrics, &me, &vv, &r);
+                        r
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                    let _ = tx.send(LoopCmd::Applied(Box::new(AppliedDone { verdict: *v, assessment, result }))).await;
+                }
+                .instrument(tracing::info_span!("apply-verdict")),
+            );
+        }
         Action::LeftOut { coordinator, model, offered_per_1k, created_ms } => {
             // Only when this node was eligible when the task was created (serves the model
             // at that price, had been announcing long enough for the coordinator to know

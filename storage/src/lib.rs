@@ -323,8 +323,8 @@ impl Store {
     }
 
     /// Apply `batch` atomically, durable with the next synced write: one write-ahead log,
-    /// so syncing a later write syncs this one too. For a write that nothing outside
-    /// this node can see before such a write follows it.
+    /// so syncing a later write syncs this one too. For a write whose loss in a crash
+    /// before such a write leaves nothing inconsistent.
     pub(crate) fn commit_with_next_sync(&self, batch: Batch) -> Result<(), StorageError> {
         self.commit_with(batch, WriteOptions::default())
     }
